@@ -1,0 +1,1 @@
+"""Host-side data: image preprocessing, prompt tokenization, datasets."""
