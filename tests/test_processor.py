@@ -3,11 +3,15 @@
 import io
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import pytest
+import tokenizers
 from PIL import Image
 
 import transformers
@@ -16,7 +20,8 @@ from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as hf_pil
 from pr1.data.processor import Processor, preprocess_image, smart_resize
 from pr1.models.config import tiny_hf_config
 from pr1.models.rope import rope_index
-from pr1.models.tiny_tokenizer import SPECIAL_TOKENS, load_hf_processor, write_tokenizer_files
+from pr1.models.tiny_tokenizer import SPECIAL_TOKENS, write_tokenizer_files
+from tests.hf_reference import load_hf_processor
 
 # Small limits keep images at a few dozen patches; the sizes below hit each branch of smart_resize.
 MIN_PIXELS = 56 * 56
@@ -139,13 +144,23 @@ def test_tokenizer_files_load_and_round_trip(tiny_dir):
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert max(ids, default=0) < 507
         assert tok.decode(ids) == text
+    # tokenizer.json on its own (tokenizers, no transformers) encodes like the Qwen2Tokenizer that
+    # transformers rebuilds from vocab and merges
+    raw = tokenizers.Tokenizer.from_file(str(tiny_dir / "tokenizer.json"))
+    for text in ["Question: what is \\frac{3}{4}?\n<answer> 12 </answer>", "<|im_start|>assistant\n"]:
+        assert raw.encode(text).ids == tok(text, add_special_tokens=False)["input_ids"]
     # no lowercasing, and the regular vocabulary is all 500 ids below the specials
     assert tok("ABC")["input_ids"] != tok("abc")["input_ids"]
     assert sorted(tok.get_vocab().values()) == list(range(507))
 
 
 def test_tokenizer_files_are_deterministic(tiny_dir, tmp_path):
-    write_tokenizer_files(tmp_path, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    # Another process, thread count and hash seed than the fixture's files: BPE training must not
+    # depend on any of them.
+    code = (f"from pr1.models.tiny_tokenizer import write_tokenizer_files; "
+            f"write_tokenizer_files({str(tmp_path)!r}, min_pixels={MIN_PIXELS}, max_pixels={MAX_PIXELS})")
+    env = dict(os.environ, RAYON_NUM_THREADS="1", PYTHONHASHSEED="123")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=Path(__file__).resolve().parents[1])
     names = sorted(p for p in os.listdir(tmp_path))
     assert "chat_template.jinja" in names and "preprocessor_config.json" in names
     for name in names:

@@ -2,7 +2,7 @@
 
 `rope_index` depends on token values (where the images are), so it runs on the host before the
 jitted forward; the model only consumes the resulting `[3, B, T]` position ids (rows t, h, w).
-During decoding every row of a new token is `cache_position + delta`, with `delta` returned here.
+During decoding every row of a new token is `(real tokens so far) + delta`, with `delta` returned here.
 """
 
 from __future__ import annotations
@@ -79,10 +79,17 @@ def rope_index(
     return position_ids, deltas
 
 
-def decode_position_ids(cache_position: np.ndarray | int, deltas: np.ndarray, num_tokens: int = 1) -> np.ndarray:
-    """Position ids `[3, B, num_tokens]` for tokens appended after the prompt: cache index + delta."""
+def decode_position_ids(num_real_tokens: np.ndarray | int, deltas: np.ndarray, num_tokens: int = 1) -> np.ndarray:
+    """Position ids `[3, B, num_tokens]` for tokens appended after a prompt.
+
+    `num_real_tokens` [B] counts the tokens already in each sequence, padding excluded (prompt length
+    without its left padding, plus tokens generated so far). A new token's position on all three rows
+    is that count + delta: with left padding the cache slot index is *not* the position, because the
+    pads take slots but no positions (as in transformers, where positions come from the mask's cumsum).
+    """
     deltas = np.asarray(deltas, np.int64)
-    pos = np.asarray(cache_position, np.int64).reshape(-1, 1) + np.arange(num_tokens) + deltas[:, None]
+    start = np.broadcast_to(np.asarray(num_real_tokens, np.int64).reshape(-1), deltas.shape)
+    pos = start[:, None] + np.arange(num_tokens) + deltas[:, None]
     return np.broadcast_to(pos[None], (3,) + pos.shape).copy()
 
 

@@ -8,8 +8,13 @@ special tokens the model and the chat template use at fixed ids 500..506 (image/
 start/end at the ids config.json names). With config.json and weights next to them, the directory loads
 through `transformers.AutoTokenizer` / `AutoProcessor` and through `pr1.data.processor.Processor`.
 
-Every file is a pure function of the arguments: training is single-pass BPE over a fixed corpus, JSON
-is written with sorted keys, so two calls give the same bytes (tests and checkpoints can be diffed).
+Every file is a pure function of the arguments: the `tokenizers` BPE trainer breaks frequency ties by
+pair order, so a fixed corpus gives the same merges on any number of threads (checked with
+RAYON_NUM_THREADS 1, 2 and 8), and JSON is written in a fixed key order; two calls give the same bytes.
+
+transformers 5.23 cannot build `Qwen2_5_VLProcessor` without torchvision whatever files are written
+(its video processor needs torchvision); the tests compare against it through
+`tests.hf_reference.load_hf_processor`, which works around that for images only.
 """
 
 from __future__ import annotations
@@ -165,7 +170,8 @@ def build_tokenizer() -> Tokenizer:
                            f"expected {NUM_REGULAR_TOKENS}; add text to CORPUS")
     tok.add_special_tokens([_special(t) for t in SPECIAL_TOKENS])
     for i, t in enumerate(SPECIAL_TOKENS):
-        assert tok.token_to_id(t) == NUM_REGULAR_TOKENS + i, (t, tok.token_to_id(t))
+        if tok.token_to_id(t) != NUM_REGULAR_TOKENS + i:
+            raise RuntimeError(f"{t} got id {tok.token_to_id(t)}, expected {NUM_REGULAR_TOKENS + i}")
     return tok
 
 
@@ -179,8 +185,7 @@ def _tokenizer_config() -> dict:
         "add_bos_token": False,
         "add_prefix_space": False,
         "added_tokens_decoder": added,
-        # Not the pad/eos: listing them keeps them out of `skip_special_tokens=False` splitting
-        # questions and marks them as special for decoding, as in the released tokenizer_config.json.
+        # As in the released tokenizer_config.json (transformers 5 reads it as extra_special_tokens).
         "additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                                       "<|image_pad|>", "<|video_pad|>"],
         "bos_token": None,
@@ -203,6 +208,8 @@ def _preprocessor_config(min_pixels: int, max_pixels: int) -> dict:
         "do_rescale": True,
         "do_resize": True,
         "image_mean": OPENAI_CLIP_MEAN,
+        # The base name, as in the released files: AutoImageProcessor maps it to the torchvision class
+        # or, without torchvision, to Qwen2VLImageProcessorPil (same numbers either way).
         "image_processor_type": "Qwen2VLImageProcessor",
         "image_std": OPENAI_CLIP_STD,
         "merge_size": 2,
@@ -255,59 +262,6 @@ def write_tokenizer_files(out_dir: str | os.PathLike, *, min_pixels: int = 3136,
     with open(path("chat_template.jinja"), "w", encoding="utf-8", newline="\n") as f:
         f.write(CHAT_TEMPLATE)
     _dump(path("preprocessor_config.json"), _preprocessor_config(min_pixels, max_pixels))
+    # No video_preprocessor_config.json: AutoVideoProcessor falls back to preprocessor_config.json, and
+    # no file content lets it load without torchvision (see tests.hf_reference.load_hf_processor).
     return written
-
-
-def load_hf_processor(path: str | os.PathLike):
-    """`transformers.AutoProcessor.from_pretrained(path)`, also where torchvision is missing.
-
-    Why a helper: in transformers 5.23 `Qwen2_5_VLProcessor` always loads a video processor through
-    `AutoVideoProcessor`, and every video processor (`BaseVideoProcessor`, `Qwen2VLVideoProcessor`)
-    requires torchvision; no video_preprocessor_config.json / processor_config.json content avoids that
-    (the only other route, `auto_map`, is remote code). Without torchvision, for the duration of this
-    call only, `AutoVideoProcessor` is swapped for one returning a stub that rejects videos, and
-    `VideoProcessorMixin` is exposed on the `transformers` module so the processor's class check on its
-    sub-processors accepts the stub (transformers only exports it with torchvision). Everything else
-    (processor class, tokenizer, chat_template.jinja, the PIL image processor `Qwen2VLImageProcessorPil`)
-    resolves as `AutoProcessor` does it. This project feeds images only, so the stub is never called.
-    """
-    import importlib
-
-    import transformers
-    from transformers import processing_utils
-    from transformers.utils import is_torchvision_available
-    from transformers.video_processing_utils import VideoProcessorMixin
-
-    if is_torchvision_available():
-        return transformers.AutoProcessor.from_pretrained(path)
-
-    class ImagesOnlyVideoProcessor(VideoProcessorMixin):
-        merge_size = 2
-        temporal_patch_size = 2
-        patch_size = 14
-
-        def preprocess(self, videos, **kwargs):
-            raise NotImplementedError("video inputs need torchvision (Qwen2VLVideoProcessor); this processor was "
-                                      "loaded by pr1.models.tiny_tokenizer.load_hf_processor without it")
-
-    class ImagesOnlyAutoVideoProcessor:
-        @classmethod
-        def from_pretrained(cls, *args, **kwargs):
-            return ImagesOnlyVideoProcessor()
-
-    # The real module: transformers.models.auto's lazy attribute is a placeholder without torchvision.
-    video_processing_auto = importlib.import_module("transformers.models.auto.video_processing_auto")
-    saved_auto = video_processing_auto.__dict__["AutoVideoProcessor"]
-    # The module object the class check reads (processing_utils re-imports transformers, which can leave
-    # it distinct from the `transformers` bound above).
-    top = processing_utils.transformers_module
-    had_mixin = "VideoProcessorMixin" in vars(top)
-    video_processing_auto.AutoVideoProcessor = ImagesOnlyAutoVideoProcessor
-    if not had_mixin:
-        top.VideoProcessorMixin = VideoProcessorMixin
-    try:
-        return transformers.AutoProcessor.from_pretrained(path)
-    finally:
-        video_processing_auto.AutoVideoProcessor = saved_auto
-        if not had_mixin:
-            del top.VideoProcessorMixin
