@@ -88,3 +88,21 @@ def test_kv_cache_decode_matches_full_forward(tiny_dir):
                             pixel_values=jnp.asarray(batch["pixel_values"]), image_grid_thw=batch["image_grid_thw"]))
     for s in range(steps + 1):
         np.testing.assert_allclose(step_logits[s], full[:, prompt_len - 1 + s], rtol=0, atol=1e-5)
+
+
+def test_jitted_forward_with_precomputed_vision_layout(tiny_dir):
+    """Under jit the image sizes are not concrete: the host-side vision layout is passed in as arrays."""
+    from flax import nnx
+    from pr1.models.vision import vision_layout
+
+    model = hf.load(tiny_dir, dtype=jnp.float32)
+    processor = Processor.from_dir(tiny_dir)
+    rng = np.random.default_rng(2)
+    batch = processor(["Which angle is largest?"], [[Image.fromarray(rng.integers(0, 255, (230, 310, 3), np.uint8))]])
+    layout = vision_layout(batch["image_grid_thw"], model.config.vision)
+    args = dict(position_ids=jnp.asarray(batch["position_ids"]), attention_mask=jnp.asarray(batch["attention_mask"]),
+                pixel_values=jnp.asarray(batch["pixel_values"]))
+    eager = model(jnp.asarray(batch["input_ids"]), image_grid_thw=batch["image_grid_thw"], **args)
+    jitted = nnx.jit(lambda m, ids, lay, kw: m(ids, vision_layout_arrays=lay, **kw))(
+        model, jnp.asarray(batch["input_ids"]), layout, args)
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=0, atol=1e-5)

@@ -211,8 +211,8 @@ def save(model: Qwen25VL, path: str | os.PathLike, *, max_shard_bytes: int = 4 <
         json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
     hf_config = dict(config.hf_config)
     stored = np.dtype(dtype) if dtype is not None else np.dtype(model.dtype)
-    hf_config["dtype"] = {"bfloat16": "bfloat16", "float32": "float32", "float16": "float16"}.get(stored.name, stored.name)
-    hf_config.pop("torch_dtype", None)
+    # transformers 5 reads "dtype", the 4.x releases that SGLang pins read "torch_dtype": write both.
+    hf_config["dtype"] = hf_config["torch_dtype"] = stored.name
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2, sort_keys=True)
     if assets_from is not None:
