@@ -84,3 +84,21 @@ def test_vision_features_match_transformers(models, case):
         expected = torch.cat(ref.model.get_image_features(torch.tensor(pixels), torch.tensor(grid)).pooler_output).numpy()
     got = np.asarray(ours.visual(jnp.asarray(pixels), vision_layout(grid, ours.config.vision)))
     np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5)
+
+
+def test_per_row_padded_images_match_concatenated(models):
+    """The learner's layout (images padded per row to a patch bucket) gives the same logits."""
+    from pr1.models.vision import batched_vision_inputs
+
+    _, ours = models
+    ids, mask, pixels, grid = cases.build("padded_batch")
+    pos, _ = rope_index(ours.config, ids, grid, mask)
+    counts = grid.prod(-1)
+    rows = batched_vision_inputs([pixels[:counts[0]], pixels[counts[0]:]], [grid[:1], grid[1:]], ours.config.vision,
+                                 num_patches=int(counts.max()) + 16)
+    layout = {k: jnp.asarray(v) for k, v in rows.items() if k != "pixel_values"}
+    got = ours(jnp.asarray(ids), position_ids=jnp.asarray(pos), attention_mask=jnp.asarray(mask),
+               pixel_values=jnp.asarray(rows["pixel_values"]), vision_layout_arrays=layout)
+    want = ours_logits(ours, ids, mask, pixels, grid)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(got)[valid], want[valid], rtol=0, atol=1e-5)

@@ -113,11 +113,31 @@ class Qwen25VL(nnx.Module):
                     raise ValueError(f"the prompt holds {n_tokens} image-pad tokens but image_grid_thw "
                                      f"describes {n_feats} image features")
             vision_layout_arrays = vision_layout(grid, self.config.vision)
+        mask = input_ids == self.config.image_token_id
+        if pixel_values.ndim == 3:
+            return self._embed_rows(emb, mask, pixel_values, vision_layout_arrays)
         feats = self.visual(pixel_values, vision_layout_arrays).astype(emb.dtype)
-        mask = (input_ids == self.config.image_token_id).reshape(-1)
-        idx = jnp.clip(jnp.cumsum(mask) - 1, 0, feats.shape[0] - 1)
-        flat = jnp.where(mask[:, None], feats[idx], emb.reshape(-1, emb.shape[-1]))
+        flat_mask = mask.reshape(-1)
+        idx = jnp.clip(jnp.cumsum(flat_mask) - 1, 0, feats.shape[0] - 1)
+        flat = jnp.where(flat_mask[:, None], feats[idx], emb.reshape(-1, emb.shape[-1]))
         return flat.reshape(emb.shape)
+
+    def _embed_rows(self, emb, mask, pixel_values, layout):
+        """Per-row images ([B, P, C·T·P·P] from `vision.batched_vision_inputs`): row b's features go to
+        row b's image-pad tokens, so rows can be split into micro-batches or sharded independently."""
+        if layout is None:
+            raise ValueError("per-row pixel_values [B, P, D] need vision_layout_arrays from batched_vision_inputs")
+        b, p, _ = pixel_values.shape
+        # Segment ids are made unique per row so one dense vision pass serves the whole batch.
+        offset = (jnp.arange(b, dtype=jnp.int32) * p)[:, None]
+        shift = lambda ids: jnp.where(ids >= 0, ids + offset, -1).reshape(-1)
+        flat_layout = {"hw_position_ids": layout["hw_position_ids"].reshape(-1, 2),
+                       "frame_ids": shift(layout["frame_ids"]), "window_ids": shift(layout["window_ids"])}
+        feats = self.visual(pixel_values.reshape(b * p, -1), flat_layout).astype(emb.dtype)
+        feats = feats.reshape(b, -1, feats.shape[-1])
+        idx = jnp.clip(jnp.cumsum(mask, axis=1) - 1, 0, feats.shape[1] - 1)
+        gathered = jnp.take_along_axis(feats, idx[..., None], axis=1)
+        return jnp.where(mask[..., None], gathered, emb)
 
     def __call__(self, input_ids, *, position_ids, attention_mask=None, pixel_values=None,
                  image_grid_thw=None, vision_layout_arrays=None, cache=None, cache_index=None,

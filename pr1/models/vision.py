@@ -61,6 +61,38 @@ def vision_layout(grid_thw: np.ndarray, config: VisionConfig) -> dict[str, np.nd
     }
 
 
+def batched_vision_inputs(pixel_values: list, grids: list, config: VisionConfig, num_patches: int) -> dict[str, np.ndarray]:
+    """Per-row vision inputs padded to `num_patches` patches per sequence, for batches that are split
+    into micro-batches or sharded by row (the learner, the sampler).
+
+    `pixel_values[b]` is row b's patches [N_b, C·T·P·P] (all its images concatenated) or None, and
+    `grids[b]` its image grids [n_b, 3]. Returns `pixel_values` [B, num_patches, C·T·P·P] and the
+    `vision_layout` arrays with a leading batch axis; padding patches get segment id -1, so they never
+    attend to (or are attended by) a real patch, and their merged features are never gathered.
+    """
+    unit = config.spatial_merge_size ** 2
+    if num_patches % unit:
+        raise ValueError(f"num_patches {num_patches} must be a multiple of {unit} (spatial merge block)")
+    b = len(pixel_values)
+    out = {
+        "pixel_values": np.zeros((b, num_patches, config.patch_dim), np.float32),
+        "hw_position_ids": np.zeros((b, num_patches, 2), np.int32),
+        "frame_ids": np.full((b, num_patches), -1, np.int32),
+        "window_ids": np.full((b, num_patches), -1, np.int32),
+    }
+    for row, (pix, grid) in enumerate(zip(pixel_values, grids)):
+        if pix is None:
+            continue
+        n = len(pix)
+        if n > num_patches:
+            raise ValueError(f"row {row} has {n} image patches, more than the bucket's {num_patches}")
+        layout = vision_layout(grid, config)
+        out["pixel_values"][row, :n] = pix
+        for key in ("hw_position_ids", "frame_ids", "window_ids"):
+            out[key][row, :n] = layout[key]
+    return out
+
+
 class VisionAttention(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
         self.num_heads = cfg.num_heads
