@@ -1,0 +1,1 @@
+"""Training: sharded train state, jitted steps, the run loop and its checkpoints."""

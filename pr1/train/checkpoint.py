@@ -1,0 +1,207 @@
+"""Checkpoints of the train state and the host state, with auto-resume (a thin layer over orbax).
+
+Where it sits: the run loop calls `save` at the end of a step (the device state is copied off the
+accelerator before `save` returns, so the next jitted step may donate its buffers) and, at start-up,
+`restore` into the born-sharded abstract state to resume. It knows nothing about the model: the
+device state is any pytree of jax arrays, possibly sharded over a multi-host mesh, and the host
+state is a small JSON dict (data-iterator state, rng seeds, counters).
+
+Layout and completeness: each step is a directory `<directory>/<step>/` holding `state/` (orbax
+StandardSave, one tensorstore array per leaf) and `host_state/` (JSON, written by process 0 only).
+Orbax writes a step under `<step>.orbax-checkpoint-tmp` and renames it when every host is done;
+on gs://, where a rename is not atomic, it instead writes `commit_success.txt` last. Anything
+without that mark is an interrupted save: it is never listed or restored, and the leftovers are
+deleted when a new Checkpointer opens the directory.
+
+Secrets never go into a checkpoint: host_state must not hold API keys or tokens (they come from
+the environment), and keys that look like one are refused before anything is written.
+
+Every process must call `save`, `restore`, `wait` and `close` (orbax synchronises the hosts).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+_STATE = "state"
+_HOST_STATE = "host_state"
+_SECRET_MARKERS = ("api_key", "token", "secret")
+
+
+def abstract_like(state):
+    """The ShapeDtypeStruct pytree of a concrete state, shardings included (a `restore` target)."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), state
+    )
+
+
+class Checkpointer:
+    """Keeps the newest `keep` complete checkpoints of (state, host_state) under `directory`.
+
+    `directory` is a local path or a gs:// URL. `keep=None` keeps every checkpoint. `save` writes
+    only every `save_interval_steps` steps unless `force=True` (the final step, a pre-emption).
+    """
+
+    def __init__(self, directory: str, *, keep: int | None = 3, async_save: bool = True,
+                 save_interval_steps: int = 1):
+        if keep is not None and keep < 1:
+            raise ValueError(f"Checkpointer keep must be >= 1 or None (keep all), got {keep} for {directory}")
+        if save_interval_steps < 1:
+            raise ValueError(f"Checkpointer save_interval_steps must be >= 1, got {save_interval_steps}")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            # orbax's default also saves whatever step comes first in an empty directory; here a
+            # step is saved on the interval, at a pre-emption sync point (multi-host runs), or when
+            # forced, so `save`'s answer depends only on the step.
+            save_decision_policy=ocp.checkpoint_managers.AnySavePolicy([
+                ocp.checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
+                ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+            ]),
+            enable_async_checkpointing=async_save,
+            # Interrupted saves are garbage: without this a pod that is pre-empted mid-save a few
+            # times leaves full-size orphan copies of the state in the bucket.
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        # etils epath rather than os.path: the same code reads and writes gs:// buckets.
+        path = epath.Path(directory)
+        if "://" not in str(directory):
+            # tensorstore refuses relative paths, and would do so only inside the background write.
+            path = path.resolve()
+        self._label = str(path)  # what errors name: where it actually looked
+        self._manager = ocp.CheckpointManager(path, options=options)
+        # Steps that were complete when the save now in flight started. orbax lists a step as soon
+        # as its save is launched (and drops steps it is about to delete), but until the commit a
+        # crash would lose it, so while a save is in flight this is the truthful answer.
+        self._complete_before_pending: list[int] | None = None
+
+    @property
+    def directory(self) -> str:
+        return self._label
+
+    def save(self, step: int, state, host_state: dict | None = None, *, force: bool = False) -> bool:
+        """Starts writing `step`; returns False if the save interval (or an existing step) skips it.
+
+        The device arrays are copied to host memory before this returns; the write and the commit
+        run in the background when async. Raises ValueError for a host_state that is not plain
+        JSON or that holds a secret-looking key, before anything is written.
+        """
+        host_state = {} if host_state is None else host_state
+        _check_host_state(host_state, self._label)
+        # A deep copy: the JSON is written in the background, and the loop keeps mutating its
+        # counters and iterator state while it is.
+        host_copy = json.loads(json.dumps(host_state))
+        before = sorted(self._manager.all_steps())
+        saved = self._manager.save(
+            step,
+            args=ocp.args.Composite(**{
+                _STATE: ocp.args.StandardSave(state),
+                _HOST_STATE: ocp.args.JsonSave(host_copy),
+            }),
+            force=force,
+        )
+        if saved:
+            # orbax.save waited for the previous save first, so every step in `before` is committed.
+            self._complete_before_pending = before
+        return saved
+
+    def all_steps(self) -> list[int]:
+        """Steps of the complete checkpoints, oldest first (a save in flight is not one yet)."""
+        if self._complete_before_pending is not None:
+            if self._manager.is_saving_in_progress():
+                return list(self._complete_before_pending)
+            # Finished: join it, which raises here if the background write failed instead of
+            # listing a step that is not on disk.
+            self._manager.wait_until_finished()
+            self._complete_before_pending = None
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint, or None."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def restore(self, abstract_state, step: int | None = None) -> tuple[Any, dict]:
+        """(state, host_state) of `step` (default: the newest), arrays laid out as `abstract_state`.
+
+        `abstract_state` is a pytree of jax.ShapeDtypeStruct, each with a sharding (see
+        `abstract_like`, or `jax.eval_shape` plus the shardings of the current mesh); the arrays
+        are read straight into those shardings, which may differ from the ones they were saved
+        with. Waits for a save in flight first: its commit may delete the step being read.
+        """
+        _check_abstract_state(abstract_state, self._label)
+        self.wait()
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no complete checkpoint in {self._label}")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise FileNotFoundError(f"no complete checkpoint for step {step} in {self._label}; it has {steps}")
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(**{
+                _STATE: ocp.args.StandardRestore(abstract_state),
+                _HOST_STATE: ocp.args.JsonRestore(),
+            }),
+        )
+        return restored[_STATE], dict(restored[_HOST_STATE] or {})
+
+    def wait(self) -> None:
+        """Blocks until every save started so far is committed; raises if one failed."""
+        self._manager.wait_until_finished()
+        self._complete_before_pending = None
+
+    def close(self) -> None:
+        """Waits for pending saves (and deletions of old steps), then releases orbax's threads."""
+        self._manager.close()
+        self._complete_before_pending = None
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _check_host_state(value, directory: str, path: str = "host_state") -> None:
+    """Refuses secrets and anything that would not come back from JSON as the same value."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{path} has a non-string key {key!r} (JSON would turn it into a string); "
+                                 f"checkpoint {directory}")
+            lowered = key.lower()
+            for marker in _SECRET_MARKERS:
+                if marker in lowered:
+                    raise ValueError(
+                        f"{path}[{key!r}] looks like a secret (contains {marker!r}) and would be written "
+                        f"into checkpoint {directory}; secrets come from environment variables and never "
+                        f"go into checkpoints (rename the key if it is not a secret)")
+            _check_host_state(item, directory, f"{path}[{key!r}]")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_host_state(item, directory, f"{path}[{i}]")
+    elif value is None or isinstance(value, (bool, int, float, str)):
+        # np.float64 subclasses float and dumps fine; other NumPy scalars do not, and are refused below.
+        return
+    else:
+        hint = " (use a list)" if isinstance(value, tuple) else " (convert NumPy scalars with int()/float())"
+        raise ValueError(f"{path} is a {type(value).__name__}, not plain JSON{hint}; checkpoint {directory}")
+
+
+def _check_abstract_state(abstract_state, directory: str) -> None:
+    # Without a sharding orbax would fall back to the one saved in the checkpoint, which names
+    # devices of the mesh that wrote it; on another topology that fails far from the cause.
+    leaves = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+    for key_path, leaf in leaves:
+        if not isinstance(leaf, jax.ShapeDtypeStruct) or leaf.sharding is None:
+            raise ValueError(
+                f"restore target {jax.tree_util.keystr(key_path) or '<root>'} must be a "
+                f"jax.ShapeDtypeStruct with a sharding, got {leaf!r} (see abstract_like); "
+                f"checkpoint {directory}")

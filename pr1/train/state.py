@@ -1,0 +1,176 @@
+"""The learner's train state, born sharded: parameters, optimizer state and step on the mesh.
+
+Parameters live as a pure dict of arrays (the NNX `Param` state of `Qwen25VL`); `ModelDef` holds the
+static half (graph definition, config) and rebuilds the module inside jitted functions. Shardings
+come from each parameter's logical axes through `pr1.sharding` rules, so no host ever holds a full
+copy: weights are either loaded tensor by tensor into place (`hf.load(..., mesh=)`) or initialized
+by a jitted init with `out_shardings`. The optimizer state mirrors the parameter shardings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from pr1 import sharding as sharding_lib
+from pr1.models import hf
+from pr1.models.config import Qwen25VLConfig
+from pr1.models.qwen2_5_vl import Qwen25VL
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ModelDef:
+    """The static part of the model: rebuilds a `Qwen25VL` around a params dict inside jit."""
+
+    graphdef: Any
+    abstract_state: Any
+    config: Qwen25VLConfig
+    dtype: Any
+
+    @classmethod
+    def create(cls, config: Qwen25VLConfig, dtype=jnp.bfloat16) -> "ModelDef":
+        abstract = nnx.eval_shape(lambda: Qwen25VL(config, dtype=dtype, rngs=nnx.Rngs(0)))
+        graphdef, state = nnx.split(abstract, nnx.Param)
+        return cls(graphdef, state, config, dtype)
+
+    def bind(self, params) -> Qwen25VL:
+        state = jax.tree.map(lambda x: x, self.abstract_state)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self.graphdef, state)
+
+    def param_shardings(self, mesh: Mesh, rules=sharding_lib.DEFAULT_RULES):
+        """A pure dict of NamedSharding, one per parameter, from its logical axes."""
+        specs = {}
+        for path, var in nnx.to_flat_state(self.abstract_state):
+            name = hf.hf_name(path)
+            specs[path] = sharding_lib.named_sharding(var.get_metadata().get("logical_axes"), var.shape, mesh, rules, name=name)
+        return _unflatten(specs)
+
+
+def _unflatten(flat: dict) -> dict:
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return out
+
+
+def optimizer_config() -> ml_collections.ConfigDict:
+    """The paper's optimizer: AdamW lr 1e-6, betas (0.9, 0.999), wd 1e-3, 5% warmup then constant, clip 1.0."""
+    return ml_collections.ConfigDict({
+        "learning_rate": 1e-6,
+        "b1": 0.9,
+        "b2": 0.999,
+        "eps": 1e-8,
+        "weight_decay": 1e-3,
+        "warmup_ratio": 0.05,
+        "schedule": "constant",  # or "cosine"
+        "min_lr_ratio": 0.0,      # cosine floor as a fraction of learning_rate
+        "max_grad_norm": 1.0,
+        "freeze_vision_tower": False,
+    })
+
+
+def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    warmup = int(cfg.warmup_ratio * total_steps)
+    if cfg.schedule == "constant":
+        after = optax.constant_schedule(cfg.learning_rate)
+    elif cfg.schedule == "cosine":
+        after = optax.cosine_decay_schedule(cfg.learning_rate, max(total_steps - warmup, 1), alpha=cfg.min_lr_ratio)
+    else:
+        raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
+    if warmup == 0:
+        return after
+    # Linear warmup from 0 reaches the full rate at step `warmup`, as verl's constant-with-warmup does.
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup), after], [warmup])
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, params=None) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW; with `freeze_vision_tower` the vision params get zero updates."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    tx = optax.chain(
+        optax.clip_by_global_norm(cfg.max_grad_norm),
+        optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                    weight_decay=cfg.weight_decay),
+    )
+    if not cfg.freeze_vision_tower:
+        return tx
+    if params is None:
+        raise ValueError("freeze_vision_tower needs the params tree to label the vision tower")
+    labels = {k: jax.tree.map(lambda _: "frozen" if k == "visual" else "train", v) for k, v in params.items()}
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def _dict_keys(path) -> tuple:
+    return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def state_shardings(tx: optax.GradientTransformation, params_abstract, param_shardings, mesh: Mesh) -> TrainState:
+    """Shardings of a whole TrainState: optimizer moments follow their parameter, the rest replicates.
+
+    An optimizer-state leaf belongs to a parameter when the dict keys of its path end with that
+    parameter's path and the shapes agree; this holds through chains, masks and multi_transform.
+    """
+    replicated = NamedSharding(mesh, PartitionSpec())
+    by_path = {_dict_keys(path): (sh, leaf.shape) for (path, sh), leaf in zip(
+        jax.tree_util.tree_flatten_with_path(param_shardings)[0], jax.tree.leaves(params_abstract))}
+    longest = max(len(k) for k in by_path)
+
+    def pick(path, leaf):
+        keys = _dict_keys(path)
+        for n in range(min(longest, len(keys)), 0, -1):
+            hit = by_path.get(keys[-n:])
+            if hit is not None and tuple(hit[1]) == tuple(leaf.shape):
+                return hit[0]
+        return replicated
+
+    opt_abstract = jax.eval_shape(tx.init, params_abstract)
+    opt_shardings = jax.tree_util.tree_map_with_path(pick, opt_abstract)
+    return TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
+
+
+def create_train_state(params, tx: optax.GradientTransformation, model_def: ModelDef, mesh: Mesh,
+                       rules=sharding_lib.DEFAULT_RULES) -> tuple[TrainState, TrainState]:
+    """A TrainState around already-sharded `params`; the optimizer state is created in place on the mesh."""
+    param_sh = model_def.param_shardings(mesh, rules)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    shardings = state_shardings(tx, abstract, param_sh, mesh)
+    params = jax.device_put(params, param_sh)
+    init = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
+                   out_shardings=shardings)
+    return init(params), shardings
+
+
+def init_params(model_def: ModelDef, mesh: Mesh, seed: int = 0, rules=sharding_lib.DEFAULT_RULES):
+    """Random parameters created directly in their sharded layout (no full host copy)."""
+    shardings = model_def.param_shardings(mesh, rules)
+
+    def init():
+        model = Qwen25VL(model_def.config, dtype=model_def.dtype, rngs=nnx.Rngs(seed))
+        return nnx.state(model, nnx.Param).to_pure_dict()
+
+    return jax.jit(init, out_shardings=shardings)()
+
+
+def load_params(path: str, model_def: ModelDef, mesh: Mesh, rules=sharding_lib.DEFAULT_RULES):
+    """Hugging Face weights read tensor by tensor straight into the sharded layout."""
+    model = hf.load(path, dtype=model_def.dtype, mesh=mesh, rules=rules)
+    return nnx.state(model, nnx.Param).to_pure_dict()

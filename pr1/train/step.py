@@ -1,0 +1,189 @@
+"""The learner's jitted steps: micro-batched logprobs and the GRPO update, with explicit shardings.
+
+Batch layout (every array has the sequence axis first, so one rule shards and splits them all):
+  input_ids [B, T] int32          prompt (left-padded) + response (right-padded)
+  attention_mask [B, T]           1 on real tokens
+  position_ids [B, 3, T]          MRoPE rows from `rope_index` (sequence axis first, unlike the model)
+  loss_mask [B, T]                1 on response tokens that are trained on; token t is predicted at t-1
+  old_logprobs [B, T]             behaviour-policy logprobs at the same positions
+  advantages [B]                  one per response (GRPO)
+  optional: ref_logprobs [B, T], rollout_logprobs [B, T] (for truncated importance sampling), and
+  per-row images from `vision.batched_vision_inputs`: pixel_values [B, P, D], hw_position_ids
+  [B, P, 2], frame_ids [B, P], window_ids [B, P].
+B is sharded over the ('data', 'fsdp') mesh axes. Micro-batch j takes rows j, j+k, j+2k, ... so every
+device keeps working on its own rows, and the token-mean loss is normalized by the whole batch's
+token count, which makes k micro-batches exactly one big batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from pr1.rl import grpo
+from pr1.train.state import ModelDef, TrainState
+
+BATCH_AXES = ("data", "fsdp")
+_VISION_KEYS = ("hw_position_ids", "frame_ids", "window_ids")
+_REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient norm that is NaN or inf; the update was not applied."""
+
+
+def learner_config() -> ml_collections.ConfigDict:
+    """The paper's objective: clip 0.2/0.3, dual clip 3, token-mean, no KL, temperature 1."""
+    return ml_collections.ConfigDict({
+        "clip_low": 0.2,
+        "clip_high": 0.3,
+        "dual_clip": 3.0,
+        "loss_agg": "token-mean",
+        "kl_coef": 0.0,
+        "kl_kind": "k3",
+        "tis_cap": ml_collections.config_dict.placeholder(float),
+        "temperature": 1.0,
+        "micro_batches": 1,
+        "remat": "none",  # none | full | dots
+        "horizon": ml_collections.config_dict.placeholder(int),  # Dr.GRPO normalizer; default T
+    })
+
+
+def batch_sharding(mesh: Mesh, batch: dict) -> dict:
+    """Shard every array's sequence axis over ('data', 'fsdp'); an indivisible batch is an error."""
+    axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
+    size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    out = {}
+    for key, value in batch.items():
+        if value.shape[0] % size:
+            raise ValueError(f"batch['{key}'] has {value.shape[0]} rows, which does not divide the {size} "
+                             f"devices of mesh axes {axes}; use a batch size that is a multiple of {size}")
+        out[key] = NamedSharding(mesh, PartitionSpec(axes if axes else None))
+    return out
+
+
+def _split(x: jax.Array, k: int) -> jax.Array:
+    """[B, ...] → [k, B/k, ...] with micro-batch j = rows j, j+k, ... (keeps rows on their device)."""
+    return jnp.moveaxis(x.reshape((x.shape[0] // k, k) + x.shape[1:]), 1, 0)
+
+
+def _unsplit(x: jax.Array) -> jax.Array:
+    return jnp.moveaxis(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def _forward_logprobs(model_def: ModelDef, params, mb: dict, temperature: float, entropy: bool):
+    model = model_def.bind(params)
+    pixel_values = mb.get("pixel_values")
+    layout = {k: mb[k] for k in _VISION_KEYS} if pixel_values is not None else None
+    logits = model(mb["input_ids"], position_ids=jnp.swapaxes(mb["position_ids"], 0, 1),
+                   attention_mask=mb["attention_mask"], pixel_values=pixel_values, vision_layout_arrays=layout)
+    pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)))  # token 0 is never predicted
+    lp = pad(grpo.token_logprobs(logits[:, :-1], mb["input_ids"][:, 1:], temperature))
+    ent = pad(grpo.token_entropy(logits[:, :-1], temperature)) if entropy else None
+    return lp, ent
+
+
+def _check_micro_batches(batch_rows: int, k: int):
+    if k < 1 or batch_rows % k:
+        raise ValueError(f"learner.micro_batches={k} must divide the batch of {batch_rows} sequences")
+
+
+def make_logprob_step(model_def: ModelDef, cfg: ml_collections.ConfigDict, param_shardings, mesh: Mesh, example_batch: dict):
+    """jit(params, batch) -> logprobs [B, T] (old or reference policy), in micro-batches."""
+    k = cfg.micro_batches
+    _check_micro_batches(next(iter(example_batch.values())).shape[0], k)
+
+    def step(params, batch):
+        micro = jax.tree.map(lambda x: _split(x, k), batch)
+        lps = jax.lax.map(lambda mb: _forward_logprobs(model_def, params, mb, cfg.temperature, False)[0], micro)
+        return _unsplit(lps)
+
+    bsh = batch_sharding(mesh, example_batch)
+    return jax.jit(step, in_shardings=(param_shardings, bsh), out_shardings=bsh["input_ids"])
+
+
+def _reduce_metrics(metrics: dict, tokens: jax.Array) -> dict:
+    """Combine per-micro-batch metrics: loss terms add up (global normalizers), extremes take the
+    extreme, the rest are token means weighted by each micro-batch's token count."""
+    out = {}
+    weight = tokens / jnp.maximum(tokens.sum(), 1.0)
+    for name, value in metrics.items():
+        if name in ("loss", "pg_loss", "kl_loss"):
+            out[name] = value.sum()
+        elif name.endswith("/max") or name.endswith("_max"):
+            out[name] = value.max()
+        elif name.endswith("/min"):
+            out[name] = value.min()
+        else:
+            out[name] = (value * weight).sum()
+    return out
+
+
+def make_update_step(model_def: ModelDef, tx: optax.GradientTransformation, cfg: ml_collections.ConfigDict,
+                     shardings: TrainState, mesh: Mesh, example_batch: dict):
+    """jit(state, batch) -> (state, metrics): k micro-batches of gradient accumulation, one optimizer step.
+
+    A non-finite loss or gradient norm leaves the state unchanged (metrics say so; `check_finite`
+    turns that into an error on the host). The input state's buffers are donated.
+    """
+    k = cfg.micro_batches
+    _check_micro_batches(next(iter(example_batch.values())).shape[0], k)
+    if cfg.remat not in _REMAT_POLICIES:
+        raise ValueError(f"learner.remat must be one of {sorted(_REMAT_POLICIES)}, got {cfg.remat!r}")
+    policy = _REMAT_POLICIES[cfg.remat]
+
+    def micro_loss(params, mb, num_tokens, num_sequences):
+        logp, ent = _forward_logprobs(model_def, params, mb, cfg.temperature, True)
+        return grpo.grpo_loss(
+            logp, mb["old_logprobs"], mb["advantages"], mb["loss_mask"],
+            clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, loss_agg=cfg.loss_agg,
+            ref_logprobs=mb.get("ref_logprobs"), kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind,
+            rollout_logprobs=mb.get("rollout_logprobs"), tis_cap=cfg.tis_cap, entropy=jax.lax.stop_gradient(ent),
+            num_tokens=num_tokens, num_sequences=num_sequences, horizon=cfg.horizon)
+
+    if policy is not None:
+        micro_loss = jax.checkpoint(micro_loss, policy=policy)
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step(state: TrainState, batch: dict):
+        num_tokens, num_sequences = grpo.loss_normalizers(batch["loss_mask"])
+        micro = jax.tree.map(lambda x: _split(x, k), batch)
+
+        def body(acc, mb):
+            (_, metrics), grads = grad_fn(state.params, mb, num_tokens, num_sequences)
+            acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
+            metrics["_tokens"] = (mb["loss_mask"] != 0).sum().astype(jnp.float32)
+            return acc, metrics
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        grads, metrics = jax.lax.scan(body, zeros, micro)
+        tokens = metrics.pop("_tokens")
+        metrics = _reduce_metrics(metrics, tokens)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        metrics.update(grad_norm=grad_norm, finite=finite, tokens=tokens.sum())
+        return new, metrics
+
+    bsh = batch_sharding(mesh, example_batch)
+    return jax.jit(step, in_shardings=(shardings, bsh), out_shardings=(shardings, None), donate_argnums=0)
+
+
+def check_finite(metrics: dict, step: int) -> None:
+    """Raise NonFiniteError if the update step reported a NaN/inf loss or gradient norm."""
+    if not bool(metrics["finite"]):
+        raise NonFiniteError(
+            f"step {step}: loss={float(metrics['loss'])} grad_norm={float(metrics['grad_norm'])} is not finite; "
+            "the update was not applied and no checkpoint was written for it. Check the batch (rewards, "
+            "logprobs) and the learning rate; resume from the last good checkpoint.")
