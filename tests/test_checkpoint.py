@@ -229,6 +229,14 @@ def test_secret_looking_host_state_keys_are_refused(tmp_path, host_state, key):
     assert _step_dirs(directory) == []
 
 
+def test_counters_named_like_tokens_are_not_secrets(tmp_path):
+    host = {"num_tokens": 5, "tokens_seen": 7, "tokenizer_path": "/x", "data": {"token_budget": 1}}
+    with Checkpointer(str(tmp_path / "ckpt"), async_save=False) as ckpt:
+        assert ckpt.save(1, _small_state(1), host)
+        _, restored = ckpt.restore(abstract_like(_small_state(1)))
+    assert restored == host
+
+
 @pytest.mark.parametrize("host_state", [{"shape": (2, 3)}, {"count": np.int64(3)}, {1: "a"}])
 def test_host_state_that_json_would_change_is_refused(tmp_path, host_state):
     with Checkpointer(str(tmp_path / "ckpt"), async_save=False) as ckpt:

@@ -437,6 +437,33 @@ def test_inf_nan_padding_changes_nothing(mode):
     assert float(g_d[1, 3]) == 0.0
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_aggregate_loss_masks_garbage_itself(mode):
+    # aggregate_loss is public: it must mask with `where`, since 0 * inf = NaN.
+    losses = np.array([[1.0, 2.0, np.inf], [3.0, np.nan, -np.inf]])
+    mask = np.array([[1, 1, 0], [1, 0, 0]])
+    clean = np.where(mask, losses, 0.0)
+    # token-mean 6 / 3; seq-mean (1.5 + 3) / 2; sum-norm 6 / (2 * 3)
+    expected = {"token-mean": 2.0, "seq-mean-token-mean": 2.25, "seq-mean-token-sum-norm": 1.0}[mode]
+    close(grpo.aggregate_loss(losses, mask, mode), expected)
+    close(np_aggregate(clean, mask, mode), expected)
+    g = jax.grad(lambda x: grpo.aggregate_loss(x, mask, mode))(jnp.asarray(losses, jnp.float32))
+    assert np.all(np.isfinite(np.asarray(g))) and not np.asarray(g)[~mask.astype(bool)].any()
+
+
+def test_masked_min_max_ignore_padding():
+    # All valid ratios above 1 and all advantages negative: a padded slot (ratio 1, advantage 0
+    # after sanitising) must not show up as ratio/min or advantages/max.
+    old = np.zeros((2, 3))
+    logp = np.log([[1.1, 1.2, 1.0], [1.05, 1.0, 1.0]])
+    mask = np.array([[1, 1, 0], [1, 0, 0]])
+    _, m = grpo.grpo_loss(logp, old, np.array([-1.0, -0.5]), mask, loss_agg="token-mean", **CLIP)
+    close(m["ratio/min"], 1.05, tol=1e-6)
+    close(m["ratio/max"], 1.2, tol=1e-6)
+    close(m["advantages/max"], -0.5)
+    close(m["advantages/min"], -1.0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Invalid arguments
 

@@ -205,7 +205,7 @@ def policy_loss_per_token(
     negative = adv < 0
     bound = -adv * dual_clip
     info["dual_clipped"] = negative & (clipped_loss > bound)
-    losses = jnp.where(negative, jnp.minimum(clipped_loss, bound), clipped_loss)
+    losses = clipped_loss
     return losses, info
 
 
@@ -251,7 +251,7 @@ def aggregate_loss(token_losses, mask, mode: str, *, num_tokens=None, num_sequen
     valid = _valid(mask)
     losses = jnp.where(valid, jnp.asarray(token_losses).astype(F32), 0.0)
     if mode == "token-mean":
-        n_tok = valid.sum().astype(F32)
+        n_tok = valid.sum().astype(F32) if num_tokens is None else jnp.asarray(num_tokens, F32)
         return losses.sum() / jnp.maximum(n_tok, 1.0)
 
     seq_tokens = valid.sum(axis=-1).astype(F32)

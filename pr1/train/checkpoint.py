@@ -22,6 +22,7 @@ Every process must call `save`, `restore`, `wait` and `close` (orbax synchronise
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import jax
@@ -30,7 +31,9 @@ from etils import epath
 
 _STATE = "state"
 _HOST_STATE = "host_state"
-_SECRET_MARKERS = ("api_key", "token", "secret")
+# A credential-looking key: api keys, secrets, passwords, and keys that *end* in "token" (auth_token,
+# AccessToken), but not counters such as num_tokens or tokens_seen, nor tokenizer_path.
+_SECRET_KEY = re.compile(r"api_?key|secret|passw(or)?d|token$")
 
 
 def abstract_like(state):
@@ -176,13 +179,12 @@ def _check_host_state(value, directory: str, path: str = "host_state") -> None:
             if not isinstance(key, str):
                 raise ValueError(f"{path} has a non-string key {key!r} (JSON would turn it into a string); "
                                  f"checkpoint {directory}")
-            lowered = key.lower()
-            for marker in _SECRET_MARKERS:
-                if marker in lowered:
-                    raise ValueError(
-                        f"{path}[{key!r}] looks like a secret (contains {marker!r}) and would be written "
-                        f"into checkpoint {directory}; secrets come from environment variables and never "
-                        f"go into checkpoints (rename the key if it is not a secret)")
+            marker = _SECRET_KEY.search(key.lower())
+            if marker:
+                raise ValueError(
+                    f"{path}[{key!r}] looks like a secret (matches {marker.group(0)!r}) and would be written "
+                    f"into checkpoint {directory}; secrets come from environment variables and never "
+                    f"go into checkpoints (rename the key if it is not a secret)")
             _check_host_state(item, directory, f"{path}[{key!r}]")
     elif isinstance(value, list):
         for i, item in enumerate(value):
