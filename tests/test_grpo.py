@@ -96,15 +96,17 @@ def test_group_advantages_numpy_reference_and_dr_grpo():
     ref = (rewards - rewards.mean(1, keepdims=True)) / (rewards.std(1, ddof=1, keepdims=True) + 1e-6)
     close(grpo.group_advantages(rewards.reshape(-1), 8), ref.reshape(-1), tol=1e-5)
     # Group of two: [1, 0] -> std = sqrt(.5) -> A = +-.5 / sqrt(.5) = +-1/sqrt 2.
-    close(grpo.group_advantages(np.array([1.0, 0.0]), 2), [0.5 / (math.sqrt(0.5) + 1e-6), -0.5 / (math.sqrt(0.5) + 1e-6)])
+    a2 = 0.5 / (math.sqrt(0.5) + 1e-6)
+    close(grpo.group_advantages(np.array([1.0, 0.0]), 2), [a2, -a2])
     # Dr.GRPO: only the mean is removed.
     r = np.array([1, 0, 0, 1, 0.5, 0.5, 0.5, 0.5, 0, 0, 0, 1])
-    close(grpo.group_advantages(r, 4, scale_by_std=False), [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0, -0.25, -0.25, -0.25, 0.75])
+    close(grpo.group_advantages(r, 4, scale_by_std=False),
+          [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0, -0.25, -0.25, -0.25, 0.75])
     # Integer / bool rewards, under jit, come back float32.
     f = jax.jit(functools.partial(grpo.group_advantages, group_size=2))
     out = f(jnp.array([True, False, True, True]))
     assert out.dtype == jnp.float32
-    close(out, [0.5 / (math.sqrt(0.5) + 1e-6), -0.5 / (math.sqrt(0.5) + 1e-6), 0, 0])
+    close(out, [a2, -a2, 0, 0])
     close(grpo.zero_std_fraction(np.array([1, 1, 0, 1, 2, 2]), 2), 2 / 3)
 
 
@@ -483,5 +485,7 @@ def test_invalid_arguments_raise():
             grpo.policy_loss_per_token(logp, old, adv, clip_low=0.2, clip_high=0.3, dual_clip=c)
     with pytest.raises(ValueError, match="rollout_logprobs"):
         grpo.grpo_loss(logp, old, adv, mask, loss_agg="token-mean", tis_cap=2.0, **CLIP)
+    with pytest.raises(ValueError, match="temperature"):
+        grpo.token_logprobs(np.zeros((1, 1, 3)), np.zeros((1, 1), int), 0.0)
     with pytest.raises(ValueError, match="advantages"):
         grpo.grpo_loss(logp, old, np.zeros(3), mask, loss_agg="token-mean", **CLIP)

@@ -39,6 +39,11 @@ _LOG_RATIO_CLAMP = 20.0
 _K3_CLIP = 10.0
 
 
+def _is_static_number(x) -> bool:
+    # Hyperparameters are normally Python numbers; a traced value cannot be range-checked.
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 # ----------------------------------------------------------------------------------------------
 # Advantages
 
@@ -98,6 +103,11 @@ def zero_std_fraction(rewards, group_size: int):
 # Log-probabilities and entropy from logits
 
 
+def _check_temperature(temperature) -> None:
+    if _is_static_number(temperature) and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (greedy decoding has no log-probs to match), got {temperature}")
+
+
 def token_logprobs(logits, targets, temperature: float = 1.0):
     """Log-probability of each target token under softmax(logits / temperature).
 
@@ -110,6 +120,7 @@ def token_logprobs(logits, targets, temperature: float = 1.0):
     subtracting the logsumexp avoids materialising a second [B, T, V] float32 array.
     logits [B, T, V], targets [B, T] int → [B, T] float32.
     """
+    _check_temperature(temperature)
     z = jnp.asarray(logits).astype(F32) / temperature
     targets = jnp.asarray(targets).astype(jnp.int32)
     picked = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
@@ -125,6 +136,7 @@ def token_entropy(logits, temperature: float = 1.0):
     Vocabulary entries masked with -inf logits contribute 0 (p log p -> 0), not NaN.
     logits [B, T, V] → [B, T] float32.
     """
+    _check_temperature(temperature)
     z = jnp.asarray(logits).astype(F32) / temperature
     logp = jax.nn.log_softmax(z, axis=-1)
     # Double where: -inf log-probs must not reach the product, or its gradient is 0 * inf = NaN.
@@ -134,11 +146,6 @@ def token_entropy(logits, temperature: float = 1.0):
 
 # ----------------------------------------------------------------------------------------------
 # Policy loss
-
-
-def _is_static_number(x) -> bool:
-    # Hyperparameters are normally Python numbers; a traced value cannot be range-checked.
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def _check_clip(clip_low, clip_high, dual_clip) -> None:
@@ -205,7 +212,7 @@ def policy_loss_per_token(
     negative = adv < 0
     bound = -adv * dual_clip
     info["dual_clipped"] = negative & (clipped_loss > bound)
-    losses = clipped_loss
+    losses = jnp.where(negative, jnp.minimum(clipped_loss, bound), clipped_loss)
     return losses, info
 
 
@@ -427,7 +434,9 @@ def grpo_loss(
     if entropy is not None:
         metrics["entropy"] = _masked_mean(clean(entropy, "entropy"), valid)
 
-    frac = lambda b: _masked_mean(b.astype(F32), valid)  # noqa: E731
+    def frac(flags):
+        return _masked_mean(flags.astype(F32), valid)
+
     ratio = info["ratio"]
     adv_mean = _masked_mean(adv, valid)
     metrics.update(

@@ -53,7 +53,7 @@ def learner_config() -> ml_collections.ConfigDict:
         "temperature": 1.0,
         "micro_batches": 1,
         "remat": "none",  # none | full | dots
-        "horizon": ml_collections.config_dict.placeholder(int),  # Dr.GRPO normalizer; default T
+        "horizon": ml_collections.config_dict.placeholder(int),  # Dr.GRPO normalizer (max response length)
     })
 
 
@@ -119,9 +119,10 @@ def _reduce_metrics(metrics: dict, tokens: jax.Array) -> dict:
         if name in ("loss", "pg_loss", "kl_loss"):
             out[name] = value.sum()
         elif name.endswith("/max") or name.endswith("_max"):
-            out[name] = value.max()
+            # A micro-batch without tokens reports 0 for its extremes; it must not win.
+            out[name] = jnp.where(tokens > 0, value, -jnp.inf).max()
         elif name.endswith("/min"):
-            out[name] = value.min()
+            out[name] = jnp.where(tokens > 0, value, jnp.inf).min()
         else:
             out[name] = (value * weight).sum()
     return out
@@ -136,6 +137,11 @@ def make_update_step(model_def: ModelDef, tx: optax.GradientTransformation, cfg:
     """
     k = cfg.micro_batches
     _check_micro_batches(next(iter(example_batch.values())).shape[0], k)
+    if cfg.loss_agg == "seq-mean-token-sum-norm" and cfg.horizon is None:
+        # Batches are prompt+response padded to a bucket; the Dr.GRPO constant must be the response
+        # budget, not that bucket length, or the loss scale would change with the prompt bucket.
+        raise ValueError("learner.horizon must be set (e.g. to the max response length) for loss_agg="
+                         "'seq-mean-token-sum-norm'")
     if cfg.remat not in _REMAT_POLICIES:
         raise ValueError(f"learner.remat must be one of {sorted(_REMAT_POLICIES)}, got {cfg.remat!r}")
     policy = _REMAT_POLICIES[cfg.remat]
