@@ -39,17 +39,18 @@ def make_batch(path, config, seed=0):
     ids = np.concatenate([p["input_ids"], response * response_mask], axis=1)
     mask = np.concatenate([p["attention_mask"], response_mask], axis=1)
     pos, _ = rope_index(config, ids, p["image_grid_thw"], mask)
-    counts = iter(p["image_grid_thw"].prod(-1))
-    pixels, grids, start = [], [], 0
-    for i in range(B):
-        if images[i] is None:
+    # The processor concatenates the batch's images in row order; give each row back its own.
+    pixels, grids, start, image = [], [], 0, 0
+    for row_images in images:
+        if row_images is None:
             pixels.append(None)
             grids.append(None)
             continue
-        n = int(next(counts))
+        grid = p["image_grid_thw"][image:image + 1]
+        n = int(grid.prod())
         pixels.append(p["pixel_values"][start:start + n])
-        grids.append(p["image_grid_thw"][len([g for g in grids if g is not None]):][:1])
-        start += n
+        grids.append(grid)
+        start, image = start + n, image + 1
     vision = batched_vision_inputs(pixels, grids, config.vision, num_patches=64)
     batch = {
         "input_ids": ids.astype(np.int32), "attention_mask": mask.astype(np.int32),
