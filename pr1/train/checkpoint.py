@@ -31,9 +31,16 @@ from etils import epath
 
 _STATE = "state"
 _HOST_STATE = "host_state"
+# Where the trainer keeps its checkpoints inside a workdir (the export CLI and resume look here).
+CHECKPOINT_SUBDIR = "checkpoints"
 # A credential-looking key: api keys, secrets, passwords, and keys that *end* in "token" (auth_token,
 # AccessToken), but not counters such as num_tokens or tokens_seen, nor tokenizer_path.
 _SECRET_KEY = re.compile(r"api_?key|secret|passw(or)?d|token$")
+
+
+def checkpoint_directory(workdir: str) -> str:
+    """The checkpoint directory of a training workdir (local path or gs:// URL)."""
+    return f"{str(workdir).rstrip('/')}/{CHECKPOINT_SUBDIR}"
 
 
 def abstract_like(state):
@@ -170,6 +177,55 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def read_params(directory: str, step: int | None = None, sharding=None) -> tuple[Any, dict, int]:
+    """(params, host_state, step) of a checkpoint, reading only the `params` subtree of the state.
+
+    For export and evaluation: the optimizer moments (twice the size of the params under AdamW)
+    are never read. Without `sharding` every array lands whole on the first local device; pass a
+    pytree of shardings matching params, or one sharding for all, to lay them out otherwise.
+    Raises FileNotFoundError naming the directory when there is no such complete checkpoint.
+    """
+    path = epath.Path(directory)
+    if "://" not in str(directory):
+        path = path.resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    # A manager of our own, read-only: a PyTree handler (not Standard) is what allows a partial restore.
+    manager = ocp.CheckpointManager(
+        path, item_names=(_STATE, _HOST_STATE),
+        item_handlers={_STATE: ocp.PyTreeCheckpointHandler(), _HOST_STATE: ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise FileNotFoundError(f"no complete checkpoint in {path}")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise FileNotFoundError(f"no complete checkpoint for step {step} in {path}; it has {steps}")
+        tree = manager.item_metadata(step)[_STATE].tree
+        if not isinstance(tree, dict) or "params" not in tree:
+            raise ValueError(f"checkpoint {path}/{step} has no 'params' in its state (keys: "
+                             f"{sorted(tree) if isinstance(tree, dict) else type(tree).__name__})")
+        if sharding is None:
+            sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        if isinstance(sharding, jax.sharding.Sharding):
+            shardings = jax.tree.map(lambda _: sharding, tree["params"])
+        else:
+            shardings = sharding
+        target = {"params": jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
+                                         tree["params"], shardings)}
+        restored = manager.restore(step, args=ocp.args.Composite(**{
+            _STATE: ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True),
+            _HOST_STATE: ocp.args.JsonRestore(),
+        }))
+    finally:
+        manager.close()
+    return restored[_STATE]["params"], dict(restored[_HOST_STATE] or {}), step
 
 
 def _check_host_state(value, directory: str, path: str = "host_state") -> None:

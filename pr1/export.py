@@ -1,0 +1,83 @@
+"""Export a training checkpoint as a Hugging Face checkpoint dir.
+
+    python -m pr1.export --workdir W [--step N] --out DIR [--dtype bfloat16] [--assets-from DIR]
+
+Reads only the parameters of step N (default: the newest complete one) from `<W>/checkpoints`, and
+writes config.json + safetensors via `hf.save`, which transformers, SGLang and vLLM load. The model
+config comes from the checkpoint's host state (`model_record`, stored by the trainer), so an export
+never depends on the original model dir still being there; tokenizer and processor files are copied
+from `--assets-from`, else from the recorded model path when it still exists.
+
+The parameters are gathered on one host device, so this host needs memory for one copy of them in
+their stored dtype (about 4 bytes x params for fp32 master weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pr1.models import hf
+from pr1.models.config import Qwen25VLConfig
+from pr1.train import checkpoint as checkpoint_lib
+from pr1.train.state import ModelDef
+
+_MODEL_KEY = "model"
+
+
+def model_record(config: Qwen25VLConfig, source_path: str | None) -> dict:
+    """What the trainer stores in host_state[_MODEL_KEY] so a checkpoint can be exported on its own."""
+    return {"hf_config": config.hf_config, "path": None if source_path is None else os.fspath(source_path)}
+
+
+def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None = None,
+           assets_from: str | None = None) -> int:
+    """Writes step `step` of `workdir` to `out` as an HF checkpoint; returns the step exported."""
+    directory = checkpoint_lib.checkpoint_directory(workdir)
+    params, host_state, step = checkpoint_lib.read_params(directory, step)
+    record = host_state.get(_MODEL_KEY)
+    if not isinstance(record, dict) or not isinstance(record.get("hf_config"), dict):
+        raise ValueError(
+            f"checkpoint {directory}/{step} has no host_state['{_MODEL_KEY}']['hf_config'] (the model config "
+            f"the trainer records); it was not written by pr1.train")
+    config = Qwen25VLConfig.from_hf_dict(record["hf_config"], source=f"{directory}/{step} host_state")
+    stored = {np.dtype(x.dtype) for x in jax.tree.leaves(params)}
+    model_def = ModelDef.create(config, dtype=jnp.dtype(stored.pop()) if len(stored) == 1 else jnp.float32)
+    try:
+        model = model_def.bind(params)
+    except ValueError as e:
+        raise ValueError(f"checkpoint {directory}/{step}: params do not fit the recorded model config: {e}") from None
+    if assets_from is None and record.get("path") and os.path.isdir(record["path"]):
+        assets_from = record["path"]
+    if assets_from is not None and not os.path.isdir(assets_from):
+        raise FileNotFoundError(f"--assets-from {assets_from} is not a directory")
+    hf.save(model, out, assets_from=assets_from, dtype=None if dtype is None else jnp.dtype(dtype))
+    return step
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pr1.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True, help="training workdir (local path or gs://)")
+    parser.add_argument("--step", type=int, default=None, help="step to export (default: newest complete)")
+    parser.add_argument("--out", required=True, help="output HF checkpoint dir (replaced atomically)")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                        help="dtype of the stored tensors (default: the checkpoint's own)")
+    parser.add_argument("--assets-from", default=None,
+                        help="checkpoint dir to copy tokenizer/processor files from (default: the recorded model path)")
+    args = parser.parse_args(argv)
+    try:
+        step = export(args.workdir, args.out, step=args.step, dtype=args.dtype, assets_from=args.assets_from)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"pr1.export: {e}", file=sys.stderr)
+        return 1
+    print(f"exported step {step} of {args.workdir} to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
