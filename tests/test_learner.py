@@ -69,11 +69,12 @@ def optim_cfg(**kw):
     return cfg
 
 
-def run_update(path, config, batch, mesh, *, micro_batches=1, optim=None, tx=None, old_noise_seed=1):
+def run_update(path, config, batch, mesh, *, micro_batches=1, optim=None, tx=None, old_noise_seed=1, **learner):
     model_def = state_lib.ModelDef.create(config, dtype=jnp.float32)
     params = state_lib.load_params(path, model_def, mesh)
     cfg = step_lib.learner_config()
     cfg.micro_batches = micro_batches
+    cfg.update(learner)
     logprob_step = step_lib.make_logprob_step(model_def, cfg, model_def.param_shardings(mesh), mesh, batch)
     old = np.asarray(logprob_step(params, batch))
     # Perturb the behaviour logprobs so ratios leave 1 and every clip branch is exercised.
@@ -129,6 +130,35 @@ def test_micro_batches_equal_one_big_batch(tiny, reference):
     batch, want = reference
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     _assert_same(run_update(path, config, batch, mesh, micro_batches=4, tx=SGD), want)
+
+
+@pytest.mark.parametrize("learner", [{"remat": "full"}, {"remat": "dots", "logprob_chunk": 7}])
+def test_remat_and_chunked_logprobs_change_nothing(tiny, reference, learner):
+    """Per-layer remat and chunked vocab projection are memory trades only: same update."""
+    path, config = tiny
+    batch, want = reference
+    mesh = sharding.make_mesh(2, 1, 1, devices=jax.devices()[:2])
+    _assert_same(run_update(path, config, batch, mesh, tx=SGD, micro_batches=2, **learner), want)
+
+
+def test_remat_really_recomputes(tiny, reference):
+    """The remat option reaches the compiled backward: its HLO holds rematerialized computations."""
+    path, config = tiny
+    batch, _ = reference
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    model_def = state_lib.ModelDef.create(config, dtype=jnp.float32)
+    params = state_lib.init_params(model_def, mesh)
+    full = dict(batch, old_logprobs=np.zeros(batch["input_ids"].shape, np.float32))
+    state, shardings = state_lib.create_train_state(params, SGD, model_def, mesh)
+    matmuls = {}
+    for remat in ("none", "dots", "full"):
+        cfg = step_lib.learner_config()
+        cfg.remat = remat
+        update = step_lib.make_update_step(model_def, SGD, cfg, shardings, mesh, full)
+        matmuls[remat] = str(jax.make_jaxpr(update)(state, full)).count("dot_general[")
+    # "full" recomputes every forward matmul of every layer in the backward pass; "dots" keeps the
+    # weight matmuls and recomputes only attention's (batched) ones.
+    assert matmuls["none"] < matmuls["dots"] < matmuls["full"], matmuls
 
 
 def test_adamw_step_and_frozen_vision_tower(tiny, reference):

@@ -71,6 +71,22 @@ def activation(name: str):
     raise ValueError(f"unsupported hidden_act {name!r}")
 
 
+def rematerialized(module: nnx.Module, policy):
+    """`module`'s call under jax.checkpoint: its activations are recomputed in the backward pass.
+
+    The module is split into (graph, state) so the parameters enter the checkpointed function as
+    arguments (gradients flow to them) instead of as closed-over constants. `policy` is a
+    jax.checkpoint_policies policy saying which intermediates may still be kept.
+    """
+    graphdef, state = nnx.split(module)
+
+    def run(state, *args):
+        return nnx.merge(graphdef, state)(*args)
+
+    checkpointed = jax.checkpoint(run, policy=policy)
+    return lambda *args: checkpointed(state, *args)
+
+
 def apply_rotary(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
     """NeoX (rotate-half) rotary; x [..., T, heads, D], cos/sin broadcast over heads."""
     return x * cos + rotate_half(x) * sin

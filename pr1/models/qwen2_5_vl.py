@@ -19,7 +19,8 @@ import numpy as np
 from flax import nnx
 
 from pr1.models.config import Qwen25VLConfig, TextConfig
-from pr1.models.layers import Embed, Linear, RMSNorm, activation, apply_rotary, dot_product_attention
+from pr1.models.layers import (Embed, Linear, RMSNorm, activation, apply_rotary, dot_product_attention,
+                               rematerialized)
 from pr1.models.rope import mrope_cos_sin
 from pr1.models.vision import VisionTower, vision_layout
 
@@ -96,7 +97,7 @@ class Qwen25VL(nnx.Module):
         dtype = dtype or self.dtype
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
-    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, vision_layout_arrays=None):
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, vision_layout_arrays=None, remat_policy=None):
         """Token embeddings with the image features put in place of the image-pad tokens."""
         emb = self.embed_tokens(input_ids)
         if pixel_values is None:
@@ -115,14 +116,14 @@ class Qwen25VL(nnx.Module):
             vision_layout_arrays = vision_layout(grid, self.config.vision)
         mask = input_ids == self.config.image_token_id
         if pixel_values.ndim == 3:
-            return self._embed_rows(emb, mask, pixel_values, vision_layout_arrays)
-        feats = self.visual(pixel_values, vision_layout_arrays).astype(emb.dtype)
+            return self._embed_rows(emb, mask, pixel_values, vision_layout_arrays, remat_policy)
+        feats = self.visual(pixel_values, vision_layout_arrays, remat_policy).astype(emb.dtype)
         flat_mask = mask.reshape(-1)
         idx = jnp.clip(jnp.cumsum(flat_mask) - 1, 0, feats.shape[0] - 1)
         flat = jnp.where(flat_mask[:, None], feats[idx], emb.reshape(-1, emb.shape[-1]))
         return flat.reshape(emb.shape)
 
-    def _embed_rows(self, emb, mask, pixel_values, layout):
+    def _embed_rows(self, emb, mask, pixel_values, layout, remat_policy=None):
         """Per-row images ([B, P, C·T·P·P] from `vision.batched_vision_inputs`): row b's features go to
         row b's image-pad tokens, so rows can be split into micro-batches or sharded independently."""
         if layout is None:
@@ -133,7 +134,7 @@ class Qwen25VL(nnx.Module):
         shift = lambda ids: jnp.where(ids >= 0, ids + offset, -1).reshape(-1)
         flat_layout = {"hw_position_ids": layout["hw_position_ids"].reshape(-1, 2),
                        "frame_ids": shift(layout["frame_ids"]), "window_ids": shift(layout["window_ids"])}
-        feats = self.visual(pixel_values.reshape(b * p, -1), flat_layout).astype(emb.dtype)
+        feats = self.visual(pixel_values.reshape(b * p, -1), flat_layout, remat_policy).astype(emb.dtype)
         feats = feats.reshape(b, -1, feats.shape[-1])
         idx = jnp.clip(jnp.cumsum(mask, axis=1) - 1, 0, feats.shape[1] - 1)
         gathered = jnp.take_along_axis(feats, idx[..., None], axis=1)
@@ -141,15 +142,18 @@ class Qwen25VL(nnx.Module):
 
     def __call__(self, input_ids, *, position_ids, attention_mask=None, pixel_values=None,
                  image_grid_thw=None, vision_layout_arrays=None, cache=None, cache_index=None,
-                 return_hidden=False):
+                 return_hidden=False, remat_policy=None):
         """Logits [B, T, vocab]; with `cache`, returns (logits, new_cache).
 
         input_ids [B, T]; position_ids [3, B, T] (or [B, T] for text-only); attention_mask [B, T]
-        (1 = real token) without a cache, [B, S] over cache slots with one.
+        (1 = real token) without a cache, [B, S] over cache slots with one. `remat_policy` (a
+        jax.checkpoint policy, or `remat_everything`) rematerializes each decoder layer and vision
+        block in the backward pass, so training keeps one residual per layer instead of all of a
+        layer's activations.
         """
         t = self.config.text
         b, length = input_ids.shape
-        x = self.embed(input_ids, pixel_values, image_grid_thw, vision_layout_arrays)
+        x = self.embed(input_ids, pixel_values, image_grid_thw, vision_layout_arrays, remat_policy=remat_policy)
         position_ids = jnp.asarray(position_ids)
         if position_ids.ndim == 2:
             position_ids = jnp.broadcast_to(position_ids[None], (3,) + position_ids.shape)
@@ -169,7 +173,10 @@ class Qwen25VL(nnx.Module):
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
-            x, lc = layer(x, cos, sin, allowed, layer_cache, cache_index)
+            if remat_policy is not None and cache is None:
+                x, lc = rematerialized(layer, remat_policy)(x, cos, sin, allowed)
+            else:
+                x, lc = layer(x, cos, sin, allowed, layer_cache, cache_index)
             if lc is not None:
                 new_k.append(lc[0])
                 new_v.append(lc[1])

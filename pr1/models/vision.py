@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pr1.models.config import VisionConfig
-from pr1.models.layers import Linear, RMSNorm, activation, apply_rotary, dot_product_attention
+from pr1.models.layers import Linear, RMSNorm, activation, apply_rotary, dot_product_attention, rematerialized
 from pr1.models.rope import vision_cos_sin
 
 
@@ -168,12 +168,16 @@ class VisionTower(nnx.Module):
         self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, pixel_values, layout: dict) -> jnp.ndarray:
-        """pixel_values [N, C·T·P·P] → merged image features [N / merge², out_hidden_size]."""
+    def __call__(self, pixel_values, layout: dict, remat_policy=None) -> jnp.ndarray:
+        """pixel_values [N, C·T·P·P] → merged image features [N / merge², out_hidden_size].
+
+        `remat_policy`: rematerialize each block in the backward pass (see `layers.rematerialized`).
+        """
         x = self.patch_embed(pixel_values)
         cos, sin = vision_cos_sin(jnp.asarray(layout["hw_position_ids"]), self.cfg.head_dim, self.cfg.rope_theta)
         frame_ids, window_ids = jnp.asarray(layout["frame_ids"]), jnp.asarray(layout["window_ids"])
         full = set(self.cfg.fullatt_block_indexes)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, frame_ids if i in full else window_ids)
+            run = block if remat_policy is None else rematerialized(block, remat_policy)
+            x = run(x, cos, sin, frame_ids if i in full else window_ids)
         return self.merger(x)

@@ -52,7 +52,12 @@ def learner_config() -> ml_collections.ConfigDict:
         "tis_cap": ml_collections.config_dict.placeholder(float),
         "temperature": 1.0,
         "micro_batches": 1,
-        "remat": "none",  # none | full | dots
+        # Per-layer rematerialization in the backward pass: none | full (keep only each layer's
+        # input) | dots (also keep the weight matmuls' outputs; recompute attention and elementwise).
+        "remat": "none",
+        # Positions per chunk of the vocab projection + logprob (0: all at once). With a 152k
+        # vocabulary the [B, T, V] fp32 logits dominate memory; chunks are recomputed in backward.
+        "logprob_chunk": 0,
         "horizon": ml_collections.config_dict.placeholder(int),  # Dr.GRPO normalizer (max response length)
     })
 
@@ -79,16 +84,37 @@ def _unsplit(x: jax.Array) -> jax.Array:
     return jnp.moveaxis(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
-def _forward_logprobs(model_def: ModelDef, params, mb: dict, temperature: float, entropy: bool):
+def _forward_logprobs(model_def: ModelDef, params, mb: dict, temperature: float, entropy: bool,
+                      remat_policy=None, chunk: int = 0):
+    """Per-token logprobs [B, T] (and entropies) of mb's tokens; position 0 is never predicted (0)."""
     model = model_def.bind(params)
     pixel_values = mb.get("pixel_values")
     layout = {k: mb[k] for k in _VISION_KEYS} if pixel_values is not None else None
-    logits = model(mb["input_ids"], position_ids=jnp.swapaxes(mb["position_ids"], 0, 1),
-                   attention_mask=mb["attention_mask"], pixel_values=pixel_values, vision_layout_arrays=layout)
-    pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)))  # token 0 is never predicted
-    lp = pad(grpo.token_logprobs(logits[:, :-1], mb["input_ids"][:, 1:], temperature))
-    ent = pad(grpo.token_entropy(logits[:, :-1], temperature)) if entropy else None
-    return lp, ent
+    hidden = model(mb["input_ids"], position_ids=jnp.swapaxes(mb["position_ids"], 0, 1),
+                   attention_mask=mb["attention_mask"], pixel_values=pixel_values, vision_layout_arrays=layout,
+                   return_hidden=True, remat_policy=remat_policy)
+    head = model.embed_tokens.attend if model.lm_head is None else model.lm_head
+    targets = mb["input_ids"][:, 1:]
+
+    def logprobs_of(h, tgt):
+        logits = head(h)
+        return (grpo.token_logprobs(logits, tgt, temperature),
+                grpo.token_entropy(logits, temperature) if entropy else jnp.zeros(tgt.shape, jnp.float32))
+
+    h = hidden[:, :-1]
+    if chunk <= 0 or chunk >= h.shape[1]:
+        lp, ent = logprobs_of(h, targets)
+    else:
+        b, t, d = h.shape
+        n = -(-t // chunk)
+        pad = n * chunk - t
+        hc = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
+        tc = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
+        # Checkpointed so the backward keeps one chunk's logits at a time, not all of them.
+        lp, ent = jax.lax.map(lambda xs: jax.checkpoint(logprobs_of)(*xs), (hc, tc))
+        lp, ent = (x.swapaxes(0, 1).reshape(b, n * chunk)[:, :t] for x in (lp, ent))
+    pad0 = lambda x: jnp.pad(x, ((0, 0), (1, 0)))
+    return pad0(lp), (pad0(ent) if entropy else None)
 
 
 def _check_micro_batches(batch_rows: int, k: int):
@@ -103,7 +129,8 @@ def make_logprob_step(model_def: ModelDef, cfg: ml_collections.ConfigDict, param
 
     def step(params, batch):
         micro = jax.tree.map(lambda x: _split(x, k), batch)
-        lps = jax.lax.map(lambda mb: _forward_logprobs(model_def, params, mb, cfg.temperature, False)[0], micro)
+        lps = jax.lax.map(lambda mb: _forward_logprobs(model_def, params, mb, cfg.temperature, False,
+                                                       chunk=cfg.logprob_chunk)[0], micro)
         return _unsplit(lps)
 
     bsh = batch_sharding(mesh, example_batch)
@@ -147,7 +174,7 @@ def make_update_step(model_def: ModelDef, tx: optax.GradientTransformation, cfg:
     policy = _REMAT_POLICIES[cfg.remat]
 
     def micro_loss(params, mb, num_tokens, num_sequences):
-        logp, ent = _forward_logprobs(model_def, params, mb, cfg.temperature, True)
+        logp, ent = _forward_logprobs(model_def, params, mb, cfg.temperature, True, policy, cfg.logprob_chunk)
         return grpo.grpo_loss(
             logp, mb["old_logprobs"], mb["advantages"], mb["loss_mask"],
             clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, loss_agg=cfg.loss_agg,
@@ -155,8 +182,6 @@ def make_update_step(model_def: ModelDef, tx: optax.GradientTransformation, cfg:
             rollout_logprobs=mb.get("rollout_logprobs"), tis_cap=cfg.tis_cap, entropy=jax.lax.stop_gradient(ent),
             num_tokens=num_tokens, num_sequences=num_sequences, horizon=cfg.horizon)
 
-    if policy is not None:
-        micro_loss = jax.checkpoint(micro_loss, policy=policy)
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def step(state: TrainState, batch: dict):
