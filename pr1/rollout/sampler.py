@@ -1,0 +1,233 @@
+"""The embedded rollout engine: a jitted prefill + decode sampler on the learner's own mesh.
+
+One jitted function per static shape does the whole rollout of a batch of prompts:
+
+1. prefill: the left-padded prompts (with their images) run once through the model, filling a KV
+   cache of `prompt bucket + max_new_tokens` slots; only the last position's logits are projected;
+2. the cache and those logits are repeated n times (the n samples of a prompt share one prefill);
+3. decode: a `lax.while_loop` samples a token per sequence, writes it at the next cache slot and runs
+   one cached forward, until every sequence has hit a stop token or `max_new_tokens`.
+
+A new token's MRoPE position is (real tokens so far) + the prompt's rope delta on all three rows;
+the cache slot it is written to is the prompt bucket + step (left padding takes slots, not
+positions). Shapes are static: the prompt length is rounded up to a power-of-two bucket, the image
+patches per prompt likewise, and the prompt count up to a multiple of the mesh's batch axes, so a
+training run compiles a handful of variants. The params are the learner's arrays, read in place.
+
+Sampling follows the rollout engines whose logprobs the learner reproduces: logprobs are
+log_softmax(logits / T) of the chosen token before top-k/top-p filtering; top-k keeps the k most
+likely tokens, top-p the smallest prefix of the sorted distribution whose mass reaches p (the token
+that crosses p is kept), applied together; temperature 0 is greedy with logprobs at T = 1.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from pr1.models.rope import rope_index
+from pr1.models.vision import batched_vision_inputs
+from pr1.rollout.types import Completion, Prompt, SamplingParams
+from pr1.train.state import ModelDef
+
+BATCH_AXES = ("data", "fsdp")
+_VISION_KEYS = ("pixel_values", "hw_position_ids", "frame_ids", "window_ids")
+
+
+def bucket(n: int, minimum: int) -> int:
+    """The smallest power of two >= max(n, minimum): the static length a size is padded to."""
+    size = max(int(minimum), 1)
+    while size < n:
+        size *= 2
+    return size
+
+
+def sample_tokens(logits, key, temperature, top_p, top_k, *, greedy: bool, filtering: bool):
+    """(token [B], logprob [B]) from logits [B, V]; see the module docstring for the semantics.
+
+    `temperature`, `top_p` and `top_k` are traced scalars (no recompilation per value); `greedy`
+    and `filtering` (top-p < 1 or top-k > 0) are static.
+    """
+    logits = logits.astype(jnp.float32)
+    if greedy:
+        token = jnp.argmax(logits, axis=-1)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+    z = logits / temperature
+    logp = jax.nn.log_softmax(z, axis=-1)
+    if filtering:
+        # Filter and sample in sorted order, then map back: thresholding on a logit value would keep
+        # every token tied with the cut-off.
+        order = jnp.argsort(-z, axis=-1)
+        sorted_z = jnp.take_along_axis(z, order, axis=-1)
+        probs = jax.nn.softmax(sorted_z, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        rank = jnp.arange(z.shape[-1])[None, :]
+        keep = (mass_before < top_p) & ((top_k <= 0) | (rank < top_k))
+        keep = keep.at[:, 0].set(True)
+        choice = jax.random.categorical(key, jnp.where(keep, sorted_z, -jnp.inf), axis=-1)
+        token = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+    else:
+        token = jax.random.categorical(key, z, axis=-1)
+    return token.astype(jnp.int32), jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+
+
+class EmbeddedEngine:
+    """The default rollout engine: samples with the learner's params on the learner's mesh.
+
+    `params` are the current parameters (a pure dict, as in TrainState.params); `sync_weights`
+    just points at the new ones, so no copy is made. `tokenizer` decodes the response texts.
+    """
+
+    def __init__(self, model_def: ModelDef, params, mesh: Mesh, tokenizer, *, stop_token_ids: Sequence[int],
+                 pad_token_id: int, min_prompt_bucket: int = 64, min_patch_bucket: int = 256):
+        if not stop_token_ids:
+            raise ValueError("EmbeddedEngine needs at least one default stop token id (EOS, <|im_end|>)")
+        self.model_def = model_def
+        self.mesh = mesh
+        self.tokenizer = tokenizer
+        self.stop_token_ids = tuple(int(t) for t in stop_token_ids)
+        self.pad_token_id = int(pad_token_id)
+        self.min_prompt_bucket = min_prompt_bucket
+        self.min_patch_bucket = min_patch_bucket
+        self._params = params
+        self.weight_version = "step-0"
+        self.compilations = 0  # traces of the rollout function (each new static shape is one)
+        self._rollout = jax.jit(self._rollout_fn, static_argnames=("n", "max_new_tokens", "greedy", "filtering"))
+
+    def sync_weights(self, params, step: int) -> None:
+        self._params = params
+        self.weight_version = f"step-{step}"
+
+    def generate(self, prompts: Sequence[Prompt], sampling: SamplingParams, n: int = 1) -> list[Completion]:
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        batch, num_real = self._prefill_inputs(prompts)
+        stop = self.stop_token_ids if sampling.stop_token_ids is None else tuple(sampling.stop_token_ids)
+        if not stop:
+            raise ValueError("sampling.stop_token_ids is empty; pass None for the defaults (EOS, <|im_end|>)")
+        out = self._rollout(
+            self._params, batch, jax.random.key(sampling.seed),
+            jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p), jnp.int32(sampling.top_k),
+            jnp.asarray(stop, jnp.int32),
+            n=n, max_new_tokens=sampling.max_new_tokens, greedy=sampling.greedy,
+            filtering=sampling.top_p < 1 or sampling.top_k > 0)
+        tokens, logprobs, lengths, stopped = (np.asarray(x) for x in jax.device_get(out))
+        completions = []
+        for p in range(num_real):
+            for s in range(n):
+                row = p * n + s
+                ids = tokens[row, :lengths[row]].astype(np.int32)
+                text_ids = ids[:-1] if stopped[row] else ids
+                completions.append(Completion(
+                    prompt_index=p, sample_index=s, token_ids=ids, logprobs=logprobs[row, :lengths[row]].astype(np.float32),
+                    text=self.tokenizer.decode(text_ids.tolist(), skip_special_tokens=False),
+                    finish_reason="stop" if stopped[row] else "length", weight_version=self.weight_version))
+        return completions
+
+    # -- host side: padding to static shapes ------------------------------------------------------
+
+    def _prefill_inputs(self, prompts: list[Prompt]) -> tuple[dict, int]:
+        num_real = len(prompts)
+        rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        # Pad the prompt count to the batch axes with copies of prompt 0 (discarded afterwards): a
+        # copy is a valid input, where an empty row would be an all-padding sequence.
+        padded = prompts + [prompts[0]] * (-num_real % rows)
+        length = bucket(max(len(p.input_ids) for p in padded), self.min_prompt_bucket)
+        ids = np.full((len(padded), length), self.pad_token_id, np.int32)
+        mask = np.zeros((len(padded), length), np.int32)
+        for b, p in enumerate(padded):
+            ids[b, length - len(p.input_ids):] = p.input_ids
+            mask[b, length - len(p.input_ids):] = 1
+        grids = [p.image_grid_thw for p in padded if p.image_grid_thw is not None]
+        grid_all = np.concatenate(grids) if grids else None
+        pos, deltas = rope_index(self.model_def.config, ids, grid_all, mask)
+        batch = {"input_ids": ids, "attention_mask": mask, "position_ids": pos.astype(np.int32),
+                 "deltas": deltas.astype(np.int32)}
+        if grids:
+            patches = bucket(max(0 if p.pixel_values is None else len(p.pixel_values) for p in padded),
+                             self.min_patch_bucket)
+            batch.update(batched_vision_inputs([p.pixel_values for p in padded], [p.image_grid_thw for p in padded],
+                                               self.model_def.config.vision, num_patches=patches))
+        placed = {}
+        for key, value in batch.items():
+            axes = (None, BATCH_AXES) if key == "position_ids" else (BATCH_AXES,)
+            placed[key] = jax.device_put(value, NamedSharding(self.mesh, PartitionSpec(*axes)))
+        return placed, num_real
+
+    # -- device side: one jitted rollout ----------------------------------------------------------
+
+    def _rollout_fn(self, params, batch, key, temperature, top_p, top_k, stop_ids, *, n, max_new_tokens,
+                    greedy, filtering):
+        self.compilations += 1  # runs only while tracing
+        model = self.model_def.bind(params)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        rows, length = ids.shape
+        slots = length + max_new_tokens
+        vision = {k: batch[k] for k in _VISION_KEYS if k in batch}
+        layout = {k: vision[k] for k in _VISION_KEYS[1:]} if vision else None
+
+        cache = model.init_cache(rows, slots)
+        slot_mask = jnp.concatenate([mask, jnp.zeros((rows, max_new_tokens), mask.dtype)], axis=1)
+        hidden, cache = model(ids, position_ids=batch["position_ids"], attention_mask=slot_mask,
+                              pixel_values=vision.get("pixel_values"), vision_layout_arrays=layout,
+                              cache=cache, cache_index=0, return_hidden=True)
+        head = model.embed_tokens.attend if model.lm_head is None else model.lm_head
+        logits = head(hidden[:, -1])
+
+        # n samples per prompt: rows p*n .. p*n+n-1 share prompt p's prefill.
+        rep = lambda x: jnp.repeat(x, n, axis=0)
+        cache = jax.tree.map(lambda x: jnp.repeat(x, n, axis=1), cache)
+        cache = self._constrain_cache(cache)
+        logits, slot_mask = rep(logits), rep(slot_mask)
+        prompt_len, deltas = rep(mask.sum(axis=1)), rep(batch["deltas"])
+        total = rows * n
+
+        def sample(step, logits):
+            return sample_tokens(logits, jax.random.fold_in(key, step), temperature, top_p, top_k,
+                                 greedy=greedy, filtering=filtering)
+
+        token, logp = sample(0, logits)
+        tokens = jnp.full((total, max_new_tokens), self.pad_token_id, jnp.int32).at[:, 0].set(token)
+        logprobs = jnp.zeros((total, max_new_tokens), jnp.float32).at[:, 0].set(logp)
+        stopped = jnp.isin(token, stop_ids)
+        lengths = jnp.ones((total,), jnp.int32)
+
+        def cond(carry):
+            step, _, _, _, _, _, _, stopped = carry
+            return (step < max_new_tokens) & ~jnp.all(stopped)
+
+        def body(carry):
+            step, cache, slot_mask, last, tokens, logprobs, lengths, stopped = carry
+            # Token step-1 goes into slot length+step-1 at position (real tokens so far) + delta.
+            slot = length + step - 1
+            slot_mask = jax.lax.dynamic_update_slice(slot_mask, jnp.ones((total, 1), slot_mask.dtype), (0, slot))
+            position = jnp.broadcast_to((prompt_len + step - 1 + deltas)[None, :, None], (3, total, 1))
+            h, cache = model(last[:, None], position_ids=position, attention_mask=slot_mask, cache=cache,
+                             cache_index=slot, return_hidden=True)
+            token, logp = sample(step, head(h[:, 0]))
+            running = ~stopped
+            token = jnp.where(running, token, self.pad_token_id)
+            tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
+            logprobs = jax.lax.dynamic_update_slice(logprobs, jnp.where(running, logp, 0.0)[:, None], (0, step))
+            lengths = lengths + running.astype(jnp.int32)
+            stopped = stopped | (running & jnp.isin(token, stop_ids))
+            return step + 1, self._constrain_cache(cache), slot_mask, token, tokens, logprobs, lengths, stopped
+
+        carry = (jnp.int32(1), cache, slot_mask, token, tokens, logprobs, lengths, stopped)
+        _, _, _, _, tokens, logprobs, lengths, stopped = jax.lax.while_loop(cond, body, carry)
+        return tokens, logprobs, lengths, stopped
+
+    def _constrain_cache(self, cache):
+        """Cache rows follow the batch axes, kv heads the tensor axis when they divide it."""
+        kv_heads = self.model_def.config.text.num_key_value_heads
+        heads = "tensor" if kv_heads % self.mesh.shape["tensor"] == 0 else None
+        spec = NamedSharding(self.mesh, PartitionSpec(None, BATCH_AXES, None, heads, None))
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spec), cache)
