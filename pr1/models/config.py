@@ -227,3 +227,20 @@ def tiny_hf_config(**overrides: Any) -> dict:
     }
     d.update(overrides)
     return d
+
+
+def qwen2_5_vl_7b_hf_config() -> dict:
+    """config.json of Qwen2.5-VL-7B-Instruct (shapes only; weights are never needed), for lowering the
+    7B recipe on a fake mesh and for memory planning without the checkpoint at hand."""
+    d = tiny_hf_config()
+    d.update(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+             vision_end_token_id=151653, tie_word_embeddings=False, dtype="bfloat16")
+    d["text_config"] = dict(d["text_config"], vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                            num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                            max_position_embeddings=128000, bos_token_id=151643, eos_token_id=151645,
+                            pad_token_id=151643,
+                            rope_parameters={"rope_type": "default", "type": "mrope", "mrope_section": [16, 24, 24],
+                                             "rope_theta": 1000000.0})
+    d["vision_config"] = dict(d["vision_config"], depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                              out_hidden_size=3584, fullatt_block_indexes=[7, 15, 23, 31], window_size=112)
+    return d

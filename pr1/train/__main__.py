@@ -1,0 +1,35 @@
+"""python -m pr1.train --config configs/X.py[:arg] --workdir DIR [--config.a.b=value ...]
+
+Trains (or resumes training in) DIR. The config file returns a `pr1.train.config.default_config()`
+with its values set; `--config.key=value` overrides any key (the config is locked, so a misspelled
+key is an error, not a silent no-op).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "path to a configs/*.py file", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics, config.json")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from pr1.train.config import ConfigError
+    from pr1.train.loop import train
+
+    try:
+        train(_CONFIG.value, _WORKDIR.value)
+    except ConfigError as e:
+        print(f"pr1.train: bad config: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

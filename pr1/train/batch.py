@@ -1,0 +1,54 @@
+"""From rollouts to the learner's batch: prompt + response rows at static, bucketed shapes (host side).
+
+Row r holds prompt p's ids left-padded to the prompt bucket, then completion r's ids right-padded to
+`max_new_tokens`, so the response always starts at the same column and a run compiles one update
+per prompt bucket. The loss mask covers exactly the sampled tokens (including a final stop token);
+`rollout_logprobs` are the engine's logprobs of those tokens at the same columns. Images go per row
+(`vision.batched_vision_inputs`), so rows can be split into micro-batches and sharded freely.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from pr1.models.config import Qwen25VLConfig
+from pr1.models.rope import rope_index
+from pr1.models.vision import batched_vision_inputs
+from pr1.rollout.sampler import bucket
+from pr1.rollout.types import Completion, Prompt
+
+
+def learner_batch(config: Qwen25VLConfig, prompts: Sequence[Prompt], completions: Sequence[Completion], *,
+                  max_new_tokens: int, pad_token_id: int, min_prompt_bucket: int = 64,
+                  min_patch_bucket: int = 256) -> dict[str, np.ndarray]:
+    """The batch of `pr1.train.step` (without old_logprobs / advantages) for `completions`."""
+    rows = len(completions)
+    prompt_len = bucket(max(len(prompts[c.prompt_index].input_ids) for c in completions), min_prompt_bucket)
+    length = prompt_len + max_new_tokens
+    ids = np.full((rows, length), pad_token_id, np.int32)
+    mask = np.zeros((rows, length), np.int32)
+    loss_mask = np.zeros((rows, length), np.int32)
+    rollout_logprobs = np.zeros((rows, length), np.float32)
+    for r, c in enumerate(completions):
+        p = prompts[c.prompt_index].input_ids
+        n = len(c.token_ids)
+        if n > max_new_tokens:
+            raise ValueError(f"completion {r} has {n} tokens, more than max_new_tokens={max_new_tokens}")
+        ids[r, prompt_len - len(p):prompt_len] = p
+        ids[r, prompt_len:prompt_len + n] = c.token_ids
+        mask[r, prompt_len - len(p):prompt_len + n] = 1
+        loss_mask[r, prompt_len:prompt_len + n] = 1
+        rollout_logprobs[r, prompt_len:prompt_len + n] = c.logprobs
+    row_prompts = [prompts[c.prompt_index] for c in completions]
+    grids = [p.image_grid_thw for p in row_prompts if p.image_grid_thw is not None]
+    pos, _ = rope_index(config, ids, np.concatenate(grids) if grids else None, mask)
+    batch = {"input_ids": ids, "attention_mask": mask, "position_ids": np.swapaxes(pos, 0, 1).astype(np.int32),
+             "loss_mask": loss_mask, "rollout_logprobs": rollout_logprobs}
+    if grids:
+        patches = bucket(max(0 if p.pixel_values is None else len(p.pixel_values) for p in row_prompts),
+                         min_patch_bucket)
+        batch.update(batched_vision_inputs([p.pixel_values for p in row_prompts],
+                                           [p.image_grid_thw for p in row_prompts], config.vision, num_patches=patches))
+    return batch

@@ -1,0 +1,155 @@
+"""The one training config: sections built from each component's own defaults, validated up front.
+
+    model    where the weights are, their dtype
+    mesh     data x fsdp x tensor device mesh (one axis may be -1: the rest of the devices)
+    data     pr1.data.dataset.data_config()
+    rollout  engine ("embedded" | "sglang"), n responses per prompt, sampling, buckets, sglang client
+    rewards  pr1.rewards.rewards_config()
+    learner  pr1.train.step.learner_config()
+    optim    pr1.train.state.optimizer_config()
+    train    steps, mini-batches, seed, checkpoint/validation/logging intervals
+
+Config files in configs/ return `default_config()` with their values set. `validate_config` runs
+before anything is loaded or compiled and raises `ConfigError` naming the key at fault.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from pr1.rewards.combine import check_config as check_rewards_config
+from pr1.rewards.combine import rewards_config
+from pr1.train.state import optimizer_config
+from pr1.train.step import _REMAT_POLICIES, learner_config
+
+ENGINES = ("embedded", "sglang")
+DTYPES = ("float32", "bfloat16")
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_KINDS = ("k1", "k2", "k3")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    from pr1.data.dataset import data_config
+    from pr1.rollout.sglang import sglang_config
+
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict(dict(
+        path="",                 # local HF checkpoint dir (e.g. Qwen2.5-VL-7B-Instruct)
+        dtype="bfloat16",        # params and activations; reductions are fp32 regardless
+        make_tiny_if_missing=False,  # debug only: write pr1.models.tiny's checkpoint at `path` first
+    ))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.data = data_config()
+    c.rollout = ml_collections.ConfigDict(dict(
+        engine="embedded",
+        n=8,                     # responses per prompt (the GRPO group)
+        temperature=1.0, top_p=1.0, top_k=-1,
+        max_new_tokens=4096,
+        min_prompt_bucket=64, min_patch_bucket=256,
+        val_max_new_tokens=4096,  # validation decodes greedily
+        sglang=sglang_config(),
+    ))
+    c.rewards = rewards_config()
+    c.learner = learner_config()
+    c.optim = optimizer_config()
+    c.train = ml_collections.ConfigDict(dict(
+        steps=275,               # rollout batches (the paper: 25 epochs x 11)
+        mini_batches=1,          # optimizer steps per rollout batch (PPO mini-batches, one epoch)
+        seed=0,
+        checkpoint_every=25, keep_checkpoints=3, async_checkpoints=True,
+        val_every=0, val_prompts=64,  # 0: no validation
+        log_samples_every=10, samples_logged=2,
+        tensorboard=True, wandb_project="", run_name="",
+    ))
+    return c
+
+
+def _need(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {message}")
+
+
+def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = None) -> None:
+    """Checks every value the run depends on; raises ConfigError('<key>: <why>')."""
+    for section in ("model", "mesh", "data", "rollout", "rewards", "learner", "optim", "train"):
+        _need(section in c, section, "section missing from the config")
+    m = c.model
+    _need(bool(m.path), "model.path", "empty; set it to a local Hugging Face checkpoint dir")
+    _need(m.make_tiny_if_missing or os.path.isdir(m.path), "model.path",
+          f"{m.path} is not a directory (no model is downloaded; give a local checkpoint dir)")
+    _need(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
+
+    axes = {name: c.mesh[name] for name in ("data", "fsdp", "tensor")}
+    for name, value in axes.items():
+        _need(isinstance(value, int) and (value >= 1 or value == -1), f"mesh.{name}", f"must be >= 1 or -1, got {value!r}")
+    _need(list(axes.values()).count(-1) <= 1, "mesh", f"at most one axis may be -1, got {axes}")
+    if num_devices is not None:
+        fixed = 1
+        for value in axes.values():
+            fixed *= value if value != -1 else 1
+        _need(num_devices % fixed == 0 if -1 in axes.values() else fixed == num_devices, "mesh",
+              f"{axes} does not fit the {num_devices} devices")
+
+    d = c.data
+    from pr1.data.dataset import check_data_config
+    try:
+        check_data_config(d)
+    except ValueError as e:
+        raise ConfigError(str(e).removeprefix("config ")) from None
+    _need(bool(d.train_files), "data.train_files", "empty; give parquet files (or set data.synthetic)")
+    _need(d.max_prompt_length >= 8, "data.max_prompt_length", f"must be >= 8, got {d.max_prompt_length}")
+
+    r = c.rollout
+    _need(r.engine in ENGINES, "rollout.engine", f"must be one of {ENGINES}, got {r.engine!r}")
+    _need(r.n >= 2, "rollout.n", f"GRPO needs at least 2 responses per prompt, got {r.n}")
+    _need(r.temperature > 0, "rollout.temperature", f"training samples need a temperature > 0, got {r.temperature}")
+    _need(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+    _need(r.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {r.max_new_tokens}")
+    _need(r.val_max_new_tokens >= 1, "rollout.val_max_new_tokens", f"must be >= 1, got {r.val_max_new_tokens}")
+    if r.engine == "sglang":
+        _need(bool(r.sglang.urls), "rollout.sglang.urls", "empty; give the SGLang server URLs (launch/serve_rollout.sh)")
+
+    try:
+        check_rewards_config(c.rewards)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+    lc = c.learner
+    _need(lc.loss_agg in LOSS_AGGS, "learner.loss_agg", f"must be one of {LOSS_AGGS}, got {lc.loss_agg!r}")
+    _need(lc.kl_kind in KL_KINDS, "learner.kl_kind", f"must be one of {KL_KINDS}, got {lc.kl_kind!r}")
+    _need(lc.kl_coef == 0, "learner.kl_coef", "a KL term needs a reference model, which pr1 does not build yet; use 0")
+    _need(lc.clip_low >= 0 and lc.clip_high >= 0, "learner.clip_low/clip_high", "must be >= 0")
+    _need(lc.dual_clip is None or lc.dual_clip > 1, "learner.dual_clip", f"must be > 1 (or None), got {lc.dual_clip}")
+    _need(lc.remat in _REMAT_POLICIES, "learner.remat", f"must be one of {sorted(_REMAT_POLICIES)}, got {lc.remat!r}")
+    _need(lc.micro_batches >= 1, "learner.micro_batches", f"must be >= 1, got {lc.micro_batches}")
+    _need(abs(lc.temperature - r.temperature) < 1e-9, "learner.temperature",
+          f"must equal rollout.temperature ({r.temperature}) so logprobs are of the sampling distribution, "
+          f"got {lc.temperature}")
+    if lc.loss_agg == "seq-mean-token-sum-norm":
+        _need(lc.horizon is not None, "learner.horizon", "required by seq-mean-token-sum-norm (e.g. rollout.max_new_tokens)")
+
+    o = c.optim
+    _need(o.learning_rate > 0, "optim.learning_rate", f"must be > 0, got {o.learning_rate}")
+    _need(o.schedule in ("constant", "cosine"), "optim.schedule", f"must be 'constant' or 'cosine', got {o.schedule!r}")
+    _need(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", f"must be in [0, 1), got {o.warmup_ratio}")
+    _need(o.max_grad_norm > 0, "optim.max_grad_norm", f"must be > 0, got {o.max_grad_norm}")
+
+    t = c.train
+    _need(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
+    _need(t.mini_batches >= 1, "train.mini_batches", f"must be >= 1, got {t.mini_batches}")
+    _need(t.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {t.checkpoint_every}")
+    _need(t.val_every >= 0, "train.val_every", f"must be >= 0, got {t.val_every}")
+    rows = d.prompts_per_step * r.n
+    _need(rows % t.mini_batches == 0, "train.mini_batches",
+          f"{t.mini_batches} does not divide the {rows} responses per step (data.prompts_per_step x rollout.n)")
+    # A mini-batch must hold whole groups and split into micro-batches.
+    per_mini = rows // t.mini_batches
+    _need(per_mini % r.n == 0, "train.mini_batches", f"mini-batches of {per_mini} responses would split GRPO groups of {r.n}")
+    _need(per_mini % lc.micro_batches == 0, "learner.micro_batches",
+          f"{lc.micro_batches} does not divide the {per_mini} responses of a mini-batch")
