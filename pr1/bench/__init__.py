@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m pr1.bench.<name>`."""
