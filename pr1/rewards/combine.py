@@ -1,0 +1,229 @@
+"""The total reward: config, weighting, judge-failure policy, and the async reward stage.
+
+Where it sits: after the rollout engine returns n responses per prompt, the trainer hands them to
+`RewardStage.submit` (or awaits `RewardStage.score`) and computes logprobs meanwhile; the result's
+`totals` go to `pr1.rl.grpo.group_advantages`, its `metrics` to the metric writers.
+
+    R = w_a * r_a + w_f * r_f + w_v * r_v + w_p * r_p
+      = 0.9 * accuracy + 0.1 * format + 0.7 * perception + repetition     (released run)
+
+Failure policy for a response whose judgement still failed after retries (`judge.failure_policy`):
+- "zero": r_v = 0 for it, as released.
+- "drop": the perception term is removed from every response of its GRPO group, so no response is
+  ranked against a sibling on a verdict that does not exist; the group keeps the other terms.
+- "fail": raise `JudgeFailureError` (stop the step).
+Under every policy the step raises when the failure rate (failed / judged) is above
+`judge.max_failure_rate`: a judge that is down must stop the run, not quietly zero its reward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from typing import Sequence
+
+import ml_collections
+import numpy as np
+
+from pr1.rewards.accuracy import AccuracyScorer
+from pr1.rewards.fmt import format_reward
+from pr1.rewards.judge import Judge, LexicalJudge, OpenAIJudge
+from pr1.rewards.perception import Judgement, as_annotations
+from pr1.rewards.repetition import repetition_penalty
+
+COMPONENTS = ("accuracy", "format", "perception", "repetition")
+FAILURE_POLICIES = ("zero", "drop", "fail")
+
+
+class JudgeFailureError(RuntimeError):
+    """Too many (or, under policy "fail", any) perception judgements failed in one step."""
+
+
+def rewards_config() -> ml_collections.ConfigDict:
+    """Reward settings with the defaults of the released Perception-R1 run.
+
+    weights: the coefficients of R (perception 0.7 as released; their code's default is 0.5).
+    accuracy: math-verify pool (workers 0 = min(8, CPUs)), per-item timeout and kill grace (s).
+    judge: url "" uses the offline LexicalJudge; otherwise an OpenAI-compatible base URL such as
+    "http://judge-host:30000/v1". api_key_env names the environment variable with the key.
+    """
+    c = ml_collections.ConfigDict()
+    c.weights = ml_collections.ConfigDict(dict(accuracy=0.9, format=0.1, perception=0.7, repetition=1.0))
+    c.repetition = ml_collections.ConfigDict(dict(n=20, max_penalty=-2.0))
+    c.accuracy = ml_collections.ConfigDict(dict(workers=0, timeout=5.0, kill_grace=5.0))
+    c.judge = ml_collections.ConfigDict(dict(
+        url="", model="Qwen2.5-32B-Instruct", api_key_env="PR1_JUDGE_API_KEY",
+        temperature=0.0, max_tokens=512, max_concurrency=256, requests_per_minute=0.0,
+        timeout=120.0, connect_timeout=10.0, retries=4, backoff=1.0, backoff_max=30.0,
+        cache_size=200_000, failure_policy="zero", max_failure_rate=0.1,
+    ))
+    return c
+
+
+def check_config(cfg) -> None:
+    """Raises ValueError naming the offending `rewards.*` key."""
+    for name in COMPONENTS:
+        if name not in cfg.weights:
+            raise ValueError(f"rewards.weights.{name} is missing")
+    if cfg.judge.failure_policy not in FAILURE_POLICIES:
+        raise ValueError(f"rewards.judge.failure_policy must be one of {FAILURE_POLICIES}, "
+                         f"got {cfg.judge.failure_policy!r}")
+    if not 0.0 <= cfg.judge.max_failure_rate <= 1.0:
+        raise ValueError(f"rewards.judge.max_failure_rate must be in [0, 1], got {cfg.judge.max_failure_rate}")
+    if cfg.judge.max_concurrency < 1:
+        raise ValueError(f"rewards.judge.max_concurrency must be >= 1, got {cfg.judge.max_concurrency}")
+    if cfg.repetition.n < 1:
+        raise ValueError(f"rewards.repetition.n must be >= 1, got {cfg.repetition.n}")
+    if cfg.accuracy.timeout <= 0:
+        raise ValueError(f"rewards.accuracy.timeout must be > 0, got {cfg.accuracy.timeout}")
+
+
+def make_judge(judge_cfg) -> Judge:
+    """OpenAIJudge for a configured URL, else the offline LexicalJudge."""
+    return OpenAIJudge.from_config(judge_cfg) if judge_cfg.url else LexicalJudge()
+
+
+@dataclasses.dataclass
+class RewardOutput:
+    """totals [N] float32; components: name -> [N] float32 (raw, unweighted; "perception" is the
+    value that entered the total, "perception_used" 1/0); metrics: name -> float."""
+
+    totals: np.ndarray
+    components: dict[str, np.ndarray]
+    metrics: dict[str, float]
+
+
+def combine(accuracy, fmt, perception, repetition, *, failed=None, judged=None, malformed=None,
+            group_size: int | None = None, config=None, first_error: str = "") -> RewardOutput:
+    """Total reward per response from per-component arrays [N] and the judge's failure flags.
+
+    failed: [N] bool, the judgement failed after retries. judged: [N] bool, a judge call was made
+    (False for an empty annotation list); defaults to all True. malformed: [N] bool, for metrics.
+    group_size: responses per prompt (contiguous), needed by the "drop" policy.
+    config: a `rewards_config()` (defaults used when None).
+    """
+    cfg = config if config is not None else rewards_config()
+    check_config(cfg)
+    arrays = {name: np.asarray(x, np.float32) for name, x in
+              zip(COMPONENTS, (accuracy, fmt, perception, repetition))}
+    n = arrays["accuracy"].shape[0]
+    for name, x in arrays.items():
+        if x.shape != (n,):
+            raise ValueError(f"{name} rewards have shape {x.shape}, expected ({n},)")
+    failed = np.zeros(n, bool) if failed is None else np.asarray(failed, bool)
+    judged = np.ones(n, bool) if judged is None else np.asarray(judged, bool)
+    malformed = np.zeros(n, bool) if malformed is None else np.asarray(malformed, bool)
+
+    policy = cfg.judge.failure_policy
+    n_failed, n_judged = int(failed.sum()), int(judged.sum())
+    rate = n_failed / n_judged if n_judged else 0.0
+    hint = f" First error: {first_error}" if first_error else ""
+    if n_failed and policy == "fail":
+        raise JudgeFailureError(f"{n_failed} of {n_judged} perception judgements failed this step and "
+                                f"rewards.judge.failure_policy='fail'.{hint}")
+    if rate > cfg.judge.max_failure_rate:
+        raise JudgeFailureError(f"{n_failed} of {n_judged} perception judgements failed this step "
+                                f"({rate:.1%}), above rewards.judge.max_failure_rate="
+                                f"{cfg.judge.max_failure_rate}; is the judge server healthy?{hint}")
+
+    used = np.ones(n, bool)
+    dropped_groups = 0
+    if policy == "drop" and n_failed:
+        if not group_size or n % group_size:
+            raise ValueError(f"failure_policy 'drop' needs group_size dividing {n} responses, got {group_size}")
+        bad = failed.reshape(-1, group_size).any(axis=1)
+        dropped_groups = int(bad.sum())
+        used = ~np.repeat(bad, group_size)
+    # Under "zero" a failed judgement contributes 0, whatever value the caller passed.
+    perception = np.where(used & ~failed, arrays["perception"], 0.0).astype(np.float32)
+    w = cfg.weights
+    totals = (w.accuracy * arrays["accuracy"] + w.format * arrays["format"]
+              + w.perception * perception + w.repetition * arrays["repetition"]).astype(np.float32)
+
+    components = dict(arrays, perception=perception, perception_used=used.astype(np.float32))
+    metrics = {f"rewards/{name}/mean": float(arrays[name].mean()) if n else 0.0
+               for name in ("accuracy", "format", "repetition")}
+    metrics["rewards/perception/mean"] = float(perception[used].mean()) if used.any() else 0.0
+    metrics["rewards/total/mean"] = float(totals.mean()) if n else 0.0
+    metrics.update({"judge/failures": float(n_failed), "judge/failure_rate": float(rate),
+                    "judge/malformed": float(malformed.sum()), "judge/dropped_groups": float(dropped_groups)})
+    return RewardOutput(totals, components, metrics)
+
+
+class RewardStage:
+    """Computes all reward terms of a rollout batch, asynchronously.
+
+    `await stage.score(...)` from async code, or `stage.submit(...)` from the (synchronous) trainer:
+    it returns a concurrent.futures.Future at once and runs on the stage's own event-loop thread,
+    so the learner's logprob pass proceeds meanwhile. The accuracy pool runs in a worker thread of
+    that loop, in parallel with the judge requests. `close()` stops the thread, the judge's idle
+connections and the accuracy pool (unless the scorer was passed in).
+    """
+
+    def __init__(self, config=None, *, judge: Judge | None = None, scorer: AccuracyScorer | None = None):
+        self.cfg = config if config is not None else rewards_config()
+        check_config(self.cfg)
+        self.judge = judge if judge is not None else make_judge(self.cfg.judge)
+        acc = self.cfg.accuracy
+        self._owns_scorer = scorer is None  # a scorer passed in may be shared: its owner closes it
+        self.scorer = scorer if scorer is not None else AccuracyScorer(
+            workers=acc.workers or None, timeout=acc.timeout, kill_grace=acc.kill_grace)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    async def score(self, responses: Sequence[str], answers: Sequence[str], annotations: Sequence,
+                    *, group_size: int | None = None) -> RewardOutput:
+        """Rewards of N responses; annotations[i] is a list or the `<info1>…` string form."""
+        if not len(responses) == len(answers) == len(annotations):
+            raise ValueError(f"{len(responses)} responses, {len(answers)} answers, "
+                             f"{len(annotations)} annotation lists: they must match")
+        # With gamma = 0 (the accuracy-only baseline) no judge is asked: its verdicts would not count.
+        anns = [as_annotations(a) if self.cfg.weights.perception else [] for a in annotations]
+        acc_task = asyncio.create_task(asyncio.to_thread(self.scorer.score_batch, responses, answers))
+        try:
+            judgements: list[Judgement] = await self.judge.judge_many(zip(responses, anns))
+        finally:
+            acc = await acc_task  # never leave the pool busy behind our back
+        rep = self.cfg.repetition
+        failed = [j.failed for j in judgements]
+        out = combine(
+            acc.scores, [format_reward(r) for r in responses], [j.score for j in judgements],
+            [repetition_penalty(r, rep.n, rep.max_penalty) for r in responses],
+            failed=failed, judged=[bool(a) for a in anns], malformed=[j.malformed for j in judgements],
+            group_size=group_size, config=self.cfg,
+            first_error=next((j.error for j in judgements if j.failed), ""))
+        out.metrics.update({"accuracy/timeouts": float(acc.timeouts), "accuracy/errors": float(acc.errors),
+                            "judge/neutralized": float(sum(j.neutralized > 0 for j in judgements))})
+        return out
+
+    def submit(self, responses, answers, annotations, *, group_size: int | None = None):
+        """Starts `score` on the stage's loop thread; returns a concurrent.futures.Future."""
+        return asyncio.run_coroutine_threadsafe(
+            self.score(responses, answers, annotations, group_size=group_size), self._ensure_loop())
+
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(target=self._loop.run_forever, name="pr1-rewards", daemon=True)
+                self._thread.start()
+            return self._loop
+
+    def close(self) -> None:
+        with self._lock:
+            loop, thread, self._loop, self._thread = self._loop, self._thread, None, None
+        if loop is not None:
+            asyncio.run_coroutine_threadsafe(self.judge.aclose(), loop).result(timeout=10)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout=10)
+            loop.close()
+        if self._owns_scorer:
+            self.scorer.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
