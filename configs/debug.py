@@ -24,13 +24,19 @@ def get_config(arg: str | None = None):
     c.data.val_files = [f"{root}/synthetic_val.parquet"]
     c.data.synthetic = ml_collections.ConfigDict(dict(
         enabled=True, task="color", train_rows=512, val_rows=32, seed=0, image_size=56))
-    c.data.prompts_per_step = 8
+    # The paper's instruction costs ~160 tokens of the tiny tokenizer and a random-init model cannot
+    # follow it; a short one keeps prompts in the 64-token bucket.
+    c.data.format_instruction = "Put the answer in \\boxed{}."
+    c.data.prompts_per_step = 16
     c.data.max_prompt_length = 512
     c.data.max_pixels = 56 * 56
 
     c.rollout.n = 8
-    c.rollout.max_new_tokens = 12
-    c.rollout.val_max_new_tokens = 12
+    # Short answers: from random init a response earns accuracy 1 only when its last standalone number
+    # is the answer, which four uniformly drawn tokens do about 0.3% of the time; that is the seed
+    # of the learning signal.
+    c.rollout.max_new_tokens = 4
+    c.rollout.val_max_new_tokens = 4
     c.rollout.min_prompt_bucket = 64
     c.rollout.min_patch_bucket = 16
 
@@ -38,7 +44,7 @@ def get_config(arg: str | None = None):
     c.rewards.accuracy.workers = 1
 
     c.learner.micro_batches = 1
-    c.optim.learning_rate = 2e-3        # a random-init 0.2M-param model, not a 7B one
+    c.optim.learning_rate = 1e-2        # a random-init 0.2M-param model, not a 7B one
     c.optim.warmup_ratio = 0.0
     c.optim.weight_decay = 0.0
 

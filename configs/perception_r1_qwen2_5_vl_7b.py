@@ -38,6 +38,7 @@ def get_config(arg: str | None = None):
     c.rewards.judge.max_tokens = 512
     c.rewards.judge.max_concurrency = 512
     c.rewards.judge.failure_policy = "zero"          # the paper: a failed judgement scores 0
+    c.rollout.sglang.weights_dtype = "bfloat16"      # what the server serves; halves the per-step disk write
 
     c.learner.clip_low, c.learner.clip_high, c.learner.dual_clip = 0.2, 0.3, 3.0
     c.learner.loss_agg = "token-mean"
