@@ -146,13 +146,7 @@ class Checkpointer:
         """
         _check_abstract_state(abstract_state, self._label)
         self.wait()
-        steps = self.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"no complete checkpoint in {self._label}")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise FileNotFoundError(f"no complete checkpoint for step {step} in {self._label}; it has {steps}")
+        step = _pick_step(self.all_steps(), step, self._label)
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(**{
@@ -198,13 +192,7 @@ def read_params(directory: str, step: int | None = None, sharding=None) -> tuple
         item_handlers={_STATE: ocp.PyTreeCheckpointHandler(), _HOST_STATE: ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(read_only=True))
     try:
-        steps = sorted(manager.all_steps())
-        if not steps:
-            raise FileNotFoundError(f"no complete checkpoint in {path}")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise FileNotFoundError(f"no complete checkpoint for step {step} in {path}; it has {steps}")
+        step = _pick_step(sorted(manager.all_steps()), step, str(path))
         tree = manager.item_metadata(step)[_STATE].tree
         if not isinstance(tree, dict) or "params" not in tree:
             raise ValueError(f"checkpoint {path}/{step} has no 'params' in its state (keys: "
@@ -226,6 +214,17 @@ def read_params(directory: str, step: int | None = None, sharding=None) -> tuple
     finally:
         manager.close()
     return restored[_STATE]["params"], dict(restored[_HOST_STATE] or {}), step
+
+
+def _pick_step(steps: list[int], step: int | None, directory: str) -> int:
+    """`step` if it is complete in `directory`, the newest complete one for None; else a named error."""
+    if not steps:
+        raise FileNotFoundError(f"no complete checkpoint in {directory}")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise FileNotFoundError(f"no complete checkpoint for step {step} in {directory}; it has {steps}")
+    return step
 
 
 def _check_host_state(value, directory: str, path: str = "host_state") -> None:
