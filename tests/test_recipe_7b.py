@@ -41,7 +41,7 @@ def test_perception_r1_7b_update_step_lowers_on_8_devices(tmp_path):
     tx = state_lib.make_optimizer(c.optim, c.train.steps, _pure(model_def.abstract_state))
     params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, model_def.dtype), _pure(model_def.abstract_state))
     shardings = state_lib.state_shardings(tx, params, model_def.param_shardings(mesh), mesh)
-    state = _abstract_state(model_def, tx, shardings)
+    state = _abstract_state(params, tx, shardings)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     assert 8.2e9 < n_params < 8.4e9  # Qwen2.5-VL-7B: 8.29B
 

@@ -110,9 +110,7 @@ class EmbeddedEngine:
         if not prompts:
             return []
         batch, num_real = self._prefill_inputs(prompts)
-        stop = self.stop_token_ids if sampling.stop_token_ids is None else tuple(sampling.stop_token_ids)
-        if not stop:
-            raise ValueError("sampling.stop_token_ids is empty; pass None for the defaults (EOS, <|im_end|>)")
+        stop = sampling.stop_ids(self.stop_token_ids)
         out = self._rollout(
             self._params, batch, jax.random.key(sampling.seed),
             jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p), jnp.int32(sampling.top_k),

@@ -232,9 +232,7 @@ class SGLangEngine:
         prompts = list(prompts)
         if not prompts:
             return []
-        stop = self.stop_token_ids if sampling.stop_token_ids is None else tuple(map(int, sampling.stop_token_ids))
-        if not stop:
-            raise ValueError("sampling.stop_token_ids is empty; pass None for the defaults (EOS, <|im_end|>)")
+        stop = sampling.stop_ids(self.stop_token_ids)
         for i, p in enumerate(prompts):
             pads = p.text.count(IMAGE_PAD)
             if pads != len(p.images):

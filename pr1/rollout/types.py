@@ -45,6 +45,13 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    def stop_ids(self, default: Sequence[int]) -> tuple[int, ...]:
+        """The stop token ids to use: these params' own, or the engine's `default` when None."""
+        stop = tuple(int(t) for t in (default if self.stop_token_ids is None else self.stop_token_ids))
+        if not stop:
+            raise ValueError("sampling.stop_token_ids is empty; pass None for the defaults (EOS, <|im_end|>)")
+        return stop
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Prompt:

@@ -111,11 +111,10 @@ class _StepCache:
         return self._update[key](state, batch)
 
 
-def _abstract_state(model_def, tx, shardings):
-    params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, model_def.dtype),
-                          _pure(model_def.abstract_state))
-    abstract = state_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                                    opt_state=jax.eval_shape(tx.init, params))
+def _abstract_state(params_abstract, tx, shardings):
+    """The restore target: TrainState shapes with the run's shardings (nothing is allocated)."""
+    abstract = state_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params_abstract,
+                                    opt_state=jax.eval_shape(tx.init, params_abstract))
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
@@ -141,7 +140,7 @@ def _mini_batches(batch: dict, k: int) -> list[dict]:
     return [{key: v[i * size:(i + 1) * size] for key, v in batch.items()} for i in range(k)]
 
 
-def _rollout_metrics(completions, batch, n) -> dict:
+def _rollout_metrics(completions, batch) -> dict:
     lengths = np.array([len(c.token_ids) for c in completions], np.float32)
     return {
         "response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),
@@ -151,14 +150,14 @@ def _rollout_metrics(completions, batch, n) -> dict:
     }
 
 
-def _validate(engine, reward_stage, val_data, config, pad_limit) -> dict:
+def _validate(engine, reward_stage, val_data, config, limit) -> dict:
     """Greedy decoding on the held-out split: accuracy, format and perception reward means."""
     examples = []
     for batch in val_data:
         examples.extend(batch)
-        if len(examples) >= pad_limit:
+        if len(examples) >= limit:
             break
-    examples = examples[:pad_limit]
+    examples = examples[:limit]
     if not examples:
         return {}
     sampling = SamplingParams(temperature=0.0, max_new_tokens=config.rollout.val_max_new_tokens)
@@ -206,7 +205,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_data = dataset_lib.train_iterator(config.data, processor)
     start_step = ckpt.latest_step() or 0
     if start_step:
-        state, host_state = ckpt.restore(_abstract_state(model_def, tx, shardings), start_step)
+        state, host_state = ckpt.restore(_abstract_state(params_abstract, tx, shardings), start_step)
         train_data.set_state(host_state["data"])
         print(f"pr1.train: resumed from step {start_step} of {ckpt.directory}", flush=True)
     else:
@@ -275,7 +274,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             metrics = {k: float(np.mean([float(m[k]) for m in update_metrics])) for k in update_metrics[0]}
             metrics = {f"learner/{k}": v for k, v in metrics.items()}
             metrics.update(rewards.metrics)
-            metrics.update(_rollout_metrics(completions, batch, n))
+            metrics.update(_rollout_metrics(completions, batch))
             metrics["grpo/frac_reward_zero_std"] = float(grpo.zero_std_fraction(rewards.totals, n))
             metrics["grpo/advantage_abs_mean"] = float(np.abs(advantages).mean())
             metrics.update(timer.metrics())
