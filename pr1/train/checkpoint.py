@@ -216,6 +216,25 @@ def read_params(directory: str, step: int | None = None, sharding=None) -> tuple
     return restored[_STATE]["params"], dict(restored[_HOST_STATE] or {}), step
 
 
+def read_host_state(directory: str, step: int | None = None) -> tuple[dict, int]:
+    """(host_state, step) of a checkpoint without touching its arrays: what a reader needs (e.g. the
+    recorded model config) before it can lay out the params it will read with `read_params`."""
+    path = epath.Path(directory)
+    if "://" not in str(directory):
+        path = path.resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    manager = ocp.CheckpointManager(path, item_names=(_HOST_STATE,),
+                                    item_handlers={_HOST_STATE: ocp.JsonCheckpointHandler()},
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        step = _pick_step(sorted(manager.all_steps()), step, str(path))
+        restored = manager.restore(step, args=ocp.args.Composite(**{_HOST_STATE: ocp.args.JsonRestore()}))
+    finally:
+        manager.close()
+    return dict(restored[_HOST_STATE] or {}), step
+
+
 def _pick_step(steps: list[int], step: int | None, directory: str) -> int:
     """`step` if it is complete in `directory`, the newest complete one for None; else a named error."""
     if not steps:
