@@ -18,6 +18,8 @@ import json
 import os
 from typing import Iterable
 
+from pr1.eval.problems import IDENTIFIER_SUBSETS, MULTI_VALUED_SUBSETS, SUBSET_SEP
+
 # The paper's Table (accuracy %, see shared/reference/paper.md) for side-by-side reading.
 PAPER = {
     "Qwen2.5-VL-7B-Instruct": {"mathvista": 68.1, "mathverse": 47.4, "mathvision": 25.1, "wemath": 61.4},
@@ -53,7 +55,12 @@ def summarize(records_by_benchmark: dict[str, list[dict]]) -> dict:
         groups: dict[str, dict[str, list]] = collections.defaultdict(lambda: collections.defaultdict(list))
         for r in records:
             for key, value in (r.get("subsets") or {}).items():
-                for v in (value if isinstance(value, list) else [value]):
+                if key in IDENTIFIER_SUBSETS:  # one bucket per problem: not a breakdown
+                    continue
+                values = value if isinstance(value, list) else [value]
+                if key in MULTI_VALUED_SUBSETS:  # a problem counts towards each of its skills
+                    values = [v for x in values for v in str(x).split(SUBSET_SEP) if v]
+                for v in values:
                     groups[key][str(v)].append(r)
         entry["subsets"] = {key: {v: _tally(rs) for v, rs in sorted(values.items())}
                             for key, values in sorted(groups.items())}

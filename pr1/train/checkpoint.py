@@ -202,7 +202,7 @@ def read_params(directory: str, step: int | None = None, sharding=None) -> tuple
         if isinstance(sharding, jax.sharding.Sharding):
             shardings = jax.tree.map(lambda _: sharding, tree["params"])
         else:
-            shardings = sharding
+            shardings = _match_paths(sharding, tree["params"], f"{path}/{step}")
         target = {"params": jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
                                          tree["params"], shardings)}
         restored = manager.restore(step, args=ocp.args.Composite(**{
@@ -233,6 +233,24 @@ def read_host_state(directory: str, step: int | None = None) -> tuple[dict, int]
     finally:
         manager.close()
     return dict(restored[_HOST_STATE] or {}), step
+
+
+def _path_key(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _match_paths(shardings, stored, where: str):
+    """`shardings` laid onto the stored tree by path: orbax metadata spells integer dict keys (an
+    nnx layer index) as strings, so the two trees may differ in key types but not in paths."""
+    by_path = {_path_key(p): s for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+
+    def pick(p, _):
+        key = _path_key(p)
+        if key not in by_path:
+            raise ValueError(f"checkpoint {where}: stored param {'/'.join(key)} has no sharding in the model "
+                             "(was it written for another model config?)")
+        return by_path[key]
+    return jax.tree_util.tree_map_with_path(pick, stored)
 
 
 def _pick_step(steps: list[int], step: int | None, directory: str) -> int:
