@@ -28,16 +28,30 @@ from typing import Callable
 from pr1.rewards.perception import fenced_response
 
 
+def message_text(message: dict) -> str:
+    """A message's text: its content string, or the joined text parts of a multimodal content list."""
+    content = message.get("content")
+    if isinstance(content, list):
+        return "\n".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return content if isinstance(content, str) else ""
+
+
+def word_usage(messages: list[dict], reply: str) -> tuple[int, int]:
+    """The stub's token usage: whitespace-separated words of every message's text, and of the reply."""
+    return sum(len(message_text(m).split()) for m in messages), len(reply.split())
+
+
 def default_reply(messages: list[dict]) -> str:
     """A verdict of 1 for every numbered annotation in the last user message."""
-    user = messages[-1]["content"]
+    user = message_text(messages[-1])
     m = len(re.findall(r"^\d+\. ", user.split("<<<RESPONSE")[0], re.MULTILINE))
     return "".join(f"<info{k}>1</info{k}>" for k in range(1, m + 1))
 
 
 def request_key(messages: list[dict]) -> str:
-    """What identifies a judge request to the stub's counters: the fenced response text."""
-    user = messages[-1]["content"]
+    """What identifies a judge request to the stub's counters: the fenced response text (else the
+    last message's text; image parts are left out)."""
+    user = message_text(messages[-1])
     try:
         return fenced_response(user)
     except ValueError:
@@ -47,9 +61,11 @@ def request_key(messages: list[dict]) -> str:
 class StubJudgeServer:
     """A loopback OpenAI-compatible chat server on its own event-loop thread.
 
-    reply(messages) -> str gives the assistant text. Each request, after `latency` seconds, fails
-    with probability p_500 (HTTP 500), p_hang (no reply until the client closes the connection) or
-    p_truncate (Content-Length promises the whole body, half is sent, the socket closes); seeded.
+    reply(messages) -> str gives the assistant text; usage(messages, text) -> (prompt_tokens,
+    completion_tokens) the reply's `usage` (default `word_usage`). Each request, after `latency`
+    seconds, fails with probability p_500 (HTTP 500), p_hang (no reply until the client closes the
+    connection) or p_truncate (Content-Length promises the whole body, half is sent, the socket
+    closes); seeded.
     require_key: if set, requests without "Authorization: Bearer <require_key>" get 401.
     stats(): requests, max_in_flight, faults by kind, attempts and successes per request key.
     A request counts as in flight from its last byte read until its reply is written or the client
@@ -58,8 +74,10 @@ class StubJudgeServer:
 
     def __init__(self, reply: Callable[[list[dict]], str] = default_reply, *, latency: float = 0.0,
                  p_500: float = 0.0, p_hang: float = 0.0, p_truncate: float = 0.0, seed: int = 0,
-                 require_key: str | None = None, hang_max: float = 60.0):
+                 require_key: str | None = None, hang_max: float = 60.0,
+                 usage: Callable[[list[dict], str], tuple[int, int]] = word_usage):
         self.reply = reply
+        self.usage = usage
         self.latency = latency
         self.p = (p_500, p_hang, p_truncate)
         self.require_key = require_key
@@ -185,9 +203,13 @@ class StubJudgeServer:
             except asyncio.TimeoutError:
                 pass
             return False
+        text = self.reply(messages)
+        prompt_tokens, completion_tokens = self.usage(messages, text)
         payload = {"id": "stub", "object": "chat.completion", "model": "stub",
                    "choices": [{"index": 0, "finish_reason": "stop",
-                                "message": {"role": "assistant", "content": self.reply(messages)}}]}
+                                "message": {"role": "assistant", "content": text}}],
+                   "usage": {"prompt_tokens": int(prompt_tokens), "completion_tokens": int(completion_tokens),
+                             "total_tokens": int(prompt_tokens) + int(completion_tokens)}}
         if u < p_500 + p_hang + p_trunc:
             self._fault("truncate")
             data = json.dumps(payload).encode()
