@@ -48,7 +48,10 @@ def _timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> dict:
+    """Parses the CLI flags in `argv`, runs both engines (printing each one's line) and returns
+    {"pr1": {"prefill", "decode"}, "transformers": {...}} in tokens/s plus prefill_ratio and
+    decode_ratio (pr1 / transformers). Raises ImportError when torch or transformers is missing."""
     parser = argparse.ArgumentParser(prog="python -m pr1.bench.sampler", description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens per sequence")
@@ -61,9 +64,8 @@ def main(argv=None) -> int:
         import torch
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     except ImportError as e:
-        print(f"pr1.bench.sampler needs torch and transformers (pip install -r requirements-test.txt): {e}",
-              file=sys.stderr)
-        return 1
+        raise ImportError(f"pr1.bench.sampler needs torch and transformers (pip install -r requirements-test.txt): "
+                          f"{e}") from e
 
     hf_dict = bench_config().hf_config if args.model == "small" else copy.deepcopy(tiny_hf_config())
     torch.manual_seed(0)
@@ -127,7 +129,17 @@ def main(argv=None) -> int:
         print(f"{name:13s} prefill {prefill:10.1f} tokens/s   decode {decode:8.1f} tokens/s   "
               f"({args.new}-token generate {tn:.2f} s)", flush=True)
     (p_ours, d_ours), (p_ref, d_ref) = results["pr1"], results["transformers"]
-    print(f"ratio pr1/transformers: prefill {p_ours / p_ref:.2f}x, decode {d_ours / d_ref:.2f}x")
+    return {**{name: dict(prefill=p, decode=d) for name, (p, d) in results.items()},
+            "prefill_ratio": p_ours / p_ref, "decode_ratio": d_ours / d_ref}
+
+
+def main(argv=None) -> int:
+    try:
+        r = run(argv)
+    except ImportError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(f"ratio pr1/transformers: prefill {r['prefill_ratio']:.2f}x, decode {r['decode_ratio']:.2f}x")
     return 0
 
 

@@ -69,7 +69,10 @@ def make_batch(config: Qwen25VLConfig, batch: int, seq: int, seed: int = 0) -> d
             "loss_mask": loss_mask, "advantages": rng.standard_normal(batch).astype(np.float32), **vision}
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> dict:
+    """Parses the CLI flags in `argv`, runs the benchmark (printing progress) and returns its numbers:
+    params, tokens, step_s (median timed step), tokens_per_s, model_flops, achieved_flops,
+    peak_flops, mfu, devices, platform, dtype."""
     parser = argparse.ArgumentParser(prog="python -m pr1.bench.train_step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=4, help="sequences per update step")
     parser.add_argument("--seq", type=int, default=512, help="tokens per sequence (no padding)")
@@ -120,11 +123,18 @@ def main(argv=None) -> int:
     model_flops = flops_lib.train_flops(config, [args.seq] * args.batch, [int(np.prod(IMAGE_GRID))] * args.batch)
     achieved = model_flops / step_time
     peak = flops_lib.measured_matmul_peak(devices, dtype)
-    print(f"tokens/s            {tokens / step_time:12.1f}")
-    print(f"model FLOP/step     {model_flops:12.4g}")
-    print(f"achieved FLOP/s     {achieved:12.4g}")
-    print(f"peak matmul FLOP/s  {peak:12.4g}  (measured now: {len(devices)} x {dtype.name} 2048^3 matmuls)")
-    print(f"MFU                 {achieved / peak:12.3f}")
+    return dict(params=n_params, tokens=tokens, step_s=step_time, tokens_per_s=tokens / step_time,
+                model_flops=model_flops, achieved_flops=achieved, peak_flops=peak, mfu=achieved / peak,
+                devices=len(devices), platform=platform, dtype=dtype.name)
+
+
+def main(argv=None) -> int:
+    r = run(argv)
+    print(f"tokens/s            {r['tokens_per_s']:12.1f}")
+    print(f"model FLOP/step     {r['model_flops']:12.4g}")
+    print(f"achieved FLOP/s     {r['achieved_flops']:12.4g}")
+    print(f"peak matmul FLOP/s  {r['peak_flops']:12.4g}  (measured now: {r['devices']} x {r['dtype']} 2048^3 matmuls)")
+    print(f"MFU                 {r['mfu']:12.3f}")
     return 0
 
 
