@@ -171,6 +171,19 @@ def _weight_sync(backend, ckpt, processor, prompts, tmp_path):
         assert c.weight_version == "step-3"
         np.testing.assert_allclose(c.logprobs, teacher_forced(model_def, new, prompts[0], c.token_ids), atol=1e-4)
 
+        # The server restarts from its launch checkpoint: its samples would come from the old policy.
+        # The engine notices the version, loads step-3 again (once) and samples again.
+        backend.load(ckpt, "default")
+        before = engine.stats
+        out = engine.generate(prompts, GREEDY, n=2)
+        assert {c.weight_version for c in out} == {"step-3"}
+        for c in out:
+            np.testing.assert_allclose(c.logprobs, teacher_forced(model_def, new, prompts[c.prompt_index], c.token_ids),
+                                       atol=1e-4)
+        after = engine.stats
+        assert after["resyncs"] - before["resyncs"] == 1 and after["retries/stale_weights"] > before["retries/stale_weights"]
+        assert stub.stats()["weight_version"] == "step-3"
+
 
 def test_faults_are_retried_and_counted(backend, processor, prompts):
     """Every sample comes back exactly once, in prompt-major order, with the clean run's content."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 
 import jax.numpy as jnp
@@ -30,8 +31,16 @@ def write_tiny_checkpoint(out: str | os.PathLike, *, seed: int = 0, tie_word_emb
     out = os.fspath(out)
     config = Qwen25VLConfig.from_hf_dict(tiny_hf_config(tie_word_embeddings=tie_word_embeddings, **config_overrides))
     model = Qwen25VL(config, dtype=jnp.float32, rngs=nnx.Rngs(seed))
-    hf.save(model, out)
-    write_tokenizer_files(out, min_pixels=min_pixels, max_pixels=max_pixels)
+    # Weights and tokenizer are assembled next to `out` and renamed into place together: a run killed
+    # in between must not leave a dir with weights but no tokenizer, which every later debug run
+    # would take as a finished checkpoint.
+    staging = f"{out.rstrip(os.sep)}.tiny-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    hf.save(model, staging)
+    write_tokenizer_files(staging, min_pixels=min_pixels, max_pixels=max_pixels)
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    os.replace(staging, out)
     return out
 
 

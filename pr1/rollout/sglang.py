@@ -168,6 +168,8 @@ class SGLangEngine:
         self.weights_dtype = None if weights_dtype is None else jnp.dtype(weights_dtype)
         self.check_prompt_tokens = bool(check_prompt_tokens)
         self.weight_version: str | None = None
+        self._weights_path: str | None = None
+        self._resync_locks: dict[str, threading.Lock] = {}
 
         self._lock = threading.Lock()
         self._stats: collections.Counter = collections.Counter()
@@ -193,9 +195,11 @@ class SGLangEngine:
     @property
     def stats(self) -> dict[str, int]:
         """Cumulative counters: requests (HTTP /generate attempts), samples (completions returned),
-        retries/<kind> for kind in RETRY_KINDS, weight_syncs."""
+        retries/<kind> for kind in RETRY_KINDS (transport faults), weight_syncs, retries/stale_weights
+        (samples from a server that lost the pushed weights, e.g. restarted) and resyncs (such a server
+        given the current weights again)."""
         with self._lock:
-            out = {"requests": 0, "samples": 0, "weight_syncs": 0}
+            out = {"requests": 0, "samples": 0, "weight_syncs": 0, "resyncs": 0, "retries/stale_weights": 0}
             out.update({f"retries/{k}": 0 for k in RETRY_KINDS})
             out.update(self._stats)
             return out
@@ -285,7 +289,7 @@ class SGLangEngine:
                 error = SGLangError(f"SGLang weight sync to {version} failed on process 0 (see its log)")
         if error is not None:
             raise error
-        self.weight_version = version
+        self.weight_version, self._weights_path = version, path
         with self._lock:
             self._stats["weight_syncs"] += 1
 
@@ -320,6 +324,13 @@ class SGLangEngine:
                 finally:
                     self._release(url)
                 completion = self._parse_generate(url, status, body, p, s, prompt)
+                if self._stale(completion):
+                    # The server no longer serves the weights we pushed (it was restarted, and came
+                    # back with its launch checkpoint): push them again and sample again, or the
+                    # learner would train on another policy's samples.
+                    self._resync(url)
+                    raise _Retry("stale_weights", f"served weight_version {completion.weight_version!r}, "
+                                                  f"expected {self.weight_version!r}")
                 with self._lock:
                     self._stats["samples"] += 1
                 return completion
@@ -498,6 +509,25 @@ class SGLangEngine:
                 if not failed:
                     raise
                 log.exception("SGLang server %s: continue_generation after a failed update also failed", url)
+
+    def _stale(self, completion: Completion) -> bool:
+        return (self.weight_version is not None and completion.weight_version is not None
+                and completion.weight_version != self.weight_version)
+
+    def _resync(self, url: str) -> None:
+        """Loads the current weight version into `url` again, once however many samples noticed."""
+        with self._lock:
+            lock = self._resync_locks.setdefault(url, threading.Lock())
+        with lock:
+            status, data, _ = self._control(url, "GET", "/get_weight_version")
+            got = data.get("weight_version") if isinstance(data, dict) else None
+            if status == 200 and got == self.weight_version:
+                return  # another sample already resynced it
+            log.warning("SGLang server %s serves weight_version %r instead of %r (restarted?): loading %s again",
+                        url, got, self.weight_version, self._weights_path)
+            self._update_server(url, self._weights_path, self.weight_version)
+            with self._lock:
+                self._stats["resyncs"] += 1
 
     def _update_servers(self, path: str, version: str) -> None:
         with cf.ThreadPoolExecutor(max_workers=len(self.urls)) as pool:
