@@ -424,12 +424,16 @@ def _with_pixel_limits(processor, min_pixels, max_pixels):
 class PromptIterator:
     """Batches (lists) of `Example`s for this process: prompts_per_step / process_count each.
 
-    train=True: endless epochs, each a fresh grain shuffle of all rows (seed, epoch), of which
-    process p takes positions p, p + count, p + 2·count, ...; full batches that never straddle an
-    epoch (see data.drop_remainder). train=False: one pass in file order (shuffled if
-    shuffle=True), the last batch possibly short. Prompts over max_prompt_length tokens and (with
-    skip_bad_rows) bad rows are left out and counted in `stats`, so processes may consume their
-    shares at different rates; each keeps its own state (`gather_states` collects them).
+    train=True: endless epochs, each a fresh grain shuffle of all rows (seed, epoch), cut into
+    global batches of prompts_per_step positions; process p takes the p-th block of
+    B = prompts_per_step / count positions of each (positions after the last whole batch go
+    round-robin). So, without filtered rows, its step-s batch is exactly rows [p·B, (p+1)·B) of a
+    one-process run's step-s batch: k processes train on the same global batches, in the same row
+    order, as one. Full batches never straddle an epoch (see data.drop_remainder). train=False: one
+    pass in file order (shuffled if shuffle=True), process p taking positions p, p + count, ...; the
+    last batch possibly short. Prompts over max_prompt_length tokens and (with skip_bad_rows) bad
+    rows are left out and counted in `stats`, so processes may consume their shares at different
+    rates; each keeps its own state (`gather_states` collects them).
 
     `stats`: bad rows found at open are counted once; bad images and long prompts every time they
     are met (once per epoch). `epoch` is the epoch of the last batch returned.
@@ -461,7 +465,12 @@ class PromptIterator:
         n = len(self.source)
         if n == 0:
             raise DataError(f"no usable rows in {[f.path for f in self.source.files]} (stats {self.source.stats})")
-        self.per_epoch = len(range(self.process_index, n, self.process_count))
+        # Training splits every global batch into per-process blocks; the other split is round-robin.
+        self._block = self.batch_size if self.train else 1
+        whole = n // (self._block * self.process_count)    # global batches (or rounds) per epoch
+        self._blocked = whole * self._block                # this process's positions inside them
+        self._tail_start = whole * self._block * self.process_count
+        self.per_epoch = self._blocked + len(range(self._tail_start + self.process_index, n, self.process_count))
         if self.per_epoch == 0:
             raise DataError(f"{n} rows cannot be shared by {self.process_count} processes: process "
                             f"{self.process_index} gets none")
@@ -491,12 +500,18 @@ class PromptIterator:
         self.batches = 0        # batches returned so far
         self._epoch_yield = 0   # examples returned in the current epoch (to catch an all-filtered epoch)
 
-    # An element j of this process's stream: epoch j // per_epoch, position p + k·count of that
-    # epoch's shuffled order.
+    # An element j of this process's stream: epoch j // per_epoch, and in that epoch's shuffled order
+    # the position of its k-th element (one process: position k).
     def _element(self, j: int):
         epoch, k = divmod(j, self.per_epoch)
-        fi, row = self._rows[epoch * len(self.source) + self.process_index + k * self.process_count]
+        fi, row = self._rows[epoch * len(self.source) + self._position_in_epoch(k)]
         return self._example(fi, row, epoch)
+
+    def _position_in_epoch(self, k: int) -> int:
+        if k < self._blocked:
+            batch, offset = divmod(k, self._block)
+            return (batch * self.process_count + self.process_index) * self._block + offset
+        return self._tail_start + self.process_index + (k - self._blocked) * self.process_count
 
     def _example(self, fi: int, row: int, epoch: int):
         f = self.source.files[fi]

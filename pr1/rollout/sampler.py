@@ -18,6 +18,14 @@ Sampling follows the rollout engines whose logprobs the learner reproduces: logp
 log_softmax(logits / T) of the chosen token before top-k/top-p filtering; top-k keeps the k most
 likely tokens, top-p the smallest prefix of the sorted distribution whose mass reaches p (the token
 that crosses p is kept), applied together; temperature 0 is greedy with logprobs at T = 1.
+
+Several processes (pr1.distributed): each passes its own prompts and gets back its own completions.
+The processes agree on the static shapes (prompt bucket, patch bucket, prompts per process), each
+places its rows as its block of the global batch, and all run the one jitted rollout together. The
+random draws are a function of (seed, step, global row) only (one key per decode step over the
+global [rows, vocab] logits; jax.random values do not depend on how an array is sharded), so
+k processes with P/k prompts each sample the same tokens as one process with all P prompts, as long
+as P/k fills whole rows of each process's devices (no padding rows in between).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pr1 import distributed
 from pr1.models.rope import rope_index
 from pr1.models.vision import batched_vision_inputs
 from pr1.rollout.types import Completion, Prompt, SamplingParams
@@ -107,17 +116,45 @@ class EmbeddedEngine:
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         prompts = list(prompts)
+        if distributed.is_multiprocess():
+            return self._generate_multiprocess(prompts, sampling, n)
         if not prompts:
             return []
         batch, num_real = self._prefill_inputs(prompts)
+        out = self._run(batch, sampling, n)
+        tokens, logprobs, lengths, stopped = (np.asarray(x) for x in jax.device_get(out))
+        return self._completions(tokens, logprobs, lengths, stopped, num_real, n)
+
+    def _run(self, batch: dict, sampling: SamplingParams, n: int):
         stop = sampling.stop_ids(self.stop_token_ids)
-        out = self._rollout(
+        return self._rollout(
             self._params, batch, jax.random.key(sampling.seed),
             jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p), jnp.int32(sampling.top_k),
             jnp.asarray(stop, jnp.int32),
             n=n, max_new_tokens=sampling.max_new_tokens, greedy=sampling.greedy,
             filtering=sampling.top_p < 1 or sampling.top_k > 0)
-        tokens, logprobs, lengths, stopped = (np.asarray(x) for x in jax.device_get(out))
+
+    def _generate_multiprocess(self, prompts: list[Prompt], sampling: SamplingParams, n: int) -> list[Completion]:
+        # Every process must reach the jitted rollout with the same shapes, even one without prompts
+        # (a short validation split): the shapes come from maxima over all processes. Process p's
+        # rows are its block of the global batch (pr1.distributed.check_process_rows).
+        local_rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"] // jax.process_count()
+        count, longest, patches = distributed.max_over_processes(
+            [len(prompts), max((len(p.input_ids) for p in prompts), default=1),
+             max((0 if p.pixel_values is None else len(p.pixel_values) for p in prompts), default=0)])
+        if count == 0:
+            return []
+        rows = -(-count // local_rows) * local_rows
+        # A process without prompts feeds one-token rows (their output is discarded).
+        filler = prompts[0] if prompts else Prompt(input_ids=np.full((1,), self.pad_token_id, np.int32), text="")
+        batch, _ = self._prefill_inputs(prompts or [filler], rows=rows, longest=longest, patches=patches)
+        num_real = len(prompts)
+        out = self._run(batch, sampling, n)
+        first = jax.process_index() * rows * n
+        tokens, logprobs, lengths, stopped = (distributed.local_rows(x, first, first + rows * n) for x in out)
+        return self._completions(tokens, logprobs, lengths, stopped, num_real, n)
+
+    def _completions(self, tokens, logprobs, lengths, stopped, num_real: int, n: int) -> list[Completion]:
         completions = []
         for p in range(num_real):
             for s in range(n):
@@ -132,13 +169,22 @@ class EmbeddedEngine:
 
     # -- host side: padding to static shapes ------------------------------------------------------
 
-    def _prefill_inputs(self, prompts: list[Prompt]) -> tuple[dict, int]:
+    def _prefill_inputs(self, prompts: list[Prompt], *, rows: int | None = None, longest: int = 0,
+                        patches: int = 0) -> tuple[dict, int]:
+        """The placed prefill batch of `prompts` (this process's rows) and the number of real ones.
+
+        One process: `rows` None pads to a multiple of the batch axes. Several: `rows` is every
+        process's agreed row count, `longest` / `patches` the longest prompt and most image patches
+        over all processes, so every process builds the same shapes.
+        """
         num_real = len(prompts)
-        rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        # Pad the prompt count to the batch axes with copies of prompt 0 (discarded afterwards): a
-        # copy is a valid input, where an empty row would be an all-padding sequence.
-        padded = prompts + [prompts[0]] * (-num_real % rows)
-        length = bucket(max(len(p.input_ids) for p in padded), self.min_prompt_bucket)
+        if rows is None:
+            rows = -(-num_real // (self.mesh.shape["data"] * self.mesh.shape["fsdp"])) * \
+                self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        # Pad the prompt count with copies of prompt 0 (discarded afterwards): a copy is a valid
+        # input, where an empty row would be an all-padding sequence.
+        padded = prompts + [prompts[0]] * (rows - num_real)
+        length = bucket(max([longest] + [len(p.input_ids) for p in padded]), self.min_prompt_bucket)
         ids = np.full((len(padded), length), self.pad_token_id, np.int32)
         mask = np.zeros((len(padded), length), np.int32)
         for b, p in enumerate(padded):
@@ -149,15 +195,15 @@ class EmbeddedEngine:
         pos, deltas = rope_index(self.model_def.config, ids, grid_all, mask)
         batch = {"input_ids": ids, "attention_mask": mask, "position_ids": pos.astype(np.int32),
                  "deltas": deltas.astype(np.int32)}
-        if grids:
-            patches = bucket(max(0 if p.pixel_values is None else len(p.pixel_values) for p in padded),
+        if grids or patches:  # `patches` > 0: another process has images, so every process has these keys
+            patches = bucket(max([patches] + [0 if p.pixel_values is None else len(p.pixel_values) for p in padded]),
                              self.min_patch_bucket)
             batch.update(batched_vision_inputs([p.pixel_values for p in padded], [p.image_grid_thw for p in padded],
                                                self.model_def.config.vision, num_patches=patches))
         placed = {}
         for key, value in batch.items():
             axes = (None, BATCH_AXES) if key == "position_ids" else (BATCH_AXES,)
-            placed[key] = jax.device_put(value, NamedSharding(self.mesh, PartitionSpec(*axes)))
+            placed[key] = distributed.global_array_from_local(value, NamedSharding(self.mesh, PartitionSpec(*axes)))
         return placed, num_real
 
     # -- device side: one jitted rollout ----------------------------------------------------------

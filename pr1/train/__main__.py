@@ -3,6 +3,11 @@
 Trains (or resumes training in) DIR. The config file returns a `pr1.train.config.default_config()`
 with its values set; `--config.key=value` overrides any key (the config is locked, so a misspelled
 key is an error, not a silent no-op).
+
+Multi-host: run the same command on every host with PR1_DISTRIBUTED=1 (or
+--config.distributed.enabled=True); see pr1/distributed.py for where the coordinator address,
+process count and id come from. A process that fails ends at once, and the others stop within
+config distributed.heartbeat_timeout seconds instead of waiting in a collective.
 """
 
 from __future__ import annotations
@@ -23,14 +28,20 @@ def main(argv) -> int:
     if not flags.FLAGS["verbosity"].present:
         # orbax logs every save step at INFO; the progress line and metrics.jsonl say what matters.
         logging.set_verbosity(logging.WARNING)
+    from pr1 import distributed
     from pr1.train.config import ConfigError
     from pr1.train.loop import train
 
-    try:
-        train(_CONFIG.value, _WORKDIR.value)
-    except ConfigError as e:
-        print(f"pr1.train: bad config: {e}", file=sys.stderr)
-        return 2
+    # Before anything asks JAX for its devices.
+    multiprocess = distributed.maybe_initialize(_CONFIG.value)
+    with distributed.abort_peers_on_error():
+        try:
+            train(_CONFIG.value, _WORKDIR.value)
+        except ConfigError as e:
+            print(f"pr1.train: bad config: {e}", file=sys.stderr)
+            if multiprocess:
+                distributed.abort(2)  # the others may not have found it (e.g. a per-process check)
+            return 2
     return 0
 
 

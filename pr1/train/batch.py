@@ -5,27 +5,47 @@ Row r holds prompt p's ids left-padded to the prompt bucket, then completion r's
 per prompt bucket. The loss mask covers exactly the sampled tokens (including a final stop token);
 `rollout_logprobs` are the engine's logprobs of those tokens at the same columns. Images go per row
 (`vision.batched_vision_inputs`), so rows can be split into micro-batches and sharded freely.
+
+With several processes each builds the rows of its own prompts; the buckets come from maxima over
+all processes (`batch_extents` → `pr1.distributed.max_over_processes`), so every process builds the
+same shapes, and `on_mesh` assembles the global arrays the jitted steps take.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+import jax
 import numpy as np
 
+from pr1 import distributed
 from pr1.models.config import Qwen25VLConfig
 from pr1.models.rope import rope_index
 from pr1.models.vision import batched_vision_inputs
 from pr1.rollout.sampler import bucket
 from pr1.rollout.types import Completion, Prompt
+from pr1.train import step as step_lib
+
+
+def batch_extents(prompts: Sequence[Prompt], completions: Sequence[Completion]) -> tuple[int, int]:
+    """(longest prompt, most image patches of a prompt) over the rows of `completions`."""
+    rows = [prompts[c.prompt_index] for c in completions]
+    return (max((len(p.input_ids) for p in rows), default=0),
+            max((0 if p.pixel_values is None else len(p.pixel_values) for p in rows), default=0))
 
 
 def learner_batch(config: Qwen25VLConfig, prompts: Sequence[Prompt], completions: Sequence[Completion], *,
                   max_new_tokens: int, pad_token_id: int, min_prompt_bucket: int = 64,
-                  min_patch_bucket: int = 256) -> dict[str, np.ndarray]:
-    """The batch of `pr1.train.step` (without old_logprobs / advantages) for `completions`."""
+                  min_patch_bucket: int = 256, extents: tuple[int, int] = (0, 0)) -> dict[str, np.ndarray]:
+    """The batch of `pr1.train.step` (without old_logprobs / advantages) for `completions`.
+
+    `extents`: at least this (longest prompt, most patches) is padded for; several processes pass
+    the maxima over all of them (see `batch_extents`), so they all reach the same buckets.
+    """
     rows = len(completions)
-    prompt_len = bucket(max(len(prompts[c.prompt_index].input_ids) for c in completions), min_prompt_bucket)
+    longest, most_patches = extents
+    prompt_len = bucket(max([longest] + [len(prompts[c.prompt_index].input_ids) for c in completions]),
+                        min_prompt_bucket)
     length = prompt_len + max_new_tokens
     ids = np.full((rows, length), pad_token_id, np.int32)
     mask = np.zeros((rows, length), np.int32)
@@ -46,9 +66,19 @@ def learner_batch(config: Qwen25VLConfig, prompts: Sequence[Prompt], completions
     pos, _ = rope_index(config, ids, np.concatenate(grids) if grids else None, mask)
     batch = {"input_ids": ids, "attention_mask": mask, "position_ids": np.swapaxes(pos, 0, 1).astype(np.int32),
              "loss_mask": loss_mask, "rollout_logprobs": rollout_logprobs}
-    if grids:
-        patches = bucket(max(0 if p.pixel_values is None else len(p.pixel_values) for p in row_prompts),
-                         min_patch_bucket)
+    if grids or most_patches:  # another process has images: every process has the vision keys
+        patches = bucket(max([most_patches] + [0 if p.pixel_values is None else len(p.pixel_values)
+                                               for p in row_prompts]), min_patch_bucket)
         batch.update(batched_vision_inputs([p.pixel_values for p in row_prompts],
                                            [p.image_grid_thw for p in row_prompts], config.vision, num_patches=patches))
     return batch
+
+
+def on_mesh(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """The global arrays of a learner batch whose process-local rows are `batch`, sharded as the jitted
+    steps take them (`step.batch_sharding`); with several processes, process p's rows are its block
+    [p·L, (p+1)·L) of the global batch."""
+    shapes = {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + v.shape[1:], v.dtype)
+              for k, v in batch.items()}
+    shardings = step_lib.batch_sharding(mesh, shapes)
+    return {k: distributed.global_array_from_local(v, shardings[k]) for k, v in batch.items()}

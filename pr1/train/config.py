@@ -8,6 +8,8 @@
     learner  pr1.train.step.learner_config()
     optim    pr1.train.state.optimizer_config()
     train    steps, mini-batches, seed, checkpoint/validation/logging intervals
+    distributed  multi-process start-up: pr1.distributed.distributed_config() (off unless enabled
+             here or by env PR1_DISTRIBUTED=1)
 
 Config files in configs/ return `default_config()` with their values set. `validate_config` runs
 before anything is loaded or compiled and raises `ConfigError` naming the key at fault.
@@ -36,6 +38,7 @@ class ConfigError(ValueError):
 
 def default_config() -> ml_collections.ConfigDict:
     from pr1.data.dataset import data_config
+    from pr1.distributed import distributed_config
     from pr1.rollout.sglang import sglang_config
 
     c = ml_collections.ConfigDict()
@@ -67,6 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
         log_samples_every=10, samples_logged=2,
         tensorboard=True, wandb_project="", run_name="",
     ))
+    c.distributed = distributed_config()
     return c
 
 

@@ -11,6 +11,13 @@ Everything that decides the result is deterministic given the config (data order
 epoch, sampling seed per step, the jitted steps), so a run killed at any point and restarted from
 its newest checkpoint reproduces the uninterrupted run. SIGTERM / SIGINT finish the current step,
 save a checkpoint and return.
+
+Several processes (pr1.distributed; every one runs this same loop): each takes its own block of
+the step's prompts, rolls out, scores and computes advantages for its own GRPO groups, and feeds its
+rows into global arrays for the jitted steps, which run over the whole mesh; metrics are over the
+global batch and written by process 0. With the same global batch, k processes produce the same
+run as one (tests/test_multihost.py). Whatever every process must do together (collectives,
+checkpoint saves, the decision to stop) is decided from values all processes agree on.
 """
 
 from __future__ import annotations
@@ -25,11 +32,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from pr1 import distributed
 from pr1 import export as export_lib
 from pr1 import sharding
 from pr1.data.processor import Processor
 from pr1.models.config import Qwen25VLConfig
 from pr1.rewards.combine import RewardStage
+from pr1.rewards.perception import as_annotations
 from pr1.rl import grpo
 from pr1.rollout.sampler import EmbeddedEngine
 from pr1.rollout.types import SamplingParams, default_stop_token_ids
@@ -37,7 +46,7 @@ from pr1.train import checkpoint as checkpoint_lib
 from pr1.train import metrics as metrics_lib
 from pr1.train import state as state_lib
 from pr1.train import step as step_lib
-from pr1.train.batch import learner_batch
+from pr1.train import batch as batch_lib
 from pr1.train.config import ConfigError, validate_config
 
 CONFIG_FILE = "config.json"
@@ -70,18 +79,31 @@ class _StopFlag:
 
 
 def _prepare_inputs(config) -> None:
-    """Debug conveniences, both explicit in the config: a tiny model and synthetic data on first use."""
+    """Debug conveniences, both explicit in the config: a tiny model and synthetic data on first use.
+
+    Process 0 writes them first; after a barrier, a process that still does not see them (no shared
+    filesystem) writes its own copy, which is identical (both are seeded).
+    """
+    if jax.process_index() == 0:
+        _write_missing_inputs(config)
+    if distributed.is_multiprocess():
+        distributed.barrier("pr1.train: debug inputs written by process 0")
+        if jax.process_index() != 0:
+            _write_missing_inputs(config)
+        distributed.barrier("pr1.train: debug inputs present on every process")
+
+
+def _write_missing_inputs(config) -> None:
     if config.model.make_tiny_if_missing and not os.path.isdir(config.model.path):
         from pr1.models.tiny import write_tiny_checkpoint
-        if jax.process_index() == 0:
-            write_tiny_checkpoint(config.model.path, seed=config.train.seed)
+        write_tiny_checkpoint(config.model.path, seed=config.train.seed)
     synthetic = config.data.get("synthetic")
     if synthetic and synthetic.get("enabled"):
         from pr1.data.synthetic import write_synthetic
         for files, n, seed in ((config.data.train_files, synthetic.train_rows, synthetic.seed),
                                (config.data.val_files, synthetic.val_rows, synthetic.seed + 1)):
             for path in files:
-                if not os.path.exists(path) and jax.process_index() == 0:
+                if not os.path.exists(path):
                     write_synthetic(path, n=n, seed=seed, task=synthetic.task, image_size=synthetic.image_size)
 
 
@@ -134,24 +156,31 @@ def _make_engine(config, model_def, params, mesh, processor, workdir):
                                     stop_token_ids=stop, assets_from=config.model.path)
 
 
-def _mini_batches(batch: dict, k: int) -> list[dict]:
-    rows = batch["input_ids"].shape[0]
-    size = rows // k
-    return [{key: v[i * size:(i + 1) * size] for key, v in batch.items()} for i in range(k)]
+def _mini_batches(batch: dict, k: int, mesh) -> list[dict]:
+    """Mini-batch i is global rows [i·S, (i+1)·S), as with one process: the rows move between
+    devices (and hosts) on the mesh, laid out as the update step takes them."""
+    if k == 1:
+        return [batch]
+    size = batch["input_ids"].shape[0] // k
+    shardings = step_lib.batch_sharding(mesh, {key: jax.ShapeDtypeStruct((size,) + v.shape[1:], v.dtype)
+                                               for key, v in batch.items()})
+    return [{key: jax.device_put(v[i * size:(i + 1) * size], shardings[key]) for key, v in batch.items()}
+            for i in range(k)]
 
 
-def _rollout_metrics(completions, batch) -> dict:
-    lengths = np.array([len(c.token_ids) for c in completions], np.float32)
-    return {
-        "response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),
-        "response/clip_frac": float(np.mean([c.finish_reason == "length" for c in completions])),
-        "response/abort_frac": float(np.mean([c.finish_reason == "abort" for c in completions])),
-        "tokens/step": float(batch["attention_mask"].sum()),
-    }
+def _judged(annotations, rewards_config) -> int:
+    """Responses the judge was asked about (judge/failure_rate's denominator), as RewardStage decides."""
+    if not rewards_config.weights.perception:
+        return 0
+    return sum(1 for a in annotations if as_annotations(a))
 
 
 def _validate(engine, reward_stage, val_data, config, limit) -> dict:
-    """Greedy decoding on the held-out split: accuracy, format and perception reward means."""
+    """Greedy decoding on the held-out split: accuracy, format and perception reward means.
+
+    `val_data` is read whole by every process (a one-process view); process p validates its block
+    of the first `limit` examples, and the means are over all of them, in one-process order.
+    """
     examples = []
     for batch in val_data:
         examples.extend(batch)
@@ -160,14 +189,17 @@ def _validate(engine, reward_stage, val_data, config, limit) -> dict:
     examples = examples[:limit]
     if not examples:
         return {}
+    p, k = jax.process_index(), jax.process_count()
+    mine = examples[p * len(examples) // k:(p + 1) * len(examples) // k]
     sampling = SamplingParams(temperature=0.0, max_new_tokens=config.rollout.val_max_new_tokens)
-    completions = engine.generate([e.prompt for e in examples], sampling, n=1)
-    out = reward_stage.submit([c.text for c in completions], [e.answer for e in examples],
-                              [e.annotations for e in examples], group_size=1).result()
-    return {"val/accuracy": float(out.components["accuracy"].mean()),
-            "val/format": float(out.components["format"].mean()),
-            "val/perception": float(out.components["perception"].mean()),
-            "val/response_length": float(np.mean([len(c.token_ids) for c in completions])),
+    completions = engine.generate([e.prompt for e in mine], sampling, n=1)
+    out = reward_stage.submit([c.text for c in completions], [e.answer for e in mine],
+                              [e.annotations for e in mine], group_size=1).result()
+    gather = distributed.allgather_host
+    return {"val/accuracy": float(gather(out.components["accuracy"]).mean()),
+            "val/format": float(gather(out.components["format"]).mean()),
+            "val/perception": float(gather(out.components["perception"]).mean()),
+            "val/response_length": float(np.mean(gather(np.array([len(c.token_ids) for c in completions], np.int64)))),
             "val/examples": float(len(examples))}
 
 
@@ -176,6 +208,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     from pr1.data import dataset as dataset_lib
 
     workdir = os.path.abspath(workdir) if "://" not in workdir else workdir
+    distributed.maybe_initialize(config)  # a no-op unless enabled, or when the CLI already did it
     validate_config(config, num_devices=jax.device_count())
     _prepare_inputs(config)
     os.makedirs(workdir, exist_ok=True)
@@ -186,6 +219,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     t_cfg, r_cfg = config.train, config.rollout
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     batch_rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    if distributed.is_multiprocess():
+        try:
+            distributed.check_process_rows(mesh, step_lib.BATCH_AXES)
+        except ValueError as e:
+            raise ConfigError(f"mesh: {e}") from None
     per_micro = config.data.prompts_per_step * r_cfg.n // t_cfg.mini_batches // config.learner.micro_batches
     if per_micro % batch_rows:
         raise ConfigError(f"learner.micro_batches: micro-batches of {per_micro} responses do not divide over the "
@@ -207,7 +245,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if start_step:
         state, host_state = ckpt.restore(_abstract_state(params_abstract, tx, shardings), start_step)
         train_data.set_state(host_state["data"])
-        print(f"pr1.train: resumed from step {start_step} of {ckpt.directory}", flush=True)
+        if jax.process_index() == 0:
+            print(f"pr1.train: resumed from step {start_step} of {ckpt.directory}", flush=True)
     else:
         params = state_lib.load_params(config.model.path, model_def, mesh)
         state, _ = state_lib.create_train_state(params, tx, model_def, mesh)
@@ -226,8 +265,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     n = r_cfg.n
     metrics: dict = {}
     step = start_step
+    saved_step = start_step  # the newest step a save was started for
+    # A signal may reach some processes only (or at different moments); all stop at the same step.
+    stopping = lambda: distributed.any_over_processes(stop.requested)  # noqa: E731
     try:
-        while step < t_cfg.steps and not stop.requested:
+        while step < t_cfg.steps and not stopping():
             step += 1
             timer = metrics_lib.StepTimer()
             t0 = time.perf_counter()
@@ -243,17 +285,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 texts, [examples[c.prompt_index].answer for c in completions],
                 [examples[c.prompt_index].annotations for c in completions], group_size=n)
             with timer("logprobs"):
-                batch = learner_batch(model_config, prompts, completions, max_new_tokens=r_cfg.max_new_tokens,
-                                      pad_token_id=processor.pad_token_id, min_prompt_bucket=r_cfg.min_prompt_bucket,
-                                      min_patch_bucket=r_cfg.min_patch_bucket)
-                batch["old_logprobs"] = np.asarray(steps.logprobs(state.params, batch))
+                # Every process pads to the same buckets: the maxima over all of them.
+                extents = distributed.max_over_processes(batch_lib.batch_extents(prompts, completions))
+                local_batch = batch_lib.learner_batch(
+                    model_config, prompts, completions, max_new_tokens=r_cfg.max_new_tokens,
+                    pad_token_id=processor.pad_token_id, min_prompt_bucket=r_cfg.min_prompt_bucket,
+                    min_patch_bucket=r_cfg.min_patch_bucket, extents=extents)
+                batch = batch_lib.on_mesh(local_batch, mesh)
+                batch["old_logprobs"] = steps.logprobs(state.params, batch).block_until_ready()
             with timer("judge_wait"):
                 rewards = rewards_future.result()
+            # Per group, so each process computes its own groups' advantages.
             advantages = np.asarray(grpo.group_advantages(rewards.totals, n))
-            batch["advantages"] = advantages.astype(np.float32)
+            batch["advantages"] = batch_lib.on_mesh({"advantages": advantages.astype(np.float32)}, mesh)["advantages"]
             update_metrics = []
             with timer("update"):
-                for mini in _mini_batches(batch, t_cfg.mini_batches):
+                for mini in _mini_batches(batch, t_cfg.mini_batches, mesh):
                     state, m = steps.update(state, mini)
                     m = jax.device_get(m)
                     step_lib.check_finite(m, step)
@@ -262,10 +309,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 engine.sync_weights(state.params, step)
             with timer("checkpoint"):
                 host_state = {"data": dataset_lib.gather_states(train_data), "model": record, "step": step}
-                ckpt.save(step, state, host_state, force=step == t_cfg.steps or stop.requested)
+                if ckpt.save(step, state, host_state, force=step == t_cfg.steps or stopping()):
+                    saved_step = step
             if t_cfg.val_every and config.data.val_files and step % t_cfg.val_every == 0:
                 with timer("validation"):
-                    val_data = dataset_lib.val_iterator(config.data, processor)
+                    # Every process reads the same examples and validates its block of them.
+                    val_data = dataset_lib.val_iterator(config.data, processor, process_index=0, process_count=1)
                     val_metrics = _validate(engine, reward_stage, val_data, config, t_cfg.val_prompts)
             else:
                 val_metrics = {}
@@ -273,18 +322,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             elapsed = time.perf_counter() - t0
             metrics = {k: float(np.mean([float(m[k]) for m in update_metrics])) for k in update_metrics[0]}
             metrics = {f"learner/{k}": v for k, v in metrics.items()}
-            metrics.update(rewards.metrics)
-            metrics.update(_rollout_metrics(completions, batch))
-            metrics["grpo/frac_reward_zero_std"] = float(grpo.zero_std_fraction(rewards.totals, n))
-            metrics["grpo/advantage_abs_mean"] = float(np.abs(advantages).mean())
+            annotations = [examples[c.prompt_index].annotations for c in completions]
+            metrics.update(metrics_lib.reward_metrics(rewards, _judged(annotations, config.rewards)))
+            metrics.update(metrics_lib.rollout_metrics(completions, int(local_batch["attention_mask"].sum())))
+            all_totals = distributed.allgather_host(rewards.totals)
+            metrics["grpo/frac_reward_zero_std"] = float(grpo.zero_std_fraction(all_totals, n))
+            metrics["grpo/advantage_abs_mean"] = float(np.abs(distributed.allgather_host(advantages)).mean())
             metrics.update(timer.metrics())
             metrics["time/step"] = elapsed
             metrics["perf/tokens_per_s"] = metrics["tokens/step"] / max(elapsed, 1e-9)
             metrics["optim/learning_rate"] = float(state_lib.learning_rate_schedule(config.optim, optimizer_steps)(
                 (step - 1) * t_cfg.mini_batches))
             metrics.update(val_metrics)
-            metrics.update({f"data/{k}": float(v) for k, v in getattr(train_data, "stats", {}).items()
-                            if isinstance(v, (int, float))})
+            metrics.update(metrics_lib.data_metrics(getattr(train_data, "stats", {})))
             writer.write(step, metrics)
             if t_cfg.log_samples_every and step % t_cfg.log_samples_every == 0:
                 writer.write_samples(step, [
@@ -293,15 +343,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      **{k: float(v[i]) for k, v in rewards.components.items()}}
                     for i, c in enumerate(completions[:t_cfg.samples_logged])])
             progress.update(step, metrics)
-        if stop.requested and step > start_step:
-            # The signal may have come after this step's save point: make sure the step is saved.
+        stopped = stopping()
+        if stopped and step > saved_step:
+            # The signal may have come after this step's save point: make sure the step is saved
+            # (orbax refuses a forced save of a step that already has one).
             ckpt.save(step, state, {"data": dataset_lib.gather_states(train_data), "model": record, "step": step},
                       force=True)
-        if stop.requested and step < t_cfg.steps:
+        if stopped and step < t_cfg.steps and jax.process_index() == 0:
             print(f"pr1.train: stopped after step {step}; checkpoint saved in {ckpt.directory}", flush=True)
+    except BaseException:
+        if distributed.is_multiprocess():
+            # Closing the checkpointer may wait on hosts that are blocked in a collective this
+            # process left; the caller aborts the process instead (distributed.abort_peers_on_error).
+            ckpt = None
+        raise
     finally:
         stop.restore()
-        ckpt.close()
+        if ckpt is not None:
+            ckpt.close()
         writer.close()
         reward_stage.close()
         close = getattr(engine, "close", None)

@@ -3,6 +3,12 @@
 Only process 0 writes. `metrics.jsonl` holds one JSON object per step (`step` plus flat
 "group/name" keys) and is appended across restarts, so a resumed run continues the same file; rows
 of steps after the checkpoint a run resumed from are dropped first (they were redone).
+
+With several processes each holds only its own responses; `rollout_metrics`, `reward_metrics` and
+`data_metrics` are collectives that report the GLOBAL batch. Means are taken over the gathered
+per-response values, in process order (which is the one-process row order), so a k-process run
+logs the same numbers, bit for bit, as one process with the same global batch; counts are summed.
+Timings (time/*) are process 0's own.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ import sys
 import time
 
 import jax
+import numpy as np
+
+from pr1 import distributed
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
@@ -111,6 +120,65 @@ class MetricsWriter:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+# Reward metrics that are counts of events; they add up over processes.
+_REWARD_COUNTS = ("judge/failures", "judge/malformed", "judge/dropped_groups", "judge/neutralized",
+                  "accuracy/timeouts", "accuracy/errors")
+
+
+def rollout_metrics(completions, tokens: int) -> dict[str, float]:
+    """Response lengths and finish reasons over every process's completions; `tokens` is this
+    process's count of real tokens in its learner rows."""
+    lengths = distributed.allgather_host(np.array([len(c.token_ids) for c in completions], np.float32))
+    finish = distributed.allgather_host(np.array(
+        [[c.finish_reason == "length", c.finish_reason == "abort"] for c in completions], bool).reshape(-1, 2))
+    (total_tokens,) = distributed.sum_over_processes([tokens])
+    return {
+        "response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),
+        "response/clip_frac": float(np.mean(finish[:, 0])), "response/abort_frac": float(np.mean(finish[:, 1])),
+        "tokens/step": float(total_tokens),
+    }
+
+
+def reward_metrics(rewards, judged: int) -> dict[str, float]:
+    """`rewards.metrics` (a `pr1.rewards.combine.RewardOutput`) over every process's responses.
+
+    `judged` is this process's number of responses with a judge call (non-empty annotations), the
+    denominator of judge/failure_rate. One process: `rewards.metrics` as they are.
+    """
+    if not distributed.is_multiprocess():
+        return dict(rewards.metrics)
+    gathered = {name: distributed.allgather_host(rewards.components[name])
+                for name in ("accuracy", "format", "repetition", "perception", "perception_used")}
+    totals = distributed.allgather_host(rewards.totals)
+    # The same formulas as `combine`, on the global arrays.
+    out = {f"rewards/{name}/mean": float(gathered[name].mean()) if totals.size else 0.0
+           for name in ("accuracy", "format", "repetition")}
+    used = gathered["perception_used"] > 0
+    out["rewards/perception/mean"] = float(gathered["perception"][used].mean()) if used.any() else 0.0
+    out["rewards/total/mean"] = float(totals.mean()) if totals.size else 0.0
+    rest = sorted(k for k in rewards.metrics if k not in out and k != "judge/failure_rate")
+    counts = [k for k in rest if k in _REWARD_COUNTS]
+    summed = distributed.sum_over_processes([rewards.metrics[k] for k in counts] + [judged])
+    out.update(zip(counts, summed[:-1]))
+    failures, judged_all = out.get("judge/failures", 0.0), summed[-1]
+    out["judge/failure_rate"] = failures / judged_all if judged_all else 0.0
+    # Anything else is taken as a per-response mean: weighted by each process's responses.
+    others = [k for k in rest if k not in _REWARD_COUNTS]
+    rows = float(len(rewards.totals))
+    weighted = distributed.sum_over_processes([rewards.metrics[k] * rows for k in others] + [rows])
+    out.update({k: v / max(weighted[-1], 1.0) for k, v in zip(others, weighted[:-1])})
+    return out
+
+
+def data_metrics(stats: dict) -> dict[str, float]:
+    """The data iterator's counters (`PromptIterator.stats`) summed over processes, as data/<name>."""
+    if not distributed.is_multiprocess():
+        return {f"data/{k}": float(v) for k, v in stats.items() if isinstance(v, (int, float))}
+    every = distributed.allgather_object({k: float(v) for k, v in stats.items() if isinstance(v, (int, float))})
+    keys = sorted({k for s in every for k in s})
+    return {f"data/{k}": float(sum(s.get(k, 0.0) for s in every)) for k in keys}
 
 
 def _plain(value):
