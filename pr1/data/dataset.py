@@ -72,8 +72,9 @@ def _row_error(path: str, row: int, field: str, reason: str, detail: str) -> Dat
 def data_config() -> ml_collections.ConfigDict:
     """The `data` section of a training config."""
     c = ml_collections.ConfigDict()
-    c.train_files = []                   # parquet paths
-    c.val_files = []                     # held-out split; empty = no validation
+    # Tuples, not lists: `--config.data.train_files='("a.parquet",)'` can override a tuple.
+    c.train_files = ()                   # parquet paths
+    c.val_files = ()                     # held-out split; empty = no validation
     c.problem_key = "problem"
     c.answer_key = "answer"
     c.images_key = "images"              # "" = text-only data

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import urllib.parse
 from typing import Sequence
 
 import ml_collections
@@ -71,6 +72,18 @@ def check_config(cfg) -> None:
                          f"got {cfg.judge.failure_policy!r}")
     if not 0.0 <= cfg.judge.max_failure_rate <= 1.0:
         raise ValueError(f"rewards.judge.max_failure_rate must be in [0, 1], got {cfg.judge.max_failure_rate}")
+    j = cfg.judge
+    if j.url:
+        u = urllib.parse.urlsplit(str(j.url))
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError(f"rewards.judge.url {j.url!r} must look like http://host:port/v1 (empty: the offline "
+                             "lexical judge)")
+    for key in ("timeout", "connect_timeout"):
+        if j[key] <= 0:
+            raise ValueError(f"rewards.judge.{key} must be > 0, got {j[key]}")
+    if j.retries < 0 or j.requests_per_minute < 0:
+        key = "retries" if j.retries < 0 else "requests_per_minute"
+        raise ValueError(f"rewards.judge.{key} must be >= 0, got {j[key]}")
     if cfg.judge.max_concurrency < 1:
         raise ValueError(f"rewards.judge.max_concurrency must be >= 1, got {cfg.judge.max_concurrency}")
     if cfg.repetition.n < 1:

@@ -86,7 +86,7 @@ class _Retry(Exception):
 def sglang_config() -> ml_collections.ConfigDict:
     """Knobs of the SGLang rollout engine (`rollout.sglang.*`)."""
     return ml_collections.ConfigDict({
-        "urls": [],                    # e.g. ["http://gpu-node-1:30000"], printed by launch/serve_rollout.sh
+        "urls": (),                    # e.g. ("http://gpu-node-1:30000",), printed by launch/serve_rollout.sh
         "concurrency": 64,             # /generate requests in flight over all servers
         "request_timeout_s": 600.0,    # one /generate (the server answers when the sample is complete)
         "connect_timeout_s": 10.0,

@@ -29,6 +29,7 @@ def main(argv) -> int:
         # orbax logs every save step at INFO; the progress line and metrics.jsonl say what matters.
         logging.set_verbosity(logging.WARNING)
     from pr1 import distributed
+    from pr1.data.dataset import DataError
     from pr1.train.config import ConfigError
     from pr1.train.loop import train
 
@@ -37,13 +38,29 @@ def main(argv) -> int:
     with distributed.abort_peers_on_error():
         try:
             train(_CONFIG.value, _WORKDIR.value)
-        except ConfigError as e:
-            print(f"pr1.train: bad config: {e}", file=sys.stderr)
+        except (ConfigError, DataError) as e:
+            # Errors about the user's config or data name the key, file, row and field: one line
+            # says it all, a traceback would only bury it.
+            kind = "bad config" if isinstance(e, ConfigError) else "bad data"
+            print(f"pr1.train: {kind}: {e}", file=sys.stderr)
             if multiprocess:
                 distributed.abort(2)  # the others may not have found it (e.g. a per-process check)
             return 2
     return 0
 
 
+def _parse_flags(argv):
+    """absl's flag parsing, plus a usage error (not a traceback) for `--config.no.such.key=...`."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except AttributeError as e:  # what ml_collections raises for an override of a missing key
+        detail = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ")
+        key = detail.split("'")[0].split()[0] if detail else ""
+        culprit = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+                        and key in a.split("=")[0].split(".")), "")
+        print(f"pr1.train: bad config override {culprit}: the config has no key {detail}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

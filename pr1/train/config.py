@@ -17,7 +17,9 @@ before anything is loaded or compiled and raises `ConfigError` naming the key at
 
 from __future__ import annotations
 
+import math
 import os
+import urllib.parse
 
 import ml_collections
 
@@ -74,13 +76,22 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def _is_http_url(url) -> bool:
+    parts = urllib.parse.urlsplit(str(url))
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
+
+
 def _need(cond: bool, key: str, message: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {message}")
 
 
-def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = None) -> None:
-    """Checks every value the run depends on; raises ConfigError('<key>: <why>')."""
+def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
+                    check_files: bool = True) -> None:
+    """Checks every value the run depends on; raises ConfigError('<key>: <why>').
+
+    check_files=False skips the checks that local data files exist (for planning a run elsewhere).
+    """
     for section in ("model", "mesh", "data", "rollout", "rewards", "learner", "optim", "train"):
         _need(section in c, section, "section missing from the config")
     m = c.model
@@ -107,6 +118,11 @@ def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = N
     except ValueError as e:
         raise ConfigError(str(e).removeprefix("config ")) from None
     _need(bool(d.train_files), "data.train_files", "empty; give parquet files (or set data.synthetic)")
+    synthetic = "synthetic" in d and d.synthetic.enabled  # the debug config writes its files on first use
+    if check_files and not synthetic:
+        for key in ("train_files", "val_files"):
+            for f in ([d[key]] if isinstance(d[key], str) else d[key]):
+                _need("://" in f or os.path.isfile(f), f"data.{key}", f"{f}: parquet file not found")
     _need(d.max_prompt_length >= 8, "data.max_prompt_length", f"must be >= 8, got {d.max_prompt_length}")
 
     r = c.rollout
@@ -118,6 +134,8 @@ def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = N
     _need(r.val_max_new_tokens >= 1, "rollout.val_max_new_tokens", f"must be >= 1, got {r.val_max_new_tokens}")
     if r.engine == "sglang":
         _need(bool(r.sglang.urls), "rollout.sglang.urls", "empty; give the SGLang server URLs (launch/serve_rollout.sh)")
+        for url in ([r.sglang.urls] if isinstance(r.sglang.urls, str) else r.sglang.urls):
+            _need(_is_http_url(url), "rollout.sglang.urls", f"{url!r} must look like http://host:port")
 
     try:
         check_rewards_config(c.rewards)
@@ -148,6 +166,8 @@ def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = N
     _need(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
     _need(t.mini_batches >= 1, "train.mini_batches", f"must be >= 1, got {t.mini_batches}")
     _need(t.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {t.checkpoint_every}")
+    _need(t.keep_checkpoints is None or t.keep_checkpoints >= 1, "train.keep_checkpoints",
+          f"must be >= 1 (or None to keep all), got {t.keep_checkpoints}")
     _need(t.val_every >= 0, "train.val_every", f"must be >= 0, got {t.val_every}")
     rows = d.prompts_per_step * r.n
     _need(rows % t.mini_batches == 0, "train.mini_batches",
@@ -157,3 +177,13 @@ def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = N
     _need(per_mini % r.n == 0, "train.mini_batches", f"mini-batches of {per_mini} responses would split GRPO groups of {r.n}")
     _need(per_mini % lc.micro_batches == 0, "learner.micro_batches",
           f"{lc.micro_batches} does not divide the {per_mini} responses of a mini-batch")
+    if num_devices is not None:
+        sizes = dict(axes)
+        free = [k for k, v in sizes.items() if v == -1]
+        if free:  # the -1 axis takes the devices the fixed axes leave
+            sizes[free[0]] = num_devices // math.prod(v for v in sizes.values() if v != -1)
+        batch_rows = sizes["data"] * sizes["fsdp"]
+        per_micro = per_mini // lc.micro_batches
+        _need(per_micro % batch_rows == 0, "learner.micro_batches",
+              f"micro-batches of {per_micro} responses do not divide over the {batch_rows} devices of mesh axes "
+              f"data x fsdp ({sizes})")

@@ -23,6 +23,7 @@ checkpoint saves, the decision to stop) is decided from values all processes agr
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import time
@@ -48,6 +49,8 @@ from pr1.train import state as state_lib
 from pr1.train import step as step_lib
 from pr1.train import batch as batch_lib
 from pr1.train.config import ConfigError, validate_config
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 
@@ -203,6 +206,19 @@ def _validate(engine, reward_stage, val_data, config, limit) -> dict:
             "val/examples": float(len(examples))}
 
 
+def _log_dir(workdir: str) -> str:
+    """Where config.json, metrics.jsonl, samples.jsonl and TensorBoard go: the workdir itself, or, for
+    a remote workdir (gs://, where checkpoints go through orbax), a local directory of process 0:
+    object stores cannot append a line per step. $PR1_LOCAL_LOGDIR/<run name>, default ~/pr1-logs."""
+    if "://" not in workdir:
+        return workdir
+    root = os.environ.get("PR1_LOCAL_LOGDIR") or os.path.join(os.path.expanduser("~"), "pr1-logs")
+    local = os.path.join(root, workdir.rstrip("/").rsplit("/", 1)[-1])
+    if jax.process_index() == 0:
+        log.warning("workdir %s is remote: checkpoints go there, metrics and logs to %s", workdir, local)
+    return local
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) training into `workdir`; returns the last step's metrics."""
     from pr1.data import dataset as dataset_lib
@@ -211,9 +227,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     distributed.maybe_initialize(config)  # a no-op unless enabled, or when the CLI already did it
     validate_config(config, num_devices=jax.device_count())
     _prepare_inputs(config)
-    os.makedirs(workdir, exist_ok=True)
+    log_dir = _log_dir(workdir)
+    os.makedirs(log_dir, exist_ok=True)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+        with open(os.path.join(log_dir, CONFIG_FILE), "w") as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
     t_cfg, r_cfg = config.train, config.rollout
@@ -255,7 +272,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     engine.sync_weights(state.params, start_step)
     reward_stage = RewardStage(config.rewards)
     steps = _StepCache(model_def, tx, config.learner, shardings, mesh)
-    writer = metrics_lib.MetricsWriter(workdir, resume_step=start_step, tensorboard=t_cfg.tensorboard,
+    writer = metrics_lib.MetricsWriter(log_dir, resume_step=start_step, tensorboard=t_cfg.tensorboard,
                                        wandb_project=t_cfg.wandb_project, run_name=t_cfg.run_name,
                                        config_dict=json.loads(config.to_json_best_effort()))
     progress = metrics_lib.Progress(t_cfg.steps, start_step)
@@ -335,6 +352,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 (step - 1) * t_cfg.mini_batches))
             metrics.update(val_metrics)
             metrics.update(metrics_lib.data_metrics(getattr(train_data, "stats", {})))
+            # The rollout engine's cumulative counters since this (re)start: requests, retries by kind,
+            # weight syncs, resyncs of restarted servers (SGLang); a failing server shows here.
+            metrics.update(metrics_lib.counter_metrics(getattr(engine, "stats", {}), "rollout"))
             writer.write(step, metrics)
             if t_cfg.log_samples_every and step % t_cfg.log_samples_every == 0:
                 writer.write_samples(step, [

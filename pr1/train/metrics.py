@@ -172,13 +172,18 @@ def reward_metrics(rewards, judged: int) -> dict[str, float]:
     return out
 
 
-def data_metrics(stats: dict) -> dict[str, float]:
-    """The data iterator's counters (`PromptIterator.stats`) summed over processes, as data/<name>."""
+def counter_metrics(stats: dict, prefix: str) -> dict[str, float]:
+    """Numeric counters summed over processes, as <prefix>/<name>."""
     if not distributed.is_multiprocess():
-        return {f"data/{k}": float(v) for k, v in stats.items() if isinstance(v, (int, float))}
+        return {f"{prefix}/{k}": float(v) for k, v in stats.items() if isinstance(v, (int, float))}
     every = distributed.allgather_object({k: float(v) for k, v in stats.items() if isinstance(v, (int, float))})
     keys = sorted({k for s in every for k in s})
-    return {f"data/{k}": float(sum(s.get(k, 0.0) for s in every)) for k in keys}
+    return {f"{prefix}/{k}": float(sum(s.get(k, 0.0) for s in every)) for k in keys}
+
+
+def data_metrics(stats: dict) -> dict[str, float]:
+    """The data iterator's counters (`PromptIterator.stats`), as data/<name>."""
+    return counter_metrics(stats, "data")
 
 
 def _plain(value):
