@@ -53,14 +53,18 @@ def _parse_flags(argv):
     """absl's flag parsing, plus a usage error (not a traceback) for `--config.no.such.key=...`."""
     try:
         return app.parse_flags_with_usage(argv)
-    except AttributeError as e:  # what ml_collections raises for an override of a missing key
-        detail = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ")
-        key = detail.split("'")[0].split()[0] if detail else ""
+    except (AttributeError, KeyError) as e:  # what ml_collections raises for a key the config lacks
+        inner = e
+        while isinstance(inner, BaseException) and inner.args:  # AttributeError(KeyError(text))
+            inner = inner.args[0]
+        text = str(inner)
+        key, _, hint = text.partition("\n")
+        key = key.strip("'\" ")
         culprit = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
-                        and key in a.split("=")[0].split(".")), "")
-        print(f"pr1.train: bad config override {culprit}: the config has no key {detail}", file=sys.stderr)
+                        and key in a.split("=")[0].split(".")), "--config")
+        hint = f" ({hint.strip()})" if hint.strip() else ""
+        print(f"pr1.train: bad config override {culprit}: the config has no key {key!r}{hint}", file=sys.stderr)
         sys.exit(2)
-
 
 if __name__ == "__main__":
     app.run(main, flags_parser=_parse_flags)
