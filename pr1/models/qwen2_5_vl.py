@@ -97,7 +97,8 @@ class Qwen25VL(nnx.Module):
         dtype = dtype or self.dtype
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
-    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, vision_layout_arrays=None, remat_policy=None):
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, vision_layout_arrays=None, remat_policy=None,
+              image_mask=None):
         """Token embeddings with the image features put in place of the image-pad tokens."""
         emb = self.embed_tokens(input_ids)
         if pixel_values is None:
@@ -114,7 +115,7 @@ class Qwen25VL(nnx.Module):
                     raise ValueError(f"the prompt holds {n_tokens} image-pad tokens but image_grid_thw "
                                      f"describes {n_feats} image features")
             vision_layout_arrays = vision_layout(grid, self.config.vision)
-        mask = input_ids == self.config.image_token_id
+        mask = input_ids == self.config.image_token_id if image_mask is None else jnp.asarray(image_mask, bool)
         if pixel_values.ndim == 3:
             return self._embed_rows(emb, mask, pixel_values, vision_layout_arrays, remat_policy)
         feats = self.visual(pixel_values, vision_layout_arrays, remat_policy).astype(emb.dtype)
@@ -142,18 +143,21 @@ class Qwen25VL(nnx.Module):
 
     def __call__(self, input_ids, *, position_ids, attention_mask=None, pixel_values=None,
                  image_grid_thw=None, vision_layout_arrays=None, cache=None, cache_index=None,
-                 return_hidden=False, remat_policy=None):
+                 return_hidden=False, remat_policy=None, image_mask=None):
         """Logits [B, T, vocab]; with `cache`, returns (logits, new_cache).
 
         input_ids [B, T]; position_ids [3, B, T] (or [B, T] for text-only); attention_mask [B, T]
         (1 = real token) without a cache, [B, S] over cache slots with one. `remat_policy` (a
         jax.checkpoint policy, or `remat_everything`) rematerializes each decoder layer and vision
         block in the backward pass, so training keeps one residual per layer instead of all of a
-        layer's activations.
+        layer's activations. `image_mask` [B, T] (default: every image-pad token) says which positions
+        take image features: the learner limits it to the prompt, since a response may sample the
+        image-pad token and the sampler embedded that as a plain token.
         """
         t = self.config.text
         b, length = input_ids.shape
-        x = self.embed(input_ids, pixel_values, image_grid_thw, vision_layout_arrays, remat_policy=remat_policy)
+        x = self.embed(input_ids, pixel_values, image_grid_thw, vision_layout_arrays, remat_policy=remat_policy,
+                       image_mask=image_mask)
         position_ids = jnp.asarray(position_ids)
         if position_ids.ndim == 2:
             position_ids = jnp.broadcast_to(position_ids[None], (3,) + position_ids.shape)

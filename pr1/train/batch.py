@@ -20,7 +20,7 @@ import numpy as np
 
 from pr1 import distributed
 from pr1.models.config import Qwen25VLConfig
-from pr1.models.rope import rope_index
+from pr1.models.rope import decode_position_ids, rope_index
 from pr1.models.vision import batched_vision_inputs
 from pr1.rollout.sampler import bucket
 from pr1.rollout.types import Completion, Prompt
@@ -63,7 +63,14 @@ def learner_batch(config: Qwen25VLConfig, prompts: Sequence[Prompt], completions
         rollout_logprobs[r, prompt_len:prompt_len + n] = c.logprobs
     row_prompts = [prompts[c.prompt_index] for c in completions]
     grids = [p.image_grid_thw for p in row_prompts if p.image_grid_thw is not None]
-    pos, _ = rope_index(config, ids, np.concatenate(grids) if grids else None, mask)
+    # Prompt positions from the prompt alone; response positions as the sampler gave them (real tokens
+    # so far + the prompt's rope delta), so a sampled vision token in a response is text, not an image.
+    pos, deltas = rope_index(config, ids[:, :prompt_len], np.concatenate(grids) if grids else None,
+                             mask[:, :prompt_len])
+    real = mask[:, :prompt_len].sum(axis=1)
+    response = decode_position_ids(real, deltas, max_new_tokens)
+    response = np.where(mask[None, :, prompt_len:].astype(bool), response, 0)
+    pos = np.concatenate([pos, response], axis=2)
     batch = {"input_ids": ids, "attention_mask": mask, "position_ids": np.swapaxes(pos, 0, 1).astype(np.int32),
              "loss_mask": loss_mask, "rollout_logprobs": rollout_logprobs}
     if grids or most_patches:  # another process has images: every process has the vision keys

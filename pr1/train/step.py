@@ -90,9 +90,12 @@ def _forward_logprobs(model_def: ModelDef, params, mb: dict, temperature: float,
     model = model_def.bind(params)
     pixel_values = mb.get("pixel_values")
     layout = {k: mb[k] for k in _VISION_KEYS} if pixel_values is not None else None
+    # Image features go to the prompt's image-pad tokens only: one the policy sampled in its response
+    # was a plain token to the sampler, and must be one here too.
+    image_mask = (mb["input_ids"] == model.config.image_token_id) & (mb["loss_mask"] == 0)
     hidden = model(mb["input_ids"], position_ids=jnp.swapaxes(mb["position_ids"], 0, 1),
                    attention_mask=mb["attention_mask"], pixel_values=pixel_values, vision_layout_arrays=layout,
-                   return_hidden=True, remat_policy=remat_policy)
+                   return_hidden=True, remat_policy=remat_policy, image_mask=image_mask)
     head = model.embed_tokens.attend if model.lm_head is None else model.lm_head
     targets = mb["input_ids"][:, 1:]
 
