@@ -35,16 +35,22 @@ def model_record(config: Qwen25VLConfig, source_path: str | None) -> dict:
     return {"hf_config": config.hf_config, "path": None if source_path is None else os.fspath(source_path)}
 
 
+def recorded_model(host_state: dict, where: str) -> dict:
+    """The model record a pr1 checkpoint's host state carries (see `model_record`); a named error if absent."""
+    record = host_state.get(_MODEL_KEY)
+    if not isinstance(record, dict) or not isinstance(record.get("hf_config"), dict):
+        raise ValueError(
+            f"checkpoint {where} has no host_state['{_MODEL_KEY}']['hf_config'] (the model config "
+            f"the trainer records); it was not written by pr1.train")
+    return record
+
+
 def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None = None,
            assets_from: str | None = None) -> int:
     """Writes step `step` of `workdir` to `out` as an HF checkpoint; returns the step exported."""
     directory = checkpoint_lib.checkpoint_directory(workdir)
     params, host_state, step = checkpoint_lib.read_params(directory, step)
-    record = host_state.get(_MODEL_KEY)
-    if not isinstance(record, dict) or not isinstance(record.get("hf_config"), dict):
-        raise ValueError(
-            f"checkpoint {directory}/{step} has no host_state['{_MODEL_KEY}']['hf_config'] (the model config "
-            f"the trainer records); it was not written by pr1.train")
+    record = recorded_model(host_state, f"{directory}/{step}")
     config = Qwen25VLConfig.from_hf_dict(record["hf_config"], source=f"{directory}/{step} host_state")
     stored = {np.dtype(x.dtype) for x in jax.tree.leaves(params)}
     model_def = ModelDef.create(config, dtype=jnp.dtype(stored.pop()) if len(stored) == 1 else jnp.float32)

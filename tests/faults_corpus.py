@@ -325,12 +325,7 @@ def train_command(root: str, workdir: str, overrides: dict) -> list[str]:
 
 
 def apply_overrides(config, overrides: dict):
-    for key, value in overrides.items():
-        node = config
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
+    config.update_from_flattened_dict(overrides)
     return config
 
 

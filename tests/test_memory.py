@@ -28,12 +28,7 @@ def small_config(tmp_path, mesh="fsdp=8", **overrides):
     c.rollout.n = N
     c.data.max_prompt_length = PROMPT_BUCKET
     c.rollout.max_new_tokens = NEW
-    for key, value in overrides.items():
-        node = c
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict(overrides)
     model_config = memory.prepare_config(c, memory.model_hf_config(c), str(tmp_path / "model"),
                                          memory.parse_mesh(mesh))
     return c, model_config, memory.plan_mesh(c)

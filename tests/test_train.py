@@ -35,12 +35,7 @@ def small_debug(assets, **overrides):
     c.train.val_prompts = 4
     c.train.log_samples_every = 1
     c.train.tensorboard = False
-    for key, value in overrides.items():
-        node = c
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict(overrides)
     return c
 
 

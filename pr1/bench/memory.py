@@ -181,13 +181,8 @@ def prepare_config(c: ml_collections.ConfigDict, hf_config: dict, model_dir: str
     c.model.make_tiny_if_missing = False
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = (mesh[a] for a in MESH_AXES)
     # A plan needs shapes, not data: a recipe can be planned on a machine without its parquet files.
+    # Includes the micro-batch rows over data x fsdp check, for this mesh's device count.
     validate_config(c, num_devices=math.prod(mesh.values()), check_files=False)
-    # The same check pr1.train.loop.train makes once the mesh exists.
-    batch_devices = mesh["data"] * mesh["fsdp"]
-    per_micro = c.data.prompts_per_step * c.rollout.n // c.train.mini_batches // c.learner.micro_batches
-    if per_micro % batch_devices:
-        raise ConfigError(f"learner.micro_batches: micro-batches of {per_micro} responses do not divide over the "
-                          f"{batch_devices} devices of mesh axes data x fsdp {mesh}")
     if c.data.max_pixels is None:
         raise ConfigError("data.max_pixels: unset; the planner sizes the image bucket from it (the trainer would "
                           "use the processor's default): set --config.data.max_pixels")

@@ -104,12 +104,9 @@ def load_policy(*, model: str | None = None, workdir: str | None = None, step: i
 
 def _model_record(directory: str, step: int | None) -> tuple[dict, int]:
     from pr1.train import checkpoint as checkpoint_lib
+    from pr1.export import recorded_model
     host, step = checkpoint_lib.read_host_state(directory, step)
-    record = host.get("model")
-    if not isinstance(record, dict) or not isinstance(record.get("hf_config"), dict):
-        raise ValueError(f"checkpoint {directory}/{step} has no host_state['model'] (the model config the trainer "
-                         "records); it was not written by pr1.train")
-    return record, step
+    return recorded_model(host, f"{directory}/{step}"), step
 
 
 def _cast(params, dtype):

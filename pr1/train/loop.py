@@ -235,16 +235,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     t_cfg, r_cfg = config.train, config.rollout
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    batch_rows = mesh.shape["data"] * mesh.shape["fsdp"]
     if distributed.is_multiprocess():
         try:
             distributed.check_process_rows(mesh, step_lib.BATCH_AXES)
         except ValueError as e:
             raise ConfigError(f"mesh: {e}") from None
-    per_micro = config.data.prompts_per_step * r_cfg.n // t_cfg.mini_batches // config.learner.micro_batches
-    if per_micro % batch_rows:
-        raise ConfigError(f"learner.micro_batches: micro-batches of {per_micro} responses do not divide over the "
-                          f"{batch_rows} devices of mesh axes data x fsdp {dict(mesh.shape)}")
     model_config = Qwen25VLConfig.from_dir(config.model.path)
     processor = Processor.from_dir(config.model.path, min_pixels=config.data.min_pixels,
                                    max_pixels=config.data.max_pixels)
