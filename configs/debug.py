@@ -18,7 +18,7 @@ def get_config(arg: str | None = None):
     c = default_config()
     c.model.path = f"{root}/tiny"
     c.model.make_tiny_if_missing = True
-    c.model.dtype = "float32"
+    c.model.param_dtype = c.model.compute_dtype = "float32"
 
     c.data.train_files = [f"{root}/synthetic_train.parquet"]
     c.data.val_files = [f"{root}/synthetic_val.parquet"]

@@ -16,7 +16,8 @@ from pr1.train.config import default_config
 def get_config(arg: str | None = None):
     c = default_config()
     c.model.path = "/models/Qwen2.5-VL-7B-Instruct"
-    c.model.dtype = "bfloat16"                       # bf16 params, fp32 reductions
+    c.model.param_dtype = "float32"                  # fp32 master weights (the release loads the actor in fp32)
+    c.model.compute_dtype = "bfloat16"               # bf16 matmuls/activations; norms, softmax, logprobs fp32
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
 
     c.data.train_files = ["/data/perception_r1/train.parquet"]   # the 1,442 problems of stage 1
@@ -41,7 +42,8 @@ def get_config(arg: str | None = None):
     c.rollout.sglang.weights_dtype = "bfloat16"      # what the server serves; halves the per-step disk write
 
     c.learner.clip_low, c.learner.clip_high, c.learner.dual_clip = 0.2, 0.3, 3.0
-    c.learner.loss_agg = "token-mean"
+    c.learner.loss_agg = "chunk-token-mean"          # the release: token-mean per 8-response micro-batch, then mean
+    c.learner.loss_chunk_responses = 8
     c.learner.kl_coef = 0.0                          # no reference model
     c.learner.temperature = 1.0
     c.learner.micro_batches = 64                     # 16 responses per micro-batch

@@ -198,7 +198,8 @@ class BadConfig:
 
 
 BAD_CONFIGS = [
-    BadConfig("dtype_unknown", {"model.dtype": "float16"}, "model.dtype"),
+    BadConfig("dtype_unknown", {"model.param_dtype": "float16"}, "model.param_dtype"),
+    BadConfig("compute_dtype_unknown", {"model.compute_dtype": "float16"}, "model.compute_dtype"),
     BadConfig("mesh_axis_zero", {"mesh.data": 0}, "mesh.data"),
     BadConfig("mesh_axis_negative", {"mesh.tensor": -2}, "mesh.tensor"),
     BadConfig("mesh_does_not_divide_devices", {"mesh.data": 3, "mesh.fsdp": -1}, "mesh"),

@@ -14,6 +14,11 @@ from pr1.rl import grpo
 
 MODES = grpo.LOSS_AGG_MODES
 CLIP = dict(clip_low=0.2, clip_high=0.3, dual_clip=3.0)
+CHUNK = 2  # responses per chunk of "chunk-token-mean" in the mode-parametrized tests
+
+
+def mode_kw(mode):
+    return {"chunk_responses": CHUNK} if mode == "chunk-token-mean" else {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -40,6 +45,11 @@ def np_aggregate(loss, mask, mode, n_tok=None, n_seq=None, horizon=None):
         return loss.sum() / (m.sum() if n_tok is None else n_tok)
     if mode == "seq-mean-token-mean":
         return sum(loss[b].sum() / lens[b] for b in range(len(lens)) if lens[b] > 0) / n_seq
+    if mode == "chunk-token-mean":
+        # The release: each micro-batch of CHUNK responses takes its own token-mean; then the mean.
+        means = [loss[i:i + CHUNK].sum() / lens[i:i + CHUNK].sum() for i in range(0, len(lens), CHUNK)
+                 if lens[i:i + CHUNK].sum() > 0]
+        return sum(means) / len(means)
     return loss.sum() / (n_seq * (mask.shape[-1] if horizon is None else horizon))
 
 
@@ -263,7 +273,7 @@ def test_loss_matches_numpy_reference(mode):
     ref_pg = np_aggregate(np_policy_loss(d["logp"], d["old"], adv_tok), d["mask"], mode)
     ref_kl = np_aggregate(np_k3(d["logp"], d["ref"]), d["mask"], mode)
     loss, m = grpo.grpo_loss(d["logp"], d["old"], d["adv"], d["mask"], loss_agg=mode,
-                             ref_logprobs=d["ref"], kl_coef=0.05, **CLIP)
+                             ref_logprobs=d["ref"], kl_coef=0.05, **CLIP, **mode_kw(mode))
     close(m["pg_loss"], ref_pg, tol=1e-5)
     close(loss, ref_pg + 0.05 * ref_kl, tol=1e-5)
     valid = d["mask"].astype(bool)
@@ -306,20 +316,24 @@ def test_micro_batch_sum_equals_full_batch(mode, splits):
     num_tokens, num_sequences = grpo.loss_normalizers(d["mask"])
     assert float(num_tokens) == 27 and float(num_sequences) == 7
     horizon = d["mask"].shape[1]
+    # chunk-token-mean's weights come from the whole batch and travel with their rows.
+    weights = np.asarray(grpo.chunk_token_weights(d["mask"], CHUNK))
 
     # One jitted value-and-grad per shape: op-by-op eager dispatch would compile every primitive
     # for every micro-batch shape and dominate the test's run time.
     @jax.jit
-    def value_and_grad(logp, old, adv, mask, ref, rollout):
+    def value_and_grad(logp, old, adv, mask, ref, rollout, w):
         f = lambda lp: grpo.grpo_loss(  # noqa: E731
             lp, old, adv, mask, ref_logprobs=ref, rollout_logprobs=rollout, loss_agg=mode, kl_coef=0.05,
-            tis_cap=2.0, num_tokens=num_tokens, num_sequences=num_sequences, horizon=horizon, **CLIP)[0]
+            tis_cap=2.0, num_tokens=num_tokens, num_sequences=num_sequences, horizon=horizon, row_weights=w,
+            **CLIP)[0]
         return jax.value_and_grad(f)(logp)
 
     def run(rows, t):
         return value_and_grad(*(jnp.asarray(d[k][rows, :t], jnp.float32) for k in ("logp", "old")),
                               jnp.asarray(d["adv"][rows], jnp.float32),
-                              *(jnp.asarray(d[k][rows, :t], jnp.float32) for k in ("mask", "ref", "rollout")))
+                              *(jnp.asarray(d[k][rows, :t], jnp.float32) for k in ("mask", "ref", "rollout")),
+                              jnp.asarray(weights[rows]))
 
     full_loss, full_grad = run(slice(0, 8), horizon)
     total, grads = 0.0, []
@@ -420,7 +434,7 @@ def test_inf_nan_padding_changes_nothing(mode):
     dirty["ref_logprobs"][1, 3] = -np.inf
     dirty["rollout_logprobs"][1, 3] = np.nan
     dirty["entropy"][1, 3] = np.inf
-    kw = dict(loss_agg=mode, kl_coef=0.1, tis_cap=2.0, **CLIP)
+    kw = dict(loss_agg=mode, kl_coef=0.1, tis_cap=2.0, **CLIP, **mode_kw(mode))
 
     def run(lp, o, a, extra):
         f = lambda x: grpo.grpo_loss(x, o, a, mask, **kw, **extra)  # noqa: E731
@@ -445,11 +459,12 @@ def test_aggregate_loss_masks_garbage_itself(mode):
     losses = np.array([[1.0, 2.0, np.inf], [3.0, np.nan, -np.inf]])
     mask = np.array([[1, 1, 0], [1, 0, 0]])
     clean = np.where(mask, losses, 0.0)
-    # token-mean 6 / 3; seq-mean (1.5 + 3) / 2; sum-norm 6 / (2 * 3)
-    expected = {"token-mean": 2.0, "seq-mean-token-mean": 2.25, "seq-mean-token-sum-norm": 1.0}[mode]
-    close(grpo.aggregate_loss(losses, mask, mode), expected)
+    # token-mean 6 / 3; seq-mean (1.5 + 3) / 2; sum-norm 6 / (2 * 3); chunk (one chunk of 2) 6 / 3
+    expected = {"token-mean": 2.0, "seq-mean-token-mean": 2.25, "seq-mean-token-sum-norm": 1.0,
+                "chunk-token-mean": 2.0}[mode]
+    close(grpo.aggregate_loss(losses, mask, mode, **mode_kw(mode)), expected)
     close(np_aggregate(clean, mask, mode), expected)
-    g = jax.grad(lambda x: grpo.aggregate_loss(x, mask, mode))(jnp.asarray(losses, jnp.float32))
+    g = jax.grad(lambda x: grpo.aggregate_loss(x, mask, mode, **mode_kw(mode)))(jnp.asarray(losses, jnp.float32))
     assert np.all(np.isfinite(np.asarray(g))) and not np.asarray(g)[~mask.astype(bool)].any()
 
 
@@ -489,3 +504,44 @@ def test_invalid_arguments_raise():
         grpo.token_logprobs(np.zeros((1, 1, 3)), np.zeros((1, 1), int), 0.0)
     with pytest.raises(ValueError, match="advantages"):
         grpo.grpo_loss(logp, old, np.zeros(3), mask, loss_agg="token-mean", **CLIP)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tied groups and the release's loss scope
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("value", [1.7, 0.9, 0.1 + 0.2, 2.1, 0.7 * 0.9 + 0.1, -1.3])
+def test_tied_group_advantage_is_exactly_zero(value, dtype):
+    # In float32 the mean of eight 1.7s is 1 ulp off, and 1 ulp / (1 ulp + 1e-6) is ~0.1: a group
+    # without signal would be pushed. It must be exactly 0.0, in either dtype, with or without std.
+    rewards = jnp.full((16,), value, dtype).at[8:].set(jnp.asarray(value, dtype) + 1)
+    for scale in (True, False):
+        adv = np.asarray(grpo.group_advantages(rewards, 8, scale_by_std=scale))
+        assert adv.dtype == np.float32
+        assert np.array_equal(adv, np.zeros(16, np.float32)), adv
+
+
+def test_tied_groups_random_values_and_mixed_batch():
+    rng = np.random.default_rng(0)
+    values = rng.uniform(-3, 3, size=200).astype(np.float32)
+    rewards = np.repeat(values, 8)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        assert not np.asarray(grpo.group_advantages(jnp.asarray(rewards, dtype), 8)).any()
+    # A tied group beside a live one: the live group keeps its textbook advantages.
+    live = np.array([0.0, 1.0, 0.0, 1.0], np.float32)
+    adv = np.asarray(grpo.group_advantages(np.concatenate([np.full(4, 1.7, np.float32), live]), 4))
+    assert not adv[:4].any()
+    close(adv[4:], (live - live.mean()) / (live.std(ddof=1) + 1e-6), tol=1e-6)
+
+
+def test_chunk_token_mean_hand_golden():
+    # Chunks of 2 responses with 3 and 4 tokens: ((1 + 2 + 3) / 3 + (4 * 4) / 4) / 2 = 3, where the
+    # global token-mean would be 22 / 7. An empty third chunk counts for nothing.
+    losses = np.array([[1, 2, 0, 0], [3, 0, 0, 0], [4, 4, 4, 4], [0, 0, 0, 0], [9, 9, 9, 9], [9, 9, 9, 9]], np.float32)
+    mask = np.array([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    close(grpo.aggregate_loss(losses, mask, "chunk-token-mean", chunk_responses=2), 3.0, tol=1e-6)
+    close(grpo.aggregate_loss(losses, mask, "token-mean"), 22 / 7, tol=1e-6)
+    close(grpo.chunk_token_weights(mask, 2), [1 / 6, 1 / 6, 1 / 8, 1 / 8, 0, 0], tol=1e-7)
+    with pytest.raises(ValueError, match="chunk_responses"):
+        grpo.aggregate_loss(losses, mask, "chunk-token-mean")

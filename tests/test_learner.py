@@ -25,8 +25,9 @@ def tiny(tmp_path_factory):
     return path, Qwen25VLConfig.from_dir(path)
 
 
-def make_batch(path, config, seed=0):
-    """B sequences: half with an image, ragged responses right-padded, ragged prompts left-padded."""
+def make_batch(path, config, seed=0, responses=None):
+    """B sequences: half with an image, ragged responses right-padded, ragged prompts left-padded.
+    `responses` [B, R] replaces the random response tokens (then every response is R tokens long)."""
     rng = np.random.default_rng(seed)
     processor = Processor.from_dir(path)
     images = [[Image.fromarray(rng.integers(0, 255, (56 + 28 * (i % 3), 84, 3), np.uint8))] if i % 2 == 0 else None
@@ -35,7 +36,10 @@ def make_batch(path, config, seed=0):
     p = processor(questions, images)
     lengths = rng.integers(3, RESPONSE + 1, B)
     response = rng.integers(0, 400, (B, RESPONSE)).astype(np.int32)
-    response_mask = (np.arange(RESPONSE)[None] < lengths[:, None]).astype(np.int32)
+    if responses is not None:
+        response = np.asarray(responses, np.int32)
+        lengths = np.full(B, response.shape[1])
+    response_mask = (np.arange(response.shape[1])[None] < lengths[:, None]).astype(np.int32)
     ids = np.concatenate([p["input_ids"], response * response_mask], axis=1)
     mask = np.concatenate([p["attention_mask"], response_mask], axis=1)
     pos, _ = rope_index(config, ids, p["image_grid_thw"], mask)

@@ -37,7 +37,8 @@ def test_perception_r1_7b_update_step_lowers_on_8_devices(tmp_path):
     config = Qwen25VLConfig.from_dir(tmp_path)
     mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
-    model_def = state_lib.ModelDef.create(config, dtype=jnp.dtype(c.model.dtype))
+    model_def = state_lib.ModelDef.create(config, dtype=jnp.dtype(c.model.param_dtype),
+                                          compute_dtype=jnp.dtype(c.model.compute_dtype))
     tx = state_lib.make_optimizer(c.optim, c.train.steps, _pure(model_def.abstract_state))
     params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, model_def.dtype), _pure(model_def.abstract_state))
     shardings = state_lib.state_shardings(tx, params, model_def.param_shardings(mesh), mesh)

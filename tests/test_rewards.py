@@ -199,6 +199,8 @@ def test_accuracy_pool_is_lazy_and_closable():
     ("<info1>nan</info1><info2>2</info2><info3>-1</info3>", [0.0, 1.0, 0.0]),  # clipped
     ("Sure. Item one: <info1> 1 </info1>\nand then <info2>\n0\n</info2> done.", [1.0, 0.0]),
     ("<info1>1</info1 ><info2>1</info2>", []),                    # malformed closing tag
+    ("<info1>1</info1><info2>1</info2> wait, <info1>0</info1>", [0.0, 1.0]),  # repeated: the last counts
+    ("<info1>0</info1><info1>0.5</info1><info1>1</info1>", [1.0]),
     ("", []),
 ])
 def test_parse_judgement(text, expected):

@@ -262,13 +262,13 @@ def rollout_batch_shapes(c: ml_collections.ConfigDict, model_config, mesh: Mesh)
 
 def kv_cache_shapes(c: ml_collections.ConfigDict, model_config, mesh: Mesh, prompts: int) -> dict:
     """The decode cache of the rollout: k and v [layers, prompts*n, prompt bucket + max_new_tokens,
-    kv_heads, head_dim] in the model dtype, sharded as `EmbeddedEngine._constrain_cache` shards it."""
+    kv_heads, head_dim] in the compute dtype, sharded as `EmbeddedEngine._constrain_cache` shards it."""
     t = model_config.text
     shape = (t.num_hidden_layers, prompts * c.rollout.n, prompt_bucket(c) + c.rollout.max_new_tokens,
              t.num_key_value_heads, t.head_dim)
     heads = "tensor" if t.num_key_value_heads % mesh.shape["tensor"] == 0 else None
     sh = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, None, heads, None))
-    return {k: jax.ShapeDtypeStruct(shape, jnp.dtype(c.model.dtype), sharding=sh) for k in ("k", "v")}
+    return {k: jax.ShapeDtypeStruct(shape, jnp.dtype(c.model.compute_dtype), sharding=sh) for k in ("k", "v")}
 
 
 # -- the three programs --------------------------------------------------------------------------
@@ -480,7 +480,8 @@ def plan_memory(c: ml_collections.ConfigDict, model_config, mesh: Mesh, *, phase
     if mesh.devices.flat[0].platform == "cpu" and not memory_scheduler_on():
         notes.append(f"XLA_FLAGS lacks {_SCHEDULER_FLAG}=false (the CLI sets it): the CPU compiler's concurrency "
                      "scheduler overstates the temporaries and hides what remat saves")
-    model_def = state_lib.ModelDef.create(model_config, dtype=jnp.dtype(c.model.dtype))
+    model_def = state_lib.ModelDef.create(model_config, dtype=jnp.dtype(c.model.param_dtype),
+                                          compute_dtype=jnp.dtype(c.model.compute_dtype))
     state, shardings, tx = abstract_train_state(c, model_def, mesh)
     length = prompt_bucket(c) + r.max_new_tokens
     mini_rows = c.data.prompts_per_step * r.n // c.train.mini_batches

@@ -97,6 +97,16 @@ class Qwen25VL(nnx.Module):
         dtype = dtype or self.dtype
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
+    def logits(self, h):
+        """The LM-head projection of hidden states, accumulated and returned in fp32.
+
+        With bf16 compute, bf16 logits would round each logit by up to ~0.03 at typical magnitudes;
+        the learner and the sampler both project here, so their logprobs agree and on-policy
+        importance ratios stay 1.
+        """
+        w = self.embed_tokens.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
+        return jnp.matmul(h, w, preferred_element_type=jnp.float32)
+
     def embed(self, input_ids, pixel_values=None, image_grid_thw=None, vision_layout_arrays=None, remat_policy=None,
               image_mask=None):
         """Token embeddings with the image features put in place of the image-pad tokens."""
@@ -185,10 +195,7 @@ class Qwen25VL(nnx.Module):
                 new_k.append(lc[0])
                 new_v.append(lc[1])
         h = self.norm(x)
-        if return_hidden:
-            out = h
-        else:
-            out = self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        out = h if return_hidden else self.logits(h)
         if cache is None:
             return out
         return out, {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}

@@ -97,16 +97,18 @@ def parse_judgement(text: str) -> list[float]:
     """Verdicts from a judge reply: <info1>v</info1>, <info2>…, read until the first missing k.
 
     Each v is float(v.strip()) clipped to [0, 1]; a value that is not a number (or NaN) gives 0.0.
-    Text around or between the tags is ignored; a tag found later after a gap is not read.
+    A tag written more than once counts its LAST occurrence, as the release's parser does: a judge
+    that corrects itself ends with its final word. Text around or between the tags is ignored; a
+    tag found later after a gap is not read.
     """
     verdicts = []
     k = 1
     while True:
-        m = re.search(rf"<info{k}>(.*?)</info{k}>", text, re.DOTALL)
-        if m is None:
+        found = re.findall(rf"<info{k}>(.*?)</info{k}>", text, re.DOTALL)
+        if not found:
             return verdicts
         try:
-            v = float(m.group(1).strip())
+            v = float(found[-1].strip())
         except ValueError:
             v = 0.0
         verdicts.append(0.0 if math.isnan(v) else min(max(v, 0.0), 1.0))

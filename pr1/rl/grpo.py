@@ -28,7 +28,9 @@ import jax.numpy as jnp
 
 F32 = jnp.float32
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+# "chunk-token-mean" is the released recipe's scope (EasyR1/verl): the token-mean within each
+# micro-batch of 8 responses, averaged over micro-batches and data-parallel ranks.
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "chunk-token-mean")
 KL_KINDS = ("k1", "k2", "k3")
 
 # exp() of a log-ratio above ~88 overflows float32; the unselected branch of max/min/where then
@@ -73,16 +75,20 @@ def group_advantages(rewards, group_size: int, *, eps: float = 1e-6, scale_by_st
         A_gi   = (R_gi - mean_g) / (std_g + eps)                 if scale_by_std (GRPO)
         A_gi   =  R_gi - mean_g                                  otherwise (Dr.GRPO)
 
-    A group whose rewards are all equal gets A = 0 (0 / eps). Returns [N] float32.
+    A group whose rewards are all equal gets A = 0.0 exactly, by construction: the float32 mean of
+    eight 1.7s is 1 ulp off 1.7, and 1 ulp / (std 1 ulp + 1e-6) would be an advantage of ~0.1 for
+    a group that carries no signal (the release's torch code has that bug). Tied groups are found by
+    exact equality (max == min) and zeroed. Returns [N] float32.
     Raises ValueError at trace time if group_size < 2 or N is not a multiple of it.
     """
     r = jnp.asarray(rewards).astype(F32)
     _check_groups(r.shape, group_size)
     groups = r.reshape(-1, group_size)
+    tied = groups.max(axis=-1, keepdims=True) == groups.min(axis=-1, keepdims=True)
     centered = groups - groups.mean(axis=-1, keepdims=True)
     if scale_by_std:
         centered = centered / (groups.std(axis=-1, ddof=1, keepdims=True) + eps)
-    return centered.reshape(-1)
+    return jnp.where(tied, 0.0, centered).reshape(-1)
 
 
 def zero_std_fraction(rewards, group_size: int):
@@ -236,22 +242,53 @@ def loss_normalizers(mask):
     return valid.sum().astype(F32), jnp.any(valid, axis=-1).sum().astype(F32)
 
 
-def aggregate_loss(token_losses, mask, mode: str, *, num_tokens=None, num_sequences=None, horizon=None):
+def chunk_token_weights(mask, chunk_responses: int):
+    """Per-row loss weights [B] of "chunk-token-mean", computed on the WHOLE batch's mask.
+
+    Rows are cut into consecutive chunks of `chunk_responses` (the last may be shorter); with N_c the
+    valid tokens of chunk c and C the number of chunks holding any token, row b of chunk c gets
+
+        w_b = 1 / (C * N_c)          (0 for the rows of an empty chunk)
+
+    so that sum_{b,t} l*m*w_b is the mean over chunks of each chunk's token-mean: the released
+    recipe's loss, whose per-GPU micro-batch of 8 responses takes its own token-mean before the
+    gradients are averaged. The chunks are fixed by row order, so the value does not depend on how
+    the rows are later split into micro-batches or laid over devices.
+    """
+    if isinstance(chunk_responses, bool) or not isinstance(chunk_responses, numbers.Integral) or chunk_responses < 1:
+        raise ValueError(f"chunk_responses must be a Python int >= 1, got {chunk_responses!r}")
+    valid = _valid(mask)
+    rows = valid.shape[0]
+    n_chunks = -(-rows // chunk_responses)
+    row_tokens = valid.sum(axis=-1).astype(F32)
+    padded = jnp.pad(row_tokens, (0, n_chunks * chunk_responses - rows))
+    chunk_tokens = padded.reshape(n_chunks, chunk_responses).sum(axis=-1)
+    used = (chunk_tokens > 0).sum().astype(F32)
+    per_chunk = jnp.where(chunk_tokens > 0, 1.0 / (jnp.maximum(used, 1.0) * jnp.maximum(chunk_tokens, 1.0)), 0.0)
+    return jnp.repeat(per_chunk, chunk_responses)[:rows]
+
+
+def aggregate_loss(token_losses, mask, mode: str, *, num_tokens=None, num_sequences=None, horizon=None,
+                   row_weights=None, chunk_responses=None):
     """Reduce per-token losses [B, T] to a scalar; masked positions never contribute.
 
     With m = mask, l = token_losses, n_b = sum_t m[b, t] and S = {b : n_b > 0}:
       "token-mean"               sum_{b,t} l*m / N_tok
       "seq-mean-token-mean"      sum_{b in S} (sum_t l*m / n_b) / N_seq
       "seq-mean-token-sum-norm"  sum_{b,t} l*m / (N_seq * H)     (Dr.GRPO: constant normaliser)
-    where, by default (this batch alone), N_tok = sum m, N_seq = |S|, H = T = mask.shape[-1].
+      "chunk-token-mean"         sum_{b,t} l*m * w_b             (w = chunk_token_weights: the mean
+                                 over chunks of `chunk_responses` rows of each chunk's token-mean)
+    where, by default (this batch alone), N_tok = sum m, N_seq = |S|, H = T = mask.shape[-1], and w
+    is computed from this batch's mask.
 
-    Gradient accumulation: pass `num_tokens` / `num_sequences` computed on the whole batch
-    (`loss_normalizers(full_mask)`) to every micro-batch; then the SUM of the micro-batch losses
-    equals the whole-batch loss, and so do the gradients. Pass a fixed `horizon` (e.g. the max
-    response length) so that micro-batches padded to different T share one normaliser. A
-    normaliser the mode does not use is ignored, so a learner may always pass both.
+    Gradient accumulation: pass `num_tokens` / `num_sequences` (`loss_normalizers(full_mask)`) or
+    `row_weights` (`chunk_token_weights(full_mask, c)`, split with the rows) computed on the whole
+    batch to every micro-batch; then the SUM of the micro-batch losses equals the whole-batch loss,
+    and so do the gradients. Pass a fixed `horizon` (e.g. the max response length) so that
+    micro-batches padded to different T share one normaliser. A normaliser the mode does not use is
+    ignored, so a learner may always pass all of them.
     Denominators are floored at 1: an all-padding batch gives 0, not NaN.
-    Raises ValueError for an unknown mode.
+    Raises ValueError for an unknown mode, or chunk-token-mean with neither weights nor chunk size.
     """
     if mode not in LOSS_AGG_MODES:
         raise ValueError(f"unknown loss aggregation mode {mode!r}; valid modes: {', '.join(LOSS_AGG_MODES)}")
@@ -260,6 +297,15 @@ def aggregate_loss(token_losses, mask, mode: str, *, num_tokens=None, num_sequen
     if mode == "token-mean":
         n_tok = valid.sum().astype(F32) if num_tokens is None else jnp.asarray(num_tokens, F32)
         return losses.sum() / jnp.maximum(n_tok, 1.0)
+    if mode == "chunk-token-mean":
+        if row_weights is None:
+            if chunk_responses is None:
+                raise ValueError("loss_agg 'chunk-token-mean' needs row_weights or chunk_responses")
+            row_weights = chunk_token_weights(valid, chunk_responses)
+        w = jnp.asarray(row_weights, F32)
+        if w.shape != valid.shape[:1]:
+            raise ValueError(f"row_weights shape {w.shape} does not match the {valid.shape[0]} rows")
+        return (losses.sum(axis=-1) * w).sum()
 
     seq_tokens = valid.sum(axis=-1).astype(F32)
     if num_sequences is None:
@@ -368,12 +414,15 @@ def grpo_loss(
     num_tokens=None,
     num_sequences=None,
     horizon=None,
+    row_weights=None,
+    chunk_responses=None,
 ):
     """The GRPO objective for one (micro-)batch and its metrics.
 
         l_tok   = policy_loss_per_token(logp, old_logp, A; clip_low, clip_high, dual_clip)
         l_tok  *= truncated_importance_weights(old_logp, rollout_logp, tis_cap)   if both given
-        pg_loss = aggregate_loss(l_tok, mask, loss_agg; num_tokens, num_sequences, horizon)
+        pg_loss = aggregate_loss(l_tok, mask, loss_agg; num_tokens, num_sequences, horizon,
+                                 row_weights, chunk_responses)
         loss    = pg_loss + kl_coef * aggregate_loss(kl_penalty(logp, ref_logp, kl_kind), ...same)
                   (the KL term only when ref_logprobs is given)
 
@@ -420,7 +469,8 @@ def grpo_loss(
 
     def agg(x):
         return aggregate_loss(
-            x, valid, loss_agg, num_tokens=num_tokens, num_sequences=num_sequences, horizon=horizon
+            x, valid, loss_agg, num_tokens=num_tokens, num_sequences=num_sequences, horizon=horizon,
+            row_weights=row_weights, chunk_responses=chunk_responses,
         )
 
     pg_loss = agg(token_losses)

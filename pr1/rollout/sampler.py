@@ -211,19 +211,20 @@ class EmbeddedEngine:
     def _rollout_fn(self, params, batch, key, temperature, top_p, top_k, stop_ids, *, n, max_new_tokens,
                     greedy, filtering):
         self.compilations += 1  # runs only while tracing
-        model = self.model_def.bind(params)
+        # Sampled with the compute-dtype weights (bf16 for the recipe), as the learner's forward runs.
+        model = self.model_def.bind(self.model_def.compute_params(params))
         ids, mask = batch["input_ids"], batch["attention_mask"]
         rows, length = ids.shape
         slots = length + max_new_tokens
         vision = {k: batch[k] for k in _VISION_KEYS if k in batch}
         layout = {k: vision[k] for k in _VISION_KEYS[1:]} if vision else None
 
-        cache = model.init_cache(rows, slots)
+        cache = model.init_cache(rows, slots, dtype=self.model_def.compute_dtype)
         slot_mask = jnp.concatenate([mask, jnp.zeros((rows, max_new_tokens), mask.dtype)], axis=1)
         hidden, cache = model(ids, position_ids=batch["position_ids"], attention_mask=slot_mask,
                               pixel_values=vision.get("pixel_values"), vision_layout_arrays=layout,
                               cache=cache, cache_index=0, return_hidden=True)
-        head = model.embed_tokens.attend if model.lm_head is None else model.lm_head
+        head = model.logits  # fp32 accumulation, as in the learner
         logits = head(hidden[:, -1])
 
         # n samples per prompt: rows p*n .. p*n+n-1 share prompt p's prefill.

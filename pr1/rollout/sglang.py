@@ -97,7 +97,7 @@ def sglang_config() -> ml_collections.ConfigDict:
         "backoff_base_s": 0.5,
         "backoff_cap_s": 30.0,
         "keep_versions": 2,            # weight dirs kept under <workdir>/weights/
-        "weights_dtype": ml_collections.config_dict.placeholder(str),  # None: the params' own dtype
+        "weights_dtype": ml_collections.config_dict.placeholder(str),  # None: model.compute_dtype
         "check_prompt_tokens": True,   # server prompt length must equal ours
     })
 
@@ -165,6 +165,9 @@ class SGLangEngine:
         self.backoff_base_s = float(backoff_base_s)
         self.backoff_cap_s = float(backoff_cap_s)
         self.keep_versions = int(keep_versions)
+        # Unset: what the embedded sampler would sample with (the compute dtype), not the fp32 masters.
+        if weights_dtype is None:
+            weights_dtype = getattr(model_def, "compute_dtype", None)
         self.weights_dtype = None if weights_dtype is None else jnp.dtype(weights_dtype)
         self.check_prompt_tokens = bool(check_prompt_tokens)
         self.weight_version: str | None = None

@@ -17,6 +17,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+# Keys that were renamed: the old spelling gets the new name instead of a did-you-mean guess.
+_RENAMED = {"--config.model.dtype": "model.dtype was replaced by model.param_dtype (the fp32 master weights) "
+                                    "and model.compute_dtype (e.g. bfloat16)"}
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "path to a configs/*.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics, config.json")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -63,6 +67,8 @@ def _parse_flags(argv):
         culprit = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
                         and key in a.split("=")[0].split(".")), "--config")
         hint = f" ({hint.strip()})" if hint.strip() else ""
+        if culprit in _RENAMED:
+            hint = f" ({_RENAMED[culprit]})"
         print(f"pr1.train: bad config override {culprit}: the config has no key {key!r}{hint}", file=sys.stderr)
         sys.exit(2)
 

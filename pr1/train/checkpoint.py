@@ -26,6 +26,8 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -89,6 +91,7 @@ class Checkpointer:
         # as its save is launched (and drops steps it is about to delete), but until the commit a
         # crash would lose it, so while a save is in flight this is the truthful answer.
         self._complete_before_pending: list[int] | None = None
+        self.upcast: list[str] = []  # arrays the last restore widened from their saved dtype
 
     @property
     def directory(self) -> str:
@@ -143,18 +146,34 @@ class Checkpointer:
         `abstract_like`, or `jax.eval_shape` plus the shardings of the current mesh); the arrays
         are read straight into those shardings, which may differ from the ones they were saved
         with. Waits for a save in flight first: its commit may delete the step being read.
+
+        Dtypes: each array is read in the dtype it was saved in. Where that differs from
+        `abstract_state`'s, a widening float cast (an old checkpoint's bf16 params or moments into
+        an fp32 run) is made after the read and listed in `self.upcast` (the caller says so in a
+        log line); anything else (fp32 into bf16, float into int) would lose what was saved and
+        raises ValueError naming the array and both dtypes. Never a silent truncation.
         """
         _check_abstract_state(abstract_state, self._label)
         self.wait()
         step = _pick_step(self.all_steps(), step, self._label)
+        stored = self._stored_dtypes(step)
+        target, self.upcast = _target_in_stored_dtypes(abstract_state, stored, f"{self._label}/{step}")
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(**{
-                _STATE: ocp.args.StandardRestore(abstract_state),
+                _STATE: ocp.args.StandardRestore(target),
                 _HOST_STATE: ocp.args.JsonRestore(),
             }),
         )
-        return restored[_STATE], dict(restored[_HOST_STATE] or {})
+        state = restored[_STATE]
+        if self.upcast:
+            state = jax.tree.map(lambda x, a: x if x.dtype == a.dtype else jax.device_put(x.astype(a.dtype), a.sharding),
+                                 state, abstract_state)
+        return state, dict(restored[_HOST_STATE] or {})
+
+    def _stored_dtypes(self, step: int) -> dict:
+        """{path: dtype} of the arrays saved at `step`, from orbax's metadata (no array is read)."""
+        return _stored_dtypes(self._label, step)
 
     def wait(self) -> None:
         """Blocks until every save started so far is committed; raises if one failed."""
@@ -214,6 +233,21 @@ def read_params(directory: str, step: int | None = None, sharding=None) -> tuple
     finally:
         manager.close()
     return restored[_STATE]["params"], dict(restored[_HOST_STATE] or {}), step
+
+
+def _stored_dtypes(directory: str, step: int) -> dict:
+    """{path: dtype} of the state arrays of checkpoint `step` in `directory`, from its metadata."""
+    path = epath.Path(directory)
+    # A read-only manager with the handler registered: the writer's manager only learns handlers
+    # from the args of a save or restore, so it cannot describe a step it has not touched yet.
+    manager = ocp.CheckpointManager(path, item_names=(_STATE,), item_handlers={_STATE: ocp.PyTreeCheckpointHandler()},
+                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        tree = manager.item_metadata(step)[_STATE].tree
+    finally:
+        manager.close()
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "dtype"))[0]
+    return {_path_key(p): np.dtype(m.dtype) for p, m in flat if getattr(m, "dtype", None) is not None}
 
 
 def read_host_state(directory: str, step: int | None = None) -> tuple[dict, int]:
@@ -287,6 +321,35 @@ def _check_host_state(value, directory: str, path: str = "host_state") -> None:
     else:
         hint = " (use a list)" if isinstance(value, tuple) else " (convert NumPy scalars with int()/float())"
         raise ValueError(f"{path} is a {type(value).__name__}, not plain JSON{hint}; checkpoint {directory}")
+
+
+def _widens(stored: np.dtype, wanted: np.dtype) -> bool:
+    """True if every value of `stored` is exactly representable in `wanted` (bf16/fp16 -> fp32, ...)."""
+    if not (jnp.issubdtype(stored, jnp.floating) and jnp.issubdtype(wanted, jnp.floating)):
+        return False
+    s, w = jnp.finfo(stored), jnp.finfo(wanted)
+    return w.nmant >= s.nmant and w.maxexp >= s.maxexp and w.minexp <= s.minexp
+
+
+def _target_in_stored_dtypes(abstract_state, stored: dict, where: str):
+    """The restore target with each leaf in its saved dtype, and the paths that need an upcast after."""
+    upcast = []
+
+    def pick(path, leaf):
+        key = _path_key(path)
+        have = stored.get(key)
+        if have is None or have == np.dtype(leaf.dtype):
+            return leaf
+        name = "/".join(key)
+        if not _widens(have, np.dtype(leaf.dtype)):
+            raise ValueError(
+                f"checkpoint {where}: {name} is stored as {have} but this run keeps it as {np.dtype(leaf.dtype)}; "
+                "reading it would lose precision. Set model.param_dtype to the checkpoint's dtype, or export "
+                "it (python -m pr1.export) and start a new run from the exported weights")
+        upcast.append(name)
+        return jax.ShapeDtypeStruct(leaf.shape, have, sharding=leaf.sharding)
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_state), upcast
 
 
 def _check_abstract_state(abstract_state, directory: str) -> None:

@@ -1,6 +1,7 @@
 """The one training config: sections built from each component's own defaults, validated up front.
 
-    model    where the weights are, their dtype
+    model    where the weights are; param_dtype (the fp32 master weights the optimizer updates) and
+             compute_dtype (matmuls and activations inside the jitted steps and the sampler)
     mesh     data x fsdp x tensor device mesh (one axis may be -1: the rest of the devices)
     data     pr1.data.dataset.data_config()
     rollout  engine ("embedded" | "sglang"), n responses per prompt, sampling, buckets, sglang client
@@ -25,12 +26,13 @@ import ml_collections
 
 from pr1.rewards.combine import check_config as check_rewards_config
 from pr1.rewards.combine import rewards_config
+from pr1.rl.grpo import LOSS_AGG_MODES
 from pr1.train.state import optimizer_config
 from pr1.train.step import _REMAT_POLICIES, learner_config
 
 ENGINES = ("embedded", "sglang")
 DTYPES = ("float32", "bfloat16")
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+LOSS_AGGS = LOSS_AGG_MODES
 KL_KINDS = ("k1", "k2", "k3")
 
 
@@ -46,7 +48,11 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict(dict(
         path="",                 # local HF checkpoint dir (e.g. Qwen2.5-VL-7B-Instruct)
-        dtype="bfloat16",        # params and activations; reductions are fp32 regardless
+        # The stored weights the optimizer updates (the release: fp32 masters; bf16 masters lose
+        # lr-1e-6 updates) and the dtype the forward runs in (cast inside the jitted programs).
+        # Norms, softmax, rotary, the LM head's accumulation and the logprobs are fp32 regardless.
+        param_dtype="float32",
+        compute_dtype="bfloat16",
         make_tiny_if_missing=False,  # debug only: write pr1.models.tiny's checkpoint at `path` first
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
@@ -98,7 +104,8 @@ def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = N
     _need(bool(m.path), "model.path", "empty; set it to a local Hugging Face checkpoint dir")
     _need(m.make_tiny_if_missing or os.path.isdir(m.path), "model.path",
           f"{m.path} is not a directory (no model is downloaded; give a local checkpoint dir)")
-    _need(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
+    _need(m.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}, got {m.param_dtype!r}")
+    _need(m.compute_dtype in DTYPES, "model.compute_dtype", f"must be one of {DTYPES}, got {m.compute_dtype!r}")
 
     axes = {name: c.mesh[name] for name in ("data", "fsdp", "tensor")}
     for name, value in axes.items():
@@ -153,6 +160,9 @@ def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = N
     _need(abs(lc.temperature - r.temperature) < 1e-9, "learner.temperature",
           f"must equal rollout.temperature ({r.temperature}) so logprobs are of the sampling distribution, "
           f"got {lc.temperature}")
+    if lc.loss_agg == "chunk-token-mean":
+        _need(isinstance(lc.loss_chunk_responses, int) and lc.loss_chunk_responses >= 1, "learner.loss_chunk_responses",
+              f"must be an int >= 1 for loss_agg='chunk-token-mean', got {lc.loss_chunk_responses!r}")
     if lc.loss_agg == "seq-mean-token-sum-norm":
         _need(lc.horizon is not None, "learner.horizon", "required by seq-mean-token-sum-norm (e.g. rollout.max_new_tokens)")
 

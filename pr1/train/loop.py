@@ -243,7 +243,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     model_config = Qwen25VLConfig.from_dir(config.model.path)
     processor = Processor.from_dir(config.model.path, min_pixels=config.data.min_pixels,
                                    max_pixels=config.data.max_pixels)
-    model_def = state_lib.ModelDef.create(model_config, dtype=jnp.dtype(config.model.dtype))
+    model_def = state_lib.ModelDef.create(model_config, dtype=jnp.dtype(config.model.param_dtype),
+                                          compute_dtype=jnp.dtype(config.model.compute_dtype))
     optimizer_steps = t_cfg.steps * t_cfg.mini_batches
     tx = state_lib.make_optimizer(config.optim, optimizer_steps, _pure(model_def.abstract_state))
 
@@ -256,6 +257,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     start_step = ckpt.latest_step() or 0
     if start_step:
         state, host_state = ckpt.restore(_abstract_state(params_abstract, tx, shardings), start_step)
+        if ckpt.upcast and jax.process_index() == 0:
+            print(f"pr1.train: checkpoint step {start_step} stored {len(ckpt.upcast)} arrays in a narrower dtype "
+                  f"(e.g. {ckpt.upcast[0]}); upcast them to model.param_dtype={config.model.param_dtype} / fp32 "
+                  "moments (lossless)", flush=True)
         train_data.set_state(host_state["data"])
         if jax.process_index() == 0:
             print(f"pr1.train: resumed from step {start_step} of {ckpt.directory}", flush=True)

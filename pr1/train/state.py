@@ -5,6 +5,13 @@ static half (graph definition, config) and rebuilds the module inside jitted fun
 come from each parameter's logical axes through `pr1.sharding` rules, so no host ever holds a full
 copy: weights are either loaded tensor by tensor into place (`hf.load(..., mesh=)`) or initialized
 by a jitted init with `out_shardings`. The optimizer state mirrors the parameter shardings.
+
+Precision (the released recipe's mixed precision): the state holds the master params in
+`ModelDef.dtype` (`model.param_dtype`, fp32 by default) and AdamW's moments in fp32; the jitted
+steps and the sampler run the model on `ModelDef.compute_params(params)`, a cast to
+`model.compute_dtype` (bf16 for the 7B recipe) made inside the program, so gradients reach the
+fp32 masters. At lr 1e-6 an update is ~1e-4 of a weight's magnitude, below bf16's resolution
+(2^-8): bf16 masters would keep ~98% of their elements unchanged over the whole run.
 """
 
 from __future__ import annotations
@@ -35,18 +42,36 @@ class TrainState:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ModelDef:
-    """The static part of the model: rebuilds a `Qwen25VL` around a params dict inside jit."""
+    """The static part of the model: rebuilds a `Qwen25VL` around a params dict inside jit.
+
+    `dtype` is the dtype of the stored (master) params; `compute_dtype` the one the forward runs in
+    (`compute_params` casts to it; defaults to `dtype`).
+    """
 
     graphdef: Any
     abstract_state: Any
     config: Qwen25VLConfig
     dtype: Any
+    compute_dtype: Any = None
 
     @classmethod
-    def create(cls, config: Qwen25VLConfig, dtype=jnp.bfloat16) -> "ModelDef":
+    def create(cls, config: Qwen25VLConfig, dtype=jnp.bfloat16, compute_dtype=None) -> "ModelDef":
         abstract = nnx.eval_shape(lambda: Qwen25VL(config, dtype=dtype, rngs=nnx.Rngs(0)))
         graphdef, state = nnx.split(abstract, nnx.Param)
-        return cls(graphdef, state, config, dtype)
+        dtype = jnp.dtype(dtype)
+        return cls(graphdef, state, config, dtype, jnp.dtype(compute_dtype) if compute_dtype is not None else dtype)
+
+    def compute_params(self, params):
+        """`params` with every floating array cast to the compute dtype (a no-op where it already is).
+
+        Called inside jitted functions: the cast is part of the program, so its gradient flows back
+        to the master params in their own dtype, and nothing is stored twice between steps.
+        """
+        dt = self.compute_dtype
+
+        def cast(x):
+            return x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dt else x
+        return jax.tree.map(cast, params)
 
     def bind(self, params) -> Qwen25VL:
         state = jax.tree.map(lambda x: x, self.abstract_state)
@@ -102,21 +127,43 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> 
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup), after], [warmup])
 
 
+def fp32_state(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` with its state created in fp32 and kept in the dtypes it was created with, forever.
+
+    optax makes Adam's moments in the params' dtype and lets the update promote them (a bf16 `mu`
+    turns fp32 after step 1): the update step would compile twice, a resume would restore the
+    step-0 dtypes, and a bf16 second moment cannot decay by (1 - b2) = 1e-3 per step. Whatever
+    the params' dtype, the moments here are fp32 and the update casts each leaf back to it.
+    """
+    def to_f32(x):
+        return x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    def init(params):
+        return tx.init(jax.tree.map(to_f32, params))
+
+    def update(updates, state, params=None):
+        updates, new_state = tx.update(updates, state, params)
+        return updates, jax.tree.map(lambda new, old: new.astype(old.dtype), new_state, state)
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, params=None) -> optax.GradientTransformation:
-    """Global-norm clipping then AdamW; with `freeze_vision_tower` the vision params get zero updates."""
+    """Global-norm clipping then AdamW with fp32 moments (`fp32_state`); with `freeze_vision_tower`
+    the vision params get zero updates."""
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     tx = optax.chain(
         optax.clip_by_global_norm(cfg.max_grad_norm),
         optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                    weight_decay=cfg.weight_decay),
+                    weight_decay=cfg.weight_decay, mu_dtype=jnp.float32),
     )
-    if not cfg.freeze_vision_tower:
-        return tx
-    if params is None:
-        raise ValueError("freeze_vision_tower needs the params tree to label the vision tower")
-    labels = {k: jax.tree.map(lambda _: "frozen" if k == "visual" else "train", v) for k, v in params.items()}
-    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    if cfg.freeze_vision_tower:
+        if params is None:
+            raise ValueError("freeze_vision_tower needs the params tree to label the vision tower")
+        labels = {k: jax.tree.map(lambda _: "frozen" if k == "visual" else "train", v) for k, v in params.items()}
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return fp32_state(tx)
 
 
 def _dict_keys(path) -> tuple:

@@ -46,7 +46,10 @@ def learner_config() -> ml_collections.ConfigDict:
         "clip_low": 0.2,
         "clip_high": 0.3,
         "dual_clip": 3.0,
+        # token-mean: one token-mean over the whole mini-batch. chunk-token-mean: the release's scope,
+        # the token-mean within each chunk of loss_chunk_responses responses, then the mean over chunks.
         "loss_agg": "token-mean",
+        "loss_chunk_responses": 8,
         "kl_coef": 0.0,
         "kl_kind": "k3",
         "tis_cap": ml_collections.config_dict.placeholder(float),
@@ -87,7 +90,9 @@ def _unsplit(x: jax.Array) -> jax.Array:
 def _forward_logprobs(model_def: ModelDef, params, mb: dict, temperature: float, entropy: bool,
                       remat_policy=None, chunk: int = 0):
     """Per-token logprobs [B, T] (and entropies) of mb's tokens; position 0 is never predicted (0)."""
-    model = model_def.bind(params)
+    # The master params (fp32) are cast to the compute dtype here, inside the program: activations
+    # and matmuls run in it, the gradient of the cast returns to the masters in fp32.
+    model = model_def.bind(model_def.compute_params(params))
     pixel_values = mb.get("pixel_values")
     layout = {k: mb[k] for k in _VISION_KEYS} if pixel_values is not None else None
     # Image features go to the prompt's image-pad tokens only: one the policy sampled in its response
@@ -96,7 +101,7 @@ def _forward_logprobs(model_def: ModelDef, params, mb: dict, temperature: float,
     hidden = model(mb["input_ids"], position_ids=jnp.swapaxes(mb["position_ids"], 0, 1),
                    attention_mask=mb["attention_mask"], pixel_values=pixel_values, vision_layout_arrays=layout,
                    return_hidden=True, remat_policy=remat_policy, image_mask=image_mask)
-    head = model.embed_tokens.attend if model.lm_head is None else model.lm_head
+    head = model.logits  # fp32 accumulation and output, as in the sampler
     targets = mb["input_ids"][:, 1:]
 
     def logprobs_of(h, tgt):
@@ -177,18 +182,22 @@ def make_update_step(model_def: ModelDef, tx: optax.GradientTransformation, cfg:
     policy = _REMAT_POLICIES[cfg.remat]
 
     def micro_loss(params, mb, num_tokens, num_sequences):
+        # chunk-token-mean's per-row weights were computed on the whole mini-batch and split with the rows.
         logp, ent = _forward_logprobs(model_def, params, mb, cfg.temperature, True, policy, cfg.logprob_chunk)
         return grpo.grpo_loss(
             logp, mb["old_logprobs"], mb["advantages"], mb["loss_mask"],
             clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, loss_agg=cfg.loss_agg,
             ref_logprobs=mb.get("ref_logprobs"), kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind,
             rollout_logprobs=mb.get("rollout_logprobs"), tis_cap=cfg.tis_cap, entropy=jax.lax.stop_gradient(ent),
-            num_tokens=num_tokens, num_sequences=num_sequences, horizon=cfg.horizon)
+            num_tokens=num_tokens, num_sequences=num_sequences, horizon=cfg.horizon,
+            row_weights=mb.get("loss_weights"))
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def step(state: TrainState, batch: dict):
         num_tokens, num_sequences = grpo.loss_normalizers(batch["loss_mask"])
+        if cfg.loss_agg == "chunk-token-mean":
+            batch = dict(batch, loss_weights=grpo.chunk_token_weights(batch["loss_mask"], cfg.loss_chunk_responses))
         micro = jax.tree.map(lambda x: _split(x, k), batch)
 
         def body(acc, mb):
