@@ -4,8 +4,11 @@ Where it sits: the reward stage calls `AccuracyScorer.score_batch` on every roll
 thread, overlapping the judge calls); `combine` weights it 0.9. `accuracy_reward` is the one-item
 form for evaluation and tests.
 
-Definition as released: take the text inside the first `<answer>…</answer>` (else the whole
-response) and score 1.0 iff math-verify says `verify(parse(gold), parse(answer))`; any error is 0.
+Definition: take the text inside the first `<answer>…</answer>` (else the whole response) and score
+1.0 iff math-verify says `verify(parse(boxed gold), parse(answer))`; any error is 0. Two deliberate
+differences from the release (docs/fidelity.md): its `<answer>` regex has no DOTALL, so a multi-line
+answer block never matches there and math-verify reads the whole response; and it parses the bare
+gold, which truncates LaTeX golds (`2\\sqrt{3}` parses as 2) where we box it first.
 
 Why a process pool: math-verify guards its sympy calls with `signal.alarm`, which only works in a
 process's main thread, and the trainer calls rewards from a background thread. So each item runs

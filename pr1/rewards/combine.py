@@ -8,7 +8,8 @@ Where it sits: after the rollout engine returns n responses per prompt, the trai
       = 0.9 * accuracy + 0.1 * format + 0.7 * perception + repetition     (released run)
 
 Failure policy for a response whose judgement still failed after retries (`judge.failure_policy`):
-- "zero": r_v = 0 for it, as released.
+- "zero": r_v = 0 for it, counted (the paper's description; the released code crashes the step
+  instead, see docs/fidelity.md).
 - "drop": the perception term is removed from every response of its GRPO group, so no response is
   ranked against a sibling on a verdict that does not exist; the group keeps the other terms.
 - "fail": raise `JudgeFailureError` (stop the step).
