@@ -47,6 +47,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import app, flags
 from jax._src import xla_bridge
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -55,6 +56,7 @@ from ml_collections import config_flags
 from pr1 import sharding
 from pr1.bench import accelerators
 from pr1.models import config as model_config_lib
+from pr1.models import vision as vision_lib
 from pr1.models.config import Qwen25VLConfig
 from pr1.rollout.sampler import BATCH_AXES, EmbeddedEngine, bucket
 from pr1.train import state as state_lib
@@ -210,9 +212,19 @@ def abstract_train_state(c: ml_collections.ConfigDict, model_def, mesh: Mesh):
 
 
 def image_patches(c: ml_collections.ConfigDict, model_config) -> int:
-    """Patches per prompt at the static bucket the engine and learner pad to: one image of at most
-    data.max_pixels pixels (smart_resize keeps h*w <= max_pixels) cut into patch_size^2 patches."""
-    return bucket(c.data.max_pixels // model_config.vision.patch_size ** 2, c.rollout.min_patch_bucket)
+    """Patch slots per prompt at the static bucket the engine and learner pad to: one square image of
+    at most data.max_pixels pixels (smart_resize keeps h*w <= max_pixels, sides multiples of
+    patch_size x merge) in window-ordered slots (`vision.patch_slots`). Other aspect ratios can add
+    a partial row or column of windows."""
+    v = model_config.vision
+    unit = v.patch_size * v.spatial_merge_size
+    side = int(math.isqrt(int(c.data.max_pixels)) // unit) * v.spatial_merge_size
+    return vision_lib.patch_bucket(vision_lib.patch_slots(np.array([[1, side, side]]), v), c.rollout.min_patch_bucket)
+
+
+def pixel_dtype(c: ml_collections.ConfigDict):
+    """Pixel values travel in the model's dtype (bf16 for the 7B recipe)."""
+    return jnp.dtype(c.model.dtype)
 
 
 def prompt_bucket(c: ml_collections.ConfigDict) -> int:
@@ -228,10 +240,9 @@ def learner_batch_shapes(c: ml_collections.ConfigDict, model_config, rows: int, 
     f32, i32 = jnp.float32, jnp.int32
     shapes = {"input_ids": ((rows, length), i32), "attention_mask": ((rows, length), i32),
               "position_ids": ((rows, 3, length), i32), "loss_mask": ((rows, length), i32),
-              "rollout_logprobs": ((rows, length), f32),
-              "pixel_values": ((rows, patches, model_config.vision.patch_dim), f32),
-              "hw_position_ids": ((rows, patches, 2), i32), "frame_ids": ((rows, patches), i32),
-              "window_ids": ((rows, patches), i32)}
+              "rollout_logprobs": ((rows, length), f32)}
+    shapes.update(vision_lib.layout_shapes(rows, patches, model_config.vision))
+    shapes["pixel_values"] = (shapes["pixel_values"][0], pixel_dtype(c))
     if update:
         shapes.update(old_logprobs=((rows, length), f32), advantages=((rows,), f32))
     return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
@@ -249,10 +260,9 @@ def rollout_batch_shapes(c: ml_collections.ConfigDict, model_config, mesh: Mesh)
     length, patches = prompt_bucket(c), image_patches(c, model_config)
     f32, i32 = jnp.float32, jnp.int32
     shapes = {"input_ids": ((rows, length), i32), "attention_mask": ((rows, length), i32),
-              "position_ids": ((3, rows, length), i32), "deltas": ((rows,), i32),
-              "pixel_values": ((rows, patches, model_config.vision.patch_dim), f32),
-              "hw_position_ids": ((rows, patches, 2), i32), "frame_ids": ((rows, patches), i32),
-              "window_ids": ((rows, patches), i32)}
+              "position_ids": ((3, rows, length), i32), "deltas": ((rows,), i32)}
+    shapes.update(vision_lib.layout_shapes(rows, patches, model_config.vision))
+    shapes["pixel_values"] = (shapes["pixel_values"][0], pixel_dtype(c))
     out = {}
     for key, (shape, dtype) in shapes.items():
         axes = (None, BATCH_AXES) if key == "position_ids" else (BATCH_AXES,)

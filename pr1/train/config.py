@@ -23,6 +23,7 @@ import urllib.parse
 
 import ml_collections
 
+from pr1.models import attention as attention_lib
 from pr1.rewards.combine import check_config as check_rewards_config
 from pr1.rewards.combine import rewards_config
 from pr1.train.state import optimizer_config
@@ -48,6 +49,9 @@ def default_config() -> ml_collections.ConfigDict:
         path="",                 # local HF checkpoint dir (e.g. Qwen2.5-VL-7B-Instruct)
         dtype="bfloat16",        # params and activations; reductions are fp32 regardless
         make_tiny_if_missing=False,  # debug only: write pr1.models.tiny's checkpoint at `path` first
+        # pr1.models.attention: auto (splash on TPU, cudnn on GPU, blockwise on CPU) | xla (dense) |
+        # blockwise (pure-JAX flash) | cudnn | splash
+        attention="auto",
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.data = data_config()
@@ -87,10 +91,11 @@ def _need(cond: bool, key: str, message: str) -> None:
 
 
 def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
-                    check_files: bool = True) -> None:
+                    check_files: bool = True, backend: str | None = None) -> None:
     """Checks every value the run depends on; raises ConfigError('<key>: <why>').
 
-    check_files=False skips the checks that local data files exist (for planning a run elsewhere).
+    check_files=False skips the checks that local data files exist (for planning a run elsewhere);
+    `backend` (jax's platform name), when given, is where model.attention must be able to run.
     """
     for section in ("model", "mesh", "data", "rollout", "rewards", "learner", "optim", "train"):
         _need(section in c, section, "section missing from the config")
@@ -99,6 +104,10 @@ def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = N
     _need(m.make_tiny_if_missing or os.path.isdir(m.path), "model.path",
           f"{m.path} is not a directory (no model is downloaded; give a local checkpoint dir)")
     _need(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {m.dtype!r}")
+    try:
+        attention_lib.check_implementation(m.get("attention", "auto"), backend)
+    except attention_lib.AttentionConfigError as e:
+        raise ConfigError(str(e)) from None
 
     axes = {name: c.mesh[name] for name in ("data", "fsdp", "tensor")}
     for name, value in axes.items():

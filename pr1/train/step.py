@@ -9,7 +9,7 @@ Batch layout (every array has the sequence axis first, so one rule shards and sp
   advantages [B]                  one per response (GRPO)
   optional: ref_logprobs [B, T], rollout_logprobs [B, T] (for truncated importance sampling), and
   per-row images from `vision.batched_vision_inputs`: pixel_values [B, P, D], hw_position_ids
-  [B, P, 2], frame_ids [B, P], window_ids [B, P].
+  [B, P, 2], frame_ids [B, P], window_ids [B, P], feature_index [B, P / 4].
 B is sharded over the ('data', 'fsdp') mesh axes. Micro-batch j takes rows j, j+k, j+2k, ... so every
 device keeps working on its own rows, and the token-mean loss is normalized by the whole batch's
 token count, which makes k micro-batches exactly one big batch.
@@ -24,11 +24,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pr1.models.vision import LAYOUT_KEYS
 from pr1.rl import grpo
 from pr1.train.state import ModelDef, TrainState
 
 BATCH_AXES = ("data", "fsdp")
-_VISION_KEYS = ("hw_position_ids", "frame_ids", "window_ids")
+_VISION_KEYS = LAYOUT_KEYS
 _REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
