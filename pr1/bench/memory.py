@@ -254,9 +254,12 @@ def placed(shapes: dict, shardings: dict) -> dict:
 
 def rollout_batch_shapes(c: ml_collections.ConfigDict, model_config, mesh: Mesh) -> dict:
     """The engine's prefill inputs (`EmbeddedEngine._prefill_inputs`) for prompts_per_step prompts,
-    padded to a multiple of the batch devices, placed as the engine places them."""
+    padded to a multiple of the batch devices (and of the prefill chunk), placed as the engine places them."""
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
     rows = -(-c.data.prompts_per_step // batch_devices) * batch_devices
+    chunk = -(-c.rollout.prefill_chunk // batch_devices) * batch_devices if c.rollout.prefill_chunk > 0 else 0
+    if 0 < chunk < rows:
+        rows = -(-rows // chunk) * chunk
     length, patches = prompt_bucket(c), image_patches(c, model_config)
     f32, i32 = jnp.float32, jnp.int32
     shapes = {"input_ids": ((rows, length), i32), "attention_mask": ((rows, length), i32),
@@ -271,14 +274,19 @@ def rollout_batch_shapes(c: ml_collections.ConfigDict, model_config, mesh: Mesh)
 
 
 def kv_cache_shapes(c: ml_collections.ConfigDict, model_config, mesh: Mesh, prompts: int) -> dict:
-    """The decode cache of the rollout: k and v [layers, prompts*n, prompt bucket + max_new_tokens,
-    kv_heads, head_dim] in the model dtype, sharded as `EmbeddedEngine._constrain_cache` shards it."""
+    """The rollout's KV caches (`pr1.models.decode`): the prompt cache k, v [layers, prompts, prompt
+    bucket, kv_heads, head_dim], held once per prompt, and the response cache [layers, prompts*n,
+    max_new_tokens, ...], in the model dtype, sharded as `EmbeddedEngine._constrain_cache` shards them."""
     t = model_config.text
-    shape = (t.num_hidden_layers, prompts * c.rollout.n, prompt_bucket(c) + c.rollout.max_new_tokens,
-             t.num_key_value_heads, t.head_dim)
     heads = "tensor" if t.num_key_value_heads % mesh.shape["tensor"] == 0 else None
     sh = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, None, heads, None))
-    return {k: jax.ShapeDtypeStruct(shape, jnp.dtype(c.model.dtype), sharding=sh) for k in ("k", "v")}
+    out = {}
+    for name, rows, slots in (("prompt", prompts, prompt_bucket(c)), ("response", prompts * c.rollout.n,
+                                                                        c.rollout.max_new_tokens)):
+        shape = (t.num_hidden_layers, rows, slots, t.num_key_value_heads, t.head_dim)
+        for k in ("k", "v"):
+            out[f"{name}_{k}"] = jax.ShapeDtypeStruct(shape, jnp.dtype(c.model.dtype), sharding=sh)
+    return out
 
 
 # -- the three programs --------------------------------------------------------------------------
@@ -325,16 +333,13 @@ def lower_rollout(c, model_def, mesh: Mesh, params, model_config):
     r = c.rollout
     # Token ids are values, not shapes: any id compiles the same program.
     engine = EmbeddedEngine(model_def, params, mesh, tokenizer=None, stop_token_ids=(0,), pad_token_id=0,
-                            min_prompt_bucket=r.min_prompt_bucket, min_patch_bucket=r.min_patch_bucket)
+                            min_prompt_bucket=r.min_prompt_bucket, min_patch_bucket=r.min_patch_bucket,
+                            prefill_chunk=r.prefill_chunk)
     batch = rollout_batch_shapes(c, model_config, mesh)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
     # generate() passes EOS and <|im_end|>: two stop ids.
-    stop_ids = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=replicated)
-    lowered = engine._rollout.lower(params, batch, key, scalar(jnp.float32), scalar(jnp.float32), scalar(jnp.int32),
-                                    stop_ids, n=r.n, max_new_tokens=r.max_new_tokens, greedy=r.temperature == 0,
-                                    filtering=r.top_p < 1 or r.top_k > 0)
+    stop_ids = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
+    lowered = engine.lower(params, batch, stop_ids, n=r.n, max_new_tokens=r.max_new_tokens,
+                           greedy=r.temperature == 0, filtering=r.top_p < 1 or r.top_k > 0)
     return lowered, batch
 
 
@@ -526,7 +531,8 @@ def plan_memory(c: ml_collections.ConfigDict, model_config, mesh: Mesh, *, phase
             lowered, batch = lower_rollout(c, model_def, mesh, state.params, model_config)
             prompts = batch["input_ids"].shape[0]
             kv = bytes_per_device(kv_cache_shapes(c, model_config, mesh, prompts))
-            shapes = f"{prompts} prompts x n={r.n} = {prompts * r.n} sequences, {length} KV slots"
+            shapes = (f"{prompts} prompts x n={r.n} = {prompts * r.n} sequences, {prompt_bucket(c)} prompt KV slots "
+                      f"(once per prompt) + {r.max_new_tokens} response slots, prefill chunk {r.prefill_chunk or prompts}")
             outside = resident
         log(f"compiling {name} ...")
         args = bytes_per_device(batch) + params_b + (opt_b + bytes_per_device(state.step) if name == "update" else 0)

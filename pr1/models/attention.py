@@ -325,3 +325,39 @@ def _splash(q, k, v, q_seg, kv_seg, causal, q_offset):
     out = jax.vmap(one)(qh, kh, vh, q_seg, kv_seg)  # [B, KVH, G, Tq, D]
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, tq, h, d)
     return jnp.where((q_seg >= 0)[:, :, None, None], out, 0).astype(q.dtype)
+
+
+# -- decoding with a prompt shared by n samples ----------------------------------------------------
+
+
+def shared_prefix_attention(q, prompt_k, prompt_v, prompt_segment_ids, response_k, response_v, response_valid, *,
+                            n: int):
+    """One decode query per sample against its prompt's keys (shared by the prompt's n samples, never
+    repeated) and its own response keys, under a single fp32 softmax.
+
+    q [P·n, 1, H, D] (rows p·n .. p·n+n-1 are prompt p's samples); prompt_k/v [P, Tp, KVH, D] with
+    prompt_segment_ids [P, Tp] (-1 padding); response_k/v [P·n, M, KVH, D] with response_valid
+    [P·n, M] bool. Dense: a decode step's scores are [P·n, H, Tp + M], linear in the cache length.
+    """
+    rows, _, h, d = q.shape
+    p, tp, kvh = prompt_k.shape[0], prompt_k.shape[1], prompt_k.shape[2]
+    g = h // kvh
+    scale = d ** -0.5
+    qg = q.reshape(p, n, kvh, g, d)
+    s_p = jnp.einsum("pnhgd,pkhd->pnhgk", qg, prompt_k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    s_r = jnp.einsum("pnhgd,pnkhd->pnhgk", qg, response_k.astype(q.dtype).reshape(p, n, -1, kvh, d),
+                     preferred_element_type=jnp.float32) * scale
+    mask_p = (prompt_segment_ids >= 0)[:, None, None, None, :]
+    mask_r = jnp.broadcast_to(response_valid, (rows, response_k.shape[1])).reshape(p, n, 1, 1, -1)
+    s_p = jnp.where(mask_p, s_p, -jnp.inf)
+    s_r = jnp.where(mask_r, s_r, -jnp.inf)
+    m = jnp.maximum(s_p.max(-1), s_r.max(-1))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)[..., None]
+    e_p, e_r = jnp.exp(s_p - m), jnp.exp(s_r - m)
+    denom = e_p.sum(-1) + e_r.sum(-1)
+    out = (jnp.einsum("pnhgk,pkhd->pnhgd", e_p.astype(q.dtype), prompt_v.astype(q.dtype),
+                      preferred_element_type=jnp.float32)
+           + jnp.einsum("pnhgk,pnkhd->pnhgd", e_r.astype(q.dtype), response_v.astype(q.dtype).reshape(p, n, -1, kvh, d),
+                        preferred_element_type=jnp.float32))
+    out = out / jnp.where(denom > 0, denom, 1.0)[..., None]
+    return out.reshape(rows, 1, h, d).astype(q.dtype)

@@ -61,6 +61,7 @@ def default_config() -> ml_collections.ConfigDict:
         temperature=1.0, top_p=1.0, top_k=-1,
         max_new_tokens=4096,
         min_prompt_bucket=64, min_patch_bucket=256,
+        prefill_chunk=0,         # embedded engine: prompts prefilled at a time (0: all of a step's at once)
         val_max_new_tokens=4096,  # validation decodes greedily
         sglang=sglang_config(),
     ))
@@ -140,6 +141,7 @@ def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = N
     _need(r.temperature > 0, "rollout.temperature", f"training samples need a temperature > 0, got {r.temperature}")
     _need(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
     _need(r.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {r.max_new_tokens}")
+    _need(r.prefill_chunk >= 0, "rollout.prefill_chunk", f"must be >= 0 (0: all prompts at once), got {r.prefill_chunk}")
     _need(r.val_max_new_tokens >= 1, "rollout.val_max_new_tokens", f"must be >= 1, got {r.val_max_new_tokens}")
     if r.engine == "sglang":
         _need(bool(r.sglang.urls), "rollout.sglang.urls", "empty; give the SGLang server URLs (launch/serve_rollout.sh)")
