@@ -150,6 +150,7 @@ def test_patch_slots_follow_windows(models):
     assert patch_slots(np.array([[1, 20, 28]]), v) == 12 * 64  # 3×4 windows for 560 patches
     assert patch_slots(np.array([[1, 96, 96]]), v) == 9216  # the recipe's 1344×1344 image: 12×12 full windows
     assert patch_bucket(9216) == 9216 and patch_bucket(9217) == 9472 and patch_bucket(1, 256) == 256
+    assert patch_bucket(64, 16) == 64 and patch_bucket(200, 16) == 256 and patch_bucket(300, 16) == 512
     layout = vision_layout(np.array([[1, 20, 28], [1, 8, 12]]), v)
     # Every input patch is placed exactly once, and the features come back in token order.
     placed = layout["patch_index"][layout["patch_index"] >= 0]

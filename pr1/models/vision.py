@@ -31,7 +31,7 @@ from pr1.models.rope import vision_cos_sin
 
 # The per-row layout arrays that travel with `pixel_values` (see `batched_vision_inputs`).
 LAYOUT_KEYS = ("hw_position_ids", "frame_ids", "window_ids", "feature_index")
-PATCH_BUCKET = 256  # patch-slot counts are padded to a multiple of this (a multiple of window_patches)
+PATCH_BUCKET = 256  # patch-slot counts above this are padded to a multiple of it (a multiple of window_patches)
 
 
 def window_patches(config: VisionConfig) -> int:
@@ -56,9 +56,13 @@ def patch_slots(grid_thw, config: VisionConfig) -> int:
     return total
 
 
-def patch_bucket(slots: int, minimum: int = PATCH_BUCKET) -> int:
-    """The static patch-slot count a batch is padded to: a multiple of PATCH_BUCKET, at least `minimum`."""
-    return max(-(-int(slots) // PATCH_BUCKET) * PATCH_BUCKET, -(-int(minimum) // PATCH_BUCKET) * PATCH_BUCKET)
+def patch_bucket(slots: int, minimum: int = PATCH_BUCKET, window: int = 64) -> int:
+    """The static patch-slot count a batch is padded to: at least `minimum`, a multiple of PATCH_BUCKET
+    (not a power of two: 9,216 slots stay 9,216), or of one `window` slot run for small images
+    (tests, the debug mode), so a step compiles for a handful of counts without wasting slots."""
+    size = max(int(slots), int(minimum), 1)
+    step = PATCH_BUCKET if size > PATCH_BUCKET else window
+    return -(-size // step) * step
 
 
 def vision_layout(grid_thw: np.ndarray, config: VisionConfig, num_patches: int | None = None) -> dict[str, np.ndarray]:
