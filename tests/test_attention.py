@@ -1,6 +1,11 @@
 """The attention entry point: blockwise (flash) equals the dense reference, memory grows linearly in T,
 and implementations that cannot run on this backend are config errors naming `model.attention`."""
 
+import importlib.util
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -130,3 +135,43 @@ def test_cudnn_equals_xla_on_gpu():
     run = lambda impl: attn.attention(q, k, v, causal=True, segment_ids=seg, implementation=impl)
     np.testing.assert_allclose(np.asarray(run("cudnn"), np.float32), np.asarray(run("xla"), np.float32),
                                rtol=0, atol=2e-2)
+
+
+def _tpu_python():
+    """A Python with libtpu (whose compiler builds TPU programs on this host): this one, or PR1_TPU_PYTHON."""
+    if importlib.util.find_spec("libtpu") is not None:
+        return sys.executable
+    return os.environ.get("PR1_TPU_PYTHON")
+
+
+_SPLASH_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.experimental import topologies
+from jax.sharding import Mesh, PartitionSpec as P, NamedSharding
+from pr1.models import attention as attn
+devices = list(topologies.get_topology_desc(topology_name="v5p:2x2x1", platform="tpu").devices)
+mesh = Mesh(np.array(devices), ("fsdp",))
+b, t, h, kvh, d = len(devices), 1024, 28, 4, 128  # the 7B decoder's heads, one row per chip
+sh = NamedSharding(mesh, P("fsdp"))
+for causal in (True, False):
+    f = jax.shard_map(lambda q, k, v, s: attn.attention(q, k, v, causal=causal, segment_ids=s, implementation="splash"),
+                      mesh=mesh, in_specs=(P("fsdp"),) * 4, out_specs=P("fsdp"), check_vma=False)
+    args = [jax.ShapeDtypeStruct(shape, dtype, sharding=sh) for shape, dtype in
+            (((b, t, h, d), jnp.bfloat16), ((b, t, kvh, d), jnp.bfloat16), ((b, t, kvh, d), jnp.bfloat16),
+             ((b, t), jnp.int32))]
+    compiled = jax.jit(f).lower(*args).compile()
+    text = compiled.as_text()
+    print("causal" if causal else "full", "compiled", "splash" in text or "tpu_custom_call" in text)
+"""
+
+
+@pytest.mark.skipif(not _tpu_python(), reason="splash lowering needs libtpu's compiler: pip install libtpu (the "
+                    "version jax[tpu] pins) here, or set PR1_TPU_PYTHON to a Python that has it")
+def test_splash_compiles_for_a_tpu_topology():
+    """The splash path (segment ids, causal and full masks, GQA heads of the 7B decoder) lowers and
+    compiles with libtpu for a v5p slice this host does not have."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    out = subprocess.run([_tpu_python(), "-c", _SPLASH_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "causal compiled True" in out.stdout and "full compiled True" in out.stdout, out.stdout

@@ -64,3 +64,16 @@ def test_perception_r1_7b_update_step_lowers_on_8_devices(tmp_path):
         assert got.sharding.is_equivalent_to(want, len(got.shape)), (got, want)
     embed = out_state.params["embed_tokens"]["embedding"]
     assert embed.shape == (152064, 3584) and embed.sharding.spec[1] == "fsdp"
+
+
+def test_perception_r1_7b_validates_on_v5p_64_and_8_devices(tmp_path):
+    """As released (no flags): fsdp takes every device, micro-batching derives from the mesh."""
+    c = _recipe("perception_r1_qwen2_5_vl_7b")
+    c.model.path = str(tmp_path)
+    for devices in (32, 8):
+        validate_config(c, num_devices=devices, check_files=False)
+    rows = c.data.prompts_per_step * c.rollout.n // c.train.mini_batches
+    # One response per device per micro-batch: 32 micro-batches of 32 on v5p-64, 128 of 8 on 8 GPUs.
+    for fsdp, k in ((32, 32), (8, 128)):
+        mesh = jax.sharding.AbstractMesh((1, fsdp, 1), ("data", "fsdp", "tensor"))
+        assert step_lib.micro_batch_count(c.learner, rows, mesh) == k

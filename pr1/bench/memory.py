@@ -501,7 +501,8 @@ def plan_memory(c: ml_collections.ConfigDict, model_config, mesh: Mesh, *, phase
     mini_rows = c.data.prompts_per_step * r.n // c.train.mini_batches
 
     # The update is lowered first: its output decides the optimizer state every phase carries.
-    update_shapes = f"{mini_rows} responses of {length} tokens in {lc.micro_batches} micro-batches"
+    update_shapes = (f"{mini_rows} responses of {length} tokens in "
+                     f"{step_lib.micro_batch_count(lc, mini_rows, mesh)} micro-batches")
     log(f"lowering update ({update_shapes}, remat={lc.remat}, logprob_chunk={lc.logprob_chunk})")
     update = lower_update_step(c, model_def, tx, shardings, mesh, state, model_config)
     state, changed = steady_state(update[0], state)
@@ -521,7 +522,8 @@ def plan_memory(c: ml_collections.ConfigDict, model_config, mesh: Mesh, *, phase
         if name == "update":
             (lowered, batch), shapes, outside = update, update_shapes, 0
         elif name == "logprobs":
-            shapes = f"{c.data.prompts_per_step * r.n} responses of {length} tokens in {lc.micro_batches} micro-batches"
+            rows = c.data.prompts_per_step * r.n
+            shapes = f"{rows} responses of {length} tokens in {step_lib.micro_batch_count(lc, rows, mesh)} micro-batches"
             log(f"lowering logprobs ({shapes})")
             lowered, batch = lower_logprob_step(c, model_def, shardings, mesh, state.params, model_config)
             outside = resident

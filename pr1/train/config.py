@@ -160,7 +160,8 @@ def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = N
     _need(lc.clip_low >= 0 and lc.clip_high >= 0, "learner.clip_low/clip_high", "must be >= 0")
     _need(lc.dual_clip is None or lc.dual_clip > 1, "learner.dual_clip", f"must be > 1 (or None), got {lc.dual_clip}")
     _need(lc.remat in _REMAT_POLICIES, "learner.remat", f"must be one of {sorted(_REMAT_POLICIES)}, got {lc.remat!r}")
-    _need(lc.micro_batches >= 1, "learner.micro_batches", f"must be >= 1, got {lc.micro_batches}")
+    _need(lc.micro_batches >= 0, "learner.micro_batches",
+          f"must be >= 1, or 0 (one response per batch device per micro-batch), got {lc.micro_batches}")
     _need(abs(lc.temperature - r.temperature) < 1e-9, "learner.temperature",
           f"must equal rollout.temperature ({r.temperature}) so logprobs are of the sampling distribution, "
           f"got {lc.temperature}")
@@ -186,7 +187,7 @@ def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = N
     # A mini-batch must hold whole groups and split into micro-batches.
     per_mini = rows // t.mini_batches
     _need(per_mini % r.n == 0, "train.mini_batches", f"mini-batches of {per_mini} responses would split GRPO groups of {r.n}")
-    _need(per_mini % lc.micro_batches == 0, "learner.micro_batches",
+    _need(lc.micro_batches == 0 or per_mini % lc.micro_batches == 0, "learner.micro_batches",
           f"{lc.micro_batches} does not divide the {per_mini} responses of a mini-batch")
     if num_devices is not None:
         sizes = dict(axes)
@@ -194,7 +195,10 @@ def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = N
         if free:  # the -1 axis takes the devices the fixed axes leave
             sizes[free[0]] = num_devices // math.prod(v for v in sizes.values() if v != -1)
         batch_rows = sizes["data"] * sizes["fsdp"]
-        per_micro = per_mini // lc.micro_batches
+        _need(per_mini % batch_rows == 0, "data.prompts_per_step",
+              f"the {per_mini} responses of a mini-batch do not divide over the {batch_rows} devices of mesh axes "
+              f"data x fsdp ({sizes})")
+        per_micro = per_mini // lc.micro_batches if lc.micro_batches else batch_rows
         _need(per_micro % batch_rows == 0, "learner.micro_batches",
               f"micro-batches of {per_micro} responses do not divide over the {batch_rows} devices of mesh axes "
               f"data x fsdp ({sizes})")

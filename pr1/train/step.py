@@ -52,6 +52,8 @@ def learner_config() -> ml_collections.ConfigDict:
         "kl_kind": "k3",
         "tis_cap": ml_collections.config_dict.placeholder(float),
         "temperature": 1.0,
+        # Gradient-accumulation micro-batches per mini-batch; 0: derived from the mesh, one response per
+        # batch device (data x fsdp) per micro-batch, so a recipe fits any mesh size unchanged.
         "micro_batches": 1,
         # Per-layer rematerialization in the backward pass: none | full (keep only each layer's
         # input) | dots (also keep the weight matmuls' outputs; recompute attention and elementwise).
@@ -121,6 +123,14 @@ def _forward_logprobs(model_def: ModelDef, params, mb: dict, temperature: float,
     return pad0(lp), (pad0(ent) if entropy else None)
 
 
+def micro_batch_count(cfg: ml_collections.ConfigDict, rows: int, mesh: Mesh) -> int:
+    """learner.micro_batches, or (0) one response per batch device per micro-batch on `mesh`."""
+    if cfg.micro_batches > 0:
+        return cfg.micro_batches
+    devices = int(np.prod([mesh.shape.get(a, 1) for a in BATCH_AXES]))
+    return max(rows // devices, 1)
+
+
 def _check_micro_batches(batch_rows: int, k: int):
     if k < 1 or batch_rows % k:
         raise ValueError(f"learner.micro_batches={k} must divide the batch of {batch_rows} sequences")
@@ -128,8 +138,9 @@ def _check_micro_batches(batch_rows: int, k: int):
 
 def make_logprob_step(model_def: ModelDef, cfg: ml_collections.ConfigDict, param_shardings, mesh: Mesh, example_batch: dict):
     """jit(params, batch) -> logprobs [B, T] (old or reference policy), in micro-batches."""
-    k = cfg.micro_batches
-    _check_micro_batches(next(iter(example_batch.values())).shape[0], k)
+    rows = next(iter(example_batch.values())).shape[0]
+    k = micro_batch_count(cfg, rows, mesh)
+    _check_micro_batches(rows, k)
 
     def step(params, batch):
         micro = jax.tree.map(lambda x: _split(x, k), batch)
@@ -166,8 +177,9 @@ def make_update_step(model_def: ModelDef, tx: optax.GradientTransformation, cfg:
     A non-finite loss or gradient norm leaves the state unchanged (metrics say so; `check_finite`
     turns that into an error on the host). The input state's buffers are donated.
     """
-    k = cfg.micro_batches
-    _check_micro_batches(next(iter(example_batch.values())).shape[0], k)
+    rows = next(iter(example_batch.values())).shape[0]
+    k = micro_batch_count(cfg, rows, mesh)
+    _check_micro_batches(rows, k)
     if cfg.loss_agg == "seq-mean-token-sum-norm" and cfg.horizon is None:
         # Batches are prompt+response padded to a bucket; the Dr.GRPO constant must be the response
         # budget, not that bucket length, or the loss scale would change with the prompt bucket.
