@@ -10,6 +10,7 @@ from pr1.data.processor import Processor
 from pr1.models.config import Qwen25VLConfig
 from pr1.models.rope import decode_position_ids, rope_index
 from pr1.models.tiny import write_tiny_checkpoint
+from pr1.models.vision import LAYOUT_KEYS
 from pr1.rollout.types import Completion, Prompt
 from pr1.train import batch as batch_lib
 from pr1.train import state as state_lib
@@ -52,7 +53,7 @@ def test_sampled_vision_tokens_in_a_response_are_text(setup):
     # The model puts image features only where the learner's image mask says: the prompt.
     model_def = state_lib.ModelDef.create(Qwen25VLConfig.from_dir(path), dtype=jnp.float32)
     model = model_def.bind(state_lib.load_params(path, model_def, sharding.make_mesh(1, -1, 1)))
-    layout = {k: batch[k] for k in ("hw_position_ids", "frame_ids", "window_ids")}
+    layout = {k: batch[k] for k in LAYOUT_KEYS}
     ids_j = jnp.asarray(ids)
     image_mask = (ids_j == config.image_token_id) & (jnp.asarray(batch["loss_mask"]) == 0)
     emb = model.embed(ids_j, jnp.asarray(batch["pixel_values"]), vision_layout_arrays=layout, image_mask=image_mask)
@@ -65,3 +66,22 @@ def test_sampled_vision_tokens_in_a_response_are_text(setup):
     assert first_pad < prompt_len and np.abs(np.asarray(emb[1, first_pad] - plain_emb[1, first_pad])).max() > 1e-6
     # Both rows' prompt embeddings are identical: the extra pad in row 1 stole no feature.
     np.testing.assert_allclose(np.asarray(emb[0, :prompt_len]), np.asarray(emb[1, :prompt_len]), rtol=0, atol=0)
+
+
+def test_rows_are_padded_to_the_steps_longest_response_not_the_maximum(setup):
+    """A step whose responses are short pads them to a small bucket, not to max_new_tokens; a longer
+    response elsewhere (another process's extents) moves every process to its bucket."""
+    _, processor, prompt = setup
+    config = processor.config
+    short = [_completion([11, 12, 13]), _completion([11] * 70)]
+    batch = batch_lib.learner_batch(config, [prompt], short, max_new_tokens=4096, pad_token_id=processor.pad_token_id)
+    prompt_bucket = batch["input_ids"].shape[1] - 128
+    assert prompt_bucket == 64 * -(-len(prompt.input_ids) // 64) or prompt_bucket >= len(prompt.input_ids)
+    assert batch["loss_mask"].sum() == 73 and batch["loss_mask"][:, prompt_bucket:].sum() == 73
+    extents = batch_lib.batch_extents([prompt], short, config)
+    assert extents[2] == 70
+    wider = batch_lib.learner_batch(config, [prompt], short, max_new_tokens=4096, pad_token_id=processor.pad_token_id,
+                                    extents=(extents[0], extents[1], 300))
+    assert wider["input_ids"].shape[1] == prompt_bucket + 512
+    capped = batch_lib.learner_batch(config, [prompt], short, max_new_tokens=100, pad_token_id=processor.pad_token_id)
+    assert capped["input_ids"].shape[1] == prompt_bucket + 100

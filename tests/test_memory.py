@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.join(REPO, "configs"))
 import debug as debug_config  # noqa: E402
 
 # The small shapes every test plans for: 8 prompts x n=8 = 64 responses of 64 prompt + 4 new tokens,
-# one 56x56 image (16 patches of 14x14x3x2 = 1176 values) per prompt.
-PROMPTS, N, PROMPT_BUCKET, NEW, PATCHES, PATCH_DIM = 8, 8, 64, 4, 16, 1176
+# one 56x56 image (16 patches of 14x14x3x2 = 1176 values) per prompt, in one 64-patch window slot.
+PROMPTS, N, PROMPT_BUCKET, NEW, PATCHES, PATCH_DIM = 8, 8, 64, 4, 64, 1176
 
 
 def small_config(tmp_path, mesh="fsdp=8", **overrides):
@@ -110,7 +110,8 @@ def batch_bytes_per_device(rows, update):
     row_arrays = 5 if update else 4  # ids, mask, loss mask, rollout logprobs (+ old logprobs): [r, T] x 4 B
     return (row_arrays * r * t * 4 + r * 3 * t * 4  # position_ids
             + (r * 4 if update else 0)  # advantages
-            + r * PATCHES * PATCH_DIM * 4 + r * PATCHES * 2 * 4 + 2 * r * PATCHES * 4)  # pixels, hw, frame, window
+            + r * PATCHES * PATCH_DIM * 4 + r * PATCHES * 2 * 4 + 2 * r * PATCHES * 4  # pixels, hw, frame, window
+            + r * PATCHES // 4 * 4)  # feature_index: one per merged unit
 
 
 def test_update_step_accounting_matches_the_hand_count(tmp_path):
@@ -142,13 +143,14 @@ def test_logprob_temporaries_grow_with_the_batch(tmp_path):
 def test_rollout_kv_cache_is_the_hand_count_and_inside_temp(tmp_path):
     c, model_config, mesh = small_config(tmp_path)
     rollout = memory.plan_memory(c, model_config, mesh, phases=("rollout",)).phase("rollout")
-    # k and v: [2 layers, 64 sequences / 8 devices, 68 slots, 2 kv heads, 16 head dim] fp32.
-    assert rollout.kv_cache == 2 * 2 * (PROMPTS * N // 8) * (PROMPT_BUCKET + NEW) * 2 * 16 * 4
+    # k and v: [2 layers, rows / 8 devices, slots, 2 kv heads, 16 head dim] fp32, the prompt cache
+    # (8 prompts, 64 slots: once per prompt) and the response cache (64 sequences, 4 slots).
+    assert rollout.kv_cache == 2 * 2 * (PROMPTS // 8 * PROMPT_BUCKET + PROMPTS * N // 8 * NEW) * 2 * 16 * 4
     assert rollout.temp > rollout.kv_cache
     # prompts: ids, mask, deltas and 3 position rows, and one image per prompt, on 1 of 8 devices.
     r = PROMPTS // 8
     assert rollout.batch == (2 * r * PROMPT_BUCKET * 4 + r * 4 + 3 * r * PROMPT_BUCKET * 4
-                             + r * PATCHES * (PATCH_DIM + 2 + 1 + 1) * 4)
+                             + r * PATCHES * (PATCH_DIM + 2 + 1 + 1) * 4 + r * PATCHES // 4 * 4)
     assert rollout.peak >= rollout.params + rollout.optimizer + rollout.batch + rollout.kv_cache
 
 
@@ -221,3 +223,29 @@ def test_cli_prints_the_table_and_verdicts(tmp_path):
     typo = _cli(tmp_path, "--mesh=fsdp=8", "--config.learner.micro_batchez=2")
     assert typo.returncode == 2
     assert "bad config override --config.learner.micro_batchez: the config has no key" in typo.stderr
+
+
+@pytest.mark.parametrize("implementation", ["xla", "blockwise"])
+def test_vision_tower_temporaries_grow_linearly_in_rows(implementation):
+    """Each image attends only to itself: doubling a micro-batch's rows (1,024 patch slots each, 7B
+    vision widths, one windowed + one full-attention block, bf16) at most ~doubles the compiled
+    temporaries. (Attending all rows as one block-diagonal sequence grew them 4x per doubling.)"""
+    import dataclasses
+    from flax import nnx
+    from pr1.models.vision import VisionTower, layout_shapes
+
+    from pr1.models.config import Qwen25VLConfig
+    cfg = Qwen25VLConfig.from_hf_dict(qwen2_5_vl_7b_hf_config()).vision
+    cfg = dataclasses.replace(cfg, depth=2, fullatt_block_indexes=(1,))
+    graphdef, state = nnx.split(nnx.eval_shape(
+        lambda: VisionTower(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), attention=implementation)))
+
+    def temporaries(rows):
+        shapes = layout_shapes(rows, 1024, cfg)
+        layout = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items() if k != "pixel_values"}
+        pixels = jax.ShapeDtypeStruct(shapes["pixel_values"][0], jnp.bfloat16)
+        fwd = jax.jit(lambda st, pix, lay: nnx.merge(graphdef, st)(pix, lay))
+        return fwd.lower(state, pixels, layout).compile().memory_analysis().temp_size_in_bytes
+
+    two, four = temporaries(2), temporaries(4)
+    assert four <= 2.3 * two, (two, four)

@@ -10,7 +10,7 @@ import numpy as np
 
 from pr1 import sharding
 from pr1.models.config import Qwen25VLConfig, qwen2_5_vl_7b_hf_config
-from pr1.rollout.sampler import bucket
+from pr1.models import vision
 from pr1.train import state as state_lib
 from pr1.train import step as step_lib
 from pr1.train.config import validate_config
@@ -48,13 +48,12 @@ def test_perception_r1_7b_update_step_lowers_on_8_devices(tmp_path):
 
     rows = c.data.prompts_per_step * c.rollout.n // c.train.mini_batches
     length = c.data.max_prompt_length + c.rollout.max_new_tokens
-    patches = bucket(c.data.max_pixels // 14 ** 2, c.rollout.min_patch_bucket)
+    patches = vision.patch_bucket(vision.patch_slots(np.array([[1, 96, 96]]), config.vision), c.rollout.min_patch_bucket)
     shapes = {"input_ids": ((rows, length), jnp.int32), "attention_mask": ((rows, length), jnp.int32),
               "position_ids": ((rows, 3, length), jnp.int32), "loss_mask": ((rows, length), jnp.int32),
-              "old_logprobs": ((rows, length), jnp.float32), "advantages": ((rows,), jnp.float32),
-              "pixel_values": ((rows, patches, 1176), jnp.bfloat16),
-              "hw_position_ids": ((rows, patches, 2), jnp.int32), "frame_ids": ((rows, patches), jnp.int32),
-              "window_ids": ((rows, patches), jnp.int32)}
+              "old_logprobs": ((rows, length), jnp.float32), "advantages": ((rows,), jnp.float32)}
+    shapes.update(vision.layout_shapes(rows, patches, config.vision))
+    shapes["pixel_values"] = ((rows, patches, 1176), jnp.bfloat16)
     example = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
     batch_sh = step_lib.batch_sharding(mesh, example)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in example.items()}
@@ -66,3 +65,16 @@ def test_perception_r1_7b_update_step_lowers_on_8_devices(tmp_path):
         assert got.sharding.is_equivalent_to(want, len(got.shape)), (got, want)
     embed = out_state.params["embed_tokens"]["embedding"]
     assert embed.shape == (152064, 3584) and embed.sharding.spec[1] == "fsdp"
+
+
+def test_perception_r1_7b_validates_on_v5p_64_and_8_devices(tmp_path):
+    """As released (no flags): fsdp takes every device, micro-batching derives from the mesh."""
+    c = _recipe("perception_r1_qwen2_5_vl_7b")
+    c.model.path = str(tmp_path)
+    for devices in (32, 8):
+        validate_config(c, num_devices=devices, check_files=False)
+    rows = c.data.prompts_per_step * c.rollout.n // c.train.mini_batches
+    # One response per device per micro-batch: 32 micro-batches of 32 on v5p-64, 128 of 8 on 8 GPUs.
+    for fsdp, k in ((32, 32), (8, 128)):
+        mesh = jax.sharding.AbstractMesh((1, fsdp, 1), ("data", "fsdp", "tensor"))
+        assert step_lib.micro_batch_count(c.learner, rows, mesh) == k

@@ -41,12 +41,13 @@ def setup(tmp_path_factory):
     return ref, path, config, processor, prompts
 
 
-def engine_for(path, config, processor, mesh):
+def engine_for(path, config, processor, mesh, **kwargs):
     model_def = state_lib.ModelDef.create(config, dtype=jnp.float32)
     params = state_lib.load_params(path, model_def, mesh)
+    kwargs = {"min_prompt_bucket": 16, "min_patch_bucket": 16, **kwargs}
     return EmbeddedEngine(model_def, params, mesh, processor.tokenizer,
                           stop_token_ids=default_stop_token_ids(processor.tokenizer, config),
-                          pad_token_id=processor.pad_token_id, min_prompt_bucket=16, min_patch_bucket=16)
+                          pad_token_id=processor.pad_token_id, **kwargs)
 
 
 def one_device():
@@ -89,6 +90,37 @@ def test_greedy_equals_transformers_generate(setup, which):
     np.testing.assert_array_equal(np.stack([c.token_ids for c in got]), want)
     # Rows are not all the same sequence (the comparison is not vacuous).
     assert len({tuple(c.token_ids) for c in got}) == len(chosen) or len(chosen) == 1
+
+
+def test_greedy_equals_transformers_generate_with_prefill_chunks(setup):
+    """Prefill one prompt at a time (chunks smaller than the batch), blockwise attention: still generate's tokens."""
+    import dataclasses
+    ref, path, config, processor, prompts = setup
+    want = hf_greedy(ref, processor, prompts, MAX_NEW)
+    engine = engine_for(path, dataclasses.replace(config, attention="blockwise"), processor, one_device(),
+                        prefill_chunk=1)
+    assert engine.prefill_chunks(3) == 3
+    got = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=MAX_NEW, stop_token_ids=(511,)))
+    np.testing.assert_array_equal(np.stack([c.token_ids for c in got]), want)
+
+
+def test_prompt_kv_is_held_once_for_n_samples(setup):
+    """The compiled rollout's temporaries grow with n by the response cache only: the prompt's K/V
+    (long prompts, few new tokens) are not repeated for the n samples."""
+    _, path, config, processor, prompts = setup
+    engine = engine_for(path, config, processor, one_device(), min_prompt_bucket=1024)
+    batch, _ = engine._prefill_inputs(prompts[:2])
+    t = config.text
+    prompt_kv = 2 * t.num_hidden_layers * 2 * 1024 * t.num_key_value_heads * t.head_dim * 4  # k+v, 2 prompts, fp32
+    stop = jnp.asarray([511], jnp.int32)
+
+    def temps(n):
+        lowered = engine.lower(engine._params, batch, stop, n=n, max_new_tokens=4, greedy=True, filtering=False)
+        return lowered.compile().memory_analysis().temp_size_in_bytes
+
+    one, eight = temps(1), temps(8)
+    assert one >= prompt_kv  # the prompt cache is among the temporaries
+    assert eight - one < prompt_kv, (one, eight, prompt_kv)  # repeating it would add 7x
 
 
 def learner_logprobs(path, config, prompts, completions, n, temperature):

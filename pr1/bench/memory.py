@@ -47,6 +47,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import app, flags
 from jax._src import xla_bridge
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -55,6 +56,7 @@ from ml_collections import config_flags
 from pr1 import sharding
 from pr1.bench import accelerators
 from pr1.models import config as model_config_lib
+from pr1.models import vision as vision_lib
 from pr1.models.config import Qwen25VLConfig
 from pr1.rollout.sampler import BATCH_AXES, EmbeddedEngine, bucket
 from pr1.train import state as state_lib
@@ -210,9 +212,19 @@ def abstract_train_state(c: ml_collections.ConfigDict, model_def, mesh: Mesh):
 
 
 def image_patches(c: ml_collections.ConfigDict, model_config) -> int:
-    """Patches per prompt at the static bucket the engine and learner pad to: one image of at most
-    data.max_pixels pixels (smart_resize keeps h*w <= max_pixels) cut into patch_size^2 patches."""
-    return bucket(c.data.max_pixels // model_config.vision.patch_size ** 2, c.rollout.min_patch_bucket)
+    """Patch slots per prompt at the static bucket the engine and learner pad to: one square image of
+    at most data.max_pixels pixels (smart_resize keeps h*w <= max_pixels, sides multiples of
+    patch_size x merge) in window-ordered slots (`vision.patch_slots`). Other aspect ratios can add
+    a partial row or column of windows."""
+    v = model_config.vision
+    unit = v.patch_size * v.spatial_merge_size
+    side = int(math.isqrt(int(c.data.max_pixels)) // unit) * v.spatial_merge_size
+    return vision_lib.patch_bucket(vision_lib.patch_slots(np.array([[1, side, side]]), v), c.rollout.min_patch_bucket)
+
+
+def pixel_dtype(c: ml_collections.ConfigDict):
+    """Pixel values travel in the compute dtype (bf16 for the 7B recipe)."""
+    return jnp.dtype(c.model.compute_dtype)
 
 
 def prompt_bucket(c: ml_collections.ConfigDict) -> int:
@@ -228,10 +240,9 @@ def learner_batch_shapes(c: ml_collections.ConfigDict, model_config, rows: int, 
     f32, i32 = jnp.float32, jnp.int32
     shapes = {"input_ids": ((rows, length), i32), "attention_mask": ((rows, length), i32),
               "position_ids": ((rows, 3, length), i32), "loss_mask": ((rows, length), i32),
-              "rollout_logprobs": ((rows, length), f32),
-              "pixel_values": ((rows, patches, model_config.vision.patch_dim), f32),
-              "hw_position_ids": ((rows, patches, 2), i32), "frame_ids": ((rows, patches), i32),
-              "window_ids": ((rows, patches), i32)}
+              "rollout_logprobs": ((rows, length), f32)}
+    shapes.update(vision_lib.layout_shapes(rows, patches, model_config.vision))
+    shapes["pixel_values"] = (shapes["pixel_values"][0], pixel_dtype(c))
     if update:
         shapes.update(old_logprobs=((rows, length), f32), advantages=((rows,), f32))
     return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
@@ -243,16 +254,18 @@ def placed(shapes: dict, shardings: dict) -> dict:
 
 def rollout_batch_shapes(c: ml_collections.ConfigDict, model_config, mesh: Mesh) -> dict:
     """The engine's prefill inputs (`EmbeddedEngine._prefill_inputs`) for prompts_per_step prompts,
-    padded to a multiple of the batch devices, placed as the engine places them."""
+    padded to a multiple of the batch devices (and of the prefill chunk), placed as the engine places them."""
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
     rows = -(-c.data.prompts_per_step // batch_devices) * batch_devices
+    chunk = -(-c.rollout.prefill_chunk // batch_devices) * batch_devices if c.rollout.prefill_chunk > 0 else 0
+    if 0 < chunk < rows:
+        rows = -(-rows // chunk) * chunk
     length, patches = prompt_bucket(c), image_patches(c, model_config)
     f32, i32 = jnp.float32, jnp.int32
     shapes = {"input_ids": ((rows, length), i32), "attention_mask": ((rows, length), i32),
-              "position_ids": ((3, rows, length), i32), "deltas": ((rows,), i32),
-              "pixel_values": ((rows, patches, model_config.vision.patch_dim), f32),
-              "hw_position_ids": ((rows, patches, 2), i32), "frame_ids": ((rows, patches), i32),
-              "window_ids": ((rows, patches), i32)}
+              "position_ids": ((3, rows, length), i32), "deltas": ((rows,), i32)}
+    shapes.update(vision_lib.layout_shapes(rows, patches, model_config.vision))
+    shapes["pixel_values"] = (shapes["pixel_values"][0], pixel_dtype(c))
     out = {}
     for key, (shape, dtype) in shapes.items():
         axes = (None, BATCH_AXES) if key == "position_ids" else (BATCH_AXES,)
@@ -261,14 +274,19 @@ def rollout_batch_shapes(c: ml_collections.ConfigDict, model_config, mesh: Mesh)
 
 
 def kv_cache_shapes(c: ml_collections.ConfigDict, model_config, mesh: Mesh, prompts: int) -> dict:
-    """The decode cache of the rollout: k and v [layers, prompts*n, prompt bucket + max_new_tokens,
-    kv_heads, head_dim] in the compute dtype, sharded as `EmbeddedEngine._constrain_cache` shards it."""
+    """The rollout's KV caches (`pr1.models.decode`): the prompt cache k, v [layers, prompts, prompt
+    bucket, kv_heads, head_dim], held once per prompt, and the response cache [layers, prompts*n,
+    max_new_tokens, ...], in the compute dtype, sharded as `EmbeddedEngine._constrain_cache` shards them."""
     t = model_config.text
-    shape = (t.num_hidden_layers, prompts * c.rollout.n, prompt_bucket(c) + c.rollout.max_new_tokens,
-             t.num_key_value_heads, t.head_dim)
     heads = "tensor" if t.num_key_value_heads % mesh.shape["tensor"] == 0 else None
     sh = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, None, heads, None))
-    return {k: jax.ShapeDtypeStruct(shape, jnp.dtype(c.model.compute_dtype), sharding=sh) for k in ("k", "v")}
+    out = {}
+    for name, rows, slots in (("prompt", prompts, prompt_bucket(c)), ("response", prompts * c.rollout.n,
+                                                                        c.rollout.max_new_tokens)):
+        shape = (t.num_hidden_layers, rows, slots, t.num_key_value_heads, t.head_dim)
+        for k in ("k", "v"):
+            out[f"{name}_{k}"] = jax.ShapeDtypeStruct(shape, jnp.dtype(c.model.compute_dtype), sharding=sh)
+    return out
 
 
 # -- the three programs --------------------------------------------------------------------------
@@ -315,16 +333,13 @@ def lower_rollout(c, model_def, mesh: Mesh, params, model_config):
     r = c.rollout
     # Token ids are values, not shapes: any id compiles the same program.
     engine = EmbeddedEngine(model_def, params, mesh, tokenizer=None, stop_token_ids=(0,), pad_token_id=0,
-                            min_prompt_bucket=r.min_prompt_bucket, min_patch_bucket=r.min_patch_bucket)
+                            min_prompt_bucket=r.min_prompt_bucket, min_patch_bucket=r.min_patch_bucket,
+                            prefill_chunk=r.prefill_chunk)
     batch = rollout_batch_shapes(c, model_config, mesh)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)
-    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
     # generate() passes EOS and <|im_end|>: two stop ids.
-    stop_ids = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=replicated)
-    lowered = engine._rollout.lower(params, batch, key, scalar(jnp.float32), scalar(jnp.float32), scalar(jnp.int32),
-                                    stop_ids, n=r.n, max_new_tokens=r.max_new_tokens, greedy=r.temperature == 0,
-                                    filtering=r.top_p < 1 or r.top_k > 0)
+    stop_ids = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
+    lowered = engine.lower(params, batch, stop_ids, n=r.n, max_new_tokens=r.max_new_tokens,
+                           greedy=r.temperature == 0, filtering=r.top_p < 1 or r.top_k > 0)
     return lowered, batch
 
 
@@ -487,7 +502,8 @@ def plan_memory(c: ml_collections.ConfigDict, model_config, mesh: Mesh, *, phase
     mini_rows = c.data.prompts_per_step * r.n // c.train.mini_batches
 
     # The update is lowered first: its output decides the optimizer state every phase carries.
-    update_shapes = f"{mini_rows} responses of {length} tokens in {lc.micro_batches} micro-batches"
+    update_shapes = (f"{mini_rows} responses of {length} tokens in "
+                     f"{step_lib.micro_batch_count(lc, mini_rows, mesh)} micro-batches")
     log(f"lowering update ({update_shapes}, remat={lc.remat}, logprob_chunk={lc.logprob_chunk})")
     update = lower_update_step(c, model_def, tx, shardings, mesh, state, model_config)
     state, changed = steady_state(update[0], state)
@@ -507,7 +523,8 @@ def plan_memory(c: ml_collections.ConfigDict, model_config, mesh: Mesh, *, phase
         if name == "update":
             (lowered, batch), shapes, outside = update, update_shapes, 0
         elif name == "logprobs":
-            shapes = f"{c.data.prompts_per_step * r.n} responses of {length} tokens in {lc.micro_batches} micro-batches"
+            rows = c.data.prompts_per_step * r.n
+            shapes = f"{rows} responses of {length} tokens in {step_lib.micro_batch_count(lc, rows, mesh)} micro-batches"
             log(f"lowering logprobs ({shapes})")
             lowered, batch = lower_logprob_step(c, model_def, shardings, mesh, state.params, model_config)
             outside = resident
@@ -517,7 +534,8 @@ def plan_memory(c: ml_collections.ConfigDict, model_config, mesh: Mesh, *, phase
             lowered, batch = lower_rollout(c, model_def, mesh, state.params, model_config)
             prompts = batch["input_ids"].shape[0]
             kv = bytes_per_device(kv_cache_shapes(c, model_config, mesh, prompts))
-            shapes = f"{prompts} prompts x n={r.n} = {prompts * r.n} sequences, {length} KV slots"
+            shapes = (f"{prompts} prompts x n={r.n} = {prompts * r.n} sequences, {prompt_bucket(c)} prompt KV slots "
+                      f"(once per prompt) + {r.max_new_tokens} response slots, prefill chunk {r.prefill_chunk or prompts}")
             outside = resident
         log(f"compiling {name} ...")
         args = bytes_per_device(batch) + params_b + (opt_b + bytes_per_device(state.step) if name == "update" else 0)

@@ -75,6 +75,9 @@ class Qwen25VLConfig:
     tie_word_embeddings: bool
     # The config.json this was parsed from, written back unchanged by `hf.save` so no field is lost.
     hf_config: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    # How attention is computed (pr1.models.attention: auto | xla | blockwise | cudnn | splash): a run-time
+    # choice (the training config's model.attention, set with dataclasses.replace), not part of config.json.
+    attention: str = "auto"
 
     def __post_init__(self):
         t, v = self.text, self.vision

@@ -5,10 +5,16 @@
 appearance, row by row through the batch. Position ids are always given (computed on the host by
 `pr1.models.rope.rope_index`), so the forward is a pure function of its array arguments.
 
+Attention goes through `pr1.models.attention` (`config.attention` picks the implementation), with
+segment ids (-1 = padding) instead of a dense mask, so no [B, heads, T, T] array exists unless the
+'xla' implementation is chosen.
+
 KV cache: a dict of arrays `{"k", "v"}` shaped [layers, B, S, kv_heads, head_dim] made by
-`init_cache`. With a cache, the new keys/values are written at slots `cache_index ...
-cache_index + T` and `attention_mask` is the [B, S] validity mask of all slots (0 for left padding
-and unwritten slots); a query at slot p sees keys at slots <= p that are valid.
+`init_cache`. With a cache, the new keys/values are written in place (dynamic_update_slice into the
+stacked array, so a donated or loop-carried buffer is updated without a copy) at slots `cache_index
+... cache_index + T`, and `attention_mask` is the [B, S] validity mask of all slots (0 for left
+padding and unwritten slots); a query at slot p sees keys at slots <= p that are valid.
+The sampler's shared-prompt decoding (`prefill_kv`, `decode_step`) lives in `pr1.models.decode`.
 """
 
 from __future__ import annotations
@@ -19,36 +25,46 @@ import numpy as np
 from flax import nnx
 
 from pr1.models.config import Qwen25VLConfig, TextConfig
-from pr1.models.layers import (Embed, Linear, RMSNorm, activation, apply_rotary, dot_product_attention,
-                               rematerialized)
+from pr1.models.attention import attention
+from pr1.models.layers import Embed, Linear, RMSNorm, activation, apply_rotary, rematerialized
 from pr1.models.rope import mrope_cos_sin
 from pr1.models.vision import VisionTower, vision_layout
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs, attention: str = "auto"):
         d, h, kvh = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
         self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, d
+        self.attention = attention
         self.q_proj = Linear(cfg.hidden_size, h * d, use_bias=True, axes=("embed", "q_heads"), dtype=dtype, rngs=rngs)
         self.k_proj = Linear(cfg.hidden_size, kvh * d, use_bias=True, axes=("embed", "kv_heads"), dtype=dtype, rngs=rngs)
         self.v_proj = Linear(cfg.hidden_size, kvh * d, use_bias=True, axes=("embed", "kv_heads"), dtype=dtype, rngs=rngs)
         self.o_proj = Linear(h * d, cfg.hidden_size, use_bias=False, axes=("q_heads", "embed"), dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, allowed, layer_cache=None, cache_index=None):
+    def project(self, x, cos, sin):
+        """Rotated q [B, T, H, D] and k, v [B, T, KVH, D] of x."""
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         # The reference casts cos/sin to the activation dtype before rotating (matters in bf16).
         c, s = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
-        q, k = apply_rotary(q, c, s), apply_rotary(k, c, s)
-        new_cache = None
+        return apply_rotary(q, c, s), apply_rotary(k, c, s), v
+
+    def __call__(self, x, cos, sin, mask, layer_cache=None, cache_index=None):
+        """`mask`: (q_segment_ids, kv_segment_ids) with -1 = padding. `layer_cache`: (k_all, v_all,
+        layer) — the stacked cache arrays, updated in place at this layer's slots."""
+        b, t, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
+        q_seg, kv_seg = mask
+        new_cache, offset = None, 0
         if layer_cache is not None:
-            ck, cv = layer_cache
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
-            k, v, new_cache = ck, cv, (ck, cv)
-        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), allowed)
+            k_all, v_all, i = layer_cache
+            k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], (i, 0, cache_index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], (i, 0, cache_index, 0, 0))
+            k, v, new_cache, offset = k_all[i], v_all[i], (k_all, v_all), cache_index
+        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), causal=True, q_segment_ids=q_seg,
+                        kv_segment_ids=kv_seg, q_offset=offset, implementation=self.attention)
         return self.o_proj(out.reshape(b, t, -1)), new_cache
 
 
@@ -64,14 +80,14 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs, attention: str = "auto"):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="embed", dtype=dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="embed", dtype=dtype)
-        self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs, attention=attention)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, allowed, layer_cache=None, cache_index=None):
-        h, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, allowed, layer_cache, cache_index)
+    def __call__(self, x, cos, sin, mask, layer_cache=None, cache_index=None):
+        h, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_cache, cache_index)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), new_cache
 
@@ -84,9 +100,10 @@ class Qwen25VL(nnx.Module):
         t = config.text
         self.config = config
         self.dtype = dtype
-        self.visual = VisionTower(config.vision, dtype=dtype, rngs=rngs)
+        self.visual = VisionTower(config.vision, dtype=dtype, rngs=rngs, attention=config.attention)
         self.embed_tokens = Embed(t.vocab_size, t.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(t, dtype=dtype, rngs=rngs) for _ in range(t.num_hidden_layers)])
+        self.layers = nnx.List([DecoderLayer(t, dtype=dtype, rngs=rngs, attention=config.attention)
+                                for _ in range(t.num_hidden_layers)])
         self.norm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, axis_name="embed", dtype=dtype)
         self.lm_head = None if config.tie_word_embeddings else Linear(
             t.hidden_size, t.vocab_size, use_bias=False, axes=("embed", "vocab"), dtype=dtype, rngs=rngs)
@@ -135,18 +152,11 @@ class Qwen25VL(nnx.Module):
         return flat.reshape(emb.shape)
 
     def _embed_rows(self, emb, mask, pixel_values, layout, remat_policy=None):
-        """Per-row images ([B, P, C·T·P·P] from `vision.batched_vision_inputs`): row b's features go to
+        """Per-row images ([B, S, C·T·P·P] from `vision.batched_vision_inputs`): row b's features go to
         row b's image-pad tokens, so rows can be split into micro-batches or sharded independently."""
         if layout is None:
-            raise ValueError("per-row pixel_values [B, P, D] need vision_layout_arrays from batched_vision_inputs")
-        b, p, _ = pixel_values.shape
-        # Segment ids are made unique per row so one dense vision pass serves the whole batch.
-        offset = (jnp.arange(b, dtype=jnp.int32) * p)[:, None]
-        shift = lambda ids: jnp.where(ids >= 0, ids + offset, -1).reshape(-1)
-        flat_layout = {"hw_position_ids": layout["hw_position_ids"].reshape(-1, 2),
-                       "frame_ids": shift(layout["frame_ids"]), "window_ids": shift(layout["window_ids"])}
-        feats = self.visual(pixel_values.reshape(b * p, -1), flat_layout, remat_policy).astype(emb.dtype)
-        feats = feats.reshape(b, -1, feats.shape[-1])
+            raise ValueError("per-row pixel_values [B, S, D] need vision_layout_arrays from batched_vision_inputs")
+        feats = self.visual(pixel_values, layout, remat_policy).astype(emb.dtype)  # [B, S / merge², dim]
         idx = jnp.clip(jnp.cumsum(mask, axis=1) - 1, 0, feats.shape[1] - 1)
         gathered = jnp.take_along_axis(feats, idx[..., None], axis=1)
         return jnp.where(mask[..., None], gathered, emb)
@@ -174,28 +184,25 @@ class Qwen25VL(nnx.Module):
         cos, sin = mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section)
 
         if cache is None:
-            key_valid = jnp.ones((b, length), bool) if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
-            causal = jnp.tril(jnp.ones((length, length), bool))
-            allowed = causal[None] & key_valid[:, None, :]
+            seg = jnp.zeros((b, length), jnp.int32) if attention_mask is None else \
+                jnp.where(jnp.asarray(attention_mask).astype(bool), 0, -1)
+            mask = (seg, seg)
         else:
             if cache_index is None or attention_mask is None:
                 raise ValueError("a cached forward needs cache_index and the [B, S] attention_mask over cache slots")
-            slots = cache["k"].shape[2]
-            q_slot = cache_index + jnp.arange(length)
-            allowed = (jnp.arange(slots)[None, :] <= q_slot[:, None])[None] & jnp.asarray(attention_mask).astype(bool)[:, None, :]
+            # Queries are real; a left-padding query sees no valid key at or before its slot (zeros).
+            mask = (jnp.zeros((b, length), jnp.int32), jnp.where(jnp.asarray(attention_mask).astype(bool), 0, -1))
 
-        new_k, new_v = [], []
+        k_all, v_all = (None, None) if cache is None else (cache["k"], cache["v"])
         for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
             if remat_policy is not None and cache is None:
-                x, lc = rematerialized(layer, remat_policy)(x, cos, sin, allowed)
+                x, _ = rematerialized(layer, remat_policy)(x, cos, sin, mask)
+            elif cache is None:
+                x, _ = layer(x, cos, sin, mask)
             else:
-                x, lc = layer(x, cos, sin, allowed, layer_cache, cache_index)
-            if lc is not None:
-                new_k.append(lc[0])
-                new_v.append(lc[1])
+                x, (k_all, v_all) = layer(x, cos, sin, mask, (k_all, v_all, i), cache_index)
         h = self.norm(x)
         out = h if return_hidden else self.logits(h)
         if cache is None:
             return out
-        return out, {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+        return out, {"k": k_all, "v": v_all}

@@ -114,13 +114,13 @@ def mrope_cos_sin(position_ids: jnp.ndarray, head_dim: int, theta: float, mrope_
 
 
 def vision_cos_sin(hw_position_ids: jnp.ndarray, head_dim: int, theta: float) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """2D rotary cos/sin `[N, head_dim]` in fp32 for patch positions `[N, 2]` (row h, column w).
+    """2D rotary cos/sin `[..., N, head_dim]` in fp32 for patch positions `[..., N, 2]` (row h, column w).
 
     head_dim/4 frequencies over a spatial dim of head_dim/2; angles are [h·f ‖ w·f], repeated twice.
     """
     spatial = head_dim // 2
     inv_freq = 1.0 / (theta ** (jnp.arange(0, spatial, 2, dtype=jnp.float32) / spatial))
     hw = hw_position_ids.astype(jnp.float32)
-    freqs = jnp.concatenate([hw[:, 0:1] * inv_freq, hw[:, 1:2] * inv_freq], axis=-1)
+    freqs = jnp.concatenate([hw[..., 0:1] * inv_freq, hw[..., 1:2] * inv_freq], axis=-1)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)

@@ -2,17 +2,20 @@
 
 One jitted function per static shape does the whole rollout of a batch of prompts:
 
-1. prefill: the left-padded prompts (with their images) run once through the model, filling a KV
-   cache of `prompt bucket + max_new_tokens` slots; only the last position's logits are projected;
-2. the cache and those logits are repeated n times (the n samples of a prompt share one prefill);
-3. decode: a `lax.while_loop` samples a token per sequence, writes it at the next cache slot and runs
-   one cached forward, until every sequence has hit a stop token or `max_new_tokens`.
+1. prefill: the left-padded prompts (with their images) run through the model in chunks of
+   `prefill_chunk` prompts (`lax.map`), each filling a prompt KV cache of exactly the prompt bucket's
+   slots (attention over the prompt length only); only the last position's logits are projected;
+2. the n samples of a prompt share its prompt cache (`pr1.models.decode`: it is held once, not n
+   times); each sample gets a response cache of `max_new_tokens` slots;
+3. decode: a `lax.while_loop` samples a token per sequence, writes its keys/values in place at the
+   next response slot and runs one decode step, until every sequence has hit a stop token or
+   `max_new_tokens`.
 
-A new token's MRoPE position is (real tokens so far) + the prompt's rope delta on all three rows;
-the cache slot it is written to is the prompt bucket + step (left padding takes slots, not
-positions). Shapes are static: the prompt length is rounded up to a power-of-two bucket, the image
-patches per prompt likewise, and the prompt count up to a multiple of the mesh's batch axes, so a
-training run compiles a handful of variants. The params are the learner's arrays, read in place.
+A new token's MRoPE position is (real tokens so far) + the prompt's rope delta on all three rows.
+Shapes are static: the prompt length is rounded up to a power-of-two bucket, the image patch slots
+per prompt to a multiple of 256 (`vision.patch_bucket`), and the prompt count up to a multiple of
+the mesh's batch axes (and of the prefill chunk), so a training run compiles a handful of variants.
+The params are the learner's arrays, read in place.
 
 Sampling follows the rollout engines whose logprobs the learner reproduces: logprobs are
 log_softmax(logits / T) of the chosen token before top-k/top-p filtering; top-k keeps the k most
@@ -38,13 +41,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pr1 import distributed
+from pr1.models.decode import decode_step
 from pr1.models.rope import rope_index
-from pr1.models.vision import batched_vision_inputs
+from pr1.models.vision import LAYOUT_KEYS, batched_vision_inputs, patch_bucket, patch_slots
 from pr1.rollout.types import Completion, Prompt, SamplingParams
 from pr1.train.state import ModelDef
 
 BATCH_AXES = ("data", "fsdp")
-_VISION_KEYS = ("pixel_values", "hw_position_ids", "frame_ids", "window_ids")
+_VISION_KEYS = ("pixel_values",) + LAYOUT_KEYS
 
 
 def bucket(n: int, minimum: int) -> int:
@@ -93,7 +97,8 @@ class EmbeddedEngine:
     """
 
     def __init__(self, model_def: ModelDef, params, mesh: Mesh, tokenizer, *, stop_token_ids: Sequence[int],
-                 pad_token_id: int, min_prompt_bucket: int = 64, min_patch_bucket: int = 256):
+                 pad_token_id: int, min_prompt_bucket: int = 64, min_patch_bucket: int = 256,
+                 prefill_chunk: int = 0):
         if not stop_token_ids:
             raise ValueError("EmbeddedEngine needs at least one default stop token id (EOS, <|im_end|>)")
         self.model_def = model_def
@@ -103,10 +108,12 @@ class EmbeddedEngine:
         self.pad_token_id = int(pad_token_id)
         self.min_prompt_bucket = min_prompt_bucket
         self.min_patch_bucket = min_patch_bucket
+        self.prefill_chunk = int(prefill_chunk)  # prompts per prefill chunk (0: all at once)
         self._params = params
         self.weight_version = "step-0"
         self.compilations = 0  # traces of the rollout function (each new static shape is one)
-        self._rollout = jax.jit(self._rollout_fn, static_argnames=("n", "max_new_tokens", "greedy", "filtering"))
+        self._rollout = jax.jit(self._rollout_fn,
+                                static_argnames=("n", "max_new_tokens", "greedy", "filtering", "chunks"))
 
     def sync_weights(self, params, step: int) -> None:
         self._params = params
@@ -132,16 +139,47 @@ class EmbeddedEngine:
             jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p), jnp.int32(sampling.top_k),
             jnp.asarray(stop, jnp.int32),
             n=n, max_new_tokens=sampling.max_new_tokens, greedy=sampling.greedy,
-            filtering=sampling.top_p < 1 or sampling.top_k > 0)
+            filtering=sampling.top_p < 1 or sampling.top_k > 0, chunks=self.prefill_chunks(batch["input_ids"].shape[0]))
+
+    def lower(self, params, batch: dict, stop_ids, *, n: int, max_new_tokens: int, greedy: bool, filtering: bool):
+        """The jitted rollout lowered for (possibly abstract) `params` and a placed prefill `batch` (as
+        `_prefill_inputs` builds it), for memory planning and tests; scalars are abstract."""
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)
+        key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
+        return self._rollout.lower(params, batch, key, scalar(jnp.float32), scalar(jnp.float32), scalar(jnp.int32),
+                                   stop_ids, n=n, max_new_tokens=max_new_tokens, greedy=greedy, filtering=filtering,
+                                   chunks=self.prefill_chunks(batch["input_ids"].shape[0]))
+
+    def _batch_devices(self) -> int:
+        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+    def _chunk_rows(self) -> int:
+        """Prompts per prefill chunk, rounded up to whole rows of every batch device (0: no chunking)."""
+        if self.prefill_chunk <= 0:
+            return 0
+        d = self._batch_devices()
+        return -(-self.prefill_chunk // d) * d
+
+    def prefill_chunks(self, rows: int) -> int:
+        """How many chunks the prefill of `rows` (global) prompts runs in: the fewest that hold at most
+        `prefill_chunk` prompts each and split every device's rows evenly (chunk j takes rows j, j+k, ..)."""
+        chunk = self._chunk_rows()
+        per_device = rows // self._batch_devices()
+        if chunk <= 0 or chunk >= rows:
+            return 1
+        want = -(-rows // chunk)
+        return next(k for k in range(want, per_device + 1) if per_device % k == 0)
 
     def _generate_multiprocess(self, prompts: list[Prompt], sampling: SamplingParams, n: int) -> list[Completion]:
         # Every process must reach the jitted rollout with the same shapes, even one without prompts
         # (a short validation split): the shapes come from maxima over all processes. Process p's
         # rows are its block of the global batch (pr1.distributed.check_process_rows).
         local_rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"] // jax.process_count()
+        vision = self.model_def.config.vision
         count, longest, patches = distributed.max_over_processes(
             [len(prompts), max((len(p.input_ids) for p in prompts), default=1),
-             max((0 if p.pixel_values is None else len(p.pixel_values) for p in prompts), default=0)])
+             max((patch_slots(p.image_grid_thw, vision) for p in prompts), default=0)])
         if count == 0:
             return []
         rows = -(-count // local_rows) * local_rows
@@ -179,8 +217,11 @@ class EmbeddedEngine:
         """
         num_real = len(prompts)
         if rows is None:
-            rows = -(-num_real // (self.mesh.shape["data"] * self.mesh.shape["fsdp"])) * \
-                self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+            d = self._batch_devices()
+            rows = -(-num_real // d) * d
+            chunk = self._chunk_rows()
+            if 0 < chunk < rows:  # whole chunks: the prefill's lax.map needs equal ones
+                rows = -(-rows // chunk) * chunk
         # Pad the prompt count with copies of prompt 0 (discarded afterwards): a copy is a valid
         # input, where an empty row would be an all-padding sequence.
         padded = prompts + [prompts[0]] * (rows - num_real)
@@ -196,10 +237,11 @@ class EmbeddedEngine:
         batch = {"input_ids": ids, "attention_mask": mask, "position_ids": pos.astype(np.int32),
                  "deltas": deltas.astype(np.int32)}
         if grids or patches:  # `patches` > 0: another process has images, so every process has these keys
-            patches = bucket(max([patches] + [0 if p.pixel_values is None else len(p.pixel_values) for p in padded]),
-                             self.min_patch_bucket)
+            vision = self.model_def.config.vision
+            patches = patch_bucket(max([patches] + [patch_slots(p.image_grid_thw, vision) for p in padded]),
+                                   self.min_patch_bucket)
             batch.update(batched_vision_inputs([p.pixel_values for p in padded], [p.image_grid_thw for p in padded],
-                                               self.model_def.config.vision, num_patches=patches))
+                                               vision, num_patches=patches, dtype=jnp.dtype(self.model_def.compute_dtype)))
         placed = {}
         for key, value in batch.items():
             axes = (None, BATCH_AXES) if key == "position_ids" else (BATCH_AXES,)
@@ -209,31 +251,44 @@ class EmbeddedEngine:
     # -- device side: one jitted rollout ----------------------------------------------------------
 
     def _rollout_fn(self, params, batch, key, temperature, top_p, top_k, stop_ids, *, n, max_new_tokens,
-                    greedy, filtering):
+                    greedy, filtering, chunks):
         self.compilations += 1  # runs only while tracing
         # Sampled with the compute-dtype weights (bf16 for the recipe), as the learner's forward runs.
         model = self.model_def.bind(self.model_def.compute_params(params))
         ids, mask = batch["input_ids"], batch["attention_mask"]
         rows, length = ids.shape
-        slots = length + max_new_tokens
-        vision = {k: batch[k] for k in _VISION_KEYS if k in batch}
-        layout = {k: vision[k] for k in _VISION_KEYS[1:]} if vision else None
-
-        cache = model.init_cache(rows, slots, dtype=self.model_def.compute_dtype)
-        slot_mask = jnp.concatenate([mask, jnp.zeros((rows, max_new_tokens), mask.dtype)], axis=1)
-        hidden, cache = model(ids, position_ids=batch["position_ids"], attention_mask=slot_mask,
-                              pixel_values=vision.get("pixel_values"), vision_layout_arrays=layout,
-                              cache=cache, cache_index=0, return_hidden=True)
         head = model.logits  # fp32 accumulation, as in the learner
-        logits = head(hidden[:, -1])
 
-        # n samples per prompt: rows p*n .. p*n+n-1 share prompt p's prefill.
+        def prefill(chunk):
+            """One chunk of prompts → (last logits [C, V], its prompt cache [layers, C, Tp, ...])."""
+            vision = {k: chunk[k] for k in _VISION_KEYS if k in chunk}
+            layout = {k: vision[k] for k in _VISION_KEYS[1:]} if vision else None
+            cache = model.init_cache(chunk["input_ids"].shape[0], length, dtype=self.model_def.compute_dtype)
+            hidden, cache = model(chunk["input_ids"], position_ids=jnp.swapaxes(chunk["position_ids"], 0, 1),
+                                  attention_mask=chunk["attention_mask"], pixel_values=vision.get("pixel_values"),
+                                  vision_layout_arrays=layout, cache=cache, cache_index=0, return_hidden=True)
+            return head(hidden[:, -1]), cache
+
+        inputs = {k: v for k, v in batch.items() if k != "deltas"}
+        inputs["position_ids"] = jnp.swapaxes(inputs["position_ids"], 0, 1)  # rows first, for the split
+        if chunks == 1:
+            logits, prompt_cache = prefill(inputs)
+        else:
+            # Chunk j = rows j, j+k, ...: every device keeps prefilling its own rows.
+            split = lambda x: jnp.moveaxis(x.reshape((rows // chunks, chunks) + x.shape[1:]), 1, 0)
+            logits, prompt_cache = jax.lax.map(prefill, jax.tree.map(split, inputs))
+            logits = jnp.moveaxis(logits, 0, 1).reshape(rows, -1)
+            prompt_cache = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 2).reshape((x.shape[1], rows) + x.shape[3:]),
+                                        prompt_cache)
+        prompt_cache = self._constrain_cache(prompt_cache)
+        prompt_segments = jnp.where(mask.astype(bool), 0, -1)
+
+        # n samples per prompt: rows p*n .. p*n+n-1 share prompt p's cache (held once).
         rep = lambda x: jnp.repeat(x, n, axis=0)
-        cache = jax.tree.map(lambda x: jnp.repeat(x, n, axis=1), cache)
-        cache = self._constrain_cache(cache)
-        logits, slot_mask = rep(logits), rep(slot_mask)
-        prompt_len, deltas = rep(mask.sum(axis=1)), rep(batch["deltas"])
         total = rows * n
+        response_cache = self._constrain_cache(model.init_cache(total, max_new_tokens, dtype=self.model_def.compute_dtype))
+        logits = rep(logits)
+        prompt_len, deltas = rep(mask.sum(axis=1)), rep(batch["deltas"])
 
         def sample(step, logits):
             return sample_tokens(logits, jax.random.fold_in(key, step), temperature, top_p, top_k,
@@ -246,28 +301,25 @@ class EmbeddedEngine:
         lengths = jnp.ones((total,), jnp.int32)
 
         def cond(carry):
-            step, _, _, _, _, _, _, stopped = carry
+            step, _, _, _, _, _, stopped = carry
             return (step < max_new_tokens) & ~jnp.all(stopped)
 
         def body(carry):
-            step, cache, slot_mask, last, tokens, logprobs, lengths, stopped = carry
-            # Token step-1 goes into slot length+step-1 at position (real tokens so far) + delta.
-            slot = length + step - 1
-            slot_mask = jax.lax.dynamic_update_slice(slot_mask, jnp.ones((total, 1), slot_mask.dtype), (0, slot))
+            step, cache, last, tokens, logprobs, lengths, stopped = carry
+            # Token step-1 goes into response slot step-1 at position (real tokens so far) + delta.
             position = jnp.broadcast_to((prompt_len + step - 1 + deltas)[None, :, None], (3, total, 1))
-            h, cache = model(last[:, None], position_ids=position, attention_mask=slot_mask, cache=cache,
-                             cache_index=slot, return_hidden=True)
-            token, logp = sample(step, head(h[:, 0]))
+            h, cache = decode_step(model, last, position, prompt_cache, prompt_segments, cache, step - 1, n)
+            token, logp = sample(step, head(h))
             running = ~stopped
             token = jnp.where(running, token, self.pad_token_id)
             tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
             logprobs = jax.lax.dynamic_update_slice(logprobs, jnp.where(running, logp, 0.0)[:, None], (0, step))
             lengths = lengths + running.astype(jnp.int32)
             stopped = stopped | (running & jnp.isin(token, stop_ids))
-            return step + 1, self._constrain_cache(cache), slot_mask, token, tokens, logprobs, lengths, stopped
+            return step + 1, self._constrain_cache(cache), token, tokens, logprobs, lengths, stopped
 
-        carry = (jnp.int32(1), cache, slot_mask, token, tokens, logprobs, lengths, stopped)
-        _, _, _, _, tokens, logprobs, lengths, stopped = jax.lax.while_loop(cond, body, carry)
+        carry = (jnp.int32(1), response_cache, token, tokens, logprobs, lengths, stopped)
+        _, _, _, tokens, logprobs, lengths, stopped = jax.lax.while_loop(cond, body, carry)
         return tokens, logprobs, lengths, stopped
 
     def _constrain_cache(self, cache):

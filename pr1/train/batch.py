@@ -1,8 +1,9 @@
 """From rollouts to the learner's batch: prompt + response rows at static, bucketed shapes (host side).
 
 Row r holds prompt p's ids left-padded to the prompt bucket, then completion r's ids right-padded to
-`max_new_tokens`, so the response always starts at the same column and a run compiles one update
-per prompt bucket. The loss mask covers exactly the sampled tokens (including a final stop token);
+the response bucket: a power of two >= the step's longest completion, at most `max_new_tokens`. So
+the response always starts at the same column, rows are only as long as the step's real lengths
+need (not the configured maxima), and a run compiles one update per (prompt, response) bucket pair. The loss mask covers exactly the sampled tokens (including a final stop token);
 `rollout_logprobs` are the engine's logprobs of those tokens at the same columns. Images go per row
 (`vision.batched_vision_inputs`), so rows can be split into micro-batches and sharded freely.
 
@@ -21,32 +22,38 @@ import numpy as np
 from pr1 import distributed
 from pr1.models.config import Qwen25VLConfig
 from pr1.models.rope import decode_position_ids, rope_index
-from pr1.models.vision import batched_vision_inputs
+from pr1.models.vision import batched_vision_inputs, patch_bucket, patch_slots
 from pr1.rollout.sampler import bucket
 from pr1.rollout.types import Completion, Prompt
 from pr1.train import step as step_lib
 
 
-def batch_extents(prompts: Sequence[Prompt], completions: Sequence[Completion]) -> tuple[int, int]:
-    """(longest prompt, most image patches of a prompt) over the rows of `completions`."""
+def batch_extents(prompts: Sequence[Prompt], completions: Sequence[Completion],
+                  config: Qwen25VLConfig) -> tuple[int, int, int]:
+    """(longest prompt, most image patch slots of a prompt, longest completion) over `completions`."""
     rows = [prompts[c.prompt_index] for c in completions]
     return (max((len(p.input_ids) for p in rows), default=0),
-            max((0 if p.pixel_values is None else len(p.pixel_values) for p in rows), default=0))
+            max((patch_slots(p.image_grid_thw, config.vision) for p in rows), default=0),
+            max((len(c.token_ids) for c in completions), default=0))
 
 
 def learner_batch(config: Qwen25VLConfig, prompts: Sequence[Prompt], completions: Sequence[Completion], *,
                   max_new_tokens: int, pad_token_id: int, min_prompt_bucket: int = 64,
-                  min_patch_bucket: int = 256, extents: tuple[int, int] = (0, 0)) -> dict[str, np.ndarray]:
+                  min_patch_bucket: int = 256, min_response_bucket: int = 64, extents: tuple[int, ...] = (0, 0, 0),
+                  pixel_dtype=np.float32) -> dict[str, np.ndarray]:
     """The batch of `pr1.train.step` (without old_logprobs / advantages) for `completions`.
 
-    `extents`: at least this (longest prompt, most patches) is padded for; several processes pass
-    the maxima over all of them (see `batch_extents`), so they all reach the same buckets.
+    `extents`: at least this (longest prompt, most patch slots, longest completion) is padded for;
+    several processes pass the maxima over all of them (see `batch_extents`), so they all reach the
+    same buckets. `pixel_dtype`: bf16 (ml_dtypes) when the model computes in bf16.
     """
     rows = len(completions)
-    longest, most_patches = extents
+    longest, most_patches, longest_response = (tuple(extents) + (0, 0, 0))[:3]
     prompt_len = bucket(max([longest] + [len(prompts[c.prompt_index].input_ids) for c in completions]),
                         min_prompt_bucket)
-    length = prompt_len + max_new_tokens
+    response = max([longest_response] + [len(c.token_ids) for c in completions])
+    response_len = min(bucket(response, min_response_bucket), max_new_tokens)
+    length = prompt_len + response_len
     ids = np.full((rows, length), pad_token_id, np.int32)
     mask = np.zeros((rows, length), np.int32)
     loss_mask = np.zeros((rows, length), np.int32)
@@ -68,16 +75,17 @@ def learner_batch(config: Qwen25VLConfig, prompts: Sequence[Prompt], completions
     pos, deltas = rope_index(config, ids[:, :prompt_len], np.concatenate(grids) if grids else None,
                              mask[:, :prompt_len])
     real = mask[:, :prompt_len].sum(axis=1)
-    response = decode_position_ids(real, deltas, max_new_tokens)
+    response = decode_position_ids(real, deltas, response_len)
     response = np.where(mask[None, :, prompt_len:].astype(bool), response, 0)
     pos = np.concatenate([pos, response], axis=2)
     batch = {"input_ids": ids, "attention_mask": mask, "position_ids": np.swapaxes(pos, 0, 1).astype(np.int32),
              "loss_mask": loss_mask, "rollout_logprobs": rollout_logprobs}
     if grids or most_patches:  # another process has images: every process has the vision keys
-        patches = bucket(max([most_patches] + [0 if p.pixel_values is None else len(p.pixel_values)
-                                               for p in row_prompts]), min_patch_bucket)
+        patches = patch_bucket(max([most_patches] + [patch_slots(p.image_grid_thw, config.vision)
+                                                     for p in row_prompts]), min_patch_bucket)
         batch.update(batched_vision_inputs([p.pixel_values for p in row_prompts],
-                                           [p.image_grid_thw for p in row_prompts], config.vision, num_patches=patches))
+                                           [p.image_grid_thw for p in row_prompts], config.vision, num_patches=patches,
+                                           dtype=pixel_dtype))
     return batch
 
 

@@ -24,6 +24,7 @@ import urllib.parse
 
 import ml_collections
 
+from pr1.models import attention as attention_lib
 from pr1.rewards.combine import check_config as check_rewards_config
 from pr1.rewards.combine import rewards_config
 from pr1.rl.grpo import LOSS_AGG_MODES
@@ -54,6 +55,9 @@ def default_config() -> ml_collections.ConfigDict:
         param_dtype="float32",
         compute_dtype="bfloat16",
         make_tiny_if_missing=False,  # debug only: write pr1.models.tiny's checkpoint at `path` first
+        # pr1.models.attention: auto (splash on TPU, cudnn on GPU, blockwise on CPU) | xla (dense) |
+        # blockwise (pure-JAX flash) | cudnn | splash
+        attention="auto",
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.data = data_config()
@@ -63,6 +67,7 @@ def default_config() -> ml_collections.ConfigDict:
         temperature=1.0, top_p=1.0, top_k=-1,
         max_new_tokens=4096,
         min_prompt_bucket=64, min_patch_bucket=256,
+        prefill_chunk=0,         # embedded engine: prompts prefilled at a time (0: all of a step's at once)
         val_max_new_tokens=4096,  # validation decodes greedily
         sglang=sglang_config(),
     ))
@@ -93,10 +98,11 @@ def _need(cond: bool, key: str, message: str) -> None:
 
 
 def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
-                    check_files: bool = True) -> None:
+                    check_files: bool = True, backend: str | None = None) -> None:
     """Checks every value the run depends on; raises ConfigError('<key>: <why>').
 
-    check_files=False skips the checks that local data files exist (for planning a run elsewhere).
+    check_files=False skips the checks that local data files exist (for planning a run elsewhere);
+    `backend` (jax's platform name), when given, is where model.attention must be able to run.
     """
     for section in ("model", "mesh", "data", "rollout", "rewards", "learner", "optim", "train"):
         _need(section in c, section, "section missing from the config")
@@ -106,6 +112,10 @@ def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = N
           f"{m.path} is not a directory (no model is downloaded; give a local checkpoint dir)")
     _need(m.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}, got {m.param_dtype!r}")
     _need(m.compute_dtype in DTYPES, "model.compute_dtype", f"must be one of {DTYPES}, got {m.compute_dtype!r}")
+    try:
+        attention_lib.check_implementation(m.get("attention", "auto"), backend)
+    except attention_lib.AttentionConfigError as e:
+        raise ConfigError(str(e)) from None
 
     axes = {name: c.mesh[name] for name in ("data", "fsdp", "tensor")}
     for name, value in axes.items():
@@ -138,6 +148,7 @@ def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = N
     _need(r.temperature > 0, "rollout.temperature", f"training samples need a temperature > 0, got {r.temperature}")
     _need(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
     _need(r.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {r.max_new_tokens}")
+    _need(r.prefill_chunk >= 0, "rollout.prefill_chunk", f"must be >= 0 (0: all prompts at once), got {r.prefill_chunk}")
     _need(r.val_max_new_tokens >= 1, "rollout.val_max_new_tokens", f"must be >= 1, got {r.val_max_new_tokens}")
     if r.engine == "sglang":
         _need(bool(r.sglang.urls), "rollout.sglang.urls", "empty; give the SGLang server URLs (launch/serve_rollout.sh)")
@@ -156,7 +167,8 @@ def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = N
     _need(lc.clip_low >= 0 and lc.clip_high >= 0, "learner.clip_low/clip_high", "must be >= 0")
     _need(lc.dual_clip is None or lc.dual_clip > 1, "learner.dual_clip", f"must be > 1 (or None), got {lc.dual_clip}")
     _need(lc.remat in _REMAT_POLICIES, "learner.remat", f"must be one of {sorted(_REMAT_POLICIES)}, got {lc.remat!r}")
-    _need(lc.micro_batches >= 1, "learner.micro_batches", f"must be >= 1, got {lc.micro_batches}")
+    _need(lc.micro_batches >= 0, "learner.micro_batches",
+          f"must be >= 1, or 0 (one response per batch device per micro-batch), got {lc.micro_batches}")
     _need(abs(lc.temperature - r.temperature) < 1e-9, "learner.temperature",
           f"must equal rollout.temperature ({r.temperature}) so logprobs are of the sampling distribution, "
           f"got {lc.temperature}")
@@ -185,7 +197,7 @@ def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = N
     # A mini-batch must hold whole groups and split into micro-batches.
     per_mini = rows // t.mini_batches
     _need(per_mini % r.n == 0, "train.mini_batches", f"mini-batches of {per_mini} responses would split GRPO groups of {r.n}")
-    _need(per_mini % lc.micro_batches == 0, "learner.micro_batches",
+    _need(lc.micro_batches == 0 or per_mini % lc.micro_batches == 0, "learner.micro_batches",
           f"{lc.micro_batches} does not divide the {per_mini} responses of a mini-batch")
     if num_devices is not None:
         sizes = dict(axes)
@@ -193,7 +205,10 @@ def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = N
         if free:  # the -1 axis takes the devices the fixed axes leave
             sizes[free[0]] = num_devices // math.prod(v for v in sizes.values() if v != -1)
         batch_rows = sizes["data"] * sizes["fsdp"]
-        per_micro = per_mini // lc.micro_batches
+        _need(per_mini % batch_rows == 0, "data.prompts_per_step",
+              f"the {per_mini} responses of a mini-batch do not divide over the {batch_rows} devices of mesh axes "
+              f"data x fsdp ({sizes})")
+        per_micro = per_mini // lc.micro_batches if lc.micro_batches else batch_rows
         _need(per_micro % batch_rows == 0, "learner.micro_batches",
               f"micro-batches of {per_micro} responses do not divide over the {batch_rows} devices of mesh axes "
               f"data x fsdp ({sizes})")

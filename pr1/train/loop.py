@@ -22,6 +22,7 @@ checkpoint saves, the decision to stop) is decided from values all processes agr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -153,7 +154,7 @@ def _make_engine(config, model_def, params, mesh, processor, workdir):
     if r.engine == "embedded":
         return EmbeddedEngine(model_def, params, mesh, processor.tokenizer, stop_token_ids=stop,
                               pad_token_id=processor.pad_token_id, min_prompt_bucket=r.min_prompt_bucket,
-                              min_patch_bucket=r.min_patch_bucket)
+                              min_patch_bucket=r.min_patch_bucket, prefill_chunk=r.prefill_chunk)
     from pr1.rollout.sglang import SGLangEngine
     return SGLangEngine.from_config(r.sglang, model_def=model_def, workdir=workdir, tokenizer=processor.tokenizer,
                                     stop_token_ids=stop, assets_from=config.model.path)
@@ -225,7 +226,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     workdir = os.path.abspath(workdir) if "://" not in workdir else workdir
     distributed.maybe_initialize(config)  # a no-op unless enabled, or when the CLI already did it
-    validate_config(config, num_devices=jax.device_count())
+    validate_config(config, num_devices=jax.device_count(), backend=jax.default_backend())
     _prepare_inputs(config)
     log_dir = _log_dir(workdir)
     os.makedirs(log_dir, exist_ok=True)
@@ -240,7 +241,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             distributed.check_process_rows(mesh, step_lib.BATCH_AXES)
         except ValueError as e:
             raise ConfigError(f"mesh: {e}") from None
-    model_config = Qwen25VLConfig.from_dir(config.model.path)
+    model_config = dataclasses.replace(Qwen25VLConfig.from_dir(config.model.path), attention=config.model.attention)
     processor = Processor.from_dir(config.model.path, min_pixels=config.data.min_pixels,
                                    max_pixels=config.data.max_pixels)
     model_def = state_lib.ModelDef.create(model_config, dtype=jnp.dtype(config.model.param_dtype),
@@ -303,11 +304,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 [examples[c.prompt_index].annotations for c in completions], group_size=n)
             with timer("logprobs"):
                 # Every process pads to the same buckets: the maxima over all of them.
-                extents = distributed.max_over_processes(batch_lib.batch_extents(prompts, completions))
+                extents = distributed.max_over_processes(batch_lib.batch_extents(prompts, completions, model_config))
                 local_batch = batch_lib.learner_batch(
                     model_config, prompts, completions, max_new_tokens=r_cfg.max_new_tokens,
                     pad_token_id=processor.pad_token_id, min_prompt_bucket=r_cfg.min_prompt_bucket,
-                    min_patch_bucket=r_cfg.min_patch_bucket, extents=extents)
+                    min_patch_bucket=r_cfg.min_patch_bucket, extents=extents,
+                    pixel_dtype=jnp.dtype(model_def.compute_dtype))
                 batch = batch_lib.on_mesh(local_batch, mesh)
                 batch["old_logprobs"] = steps.logprobs(state.params, batch).block_until_ready()
             with timer("judge_wait"):

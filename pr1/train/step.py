@@ -9,7 +9,7 @@ Batch layout (every array has the sequence axis first, so one rule shards and sp
   advantages [B]                  one per response (GRPO)
   optional: ref_logprobs [B, T], rollout_logprobs [B, T] (for truncated importance sampling), and
   per-row images from `vision.batched_vision_inputs`: pixel_values [B, P, D], hw_position_ids
-  [B, P, 2], frame_ids [B, P], window_ids [B, P].
+  [B, P, 2], frame_ids [B, P], window_ids [B, P], feature_index [B, P / 4].
 B is sharded over the ('data', 'fsdp') mesh axes. Micro-batch j takes rows j, j+k, j+2k, ... so every
 device keeps working on its own rows, and the token-mean loss is normalized by the whole batch's
 token count, which makes k micro-batches exactly one big batch.
@@ -24,11 +24,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pr1.models.vision import LAYOUT_KEYS
 from pr1.rl import grpo
 from pr1.train.state import ModelDef, TrainState
 
 BATCH_AXES = ("data", "fsdp")
-_VISION_KEYS = ("hw_position_ids", "frame_ids", "window_ids")
+_VISION_KEYS = LAYOUT_KEYS
 _REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -54,6 +55,8 @@ def learner_config() -> ml_collections.ConfigDict:
         "kl_kind": "k3",
         "tis_cap": ml_collections.config_dict.placeholder(float),
         "temperature": 1.0,
+        # Gradient-accumulation micro-batches per mini-batch; 0: derived from the mesh, one response per
+        # batch device (data x fsdp) per micro-batch, so a recipe fits any mesh size unchanged.
         "micro_batches": 1,
         # Per-layer rematerialization in the backward pass: none | full (keep only each layer's
         # input) | dots (also keep the weight matmuls' outputs; recompute attention and elementwise).
@@ -125,6 +128,14 @@ def _forward_logprobs(model_def: ModelDef, params, mb: dict, temperature: float,
     return pad0(lp), (pad0(ent) if entropy else None)
 
 
+def micro_batch_count(cfg: ml_collections.ConfigDict, rows: int, mesh: Mesh) -> int:
+    """learner.micro_batches, or (0) one response per batch device per micro-batch on `mesh`."""
+    if cfg.micro_batches > 0:
+        return cfg.micro_batches
+    devices = int(np.prod([mesh.shape.get(a, 1) for a in BATCH_AXES]))
+    return max(rows // devices, 1)
+
+
 def _check_micro_batches(batch_rows: int, k: int):
     if k < 1 or batch_rows % k:
         raise ValueError(f"learner.micro_batches={k} must divide the batch of {batch_rows} sequences")
@@ -132,8 +143,9 @@ def _check_micro_batches(batch_rows: int, k: int):
 
 def make_logprob_step(model_def: ModelDef, cfg: ml_collections.ConfigDict, param_shardings, mesh: Mesh, example_batch: dict):
     """jit(params, batch) -> logprobs [B, T] (old or reference policy), in micro-batches."""
-    k = cfg.micro_batches
-    _check_micro_batches(next(iter(example_batch.values())).shape[0], k)
+    rows = next(iter(example_batch.values())).shape[0]
+    k = micro_batch_count(cfg, rows, mesh)
+    _check_micro_batches(rows, k)
 
     def step(params, batch):
         micro = jax.tree.map(lambda x: _split(x, k), batch)
@@ -170,8 +182,9 @@ def make_update_step(model_def: ModelDef, tx: optax.GradientTransformation, cfg:
     A non-finite loss or gradient norm leaves the state unchanged (metrics say so; `check_finite`
     turns that into an error on the host). The input state's buffers are donated.
     """
-    k = cfg.micro_batches
-    _check_micro_batches(next(iter(example_batch.values())).shape[0], k)
+    rows = next(iter(example_batch.values())).shape[0]
+    k = micro_batch_count(cfg, rows, mesh)
+    _check_micro_batches(rows, k)
     if cfg.loss_agg == "seq-mean-token-sum-norm" and cfg.horizon is None:
         # Batches are prompt+response padded to a bucket; the Dr.GRPO constant must be the response
         # budget, not that bucket length, or the loss scale would change with the prompt bucket.

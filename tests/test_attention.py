@@ -1,0 +1,177 @@
+"""The attention entry point: blockwise (flash) equals the dense reference, memory grows linearly in T,
+and implementations that cannot run on this backend are config errors naming `model.attention`."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pr1.models import attention as attn
+
+
+def _inputs(seed, b, tq, tk, h, kvh, d, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.normal(size=(b, tq, h, d)), dtype)
+    k = jnp.asarray(rng.normal(size=(b, tk, kvh, d)), dtype)
+    v = jnp.asarray(rng.normal(size=(b, tk, kvh, d)), dtype)
+    return q, k, v
+
+
+def _segments(b, t):
+    """Row 0: left padding then one segment; row 1: two packed segments then right padding."""
+    seg = np.zeros((b, t), np.int32)
+    seg[0, :t // 7] = -1
+    seg[1, t // 2:] = 1
+    seg[1, t - t // 9:] = -1
+    return jnp.asarray(seg)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2)])  # MHA and grouped-query
+def test_blockwise_equals_xla_with_segments(causal, heads):
+    h, kvh = heads
+    q, k, v = _inputs(0, 2, 300, 300, h, kvh, 16)
+    seg = _segments(2, 300)
+    # Block sizes that do not divide T, and query blocks larger than key blocks, so the padding and the
+    # causal block skipping are both exercised.
+    run = lambda impl: attn.attention(q, k, v, causal=causal, segment_ids=seg, implementation=impl,
+                                      block_q=64, block_k=48)
+    want, got = run("xla"), run("blockwise")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
+    # Padding queries give zeros in both.
+    assert np.all(np.asarray(got)[0, :300 // 7] == 0)
+    assert np.abs(np.asarray(want)).max() > 0.5
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_blockwise_gradients_equal_xla(causal):
+    q, k, v = _inputs(1, 2, 200, 200, 6, 2, 16)
+    seg = _segments(2, 200)
+    weights = jnp.asarray(np.random.default_rng(2).normal(size=(16,)), jnp.float32)
+
+    def loss(impl):
+        return lambda q, k, v: (attn.attention(q, k, v, causal=causal, segment_ids=seg, implementation=impl,
+                                               block_q=32, block_k=64) * weights).sum()
+
+    want = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+    got = jax.grad(loss("blockwise"), argnums=(0, 1, 2))(q, k, v)
+    for name, w, g in zip("qkv", want, got):
+        assert np.abs(np.asarray(w)).max() > 0.1, name
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=2e-5, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("offset", [0, 37, 200])
+def test_blockwise_cached_queries_with_offset(offset):
+    """A cached forward: Tq queries at slots offset.. of a longer key sequence (the sampler's prefill)."""
+    q, k, v = _inputs(3, 2, 90, 320, 4, 2, 16)
+    kv_seg = _segments(2, 320)
+    q_seg = jnp.zeros((2, 90), jnp.int32)
+    run = lambda impl, off: attn.attention(q, k, v, causal=True, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
+                                           q_offset=off, implementation=impl, block_q=32, block_k=64)
+    want = run("xla", offset)
+    got = jax.jit(lambda off: run("blockwise", off))(jnp.int32(offset))  # a traced offset (cache index)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
+
+
+def test_blockwise_bf16_close_to_fp32_reference():
+    q, k, v = _inputs(4, 1, 256, 256, 4, 2, 64, jnp.bfloat16)
+    want = attn.attention(*(x.astype(jnp.float32) for x in (q, k, v)), causal=True, implementation="xla")
+    got = attn.attention(q, k, v, causal=True, implementation="blockwise", block_q=64, block_k=64)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), rtol=0, atol=3e-2)
+
+
+def _temporaries(fn, *shapes):
+    compiled = jax.jit(fn).lower(*shapes).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_blockwise_memory_grows_linearly_in_t(grad):
+    """Compiled temporaries of causal attention (forward, or forward + backward) at T and 2T: blockwise
+    grows <= 2.3x (linear), the dense path ~4x (quadratic), which shows the measurement can fail."""
+
+    def program(impl):
+        def fwd(q, k, v):
+            return attn.attention(q, k, v, causal=True, implementation=impl, block_q=256, block_k=256)
+        if not grad:
+            return fwd
+        return jax.grad(lambda q, k, v: fwd(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+
+    def temps(impl, t):
+        s = lambda heads: jax.ShapeDtypeStruct((1, t, heads, 64), jnp.bfloat16)
+        return _temporaries(program(impl), s(8), s(2), s(2))
+
+    block = temps("blockwise", 4096), temps("blockwise", 8192)
+    dense = temps("xla", 2048), temps("xla", 4096)
+    assert block[1] <= 2.3 * block[0], block
+    assert dense[1] >= 3.5 * dense[0], dense
+    assert block[1] < dense[1] / 4
+
+
+def test_auto_picks_by_backend():
+    assert attn.resolve("auto", "cpu") == "blockwise"
+    assert attn.resolve("auto", "gpu") == "cudnn"
+    assert attn.resolve("auto", "tpu") == "splash"
+    assert attn.resolve("xla", "tpu") == "xla"
+
+
+@pytest.mark.parametrize("name,backend", [("cudnn", "cpu"), ("splash", "cpu"), ("splash", "gpu"), ("flash", "cpu")])
+def test_impossible_choice_names_the_config_key(name, backend):
+    with pytest.raises(attn.AttentionConfigError, match="model.attention"):
+        attn.check_implementation(name, backend)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU; this backend is "
+                    + jax.default_backend())
+def test_cudnn_equals_xla_on_gpu():
+    q, k, v = _inputs(5, 2, 512, 512, 8, 2, 64, jnp.bfloat16)
+    seg = _segments(2, 512)
+    run = lambda impl: attn.attention(q, k, v, causal=True, segment_ids=seg, implementation=impl)
+    np.testing.assert_allclose(np.asarray(run("cudnn"), np.float32), np.asarray(run("xla"), np.float32),
+                               rtol=0, atol=2e-2)
+
+
+def _tpu_python():
+    """A Python with libtpu (whose compiler builds TPU programs on this host): this one, or PR1_TPU_PYTHON."""
+    if importlib.util.find_spec("libtpu") is not None:
+        return sys.executable
+    return os.environ.get("PR1_TPU_PYTHON")
+
+
+_SPLASH_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.experimental import topologies
+from jax.sharding import Mesh, PartitionSpec as P, NamedSharding
+from pr1.models import attention as attn
+devices = list(topologies.get_topology_desc(topology_name="v5p:2x2x1", platform="tpu").devices)
+mesh = Mesh(np.array(devices), ("fsdp",))
+b, t, h, kvh, d = len(devices), 1024, 28, 4, 128  # the 7B decoder's heads, one row per chip
+sh = NamedSharding(mesh, P("fsdp"))
+for causal in (True, False):
+    f = jax.shard_map(lambda q, k, v, s: attn.attention(q, k, v, causal=causal, segment_ids=s, implementation="splash"),
+                      mesh=mesh, in_specs=(P("fsdp"),) * 4, out_specs=P("fsdp"), check_vma=False)
+    args = [jax.ShapeDtypeStruct(shape, dtype, sharding=sh) for shape, dtype in
+            (((b, t, h, d), jnp.bfloat16), ((b, t, kvh, d), jnp.bfloat16), ((b, t, kvh, d), jnp.bfloat16),
+             ((b, t), jnp.int32))]
+    compiled = jax.jit(f).lower(*args).compile()
+    text = compiled.as_text()
+    print("causal" if causal else "full", "compiled", "splash" in text or "tpu_custom_call" in text)
+"""
+
+
+@pytest.mark.skipif(not _tpu_python(), reason="splash lowering needs libtpu's compiler: pip install libtpu (the "
+                    "version jax[tpu] pins) here, or set PR1_TPU_PYTHON to a Python that has it")
+def test_splash_compiles_for_a_tpu_topology():
+    """The splash path (segment ids, causal and full masks, GQA heads of the 7B decoder) lowers and
+    compiles with libtpu for a v5p slice this host does not have."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    out = subprocess.run([_tpu_python(), "-c", _SPLASH_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "causal compiled True" in out.stdout and "full compiled True" in out.stdout, out.stdout
