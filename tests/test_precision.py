@@ -14,6 +14,7 @@ import pytest
 from pr1 import sharding
 from pr1.models.config import Qwen25VLConfig
 from pr1.models.tiny import write_tiny_checkpoint
+from pr1.models.vision import LAYOUT_KEYS
 from pr1.rl import grpo
 from pr1.train import state as state_lib
 from pr1.train import step as step_lib
@@ -88,7 +89,7 @@ def test_one_recipe_update_moves_fp32_masters_as_optax_does(tiny, batch):
 
     def loss(p):
         model = model_def.bind(jax.tree.map(lambda x: x.astype(jnp.bfloat16), p))
-        layout = {k: full[k] for k in ("hw_position_ids", "frame_ids", "window_ids")}
+        layout = {k: full[k] for k in LAYOUT_KEYS}
         logits = model(ids, position_ids=jnp.swapaxes(full["position_ids"], 0, 1),
                        attention_mask=full["attention_mask"], pixel_values=full["pixel_values"],
                        vision_layout_arrays=layout)
