@@ -149,6 +149,9 @@ class RemoteEngine:
         # Bumped whenever a server's weights are replaced, so a sample that was in flight across a
         # reload is recognised as not coming from the version it reports afterwards.
         self._generation = {u: 0 for u in self.urls}
+        # Servers whose last weight update failed: their weights are unknown (vLLM may hold partial
+        # ones), so they get the current version again before their next sample.
+        self._needs_resync: set[str] = set()
 
         self._lock = threading.Lock()
         self._stats: collections.Counter = collections.Counter()
@@ -297,6 +300,16 @@ class RemoteEngine:
             url = self._acquire(avoid=last_url)
             rid = f"pr1-{uuid.uuid4().hex}"
             try:
+                with self._lock:
+                    suspect = url in self._needs_resync and self.weight_version is not None
+                if suspect:
+                    try:
+                        self._resync(url)
+                    except BaseException:
+                        self._release(url)
+                        raise
+                    with self._lock:
+                        self._needs_resync.discard(url)
                 with self._lock:
                     self._stats["requests"] += 1
                 try:
@@ -447,6 +460,8 @@ class RemoteEngine:
         with cf.ThreadPoolExecutor(max_workers=len(self.urls)) as pool:
             futures = {url: pool.submit(self._update_server, url, path, version) for url in self.urls}
         errors = [str(f.exception()) for f in futures.values() if f.exception() is not None]
+        with self._lock:
+            self._needs_resync = {url for url, f in futures.items() if f.exception() is not None}
         if errors:
             raise self.Error(f"weight sync to {version} failed on {len(errors)} of {len(self.urls)} server(s): "
                              + " | ".join(errors))
