@@ -247,7 +247,7 @@ def test_check_weights_dir(ckpt, tmp_path):
         assert str(path) in str(e.value)
 
 
-def test_config_knobs_and_validation():
+def test_config_knobs_and_validation(ckpt):
     from pr1.train.config import ConfigError, default_config, validate_config
 
     cfg = vllm_config()
@@ -255,7 +255,7 @@ def test_config_knobs_and_validation():
     with pytest.raises(ValueError, match="rollout.vllm.urls is empty"):
         VLLMEngine.from_config(cfg, stop_token_ids=(1,))
     c = default_config()
-    c.model.path = "/x"
+    c.model.path = str(ckpt)
     c.data.train_files = ("a.parquet",)
     c.rollout.engine = "vllm"
     with pytest.raises(ConfigError, match="rollout.vllm.urls"):
@@ -264,3 +264,15 @@ def test_config_knobs_and_validation():
     c.rollout.top_p = 0.9
     with pytest.raises(ConfigError, match="rollout.top_p"):
         validate_config(c, check_files=False)
+
+
+def test_eval_takes_engine_vllm(backend, ckpt):
+    from pr1.eval import run
+
+    with pytest.raises(ValueError, match="--engine vllm needs --vllm_url"):
+        run.load_policy(model=ckpt, engine="vllm")
+    with VLLMStub(backend) as stub:
+        policy = run.load_policy(model=ckpt, engine="vllm", vllm_urls=[stub.url])
+        assert isinstance(policy.engine, VLLMEngine)
+        [c] = policy.engine.generate([Prompt.build(policy.processor, "Hi")], GREEDY)
+        assert 1 <= len(c.token_ids) <= MAX_NEW and c.finish_reason in ("stop", "length")

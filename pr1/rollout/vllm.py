@@ -18,7 +18,8 @@ expands each pad to its feature count as it would for the checkpoint's own templ
 `input_ids` exactly (image pads included), and each choice's sampled `token_ids`, whose per-token
 logprobs are `choices[0].logprobs.content[j].logprob`. Sent: temperature, top_p = 1, top_k = 0,
 min_p = 0, no penalties, max_tokens, stop_token_ids (the stop token stays in `token_ids`; the text
-leaves it out), skip_special_tokens = false, and a per-sample `seed` derived from
+leaves it out; with a tokenizer the engine decodes the text itself, as the embedded sampler does),
+skip_special_tokens = false, and a per-sample `seed` derived from
 (SamplingParams.seed, prompt, sample), so server rollouts are reproducible for a fixed batch.
 top_p < 1 or top_k > 0 are refused: vLLM's processed logprobs are taken after those filters
 (renormalized over the kept tokens), which is not what the learner recomputes.
@@ -201,10 +202,11 @@ class VLLMEngine(RemoteEngine):
             return self.model
         with self._model_lock:
             if url not in self._models:
-                status, data, body = self._control(url, "GET", "/v1/models")
+                # In the sample path: a lost server is a Retry here too (then waited for).
+                status, body = self._http(url, "GET", "/v1/models", None, self.health_timeout_s)
                 try:
-                    self._models[url] = str(data["data"][0]["id"])
-                except (TypeError, KeyError, IndexError):
+                    self._models[url] = str(json.loads(body)["data"][0]["id"])
+                except (ValueError, TypeError, KeyError, IndexError):
                     raise VLLMError(f"vLLM server {url}: GET /v1/models gave HTTP {status} {body[:300]!r}, no model id; "
                                     "set rollout.vllm.model") from None
             return self._models[url]
@@ -299,7 +301,12 @@ class VLLMEngine(RemoteEngine):
                     "resizes images differently (check its checkpoint's tokenizer and preprocessor_config "
                     "min/max_pixels against ours), so the learner would score a different prompt. "
                     "rollout.vllm.check_prompt_tokens=False skips this check.")
-        text = (choice.get("message") or {}).get("content") or ""
+        if self.tokenizer is not None:
+            # Decoded here as the embedded sampler does: vLLM's incremental detokenizer renders an
+            # incomplete UTF-8 sequence at a cut-off end differently, and rewards read this text.
+            text = self.tokenizer.decode((ids[:-1] if finish == "stop" else ids).tolist(), skip_special_tokens=False)
+        else:
+            text = (choice.get("message") or {}).get("content") or ""
         return Completion(prompt_index=p, sample_index=s, token_ids=ids, logprobs=logprobs, text=str(text),
                           finish_reason=finish, weight_version=None)
 
