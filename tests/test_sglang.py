@@ -261,6 +261,7 @@ def test_config_knobs():
         SGLangEngine.from_config(cfg, stop_token_ids=(1,))
 
 
+@pytest.mark.live
 def test_live_server():
     """Against a real SGLang server: PR1_SGLANG_URL (e.g. http://host:30000) and PR1_SGLANG_MODEL (the
     checkpoint dir it serves, for our tokenizer and processor). PR1_SGLANG_WORKDIR (a dir the server

@@ -30,8 +30,31 @@ def test_cli_writes_a_loadable_dir(tmp_path):
     assert hf.load(out, dtype=jnp.float32).config.text.vocab_size == 512
 
 
-def test_transformers_and_pr1_agree_on_processed_prompt(tiny_dir):
+@pytest.fixture(scope="module")
+def vllm_dir(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-vllm") / "ckpt", seed=3, preset="vllm")
+
+
+def test_vllm_preset_has_servable_heads(vllm_dir):
+    """vLLM's CPU attention takes head sizes 32, 64, 80+: the vllm preset must have 32-dim heads, one KV
+    head per two query heads, and a rotary split that covers them, with the default tokenizer."""
+    import json
+
+    with open(f"{vllm_dir}/config.json") as f:
+        text = json.load(f)["text_config"]
+    assert text["hidden_size"] // text["num_attention_heads"] == 32
+    assert (text["num_attention_heads"], text["num_key_value_heads"]) == (2, 1)
+    assert text["rope_parameters"]["mrope_section"] == [4, 6, 6]
+    config = hf.load(vllm_dir, dtype=jnp.float32).config
+    assert config.text.head_dim == 32 and config.text.vocab_size == 512
+    assert Processor.from_dir(vllm_dir).prompt_text("Hi", 0).endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("preset", ["default", "vllm"])
+def test_transformers_and_pr1_agree_on_processed_prompt(preset, tiny_dir, vllm_dir):
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+
+    tiny_dir = {"default": tiny_dir, "vllm": vllm_dir}[preset]
 
     ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_dir, attn_implementation="eager", dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(tiny_dir)

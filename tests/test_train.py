@@ -140,7 +140,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(assets, tmp_path):
     ("rewards.judge.failure_policy", "ignore", "rewards.judge.failure_policy"),
     ("data.prompts_per_step", 0, "data.prompts_per_step"),
     ("optim.schedule", "linear", "optim.schedule"),
-    ("rollout.engine", "vllm", "rollout.engine"),
+    ("rollout.engine", "tensorrt", "rollout.engine"),
 ])
 def test_bad_config_values_name_the_key(assets, key, value, match):
     config = small_debug(assets, **{key: value})

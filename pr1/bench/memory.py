@@ -490,7 +490,7 @@ def plan_memory(c: ml_collections.ConfigDict, model_config, mesh: Mesh, *, phase
     r, lc = c.rollout, c.learner
     notes = []
     if "rollout" in phases and r.engine != "embedded":
-        notes.append(f"rollout.engine={r.engine}: rollouts run on the SGLang servers, not on this mesh; not planned")
+        notes.append(f"rollout.engine={r.engine}: rollouts run on the {r.engine} servers, not on this mesh; not planned")
         phases = [p for p in phases if p != "rollout"]
     if mesh.devices.flat[0].platform == "cpu" and not memory_scheduler_on():
         notes.append(f"XLA_FLAGS lacks {_SCHEDULER_FLAG}=false (the CLI sets it): the CPU compiler's concurrency "

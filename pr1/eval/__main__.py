@@ -45,8 +45,10 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("--assets_from", help="tokenizer/processor dir for --workdir (default: the recorded model path)")
     src.add_argument("--label", help="the model's name in records and reports (default: from the path)")
     gen = p.add_argument_group("generation")
-    gen.add_argument("--engine", default="embedded", choices=["embedded", "sglang"])
+    gen.add_argument("--engine", default="embedded", choices=["embedded", "sglang", "vllm"])
     gen.add_argument("--sglang_url", action="append", default=[], help="SGLang server serving this model (repeat)")
+    gen.add_argument("--vllm_url", action="append", default=[],
+                     help="vLLM server serving this model (repeat; launch/serve_vllm.sh rollout)")
     gen.add_argument("--max_new_tokens", type=int, default=4096)
     gen.add_argument("--batch_size", type=int, default=32, help="problems per generate call")
     gen.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
                                 timeout=args.llm_timeout)
             llm = LLMChecker(client, mode=args.llm_mode)
         policy = run.load_policy(model=args.model, workdir=args.workdir, step=args.step, assets_from=args.assets_from,
-                                 engine=args.engine, sglang_urls=args.sglang_url, dtype=args.dtype, mesh=args.mesh,
+                                 engine=args.engine, sglang_urls=args.sglang_url, vllm_urls=args.vllm_url,
+                                 dtype=args.dtype, mesh=args.mesh,
                                  min_pixels=args.min_pixels, max_pixels=args.max_pixels, label=args.label)
         os.makedirs(args.out, exist_ok=True)
         records = {}

@@ -47,14 +47,16 @@ class Policy:
 
 def load_policy(*, model: str | None = None, workdir: str | None = None, step: int | None = None,
                 assets_from: str | None = None, engine: str = "embedded", sglang_urls: Sequence[str] = (),
+                vllm_urls: Sequence[str] = (),
                 dtype: str = "bfloat16", mesh: tuple[int, int, int] = (1, -1, 1),
                 min_pixels: int | None = None, max_pixels: int | None = None,
                 label: str | None = None) -> Policy:
     """A policy from an HF checkpoint dir (`model`) or a training workdir (`workdir`, `step`).
 
     The tokenizer and processor files come from `model`, else `assets_from`, else the model path the
-    trainer recorded in the checkpoint. With engine "sglang" no weights are loaded here: the servers
-    at `sglang_urls` must already serve this model (launch/serve_rollout.sh).
+    trainer recorded in the checkpoint. With engine "sglang" or "vllm" no weights are loaded here: the
+    servers at `sglang_urls` / `vllm_urls` must already serve this model (launch/serve_rollout.sh,
+    launch/serve_vllm.sh rollout).
     """
     from pr1.train import checkpoint as checkpoint_lib
     from pr1.train import state as state_lib
@@ -87,8 +89,14 @@ def load_policy(*, model: str | None = None, workdir: str | None = None, step: i
             raise ValueError("--engine sglang needs --sglang_url (a server from launch/serve_rollout.sh)")
         return Policy(SGLangEngine(list(sglang_urls), tokenizer=processor.tokenizer, stop_token_ids=stop),
                       processor, label)
+    if engine == "vllm":
+        from pr1.rollout.vllm import VLLMEngine
+        if not vllm_urls:
+            raise ValueError("--engine vllm needs --vllm_url (a server from launch/serve_vllm.sh rollout)")
+        return Policy(VLLMEngine(list(vllm_urls), tokenizer=processor.tokenizer, stop_token_ids=stop),
+                      processor, label)
     if engine != "embedded":
-        raise ValueError(f"--engine must be 'embedded' or 'sglang', got {engine!r}")
+        raise ValueError(f"--engine must be 'embedded', 'sglang' or 'vllm', got {engine!r}")
 
     from pr1.rollout.sampler import EmbeddedEngine
     mesh_ = sharding_lib.make_mesh(*mesh)

@@ -4,6 +4,11 @@
 built tokenizer with the Qwen special tokens and chat template, and the image-processor config, so
 pr1 (`hf.load`, `Processor.from_dir`) and transformers (`AutoTokenizer`,
 `Qwen2_5_VLForConditionalGeneration.from_pretrained`) both load it offline. Nothing is downloaded.
+
+Presets (`--preset`): "default" (4 heads of 16 dims, the unit tests' model) and "vllm" (2 heads and
+1 KV head of 32 dims, mrope_section [4, 6, 6]): vLLM's CPU attention supports head sizes 32, 64, 80
+and up, and a 16-dim head kills its engine on the first request. Same hidden size, vocabulary,
+vision tower, tokenizer and processor config otherwise.
 """
 
 from __future__ import annotations
@@ -22,14 +27,32 @@ from pr1.models.qwen2_5_vl import Qwen25VL
 from pr1.models.tiny_tokenizer import write_tokenizer_files
 
 
+def preset_overrides(preset: str) -> dict:
+    """Top-level config.json overrides of a preset (see the module docstring)."""
+    if preset == "default":
+        return {}
+    if preset == "vllm":
+        text = dict(tiny_hf_config()["text_config"], num_attention_heads=2, num_key_value_heads=1)
+        text["rope_parameters"] = dict(text["rope_parameters"], mrope_section=[4, 6, 6])
+        return {"text_config": text}
+    raise ValueError(f"unknown tiny checkpoint preset {preset!r}; known: {', '.join(PRESETS)}")
+
+
+PRESETS = ("default", "vllm")
+
+
 def write_tiny_checkpoint(out: str | os.PathLike, *, seed: int = 0, tie_word_embeddings: bool = False,
-                          min_pixels: int = 3136, max_pixels: int = 200_704, **config_overrides) -> str:
+                          min_pixels: int = 3136, max_pixels: int = 200_704, preset: str = "default",
+                          **config_overrides) -> str:
     """Write the tiny checkpoint dir at `out` and return its path.
 
-    max_pixels defaults small (256 patches) so debug images stay cheap on a CPU.
+    max_pixels defaults small (256 patches) so debug images stay cheap on a CPU. `preset` picks the
+    attention shape ("vllm": head_dim 32, servable by vLLM's CPU build); `config_overrides` replace
+    top-level config.json keys after it.
     """
     out = os.fspath(out)
-    config = Qwen25VLConfig.from_hf_dict(tiny_hf_config(tie_word_embeddings=tie_word_embeddings, **config_overrides))
+    overrides = {**preset_overrides(preset), **config_overrides}
+    config = Qwen25VLConfig.from_hf_dict(tiny_hf_config(tie_word_embeddings=tie_word_embeddings, **overrides))
     model = Qwen25VL(config, dtype=jnp.float32, rngs=nnx.Rngs(seed))
     # Weights and tokenizer are assembled next to `out` and renamed into place together: a run killed
     # in between must not leave a dir with weights but no tokenizer, which every later debug run
@@ -50,9 +73,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--tie-word-embeddings", action="store_true", help="share input and output embeddings")
     parser.add_argument("--max-pixels", type=int, default=200_704, help="image processor max_pixels")
+    parser.add_argument("--preset", choices=PRESETS, default="default",
+                        help="attention shape: default (head_dim 16) or vllm (head_dim 32, for vLLM's CPU build)")
     args = parser.parse_args(argv)
     path = write_tiny_checkpoint(args.out, seed=args.seed, tie_word_embeddings=args.tie_word_embeddings,
-                                 max_pixels=args.max_pixels)
+                                 max_pixels=args.max_pixels, preset=args.preset)
     print(f"wrote tiny Qwen2.5-VL checkpoint to {path}: {', '.join(sorted(os.listdir(path)))}")
     return 0
 

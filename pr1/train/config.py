@@ -4,7 +4,7 @@
              compute_dtype (matmuls and activations inside the jitted steps and the sampler)
     mesh     data x fsdp x tensor device mesh (one axis may be -1: the rest of the devices)
     data     pr1.data.dataset.data_config()
-    rollout  engine ("embedded" | "sglang"), n responses per prompt, sampling, buckets, sglang client
+    rollout  engine ("embedded" | "sglang" | "vllm"), n responses per prompt, sampling, buckets, server clients
     rewards  pr1.rewards.rewards_config()
     learner  pr1.train.step.learner_config()
     optim    pr1.train.state.optimizer_config()
@@ -31,7 +31,7 @@ from pr1.rl.grpo import LOSS_AGG_MODES
 from pr1.train.state import optimizer_config
 from pr1.train.step import _REMAT_POLICIES, learner_config
 
-ENGINES = ("embedded", "sglang")
+ENGINES = ("embedded", "sglang", "vllm")
 DTYPES = ("float32", "bfloat16")
 LOSS_AGGS = LOSS_AGG_MODES
 KL_KINDS = ("k1", "k2", "k3")
@@ -45,6 +45,7 @@ def default_config() -> ml_collections.ConfigDict:
     from pr1.data.dataset import data_config
     from pr1.distributed import distributed_config
     from pr1.rollout.sglang import sglang_config
+    from pr1.rollout.vllm import vllm_config
 
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict(dict(
@@ -70,6 +71,7 @@ def default_config() -> ml_collections.ConfigDict:
         prefill_chunk=0,         # embedded engine: prompts prefilled at a time (0: all of a step's at once)
         val_max_new_tokens=4096,  # validation decodes greedily
         sglang=sglang_config(),
+        vllm=vllm_config(),
     ))
     c.rewards = rewards_config()
     c.learner = learner_config()
@@ -154,6 +156,13 @@ def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = N
         _need(bool(r.sglang.urls), "rollout.sglang.urls", "empty; give the SGLang server URLs (launch/serve_rollout.sh)")
         for url in ([r.sglang.urls] if isinstance(r.sglang.urls, str) else r.sglang.urls):
             _need(_is_http_url(url), "rollout.sglang.urls", f"{url!r} must look like http://host:port")
+    if r.engine == "vllm":
+        _need(bool(r.vllm.urls), "rollout.vllm.urls", "empty; give the vLLM server URLs (launch/serve_vllm.sh rollout)")
+        for url in ([r.vllm.urls] if isinstance(r.vllm.urls, str) else r.vllm.urls):
+            _need(_is_http_url(url), "rollout.vllm.urls", f"{url!r} must look like http://host:port")
+        # vLLM reports logprobs after top-p/top-k (renormalized), not what the learner recomputes.
+        _need(r.top_p == 1, "rollout.top_p", f"must be 1.0 with rollout.engine=vllm, got {r.top_p}")
+        _need(r.top_k <= 0, "rollout.top_k", f"must be -1 (off) with rollout.engine=vllm, got {r.top_k}")
 
     try:
         check_rewards_config(c.rewards)

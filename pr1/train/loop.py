@@ -155,6 +155,10 @@ def _make_engine(config, model_def, params, mesh, processor, workdir):
         return EmbeddedEngine(model_def, params, mesh, processor.tokenizer, stop_token_ids=stop,
                               pad_token_id=processor.pad_token_id, min_prompt_bucket=r.min_prompt_bucket,
                               min_patch_bucket=r.min_patch_bucket, prefill_chunk=r.prefill_chunk)
+    if r.engine == "vllm":
+        from pr1.rollout.vllm import VLLMEngine
+        return VLLMEngine.from_config(r.vllm, model_def=model_def, workdir=workdir, tokenizer=processor.tokenizer,
+                                      stop_token_ids=stop, assets_from=config.model.path)
     from pr1.rollout.sglang import SGLangEngine
     return SGLangEngine.from_config(r.sglang, model_def=model_def, workdir=workdir, tokenizer=processor.tokenizer,
                                     stop_token_ids=stop, assets_from=config.model.path)
