@@ -193,7 +193,7 @@ def spelled_reply(messages):
 
 
 def fast_judge(url, **kw):
-    kw = dict(dict(timeout=5.0, connect_timeout=2.0, retries=2, backoff=0.01, backoff_max=0.05, seed=0), **kw)
+    kw = dict(dict(timeout=60.0, connect_timeout=2.0, retries=2, backoff=0.01, backoff_max=0.05, seed=0), **kw)
     return OpenAIJudge(url, "stub", **kw)
 
 
