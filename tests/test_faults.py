@@ -446,15 +446,18 @@ def test_bad_row_is_a_named_error_or_a_counted_skip(case, processor, tmp_path):
     path = corpus.write_bad_row_file(tmp_path, case)
     name = os.path.basename(path)
     # Four batches of two: epochs 0 and 1 of the four good rows, so the bad row is met at least once.
+    # Found at open it is an error at once; found while reading, with data.max_bad_rows=0.
     with pytest.raises(D.DataError) as info:
-        train_batches([path], processor, 4)
+        train_batches([path], processor, 4, **({} if case.at_open else {"max_bad_rows": 0}))
     message = str(info.value)
     assert message.startswith(f"{path}: row 2: field '{case.field}': "), message
     assert (info.value.path, info.value.row, info.value.field, info.value.reason) == (path, 2, case.field, case.reason)
 
-    it, batches = train_batches([path], processor, 4, skip_bad_rows=True)
+    # Skipped: with skip_bad_rows, or (found while reading) within the default data.max_bad_rows.
+    it, batches = train_batches([path], processor, 4, **({"skip_bad_rows": True} if case.at_open else {}))
     uids = [e.uid for batch in batches for e in batch]
     assert sorted(set(uids)) == [f"{name}:{i}" for i in (0, 1, 3, 4)] and len(uids) == 8
+    assert it.stats["bad_rows"] == 1  # distinct rows
     counted = it.stats[f"bad_rows/{case.reason}"]
     # At open a bad cheap field is counted once; a bad image each time the row is met (once an epoch).
     assert counted == 1 if case.at_open else 1 <= counted <= 2
