@@ -15,7 +15,7 @@ import pytest
 
 from pr1.bench.judge import StubJudgeServer, request_key
 from pr1.rewards import OpenAIJudge, RewardStage, rewards_config
-from pr1.rewards.combine import JudgeFailureError
+from pr1.rewards.combine import JudgeFailureError, judge_share
 from pr1.rewards.judge import JudgeError
 from pr1.rewards.perception import build_messages, judgement_from_reply
 
@@ -285,3 +285,33 @@ def test_live_judge():
     j = run(judge.judge(response, annotations))
     assert not j.failed, j.error
     assert j.verdicts == (1.0, 1.0, 0.0) and not j.malformed
+
+
+def test_judge_budget_is_per_service_split_over_processes():
+    """The 7B recipe's max_concurrency=512 on a 16-host pod: 32 in flight from each host, so the
+    judge server sees 512, not 8,192; requests_per_minute splits the same way."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
+    import perception_r1_qwen2_5_vl_7b as recipe
+    cfg = recipe.get_config().rewards
+    cfg.judge.url = "http://judge-host:30000/v1"
+    cfg.judge.requests_per_minute = 6000.0
+    total = cfg.judge.max_concurrency
+    assert total == 512
+    for processes in (1, 2, 16):
+        stage = RewardStage(cfg, processes=processes, scorer=_NoScorer())
+        client = stage.judge.client
+        assert client.max_concurrency == total // processes and client.max_concurrency * processes <= total
+        assert client.requests_per_minute == pytest.approx(6000.0 / processes)
+        line = stage.budget_line()
+        assert f"{total // processes} requests in flight" in line and "max_concurrency=512 in total" in line
+        assert f"{6000.0 / processes:g} requests/minute" in line
+    assert judge_share(cfg.judge, 3) == (170, 2000.0)  # rounded down: 510 <= 512
+    cfg.judge.max_concurrency = 8
+    with pytest.raises(ValueError, match=r"rewards\.judge\.max_concurrency=8 .* 16 processes"):
+        judge_share(cfg.judge, 16)
+
+
+class _NoScorer:
+    def close(self):
+        pass

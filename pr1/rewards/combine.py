@@ -48,6 +48,10 @@ def rewards_config() -> ml_collections.ConfigDict:
     accuracy: math-verify pool (workers 0 = min(8, CPUs)), per-item timeout and kill grace (s).
     judge: url "" uses the offline LexicalJudge; otherwise an OpenAI-compatible base URL such as
     "http://judge-host:30000/v1". api_key_env names the environment variable with the key.
+    judge.max_concurrency and judge.requests_per_minute are TOTALS for the judge service: they are
+    split evenly over the training processes that call it (`judge_share`), so a 16-host pod with
+    max_concurrency=512 keeps 512 requests in flight at the judge, 32 from each host, not 8,192.
+    Each process's share is logged at start.
     """
     c = ml_collections.ConfigDict()
     c.weights = ml_collections.ConfigDict(dict(accuracy=0.9, format=0.1, perception=0.7, repetition=1.0))
@@ -92,9 +96,28 @@ def check_config(cfg) -> None:
         raise ValueError(f"rewards.accuracy.timeout must be > 0, got {cfg.accuracy.timeout}")
 
 
-def make_judge(judge_cfg) -> Judge:
-    """OpenAIJudge for a configured URL, else the offline LexicalJudge."""
-    return OpenAIJudge.from_config(judge_cfg) if judge_cfg.url else LexicalJudge()
+def judge_share(judge_cfg, processes: int = 1) -> tuple[int, float]:
+    """This process's (max_concurrency, requests_per_minute): the service totals split evenly over
+    `processes` (concurrency rounded down, so the processes together never exceed the total)."""
+    processes = int(processes)
+    if processes < 1:
+        raise ValueError(f"processes must be >= 1, got {processes}")
+    total = int(judge_cfg.max_concurrency)
+    if total < processes:
+        raise ValueError(f"rewards.judge.max_concurrency={total} is the judge service's total, split over "
+                         f"{processes} processes: it must be at least {processes} (one request each)")
+    return total // processes, float(judge_cfg.requests_per_minute) / processes
+
+
+def make_judge(judge_cfg, processes: int = 1) -> Judge:
+    """OpenAIJudge for a configured URL (with this process's share of the service budget, see
+    `judge_share`), else the offline LexicalJudge."""
+    if not judge_cfg.url:
+        return LexicalJudge()
+    concurrency, rpm = judge_share(judge_cfg, processes)
+    mine = ml_collections.ConfigDict(judge_cfg.to_dict())
+    mine.max_concurrency, mine.requests_per_minute = concurrency, rpm
+    return OpenAIJudge.from_config(mine)
 
 
 @dataclasses.dataclass
@@ -174,10 +197,24 @@ class RewardStage:
 connections and the accuracy pool (unless the scorer was passed in).
     """
 
-    def __init__(self, config=None, *, judge: Judge | None = None, scorer: AccuracyScorer | None = None):
+    def budget_line(self) -> str:
+        """One line saying what this process may ask of the judge service, for the start-up log."""
+        if not isinstance(self.judge, OpenAIJudge):
+            return f"judge: {self.judge!r} (in process, no service budget)"
+        c = self.judge.client
+        rpm = f"{c.requests_per_minute:g} requests/minute" if c.requests_per_minute else "no rate limit"
+        total = self.cfg.judge
+        return (f"judge {c.url}: this process's share of the service budget: {c.max_concurrency} requests in flight "
+                f"(rewards.judge.max_concurrency={total.max_concurrency} in total), {rpm} "
+                f"(rewards.judge.requests_per_minute={total.requests_per_minute:g} in total)")
+
+    def __init__(self, config=None, *, judge: Judge | None = None, scorer: AccuracyScorer | None = None,
+                 processes: int = 1):
+        """processes: how many processes call the judge service (the training run's process count);
+        each takes its share of the judge budget."""
         self.cfg = config if config is not None else rewards_config()
         check_config(self.cfg)
-        self.judge = judge if judge is not None else make_judge(self.cfg.judge)
+        self.judge = judge if judge is not None else make_judge(self.cfg.judge, processes)
         acc = self.cfg.accuracy
         self._owns_scorer = scorer is None  # a scorer passed in may be shared: its owner closes it
         self.scorer = scorer if scorer is not None else AccuracyScorer(

@@ -265,7 +265,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     engine = _make_engine(config, model_def, state.params, mesh, processor, workdir)
     engine.sync_weights(state.params, start_step)
-    reward_stage = RewardStage(config.rewards)
+    reward_stage = RewardStage(config.rewards, processes=jax.process_count())
+    print(f"pr1.train: process {jax.process_index()}: {reward_stage.budget_line()}", flush=True)
     steps = _StepCache(model_def, tx, config.learner, shardings, mesh)
     writer = metrics_lib.MetricsWriter(log_dir, resume_step=start_step, tensorboard=t_cfg.tensorboard,
                                        wandb_project=t_cfg.wandb_project, run_name=t_cfg.run_name,
