@@ -34,8 +34,10 @@ def main(argv) -> int:
         logging.set_verbosity(logging.WARNING)
     from pr1 import distributed
     from pr1.data.dataset import DataError
+    from pr1.train.checkpoint import CheckpointSaveError
     from pr1.train.config import ConfigError
     from pr1.train.loop import train
+    from pr1.train.step import NonFiniteError
 
     # Before anything asks JAX for its devices.
     multiprocess = distributed.maybe_initialize(_CONFIG.value)
@@ -50,6 +52,13 @@ def main(argv) -> int:
             if multiprocess:
                 distributed.abort(2)  # the others may not have found it (e.g. a per-process check)
             return 2
+        except (NonFiniteError, CheckpointSaveError) as e:
+            # The run stopped on purpose; the message names the step (and path), and says what the
+            # newest complete checkpoint is: a resume continues from it.
+            cli.fail("pr1.train", f"stopped: {e}")
+            if multiprocess:
+                distributed.abort(1)
+            return 1
     return 0
 
 

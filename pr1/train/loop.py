@@ -375,11 +375,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise
     finally:
         stop.restore()
-        if ckpt is not None:
-            ckpt.close()
-        writer.close()
-        reward_stage.close()
-        close = getattr(engine, "close", None)
-        if close is not None:
-            close()
+        try:
+            if ckpt is not None:
+                ckpt.close()  # may raise CheckpointSaveError for the last save: the rest still closes
+        finally:
+            writer.close()
+            reward_stage.close()
+            close = getattr(engine, "close", None)
+            if close is not None:
+                close()
     return metrics
