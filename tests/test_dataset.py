@@ -380,3 +380,12 @@ def test_rows_that_fail_to_decode_are_skipped_up_to_max_bad_rows(tmp_path, proce
     with pytest.raises(D.DataError, match=rf"^{re.escape(path)}: row 2: field 'images\[0\]': cannot decode"):
         take(D.train_iterator(config(train_files=[path], prompts_per_step=1, shuffle=False, max_bad_rows=0),
                               processor, process_index=0, process_count=1), 3)
+
+
+def test_a_row_with_too_many_annotations_is_refused_naming_it(tmp_path, processor):
+    many = "".join(f"<info{k}>fact {k}</info{k}>" for k in range(1, 201))
+    path = write(tmp_path / "many.parquet", [row(0), row(1, visual_key_info=many)])
+    with pytest.raises(D.DataError, match=r"200 visual annotations, more than data\.max_annotations=64") as info:
+        D.ParquetRows([path], config())
+    assert (info.value.row, info.value.field, info.value.reason) == (1, "visual_key_info", "bad_annotations")
+    assert len(D.ParquetRows([path], config(max_annotations=200))) == 2

@@ -315,3 +315,64 @@ def test_judge_budget_is_per_service_split_over_processes():
 class _NoScorer:
     def close(self):
         pass
+
+
+def test_huge_or_garbled_judge_bodies_are_counted_failures_not_crashes():
+    """A judge answering 200 with a 20 MiB body (over the client's 16 MiB cap: refused from its
+    Content-Length, not read), with bytes that are not UTF-8, or with a valid 4 MiB reply that holds
+    no verdicts: each is a counted failure or a malformed judgement, retried where retrying helps,
+    and the batch finishes."""
+    big = "x" * (4 << 20)
+    replies = {"response big": big}
+    kinds = {"response huge": ["huge"] * 3, "response binary": ["binary"] * 3, "response recovers": ["huge", "binary"]}
+
+    def reply(messages):
+        return replies.get(request_key(messages), "<info1>1</info1>")
+
+    with StubJudgeServer(reply, schedule=lambda key, attempt: (kinds.get(key) or [None] * 9)[attempt - 1]
+                         if attempt <= len(kinds.get(key) or []) else None) as stub:
+        judge = fast_judge(stub.url, retries=2)
+        out = run(judge.judge_many([(r, ["a"]) for r in ("response huge", "response binary", "response recovers",
+                                                          "response big", "response fine")]))
+        stats = stub.stats()
+    huge, binary, recovers, big_reply, fine = out
+    assert huge.failed and "over 16 MiB" in huge.error and "after 3 attempts" in huge.error
+    assert binary.failed and "not a chat completion" in binary.error
+    assert recovers.verdicts == (1.0,) and not recovers.failed
+    assert big_reply.malformed and big_reply.score == 0.0 and not big_reply.failed
+    assert fine.verdicts == (1.0,)
+    assert stats["faults"] == {"huge": 4, "binary": 4}
+    assert judge.counters["failures"] == 2 and judge.counters["malformed"] == 1
+    assert judge.counters["connection_errors"] == 4 and judge.counters["bad_replies"] == 4
+
+
+def test_two_hundred_annotations_stay_within_the_prompt_limit_or_fail_named(tmp_path):
+    """A response judged against 200 annotations: under rewards.judge.max_prompt_tokens the request
+    goes out and its prompt really is within the bound (counted by a byte-level BPE tokenizer with
+    the chat template, the tiny checkpoint's); over it, nothing is sent and the judgement fails
+    naming the sizes and the key. (A data row with that many is refused at open: test_dataset.)"""
+    from transformers import AutoTokenizer
+
+    from pr1.models.tiny_tokenizer import write_tokenizer_files
+    from pr1.rewards.perception import prompt_token_bound
+
+    annotations = [f"the length of segment P{k}Q{k} is {k + 3} cm" for k in range(200)]
+    response = "<think>" + " ".join(annotations[::3]) + "</think><answer>\\boxed{7}</answer>"
+    messages, _ = build_messages(response, annotations)
+    bound = prompt_token_bound(messages)
+    write_tokenizer_files(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert len(ids) <= bound < 4 * len(ids), (len(ids), bound)
+
+    with StubJudgeServer() as stub:
+        ok = run(fast_judge(stub.url, max_prompt_tokens=bound).judge(response, annotations))
+        assert stub.stats()["requests"] == 1
+        assert ok.verdicts == (1.0,) * 200 and not ok.failed
+        small = fast_judge(stub.url, max_prompt_tokens=bound - 1)
+        refused = run(small.judge(response, annotations))
+        assert stub.stats()["requests"] == 1  # not sent
+    assert refused.failed and small.counters["oversized_prompts"] == 1
+    assert f"prompt of up to {bound} tokens (200 annotations" in refused.error
+    assert f"rewards.judge.max_prompt_tokens={bound - 1}" in refused.error

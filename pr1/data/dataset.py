@@ -96,6 +96,10 @@ def data_config() -> ml_collections.ConfigDict:
     c.format_instruction = FORMAT_INSTRUCTION
     c.system_prompt = ml_collections.config_dict.placeholder(str)  # None: the chat template's default
     c.max_prompt_length = 4096           # tokens, image tokens included; longer prompts are filtered
+    # A row with more visual annotations is a bad row (named at open): each is one numbered item of
+    # the judge's prompt and one verdict it must write, so hundreds would overflow the judge's context
+    # (rewards.judge.max_prompt_tokens guards each request too). The paper's rows have a handful.
+    c.max_annotations = 64
     c.min_pixels = ml_collections.config_dict.placeholder(int)     # None: the processor's value
     c.max_pixels = ml_collections.config_dict.placeholder(int)
     c.shuffle = True
@@ -135,6 +139,8 @@ def check_data_config(cfg, prefix: str = "data") -> None:
         fail("prompts_per_step", f"must be >= 1, got {cfg.prompts_per_step}")
     if int(cfg.num_threads) < 0:
         fail("num_threads", f"must be >= 0, got {cfg.num_threads}")
+    if int(cfg.max_annotations) < 1:
+        fail("max_annotations", f"must be >= 1, got {cfg.max_annotations}")
     if int(cfg.max_bad_rows) < 0:
         fail("max_bad_rows", f"must be >= 0, got {cfg.max_bad_rows}")
     if cfg.prefetch_prompts is not None and int(cfg.prefetch_prompts) < 0:
@@ -389,6 +395,10 @@ class ParquetRows:
                     notes = parse_annotations(annotations[row])
                 except ValueError as e:
                     raise _row_error(path, row, wanted["annotations_key"], "bad_annotations", str(e)) from None
+                if len(notes) > int(cfg.max_annotations):
+                    raise _row_error(path, row, wanted["annotations_key"], "bad_annotations",
+                                     f"{len(notes)} visual annotations, more than data.max_annotations="
+                                     f"{cfg.max_annotations} (the judge prompt lists every one)")
                 if cell is not None:
                     self._check_headers(path, row, cell)
             except DataError as e:

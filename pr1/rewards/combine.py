@@ -62,6 +62,11 @@ def rewards_config() -> ml_collections.ConfigDict:
         temperature=0.0, max_tokens=512, max_concurrency=256, requests_per_minute=0.0,
         timeout=120.0, connect_timeout=10.0, retries=4, backoff=1.0, backoff_max=30.0,
         cache_size=200_000, failure_policy="zero", max_failure_rate=0.1,
+        # Upper bound on one judge prompt, counted as UTF-8 bytes (a byte-level BPE token such as
+        # Qwen's covers at least one byte, so bytes bound tokens from above): a request that could
+        # exceed it is not sent and its judgement fails, naming the sizes. Qwen2.5-32B-Instruct
+        # reads 32,768 tokens, max_tokens of which are the reply.
+        max_prompt_tokens=32_000,
     ))
     return c
 
@@ -88,6 +93,8 @@ def check_config(cfg) -> None:
     if j.retries < 0 or j.requests_per_minute < 0:
         key = "retries" if j.retries < 0 else "requests_per_minute"
         raise ValueError(f"rewards.judge.{key} must be >= 0, got {j[key]}")
+    if j.max_prompt_tokens < 1:
+        raise ValueError(f"rewards.judge.max_prompt_tokens must be >= 1, got {j.max_prompt_tokens}")
     if cfg.judge.max_concurrency < 1:
         raise ValueError(f"rewards.judge.max_concurrency must be >= 1, got {cfg.judge.max_concurrency}")
     if cfg.repetition.n < 1:
