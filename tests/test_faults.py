@@ -352,6 +352,8 @@ def test_sigterm_in_the_judge_stage_then_resume_leaks_no_key(reference, assets, 
         assert victim.finish() == 0, victim.output()[-3000:]
         out = victim.output()
         assert "got signal 15" in out and "stopped after step 2;" in out, out[-2000:]
+        assert ("pr1.train: process 0: judge http://127.0.0.1:" in out and "this process's share of the service "
+                "budget: 256 requests in flight (rewards.judge.max_concurrency=256 in total)" in out), out[-2000:]
         assert [r["step"] for r in read_jsonl(metrics)] == [1, 2]
         resumed = assert_resume_matches_reference(dict(reference, judge_flag=flag), assets, env, tmp_path,
                                                   workdir, 2, *extra, run_env=run_env)

@@ -103,6 +103,8 @@ def _config_error(e: BaseException, value: str) -> str:
         text = next((line.strip() for line in reversed(text.splitlines()) if line.strip()), text)
         if "get_config() takes 0 positional arguments" in text:
             return f"config file {path} takes no argument, got {arg!r} (--config {value})"
+        if arg is None:
+            return f"config file {path}: get_config() failed: {text}"
         return f"config file {path} does not accept the argument {arg!r}: {text}"
     frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == os.path.abspath(path)]
     if isinstance(e, SyntaxError) and e.filename and os.path.abspath(e.filename) == os.path.abspath(path):
