@@ -14,6 +14,9 @@ from pr1.train.config import default_config
 
 
 def get_config(arg: str | None = None):
+    if arg:  # nothing here is chosen by an argument: say so rather than ignore it
+        raise ValueError(f"the 7B recipe takes no argument, got {arg!r}; set keys with "
+                         "--config.<key>=<value>")
     c = default_config()
     c.model.path = "/models/Qwen2.5-VL-7B-Instruct"
     c.model.param_dtype = "float32"                  # fp32 master weights (the release loads the actor in fp32)

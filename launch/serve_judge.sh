@@ -24,6 +24,14 @@
 #                         see it in `ps`: use it on single-tenant hosts, or bind to 127.0.0.1.
 set -euo pipefail
 
+usage() {
+  # The header comment is the usage text.
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"
+}
+case "${1:-}" in
+  -h|--help) usage; exit 0 ;;
+esac
+
 model="${1:-${PR1_JUDGE_MODEL_PATH:-models/Qwen2.5-32B-Instruct}}"
 if [[ $# -gt 0 ]]; then shift; fi
 name="${PR1_JUDGE_NAME:-Qwen2.5-32B-Instruct}"

@@ -23,6 +23,14 @@
 #   --config.rollout.sglang.urls='("http://node1:30000", "http://node2:30000")'
 set -euo pipefail
 
+usage() {
+  # The header comment is the usage text.
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"
+}
+case "${1:-}" in
+  -h|--help) usage; exit 0 ;;
+esac
+
 MODEL="${1:-${PR1_ROLLOUT_MODEL:-}}"
 if [[ -z "${MODEL}" ]]; then
   echo "usage: $0 CHECKPOINT_DIR [extra sglang flags]   (or set PR1_ROLLOUT_MODEL)" >&2

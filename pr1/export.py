@@ -14,7 +14,6 @@ their stored dtype (about 4 bytes x params for fp32 master weights).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -22,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pr1 import cli
 from pr1.models import hf
 from pr1.models.config import Qwen25VLConfig
 from pr1.train import checkpoint as checkpoint_lib
@@ -67,7 +67,7 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pr1.export", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m pr1.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="training workdir (local path or gs://)")
     parser.add_argument("--step", type=int, default=None, help="step to export (default: newest complete)")
     parser.add_argument("--out", required=True, help="output HF checkpoint dir (replaced atomically)")
@@ -78,9 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         step = export(args.workdir, args.out, step=args.step, dtype=args.dtype, assets_from=args.assets_from)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"pr1.export: {e}", file=sys.stderr)
-        return 1
+    except (OSError, ValueError) as e:
+        return cli.fail("pr1.export", e)
     print(f"exported step {step} of {args.workdir} to {args.out}")
     return 0
 

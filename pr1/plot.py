@@ -10,10 +10,11 @@ each benchmark (`eval.png`), labelled with the model each run evaluated.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
+
+from pr1 import cli
 
 PANELS = {
     "rewards": ("reward", ["rewards/total/mean", "rewards/accuracy/mean", "rewards/format/mean",
@@ -121,7 +122,7 @@ def plot_eval(out_dirs: list[str], out: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pr1.plot", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m pr1.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", help="a training run: its curves")
     parser.add_argument("--eval", nargs="+", metavar="OUT", help="pr1.eval --out dirs: accuracy per benchmark")
     parser.add_argument("--out", default=None, help="output dir (default: WORKDIR/plots; required with --eval)")
@@ -130,9 +131,8 @@ def main(argv=None) -> int:
         parser.error("give --workdir DIR, or --eval OUT [OUT ...] with --out DIR")
     try:
         paths = plot(args.workdir, args.out) if args.workdir else plot_eval(args.eval, args.out)
-    except FileNotFoundError as e:
-        print(f"pr1.plot: {e}", file=sys.stderr)
-        return 1
+    except (OSError, ValueError) as e:
+        return cli.fail("pr1.plot", e)
     for p in paths:
         print(p)
     return 0

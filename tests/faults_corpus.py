@@ -100,16 +100,15 @@ BAD_ROWS = [
     BadRow("more_placeholders_than_images", {"problem": "<image><image>Two shapes?"}, "problem",
            "image_count_mismatch"),
     BadRow("fewer_placeholders_than_images", {"images": _image(png()) * 2}, "problem", "image_count_mismatch"),
+    # Images are header-checked when the file opens: format, size, aspect ratio.
     BadRow("image_bytes_not_an_image", {"images": _image(b"GIF89a but not really")}, "images[0]",
-           "undecodable_image", at_open=False),
-    BadRow("image_bytes_truncated_png", {"images": _image(png()[:60])}, "images[0]", "undecodable_image",
-           at_open=False),
+           "undecodable_image"),
     BadRow("image_path_is_a_text_file", {"images": _image(None, "notes.txt")}, "images[0]",
-           "undecodable_image", at_open=False),
-    BadRow("image_path_missing", {"images": _image(None, "gone/missing.png")}, "images[0]", "missing_image",
-           at_open=False),
-    # Prompt.build failures are reported against the problem field (the prompt as a whole).
-    BadRow("image_aspect_ratio_over_200", {"images": _image(png(450, 2))}, "problem", "unprocessable",
+           "undecodable_image"),
+    BadRow("image_path_missing", {"images": _image(None, "gone/missing.png")}, "images[0]", "missing_image"),
+    BadRow("image_aspect_ratio_over_200", {"images": _image(png(450, 2))}, "images[0]", "unprocessable"),
+    # A whole header but cut pixel data: found only when the row is read.
+    BadRow("image_bytes_truncated_png", {"images": _image(png()[:60])}, "images[0]", "undecodable_image",
            at_open=False),
 ]
 

@@ -102,10 +102,12 @@ class SGLangStub:
     FAULTS = ("5xx", "timeout", "drop", "truncate", "abort", "4xx")
 
     def __init__(self, backend: StubBackend, *, p_5xx: float = 0.0, p_timeout: float = 0.0, p_drop: float = 0.0,
-                 p_truncate: float = 0.0, p_abort: float = 0.0, script: tuple[str, ...] = (), hang_s: float = 3.0,
+                 p_truncate: float = 0.0, p_abort: float = 0.0, script: tuple[str, ...] = (), hang_s: float | None = 3.0,
                  latency_s: float = 0.0, fail_updates: int = 0, seed: int = 0):
         """`p_*` are per-request fault rates on /generate; `script` lists the faults (names in FAULTS, or
-        None for none) of the first requests, in arrival order, before the random draws take over."""
+        None for none) of the first requests, in arrival order, before the random draws take over.
+        hang_s: how long an injected timeout holds its answer; None holds it until the client aborts
+        the request (/abort_request with its rid), so the fault is a timeout however slow the machine."""
         self.backend = backend
         self.faults = {"5xx": p_5xx, "timeout": p_timeout, "drop": p_drop, "truncate": p_truncate, "abort": p_abort}
         unknown = set(script) - set(self.FAULTS) - {None}
@@ -122,6 +124,7 @@ class SGLangStub:
         self._in_flight = 0
         self._max_in_flight = 0
         self.aborted_rids: list[str] = []
+        self._aborted = collections.defaultdict(threading.Event)  # rid -> set once /abort_request names it
         self.paused = False
         self._resume = threading.Condition(self._lock)
         self._closing = threading.Event()
@@ -215,6 +218,7 @@ class SGLangStub:
     def _abort_request(self, h, body: dict) -> None:
         with self._lock:
             self.aborted_rids.append(body.get("rid", ""))
+            self._aborted[body.get("rid", "")].set()
         self._reply(h, 200)
 
     def _update(self, h, body: dict) -> None:
@@ -276,9 +280,14 @@ class SGLangStub:
             return (400, {"object": "error", "message": "injected bad request", "code": 400})
         if fault == "drop":
             return None
-        if fault == "timeout":
-            self._closing.wait(self.hang_s)
         rid = body.get("rid") or uuid.uuid4().hex
+        if fault == "timeout" and self.hang_s is not None:
+            self._closing.wait(self.hang_s)
+        elif fault == "timeout":
+            with self._lock:
+                aborted = self._aborted[rid]
+            while not aborted.wait(0.05) and not self._closing.is_set():
+                pass
         if fault == "abort":
             return (200, {"text": "", "output_ids": [], "meta_info": {
                 "id": rid, "finish_reason": {"type": "abort", "message": "Abort before prefill"}, "prompt_tokens": 0,

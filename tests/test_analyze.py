@@ -193,7 +193,7 @@ def spelled_reply(messages):
 
 
 def fast_judge(url, **kw):
-    kw = dict(dict(timeout=5.0, connect_timeout=2.0, retries=2, backoff=0.01, backoff_max=0.05, seed=0), **kw)
+    kw = dict(dict(timeout=60.0, connect_timeout=2.0, retries=2, backoff=0.01, backoff_max=0.05, seed=0), **kw)
     return OpenAIJudge(url, "stub", **kw)
 
 
@@ -296,7 +296,7 @@ def test_label_source_must_be_unambiguous(accuracy_files):
     a, b = accuracy_files
     with pytest.raises(AnalysisError, match="exactly one of --labels"):
         mcnemar_from_files(a, b, label="perception")
-    assert main(["mcnemar", a, b, "--label", "perception", "--judge-url", "http://127.0.0.1:1/v1"]) == 1
+    assert main(["mcnemar", a, b, "--label", "perception", "--judge-url", "http://127.0.0.1:1/v1"]) == 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,12 +317,12 @@ def test_cli_prints_table_b_c_and_p(accuracy_files, tmp_path):
     dup = write_jsonl(tmp_path / "dup.jsonl", [record("1"), record("1")])
     run = subprocess.run([sys.executable, "-m", "pr1.analyze", "mcnemar", dup, b, "--label", "accuracy", "--json"],
                          capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
-    assert run.returncode == 1 and f"{dup}:2: duplicate record for mathvista/1" in run.stderr
+    assert run.returncode == 2 and f"{dup}:2: duplicate record for mathvista/1" in run.stderr
 
 
 def test_cli_json(accuracy_files, capsys):
     a, b = accuracy_files
-    assert main(["mcnemar", a, b, "--label", "accuracy", "--json", "--subset", "task=", "--benchmark", "mathvista"]) == 1
+    assert main(["mcnemar", a, b, "--label", "accuracy", "--json", "--subset", "task=", "--benchmark", "mathvista"]) == 2
     assert "no record has subset key 'task'" in capsys.readouterr().err
     assert main(["mcnemar", a, b, "--label", "accuracy", "--json", "--sample", "4", "--seed", "1"]) == 0
     result = json.loads(capsys.readouterr().out)

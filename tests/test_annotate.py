@@ -82,7 +82,7 @@ def decode_images(messages):
 
 
 def opts_for(tmp_path, teacher, extractor, **kw):
-    service = dict(timeout=5.0, max_tokens=256)
+    service = dict(timeout=60.0, max_tokens=256)  # no stub here hangs: only a slow machine would time out
     base = dict(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out.parquet"),
                 teacher=ServiceOptions(teacher.url, "teacher-stub", **service),
                 extractor=ServiceOptions(extractor.url, "extractor-stub", **service),

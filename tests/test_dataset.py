@@ -3,6 +3,7 @@ resume from iterator state, long-prompt filtering and bad rows (named errors, or
 
 import io
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -175,7 +176,7 @@ def test_sharding_is_disjoint_and_covering(twelve, processor, count):
 
 def test_resume_gives_the_same_batches(tmp_path, processor):
     rows = [row(i) for i in range(10)]
-    rows[3] = row(3, images=[{"bytes": b"not an image", "path": None}])   # skipped when met
+    rows[3] = row(3, images=[{"bytes": png(3)[:60], "path": None}])   # header fine, pixels cut: skipped when met
     rows[7] = row(7, problem="<image>" + "many words here " * 60)          # filtered: too long
     data = write(tmp_path / "resume.parquet", rows)
     cfg = config(train_files=[data], prompts_per_step=3, skip_bad_rows=True, max_prompt_length=260)
@@ -319,3 +320,72 @@ def test_errors_surface_early_at_open(tmp_path, processor):
     path = write(tmp_path / "late.parquet", rows)
     with pytest.raises(D.DataError, match="row 20"):
         D.train_iterator(config(train_files=[path]), processor, process_index=0, process_count=1)
+
+
+def test_image_headers_are_checked_at_open(tmp_path, processor):
+    """Format, size and aspect ratio come from the header when the file opens, before any prompt is
+    built; a JPEG whose size sits past a large metadata block is still read (not a false alarm)."""
+    wide = io.BytesIO()
+    Image.new("RGB", (1000, 4), "red").save(wide, format="PNG")
+    exif_heavy = io.BytesIO()
+    Image.new("RGB", (56, 56), "blue").save(exif_heavy, format="JPEG", icc_profile=b"\0" * 100_000)
+    cases = {"ratio": (wide.getvalue(), "unprocessable", "aspect ratio 250.0"),
+             "junk": (b"\x89PNG\r\n\x1a\n but no chunks", "undecodable_image", "cannot decode")}
+    for name, (data, reason, message) in cases.items():
+        rows = [row(0), row(1, images=[{"bytes": data, "path": None}])]
+        path = write(tmp_path / f"{name}.parquet", rows)
+        with pytest.raises(D.DataError, match=message) as info:
+            D.ParquetRows([path], config())
+        assert (info.value.path, info.value.row, info.value.field, info.value.reason) == (path, 1, "images[0]", reason)
+        assert len(D.ParquetRows([path], config(skip_bad_rows=True))) == 1
+    path = write(tmp_path / "icc.parquet", [row(0, images=[{"bytes": exif_heavy.getvalue(), "path": None}])])
+    assert len(exif_heavy.getvalue()) > 100_000 and len(D.ParquetRows([path], config())) == 1
+
+
+def test_rows_that_fail_to_decode_are_skipped_up_to_max_bad_rows(tmp_path, processor):
+    """A truncated PNG passes the header check and fails when read: the row is skipped, counted and
+    remembered (a resumed iterator does not decode it again); past data.max_bad_rows distinct rows
+    the iterator stops with an error naming the file and every bad row."""
+    rows = [row(i) for i in range(8)]
+    for i in (2, 5, 6):
+        rows[i] = row(i, images=[{"bytes": png(i)[:60], "path": None}])
+    path = write(tmp_path / "cut.parquet", rows)
+    cfg = config(train_files=[path], prompts_per_step=1, shuffle=False, max_bad_rows=3)
+    it = D.train_iterator(cfg, processor, process_index=0, process_count=1)
+    got = uids(take(it, 3))
+    assert got == [["cut.parquet:0"], ["cut.parquet:1"], ["cut.parquet:3"]]
+    assert it.stats["bad_rows"] == 1 and it.stats["bad_rows/undecodable_image"] == 1
+    state = json.loads(json.dumps(it.get_state()))
+    assert [b["uid"] for b in state["bad_rows"]] == ["cut.parquet:2"]
+
+    # Resumed: rows 5 and 6 are met, then in epoch 1 row 2 again, known bad without decoding it.
+    resumed = D.train_iterator(cfg, processor, process_index=0, process_count=1)
+    resumed.set_state(state)
+    decoded = []
+    original = resumed.source.images
+    resumed.source.images = lambda fi, r: decoded.append(r) or original(fi, r)
+    assert sum(uids(take(resumed, 6)), []) == [f"cut.parquet:{i}" for i in (4, 7, 0, 1, 3, 4)]
+    assert 2 not in decoded[decoded.index(7):] and resumed.stats["bad_rows"] == 3
+    assert resumed.stats["bad_rows/undecodable_image"] == resumed.stats["skipped_bad_rows"] == 4
+
+    # One more bad row than allowed: an error naming the file and all the rows.
+    strict = D.train_iterator(config(train_files=[path], prompts_per_step=1, shuffle=False, max_bad_rows=2),
+                              processor, process_index=0, process_count=1)
+    with pytest.raises(D.DataError) as info:
+        take(strict, 6)
+    message = str(info.value)
+    assert f"{path}: rows 2, 5, 6" in message and "data.max_bad_rows=2" in message, message
+    assert "row 6: field 'images[0]'" in message
+    # max_bad_rows=0: the first such row is the error, as it names it.
+    with pytest.raises(D.DataError, match=rf"^{re.escape(path)}: row 2: field 'images\[0\]': cannot decode"):
+        take(D.train_iterator(config(train_files=[path], prompts_per_step=1, shuffle=False, max_bad_rows=0),
+                              processor, process_index=0, process_count=1), 3)
+
+
+def test_a_row_with_too_many_annotations_is_refused_naming_it(tmp_path, processor):
+    many = "".join(f"<info{k}>fact {k}</info{k}>" for k in range(1, 201))
+    path = write(tmp_path / "many.parquet", [row(0), row(1, visual_key_info=many)])
+    with pytest.raises(D.DataError, match=r"200 visual annotations, more than data\.max_annotations=64") as info:
+        D.ParquetRows([path], config())
+    assert (info.value.row, info.value.field, info.value.reason) == (1, "visual_key_info", "bad_annotations")
+    assert len(D.ParquetRows([path], config(max_annotations=200))) == 2

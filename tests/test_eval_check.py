@@ -35,7 +35,7 @@ def test_reply_parsers():
 
 
 def _checker(url, **kw):
-    kw = dict(dict(timeout=2.0, connect_timeout=2.0, retries=2, backoff=0.01, backoff_max=0.02, seed=0), **kw)
+    kw = dict(dict(timeout=60.0, connect_timeout=2.0, retries=2, backoff=0.01, backoff_max=0.02, seed=0), **kw)
     return LLMChecker(ChatClient(url, "checker", role="answer checker", **kw))
 
 

@@ -109,10 +109,10 @@ def test_eval_cli_on_tiny_checkpoint_matches_transformers(setup, tmp_path, capsy
 def test_eval_cli_errors_name_the_problem(setup, tmp_path, capsys):
     root, ckpt, data = setup
     assert eval_main(["--model", str(ckpt), "--benchmark", f"parquet={tmp_path / 'nope.parquet'}",
-                      "--out", str(tmp_path / "o")]) == 1
+                      "--out", str(tmp_path / "o")]) == 2
     assert "nope.parquet" in capsys.readouterr().err
     assert eval_main(["--workdir", str(tmp_path / "norun"), "--benchmark", f"parquet={data}",
-                      "--out", str(tmp_path / "o")]) == 1
+                      "--out", str(tmp_path / "o")]) == 2
     assert "norun" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         eval_main(["--model", str(ckpt), "--benchmark", "mathvista", "--out", str(tmp_path / "o")])

@@ -86,7 +86,7 @@ def test_export_cli_bf16_and_errors(trained, tmp_path):
 
     missing = subprocess.run([sys.executable, "-m", "pr1.export", "--workdir", str(workdir), "--step", "7",
                               "--out", str(tmp_path / "x")], env=env, capture_output=True, text=True)
-    assert missing.returncode == 1
+    assert missing.returncode == 2
     assert "step 7" in missing.stderr and "[1, 2]" in missing.stderr
     assert not (tmp_path / "x").exists()
 

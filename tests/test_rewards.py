@@ -141,22 +141,86 @@ def test_accuracy_reward_public_function():
     assert accuracy_reward("<answer>\\boxed{3}</answer>", "0.5") == 0.0
 
 
+def faulty_verify(content, answer):
+    """Every fault of the three above, by trigger, for the one-item worker process."""
+    for fn in (sleepy_verify, stuck_verify, crashing_verify):
+        fn(content, answer)
+    return 1.0 if content == answer else 0.0
+
+
+def test_one_item_worker_has_the_pools_timeouts():
+    """accuracy_reward's worker process: a soft timeout scores 0 and the worker lives on; a worker
+    stuck where no signal reaches it is killed at the hard deadline; one that dies scores 0; the
+    next call works each time."""
+    from pr1.rewards.verify_process import VerifyProcess
+
+    v = VerifyProcess(verify_fn="tests.test_rewards:faulty_verify", timeout=0.5, kill_grace=1.0)
+    try:
+        assert v.score("<answer>a</answer>", "a") == 1.0
+        assert v.score("<answer>slow</answer>", "slow") == 0.0
+        assert v.counters["timeouts"] == 1 and v.counters["restarts"] == 0
+        assert v.score("stuck", "stuck") == 0.0
+        assert v.counters["timeouts"] == 2 and v.counters["restarts"] == 1
+        assert v.score("b", "b") == 1.0 and v.score("b", "c") == 0.0
+        assert v.score("crash", "crash") == 0.0
+        assert v.counters["errors"] == 1 and v.counters["restarts"] == 2
+        assert v.score("d", "d") == 1.0 and v.counters["items"] == 7
+    finally:
+        v.close()
+
+
+PUBLIC_SNIPPET = r"""
+from pr1.rewards import accuracy_reward, format_reward, parse_judgement, repetition_penalty
+print(accuracy_reward("<answer>\\boxed{2}</answer>", "2"), accuracy_reward("<answer>\\boxed{3}</answer>", "2"),
+      format_reward("<think>\nx\n</think>\n<answer>\n\\boxed{2}\n</answer>"), repetition_penalty("a b " * 50, n=2),
+      parse_judgement("<info1>1</info1><info2>0</info2>"))
+"""
+
+
+@pytest.mark.parametrize("how", ["script_without_main_guard", "python_stdin", "notebook_cell"])
+def test_public_reward_functions_work_wherever_python_runs(how, tmp_path):
+    """The issue's repro: the public functions from a plain script (no `if __name__` guard), from
+    `python -`, and from an interactive cell (a __main__ without a file, as in Jupyter)."""
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo)
+    if how == "script_without_main_guard":
+        script = tmp_path / "score.py"
+        script.write_text(PUBLIC_SNIPPET)
+        cmd, stdin = [sys.executable, str(script)], None
+    elif how == "python_stdin":
+        cmd, stdin = [sys.executable, "-"], PUBLIC_SNIPPET
+    else:
+        cell = f"exec(compile({PUBLIC_SNIPPET!r}, '<ipython-input-1>', 'exec'), globals())"
+        cmd, stdin = [sys.executable, "-c", cell], None
+    r = subprocess.run(cmd, input=stdin, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = r.stdout.split()
+    want = ["1.0", "0.0", "1.0", str(repetition_penalty("a b " * 50, n=2))]
+    assert got[:4] == want, r.stdout
+    assert r.stdout.strip().endswith("[1.0, 0.0]") or "(1.0, 0.0)" in r.stdout, r.stdout
+
+
 def test_accuracy_soft_timeout_scores_zero_and_is_counted():
     with AccuracyScorer(workers=2, timeout=0.5, kill_grace=20.0, verify_fn=sleepy_verify) as s:
+        s.score("warm", "warm")  # the pool's start-up (seconds on a busy machine) is not what is timed
         t0 = time.monotonic()
         batch = s.score_batch(["<answer>a</answer>", "slow", "b", "c"], ["a", "slow", "b", "x"])
         elapsed = time.monotonic() - t0
         np.testing.assert_array_equal(batch.scores, [1, 0, 1, 0])
         assert (batch.timeouts, batch.errors) == (1, 0)
         assert s.counters["timeouts"] == 1 and s.counters["pool_restarts"] == 0  # the worker survived
-        assert elapsed < 10, "the soft timeout did not interrupt the item"
+        # Without the soft timeout the item sleeps 60 s (and kill_grace is 20 s): a wide margin.
+        assert elapsed < 19, "the soft timeout did not interrupt the item"
 
 
 def test_accuracy_hung_worker_is_killed_and_pool_rebuilt():
     with AccuracyScorer(workers=2, timeout=0.3, kill_grace=0.5, verify_fn=stuck_verify) as s:
         t0 = time.monotonic()
         batch = s.score_batch(["stuck", "a", "b", "c", "d"], ["stuck", "a", "x", "c", "d"])
-        assert time.monotonic() - t0 < 20
+        # Without the kill the stuck item sleeps 60 s; two pool start-ups fit in the margin.
+        assert time.monotonic() - t0 < 50, "the stuck worker was not killed at the hard deadline"
         np.testing.assert_array_equal(batch.scores, [0, 1, 0, 1, 1])
         assert batch.timeouts == 1
         assert s.counters["pool_restarts"] == 1

@@ -20,13 +20,14 @@ import argparse
 import json
 import sys
 
+from pr1 import cli
 from pr1.analyze.labels import load_annotations
 from pr1.analyze.records import AnalysisError, parse_subsets
 from pr1.analyze.report import mcnemar_from_files
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pr1.analyze", description=__doc__.split("\n\n")[1],
+    parser = cli.ArgumentParser(prog="python -m pr1.analyze", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("mcnemar", help="exact McNemar test of two runs' per-problem labels")
@@ -100,9 +101,8 @@ def main(argv=None) -> int:
             subsets=parse_subsets(args.subset), sample=args.sample, seed=args.seed, labels_files=args.labels,
             judge=judge, annotations=annotations, skip_failed=args.skip_failed, save_labels=args.save_labels,
             progress=_progress)
-    except (AnalysisError, JudgeError) as e:
-        print(f"pr1.analyze: {e}", file=sys.stderr)
-        return 1
+    except (AnalysisError, JudgeError, OSError) as e:
+        return cli.fail("pr1.analyze", e)
     print(json.dumps(report.as_dict()) if args.json else report.format())
     return 0
 

@@ -18,6 +18,8 @@ import sys
 
 from absl import app, flags
 
+from pr1 import cli
+
 _INPUT = flags.DEFINE_string("input", None, "input parquet: problem, images, answer")
 _OUTPUT = flags.DEFINE_string("output", None, "output parquet (training layout)")
 _CACHE = flags.DEFINE_string("cache", "", "resumable JSONL cache; default <output>.cache.jsonl")
@@ -75,9 +77,8 @@ def main(argv) -> int:
             skip_bad_rows=_SKIP_BAD_ROWS.value, accuracy_workers=_ACCURACY_WORKERS.value,
             progress_interval=_PROGRESS_INTERVAL.value)
         summary = annotate(opts)
-    except (ChatConfigError, CacheError, ValueError) as e:  # DataError is a ValueError
-        print(f"pr1.annotate: error: {e}", file=sys.stderr)
-        return 2
+    except (ChatConfigError, CacheError, ValueError, OSError) as e:  # DataError is a ValueError
+        return cli.fail("pr1.annotate", f"error: {cli.one_line(e)}")
     shown = {k: v for k, v in summary.items() if k != "failed_rows"}
     print(json.dumps(shown, indent=2))
     print(f"pr1.annotate: kept {summary['kept']} of {summary['rows']} rows → {opts.output} "
@@ -90,4 +91,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.absl_flags_parser("pr1.annotate"))

@@ -65,7 +65,11 @@ class StubJudgeServer:
     completion_tokens) the reply's `usage` (default `word_usage`). Each request, after `latency`
     seconds, fails with probability p_500 (HTTP 500), p_hang (no reply until the client closes the
     connection) or p_truncate (Content-Length promises the whole body, half is sent, the socket
-    closes); seeded.
+    closes); seeded. schedule(key, attempt) -> "500" | "hang" | "truncate" | "huge" | "binary" | None,
+    if given, decides
+    instead: the fault of the attempt-th request (1-based) with that request key, fixed in advance
+    whatever order concurrent requests arrive in, so a test can know every outcome exactly; "huge"
+    answers 200 with a 20 MiB body, "binary" a body that is not UTF-8.
     require_key: if set, requests without "Authorization: Bearer <require_key>" get 401.
     stats(): requests, max_in_flight, faults by kind, attempts and successes per request key.
     A request counts as in flight from its last byte read until its reply is written or the client
@@ -75,8 +79,10 @@ class StubJudgeServer:
     def __init__(self, reply: Callable[[list[dict]], str] = default_reply, *, latency: float = 0.0,
                  p_500: float = 0.0, p_hang: float = 0.0, p_truncate: float = 0.0, seed: int = 0,
                  require_key: str | None = None, hang_max: float = 60.0,
-                 usage: Callable[[list[dict], str], tuple[int, int]] = word_usage):
+                 usage: Callable[[list[dict], str], tuple[int, int]] = word_usage,
+                 schedule: Callable[[str, int], str | None] | None = None):
         self.reply = reply
+        self.schedule = schedule
         self.usage = usage
         self.latency = latency
         self.p = (p_500, p_hang, p_truncate)
@@ -189,14 +195,18 @@ class StubJudgeServer:
         key = request_key(messages)
         with self._lock:
             self.attempts[key] += 1
+            attempt = self.attempts[key]
             u = self._rng.random()
         if self.latency:
             await asyncio.sleep(self.latency)
         p_500, p_hang, p_trunc = self.p
-        if u < p_500:
+        fault = (self.schedule(key, attempt) if self.schedule is not None else
+                 "500" if u < p_500 else "hang" if u < p_500 + p_hang else
+                 "truncate" if u < p_500 + p_hang + p_trunc else None)
+        if fault == "500":
             self._fault("500")
             return await _send(writer, 500, {"error": "injected"})
-        if u < p_500 + p_hang:
+        if fault == "hang":
             self._fault("hang")
             try:  # until the client gives up and closes
                 await asyncio.wait_for(reader.read(), self.hang_max)
@@ -210,7 +220,13 @@ class StubJudgeServer:
                                 "message": {"role": "assistant", "content": text}}],
                    "usage": {"prompt_tokens": int(prompt_tokens), "completion_tokens": int(completion_tokens),
                              "total_tokens": int(prompt_tokens) + int(completion_tokens)}}
-        if u < p_500 + p_hang + p_trunc:
+        if fault in ("huge", "binary"):
+            self._fault(fault)
+            data = b"\xff\xfe\x80 not utf-8 \xc3\x28" * 16 if fault == "binary" else b" " * (20 << 20)
+            writer.write(_head(200, len(data)) + data)
+            await writer.drain()
+            return True
+        if fault == "truncate":
             self._fault("truncate")
             data = json.dumps(payload).encode()
             writer.write(_head(200, len(data)) + data[: len(data) // 2])

@@ -1,12 +1,19 @@
 """Parquet rows in the Perception-R1 / EasyR1 layout → batches of rollout prompts, with grain.
 
 Data flow: `open_parquet` reads the cheap columns of every file (problem, answer, visual annotations)
-and checks them, so a broken file fails before any compilation; `PromptIterator` shuffles row indices
+and checks them, and reads every image's header (format, size, aspect ratio; no pixels decoded), so
+a broken file fails before any compilation; `PromptIterator` shuffles row indices
 with grain (seeded, reshuffled every epoch), gives each process its own share of every epoch, and in
 grain's prefetch threads decodes the images and builds each `Prompt` (chat template, image patches)
 lazily, one row at a time. The training loop takes `prompts_per_step` `Example`s per step, rolls out n
 responses for each on this process (so a GRPO group never crosses hosts), and stores
 `get_state()` in its checkpoint; `set_state` resumes at exactly the next batch.
+
+An image whose header is fine but whose pixels do not decode (a truncated file) is only found when
+its row is read during the run. Such a row is skipped, logged by name and counted (`bad_rows`),
+up to `data.max_bad_rows` distinct rows; one more stops the run with an error naming every file
+and row. The rows found bad are part of the iterator state, so a resumed run skips them too and
+never replays into the same crash.
 
 Row layout (column names are config values):
   problem          question text; `<image>` placeholders are removed because the chat template puts
@@ -22,7 +29,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import json
+import logging
 import math
 import os
 import re
@@ -38,8 +47,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pr1.data.processor import load_rgb
+from pr1.data.processor import check_image_size, load_rgb
 from pr1.rollout.types import Prompt
+
+log = logging.getLogger(__name__)
 
 # The paper's instruction (reference/paper.md, "Prompt"), appended to the user turn.
 FORMAT_INSTRUCTION = (
@@ -85,10 +96,19 @@ def data_config() -> ml_collections.ConfigDict:
     c.format_instruction = FORMAT_INSTRUCTION
     c.system_prompt = ml_collections.config_dict.placeholder(str)  # None: the chat template's default
     c.max_prompt_length = 4096           # tokens, image tokens included; longer prompts are filtered
+    # A row with more visual annotations is a bad row (named at open): each is one numbered item of
+    # the judge's prompt and one verdict it must write, so hundreds would overflow the judge's context
+    # (rewards.judge.max_prompt_tokens guards each request too). The paper's rows have a handful.
+    c.max_annotations = 64
     c.min_pixels = ml_collections.config_dict.placeholder(int)     # None: the processor's value
     c.max_pixels = ml_collections.config_dict.placeholder(int)
     c.shuffle = True
     c.seed = 0
+    # Rows whose images pass the header check at open but do not decode when read are skipped and
+    # counted (data/bad_rows) up to this many distinct rows; one more stops the run naming them all.
+    # 0: the first such row stops the run. skip_bad_rows=True skips any number of bad rows, found at
+    # open (bad fields, image headers) or later.
+    c.max_bad_rows = 10
     c.skip_bad_rows = False
     c.prompts_per_step = 128             # prompts per step over all processes (each gets an equal share)
     # Training batches never straddle epochs; the last partial batch of an epoch is dropped (its
@@ -119,6 +139,10 @@ def check_data_config(cfg, prefix: str = "data") -> None:
         fail("prompts_per_step", f"must be >= 1, got {cfg.prompts_per_step}")
     if int(cfg.num_threads) < 0:
         fail("num_threads", f"must be >= 0, got {cfg.num_threads}")
+    if int(cfg.max_annotations) < 1:
+        fail("max_annotations", f"must be >= 1, got {cfg.max_annotations}")
+    if int(cfg.max_bad_rows) < 0:
+        fail("max_bad_rows", f"must be >= 0, got {cfg.max_bad_rows}")
     if cfg.prefetch_prompts is not None and int(cfg.prefetch_prompts) < 0:
         fail("prefetch_prompts", f"must be >= 0, got {cfg.prefetch_prompts}")
     for key in ("min_pixels", "max_pixels"):
@@ -235,6 +259,45 @@ def _image_column_ok(t: pa.DataType) -> bool:
         pa.types.is_large_binary(t) or pa.types.is_null(t)
 
 
+def _resolve(parquet_path: str, item):
+    """A relative image path is relative to the parquet file's directory."""
+    if isinstance(item, str) and not os.path.isabs(item):
+        return os.path.join(os.path.dirname(os.path.abspath(parquet_path)), item)
+    return item
+
+
+# PNG, GIF and BMP headers sit in the first bytes; a JPEG's size may follow large EXIF/ICC blocks,
+# so a prefix that does not open is retried with the whole encoded image.
+_HEADER_PREFIX = 1 << 16
+
+
+def image_header_size(item) -> tuple[int, int]:
+    """(height, width) of encoded image bytes or an image file, from its header alone: PIL's open
+    is lazy and decodes no pixels. FileNotFoundError; ValueError when it is not an image PIL knows."""
+    if isinstance(item, str) and not os.path.isfile(item):
+        raise FileNotFoundError(f"image file {item} not found")
+    sources = [item] if isinstance(item, str) else [io.BytesIO(item[:_HEADER_PREFIX])] + (
+        [io.BytesIO(item)] if len(item) > _HEADER_PREFIX else [])
+    for k, source in enumerate(sources):
+        try:
+            with Image.open(source) as image:
+                width, height = image.size
+            return height, width
+        except Image.DecompressionBombError as e:
+            raise ValueError(str(e)) from None
+        except (OSError, SyntaxError, ValueError) as e:
+            if k == len(sources) - 1:
+                raise ValueError(f"not an image: {e}") from None
+    raise AssertionError("unreachable")
+
+
+def _iter_cells(column: pa.ChunkedArray, block: int = 256):
+    # Python values a block of rows at a time: the whole images column never sits in Python at once.
+    for chunk in column.chunks:
+        for start in range(0, len(chunk), block):
+            yield from chunk.slice(start, block).to_pylist()
+
+
 # ---- files -------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(eq=False)
@@ -252,8 +315,9 @@ class ParquetRows:
 
     A missing column or an images column of an unusable type is a DataError naming file and column.
     A bad cheap field (empty problem, bad answer, annotations in an unknown form, more `<image>`
-    placeholders than images) is a DataError naming file, row and field, or, with skip_bad_rows,
-    leaves the row out and is counted in `stats`. Images are read per row on demand.
+    placeholders than images) or image header (missing file, not an image, a size the processor
+    refuses) is a DataError naming file, row and field, or, with skip_bad_rows, leaves the row out
+    and is counted in `stats`. Image pixels are decoded per row on demand.
     """
 
     def __init__(self, files: Sequence[str] | str, cfg, *, skip_bad_rows: bool | None = None):
@@ -304,10 +368,12 @@ class ParquetRows:
                        else [None] * table.num_rows)
         images = table.column(images_key) if images_key else None
         counts = self._image_counts(images, table.num_rows)
+        cells = _iter_cells(images) if images is not None else None
 
         f = _File(path, name, [None] * table.num_rows, [None] * table.num_rows, [None] * table.num_rows, images)
         placeholder = cfg.image_placeholder
         for row in range(table.num_rows):
+            cell = next(cells) if cells is not None else None
             try:
                 problem = problems[row]
                 if not isinstance(problem, str):
@@ -329,6 +395,12 @@ class ParquetRows:
                     notes = parse_annotations(annotations[row])
                 except ValueError as e:
                     raise _row_error(path, row, wanted["annotations_key"], "bad_annotations", str(e)) from None
+                if len(notes) > int(cfg.max_annotations):
+                    raise _row_error(path, row, wanted["annotations_key"], "bad_annotations",
+                                     f"{len(notes)} visual annotations, more than data.max_annotations="
+                                     f"{cfg.max_annotations} (the judge prompt lists every one)")
+                if cell is not None:
+                    self._check_headers(path, row, cell)
             except DataError as e:
                 if not self.skip_bad_rows:
                     raise
@@ -337,6 +409,25 @@ class ParquetRows:
             f.questions[row], f.answers[row], f.annotations[row] = question, answer, notes
             self.rows.append((fi, row))
         return f
+
+    def _check_headers(self, path: str, row: int, cell) -> None:
+        field = self.cfg.images_key
+        try:
+            items = _image_items(cell)
+        except ValueError as e:
+            raise _row_error(path, row, field, "bad_images", str(e)) from None
+        for k, item in enumerate(items):
+            item = _resolve(path, item)
+            try:
+                height, width = image_header_size(item)
+            except FileNotFoundError:
+                raise _row_error(path, row, f"{field}[{k}]", "missing_image", f"image file {item} not found") from None
+            except ValueError as e:
+                raise _row_error(path, row, f"{field}[{k}]", "undecodable_image", f"cannot decode: {e}") from None
+            try:
+                check_image_size(height, width)
+            except ValueError as e:
+                raise _row_error(path, row, f"{field}[{k}]", "unprocessable", str(e)) from None
 
     @staticmethod
     def _image_counts(images: pa.ChunkedArray | None, num_rows: int) -> list[int]:
@@ -359,8 +450,7 @@ class ParquetRows:
             raise _row_error(f.path, row, field, "bad_images", str(e)) from None
         out = []
         for k, item in enumerate(items):
-            if isinstance(item, str) and not os.path.isabs(item):
-                item = os.path.join(os.path.dirname(os.path.abspath(f.path)), item)
+            item = _resolve(f.path, item)
             try:
                 out.append(load_rgb(item))
             except FileNotFoundError:
@@ -394,10 +484,14 @@ class Example:
 class _Skipped:
     reason: str                 # a BAD_ROW_REASONS entry, or "too_long"
     message: str
+    uid: str = ""
+    error: DataError | None = None  # a bad row met while reading (not a filtered long prompt)
 
 
 def _zero_stats() -> dict:
-    stats = {"skipped_bad_rows": 0, "filtered_too_long": 0, "dropped_remainder": 0, "examples": 0}
+    # bad_rows: distinct rows left out as bad (at open and while reading); skipped_bad_rows and
+    # bad_rows/<reason> count every meeting (a bad image once per epoch).
+    stats = {"bad_rows": 0, "skipped_bad_rows": 0, "filtered_too_long": 0, "dropped_remainder": 0, "examples": 0}
     stats.update({f"bad_rows/{r}": 0 for r in BAD_ROW_REASONS})
     return stats
 
@@ -496,7 +590,10 @@ class PromptIterator:
             prefetch_buffer_size=int(self.batch_size if cfg.prefetch_prompts is None else cfg.prefetch_prompts))
         self._lock = threading.Lock()
         self._start(0)
+        self.max_bad_rows = int(cfg.max_bad_rows)
+        self._bad: dict[str, dict] = {}   # uid -> the error of a row found bad while reading
         self.stats = dict(self.source.stats)
+        self.stats["bad_rows"] = self.source.stats["skipped_bad_rows"]
         self.epoch = 0          # epoch of the last batch returned
         self.batches = 0        # batches returned so far
         self._epoch_yield = 0   # examples returned in the current epoch (to catch an all-filtered epoch)
@@ -516,6 +613,12 @@ class PromptIterator:
 
     def _example(self, fi: int, row: int, epoch: int):
         f = self.source.files[fi]
+        uid = f"{f.name}:{row}"
+        known = self._bad.get(uid)
+        if known is not None:  # found bad before (this run or the one it resumes): not read again
+            return _Skipped(known["reason"], known["message"], uid,
+                            DataError(known["message"], path=known["path"], row=known["row"],
+                                      field=known["field"], reason=known["reason"]))
         question, instruction = f.questions[row], self.cfg.format_instruction
         try:
             images = self.source.images(fi, row)
@@ -525,12 +628,11 @@ class PromptIterator:
             except (ValueError, TypeError) as e:
                 raise _row_error(f.path, row, self.cfg.problem_key, "unprocessable", str(e)) from None
         except DataError as e:
-            if not self.cfg.skip_bad_rows:
-                raise
-            return _Skipped(e.reason, str(e))
+            # Decided on the consuming thread (`_bad_row`): skip and count, or stop past the limit.
+            return _Skipped(e.reason, str(e), uid, e)
         if len(prompt.input_ids) > self.max_prompt_length:
             return _Skipped("too_long", f"{f.path}: row {row}: {len(prompt.input_ids)} prompt tokens")
-        return Example(uid=f"{f.name}:{row}", question=question, prompt_question=full, answer=f.answers[row],
+        return Example(uid=uid, question=question, prompt_question=full, answer=f.answers[row],
                        annotations=list(f.annotations[row]), images=images, prompt=prompt, epoch=epoch)
 
     def _start(self, position: int) -> None:
@@ -554,6 +656,8 @@ class PromptIterator:
                 item = next(self._it)
                 self._position += 1
                 if isinstance(item, _Skipped):
+                    if item.error is not None:
+                        self._bad_row(item)
                     _count(self.stats, item.reason)
                 else:
                     batch.append(item)
@@ -577,6 +681,28 @@ class PromptIterator:
             self.stats["examples"] += len(batch)
             return batch
 
+    def _bad_row(self, item: _Skipped) -> None:
+        e = item.error
+        if item.uid not in self._bad:
+            self._bad[item.uid] = {"uid": item.uid, "path": e.path, "row": e.row, "field": e.field,
+                                   "reason": e.reason, "message": str(e)}
+            self.stats["bad_rows"] += 1
+            if self.cfg.skip_bad_rows or len(self._bad) <= self.max_bad_rows:
+                log.warning("skipping bad row %s (%d bad rows found while reading, data.max_bad_rows=%d): %s",
+                            item.uid, len(self._bad), self.max_bad_rows, e)
+        if self.cfg.skip_bad_rows or len(self._bad) <= self.max_bad_rows:
+            return
+        if len(self._bad) == 1:
+            raise e
+        by_file: dict[str, list[int]] = {}
+        for bad in self._bad.values():
+            by_file.setdefault(bad["path"], []).append(bad["row"])
+        where = "; ".join(f"{path}: rows {', '.join(map(str, sorted(rows)))}" for path, rows in by_file.items())
+        raise DataError(f"{len(self._bad)} rows cannot be used, more than data.max_bad_rows={self.max_bad_rows}: "
+                        f"{where}. The last one: {e}. Fix or remove them, or raise data.max_bad_rows "
+                        "(data.skip_bad_rows=True skips any number)", path=e.path, row=e.row, field=e.field,
+                        reason=e.reason)
+
     # ---- checkpointing ----
 
     def _fingerprint(self) -> dict:
@@ -588,7 +714,8 @@ class PromptIterator:
         with self._lock:
             return {"version": STATE_VERSION, **self._fingerprint(), "process_index": self.process_index,
                     "position": self._position, "epoch": self.epoch, "batches": self.batches,
-                    "epoch_yield": self._epoch_yield, "stats": dict(self.stats)}
+                    "epoch_yield": self._epoch_yield, "stats": dict(self.stats),
+                    "bad_rows": list(self._bad.values())}
 
     def set_state(self, state: dict) -> None:
         """Resume from `get_state()` (or from `gather_states`'s {"processes": [...]}, picking ours)."""
@@ -613,6 +740,7 @@ class PromptIterator:
             self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
             self._epoch_yield = int(state.get("epoch_yield", 0))
             self.stats = {**_zero_stats(), **state["stats"]}
+            self._bad = {bad["uid"]: bad for bad in state.get("bad_rows", [])}
 
 
 def gather_states(iterator: PromptIterator) -> dict:

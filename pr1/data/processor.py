@@ -35,6 +35,20 @@ VISION_END = "<|vision_end|>"
 ImageLike = Union[Image.Image, np.ndarray, bytes, bytearray, memoryview, str, os.PathLike]
 
 
+MAX_ASPECT_RATIO = 200  # Qwen2.5-VL's image processor refuses longer-to-shorter side ratios above this
+
+
+def check_image_size(height: int, width: int) -> None:
+    """ValueError for a size the processor cannot resize (`smart_resize`'s limits); the data loader
+    checks image headers against it when a file opens."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got height={height}, width={width}")
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ValueError(f"image aspect ratio {ratio:.1f} (height={height}, width={width}) exceeds "
+                         f"{MAX_ASPECT_RATIO}; crop or pad the image first")
+
+
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 3136,
                  max_pixels: int = 1806336) -> tuple[int, int]:
     """Target (height, width): multiples of `factor`, area within [min_pixels, max_pixels], aspect kept.
@@ -43,12 +57,7 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 31
     the same factor (rounded down), if too small they grow (rounded up). Same arithmetic as
     transformers' `smart_resize`, including Python's round-half-to-even.
     """
-    if height <= 0 or width <= 0:
-        raise ValueError(f"image size must be positive, got height={height}, width={width}")
-    ratio = max(height, width) / min(height, width)
-    if ratio > 200:
-        raise ValueError(f"image aspect ratio {ratio:.1f} (height={height}, width={width}) exceeds 200; "
-                         "crop or pad the image first")
+    check_image_size(height, width)
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:

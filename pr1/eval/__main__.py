@@ -17,6 +17,8 @@ import argparse
 import os
 import sys
 
+from pr1 import cli
+
 
 def _mesh(text: str) -> tuple[int, int, int]:
     sizes = {"data": 1, "fsdp": -1, "tensor": 1}
@@ -36,7 +38,7 @@ def _benchmark(text: str) -> tuple[str, str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pr1.eval", description=__doc__.split("\n\n")[0],
+    p = cli.ArgumentParser(prog="python -m pr1.eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     src = p.add_argument_group("the policy (one of --model / --workdir)")
     src.add_argument("--model", help="a Hugging Face checkpoint dir (Qwen2.5-VL)")
@@ -76,8 +78,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if (args.model is None) == (args.workdir is None):
-        print("pr1.eval: give exactly one of --model DIR or --workdir DIR", file=sys.stderr)
-        return 2
+        return cli.fail("pr1.eval", "give exactly one of --model DIR or --workdir DIR")
     from pr1.chat import ChatClient, ChatConfigError
     from pr1.eval import problems as problems_lib
     from pr1.eval import report, run
@@ -105,9 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, problems in benchmarks.items():
             records[name] = run.evaluate(problems, policy, os.path.join(args.out, f"{name}.jsonl"),
                                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, llm=llm)
-    except (FileNotFoundError, ValueError, ChatConfigError) as e:
-        print(f"pr1.eval: {e}", file=sys.stderr)
-        return 1
+    except (OSError, ValueError, ChatConfigError) as e:  # a missing/unreadable path, a bad value
+        return cli.fail("pr1.eval", e)
     summary = report.write_report(args.out, records)
     print(report.markdown(summary, subsets=False), end="")
     print(f"records, summary.json and results.md (with per-subset tables) are in {args.out}")

@@ -206,10 +206,18 @@ def _base_record(problem, label: str) -> dict:
             "model": label}
 
 
+# sys.stderr looked up at each call: a default bound at import would keep whatever stream was
+# installed then (a test's captured stream, closed later).
+_STDERR = object()
+
+
 def evaluate(problems: Sequence, policy: Policy, out_path: str, *, max_new_tokens: int = 4096,
              batch_size: int = 32, llm: LLMChecker | None = None, instruction: str = FORMAT_INSTRUCTION,
-             progress=sys.stderr) -> list[dict]:
-    """Records of `problems` (one benchmark) in problem order, generating only what is missing."""
+             progress=_STDERR) -> list[dict]:
+    """Records of `problems` (one benchmark) in problem order, generating only what is missing.
+    progress: a stream for progress lines (default: sys.stderr as it is at the call), None for none."""
+    if progress is _STDERR:
+        progress = sys.stderr
     ids = [p.id for p in problems]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)

@@ -2,7 +2,8 @@
 
 Where it sits: the reward stage calls `AccuracyScorer.score_batch` on every rollout batch (in a
 thread, overlapping the judge calls); `combine` weights it 0.9. `accuracy_reward` is the one-item
-form for evaluation and tests.
+public form: it runs in one worker process of its own (`verify_process`) with the same timeouts,
+and works from any script, `python -` or a notebook.
 
 Definition: take the text inside the first `<answer>…</answer>` (else the whole response) and score
 1.0 iff math-verify says `verify(parse(boxed gold), parse(answer))`; any error is 0. Two deliberate
@@ -20,8 +21,10 @@ worker that dies (OOM killer, segfault) breaks the pool the same way; the items 
 are re-run one at a time so the one that kills its worker is identified and scored 0 alone.
 
 Workers start with "forkserver" (or "spawn"), never "fork": the trainer has JAX and its threads
-loaded. Such children re-import the entry module as `__mp_main__`, so entry points keep their work
-under `if __name__ == "__main__":` and must not touch devices at import time.
+loaded. Such children re-import the entry module as `__mp_main__`, so a program that uses the pool
+(the trainer, the annotate pipeline) keeps its work under `if __name__ == "__main__":` and must not
+touch devices at import time. The pool is the batched stage's implementation detail; the public
+one-item function does not use it.
 """
 
 from __future__ import annotations
@@ -313,10 +316,28 @@ def default_scorer() -> AccuracyScorer:
         return _default_scorer
 
 
+_default_verifier = None
+
+
+def default_verifier():
+    """The process-wide `verify_process.VerifyProcess` behind `accuracy_reward` (started on first
+    use, closed at exit)."""
+    global _default_verifier
+    with _default_lock:
+        if _default_verifier is None:
+            from pr1.rewards.verify_process import VerifyProcess
+
+            _default_verifier = VerifyProcess()
+            atexit.register(_default_verifier.close)
+        return _default_verifier
+
+
 def accuracy_reward(response: str, answer: str) -> float:
     """r_a for one response: 1.0 if its <answer> (else all of it) equals `answer` per math-verify.
 
-    Runs in the shared worker pool of `default_scorer()` with its timeout; 0.0 on timeout or error.
-    For batches use `AccuracyScorer.score_batch`, which keeps every worker busy.
+    Runs in a worker process of its own (`default_verifier()`), 5 s per item, killed past 10 s;
+    0.0 on timeout or error. Safe in a script without a main guard, under `python -` and in a
+    notebook: the worker imports nothing of the caller. For batches use
+    `AccuracyScorer.score_batch`, which keeps a pool of workers busy.
     """
-    return default_scorer().score(response, answer)
+    return default_verifier().score(response, answer)

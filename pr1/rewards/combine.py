@@ -49,6 +49,10 @@ def rewards_config() -> ml_collections.ConfigDict:
     accuracy: math-verify pool (workers 0 = min(8, CPUs)), per-item timeout and kill grace (s).
     judge: url "" uses the offline LexicalJudge; otherwise an OpenAI-compatible base URL such as
     "http://judge-host:30000/v1". api_key_env names the environment variable with the key.
+    judge.max_concurrency and judge.requests_per_minute are TOTALS for the judge service: they are
+    split evenly over the training processes that call it (`judge_share`), so a 16-host pod with
+    max_concurrency=512 keeps 512 requests in flight at the judge, 32 from each host, not 8,192.
+    Each process's share is logged at start.
     """
     c = ml_collections.ConfigDict()
     c.weights = ml_collections.ConfigDict(dict(accuracy=0.9, format=0.1, perception=0.7, repetition=1.0))
@@ -59,6 +63,11 @@ def rewards_config() -> ml_collections.ConfigDict:
         temperature=0.0, max_tokens=512, max_concurrency=256, requests_per_minute=0.0,
         timeout=120.0, connect_timeout=10.0, retries=4, backoff=1.0, backoff_max=30.0,
         cache_size=200_000, failure_policy="zero", max_failure_rate=0.1,
+        # Upper bound on one judge prompt, counted as UTF-8 bytes (a byte-level BPE token such as
+        # Qwen's covers at least one byte, so bytes bound tokens from above): a request that could
+        # exceed it is not sent and its judgement fails, naming the sizes. Qwen2.5-32B-Instruct
+        # reads 32,768 tokens, max_tokens of which are the reply.
+        max_prompt_tokens=32_000,
     ))
     return c
 
@@ -85,6 +94,8 @@ def check_config(cfg) -> None:
     if j.retries < 0 or j.requests_per_minute < 0:
         key = "retries" if j.retries < 0 else "requests_per_minute"
         raise ValueError(f"rewards.judge.{key} must be >= 0, got {j[key]}")
+    if j.max_prompt_tokens < 1:
+        raise ValueError(f"rewards.judge.max_prompt_tokens must be >= 1, got {j.max_prompt_tokens}")
     if cfg.judge.max_concurrency < 1:
         raise ValueError(f"rewards.judge.max_concurrency must be >= 1, got {cfg.judge.max_concurrency}")
     if cfg.repetition.n < 1:
@@ -93,9 +104,28 @@ def check_config(cfg) -> None:
         raise ValueError(f"rewards.accuracy.timeout must be > 0, got {cfg.accuracy.timeout}")
 
 
-def make_judge(judge_cfg) -> Judge:
-    """OpenAIJudge for a configured URL, else the offline LexicalJudge."""
-    return OpenAIJudge.from_config(judge_cfg) if judge_cfg.url else LexicalJudge()
+def judge_share(judge_cfg, processes: int = 1) -> tuple[int, float]:
+    """This process's (max_concurrency, requests_per_minute): the service totals split evenly over
+    `processes` (concurrency rounded down, so the processes together never exceed the total)."""
+    processes = int(processes)
+    if processes < 1:
+        raise ValueError(f"processes must be >= 1, got {processes}")
+    total = int(judge_cfg.max_concurrency)
+    if total < processes:
+        raise ValueError(f"rewards.judge.max_concurrency={total} is the judge service's total, split over "
+                         f"{processes} processes: it must be at least {processes} (one request each)")
+    return total // processes, float(judge_cfg.requests_per_minute) / processes
+
+
+def make_judge(judge_cfg, processes: int = 1) -> Judge:
+    """OpenAIJudge for a configured URL (with this process's share of the service budget, see
+    `judge_share`), else the offline LexicalJudge."""
+    if not judge_cfg.url:
+        return LexicalJudge()
+    concurrency, rpm = judge_share(judge_cfg, processes)
+    mine = ml_collections.ConfigDict(judge_cfg.to_dict())
+    mine.max_concurrency, mine.requests_per_minute = concurrency, rpm
+    return OpenAIJudge.from_config(mine)
 
 
 @dataclasses.dataclass
@@ -175,10 +205,24 @@ class RewardStage:
 connections and the accuracy pool (unless the scorer was passed in).
     """
 
-    def __init__(self, config=None, *, judge: Judge | None = None, scorer: AccuracyScorer | None = None):
+    def budget_line(self) -> str:
+        """One line saying what this process may ask of the judge service, for the start-up log."""
+        if not isinstance(self.judge, OpenAIJudge):
+            return f"judge: {self.judge!r} (in process, no service budget)"
+        c = self.judge.client
+        rpm = f"{c.requests_per_minute:g} requests/minute" if c.requests_per_minute else "no rate limit"
+        total = self.cfg.judge
+        return (f"judge {c.url}: this process's share of the service budget: {c.max_concurrency} requests in flight "
+                f"(rewards.judge.max_concurrency={total.max_concurrency} in total), {rpm} "
+                f"(rewards.judge.requests_per_minute={total.requests_per_minute:g} in total)")
+
+    def __init__(self, config=None, *, judge: Judge | None = None, scorer: AccuracyScorer | None = None,
+                 processes: int = 1):
+        """processes: how many processes call the judge service (the training run's process count);
+        each takes its share of the judge budget."""
         self.cfg = config if config is not None else rewards_config()
         check_config(self.cfg)
-        self.judge = judge if judge is not None else make_judge(self.cfg.judge)
+        self.judge = judge if judge is not None else make_judge(self.cfg.judge, processes)
         acc = self.cfg.accuracy
         self._owns_scorer = scorer is None  # a scorer passed in may be shared: its owner closes it
         self.scorer = scorer if scorer is not None else AccuracyScorer(

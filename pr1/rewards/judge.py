@@ -23,7 +23,8 @@ import re
 from typing import Iterable, Sequence
 
 from pr1.chat import ChatClient, ChatConfigError
-from pr1.rewards.perception import PROMPT_VERSION, Judgement, build_messages, judgement_from_reply
+from pr1.rewards.perception import (PROMPT_VERSION, Judgement, build_messages, judgement_from_reply,
+                                   prompt_token_bound)
 
 # A judge misconfiguration (bad URL, key or model name) that retrying cannot fix.
 JudgeError = ChatConfigError
@@ -148,14 +149,19 @@ class OpenAIJudge(Judge):
     variable unset no Authorization header is sent (a local SGLang server needs none).
     The transport (concurrency bound, rate limit, timeouts, retries with back-off) is
     `pr1.chat.ChatClient`; its counters are this judge's `counters`.
+    max_prompt_tokens: a request whose prompt could exceed it (`prompt_token_bound`) is not sent; its
+    judgement fails naming the sizes (counter `oversized_prompts`), and the failure policy applies.
     """
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str = "PR1_JUDGE_API_KEY",
                  temperature: float = 0.0, max_tokens: int = 512, max_concurrency: int = 256,
                  requests_per_minute: float = 0, timeout: float = 120.0, connect_timeout: float = 10.0,
                  retries: int = 4, backoff: float = 1.0, backoff_max: float = 30.0,
-                 cache_size: int = 200_000, seed: int | None = None):
+                 cache_size: int = 200_000, seed: int | None = None, max_prompt_tokens: int = 32_000):
         super().__init__(cache_size=cache_size, max_concurrency=max_concurrency)
+        if max_prompt_tokens < 1:
+            raise ValueError(f"judge max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
+        self.max_prompt_tokens = int(max_prompt_tokens)
         self.client = ChatClient(base_url, model, role="judge", api_key_env=api_key_env,
                                  max_concurrency=max_concurrency, requests_per_minute=requests_per_minute,
                                  timeout=timeout, connect_timeout=connect_timeout, retries=retries,
@@ -173,7 +179,8 @@ class OpenAIJudge(Judge):
                    max_tokens=cfg.max_tokens, max_concurrency=cfg.max_concurrency,
                    requests_per_minute=cfg.requests_per_minute, timeout=cfg.timeout,
                    connect_timeout=cfg.connect_timeout, retries=cfg.retries, backoff=cfg.backoff,
-                   backoff_max=cfg.backoff_max, cache_size=cfg.cache_size)
+                   backoff_max=cfg.backoff_max, cache_size=cfg.cache_size,
+                   max_prompt_tokens=cfg.get("max_prompt_tokens", 32_000))
 
     def __repr__(self) -> str:
         key = "set" if os.environ.get(self.api_key_env) else "unset"
@@ -185,6 +192,13 @@ class OpenAIJudge(Judge):
 
     async def _judge_uncached(self, response: str, annotations: list[str]) -> Judgement:
         messages, neutralized = build_messages(response, annotations)
+        bound = prompt_token_bound(messages)
+        if bound > self.max_prompt_tokens:
+            self.counters["oversized_prompts"] += 1
+            return Judgement(score=0.0, failed=True, neutralized=neutralized, error=(
+                f"judge {self.url}: prompt of up to {bound} tokens ({len(annotations)} annotations, "
+                f"{len(response.encode('utf-8', 'surrogatepass'))} response bytes) is over "
+                f"rewards.judge.max_prompt_tokens={self.max_prompt_tokens}; not sent"))
         reply = await self.client.complete(messages, temperature=self.temperature, max_tokens=self.max_tokens)
         if reply.failed:
             return Judgement(score=0.0, failed=True, neutralized=neutralized, error=reply.error)

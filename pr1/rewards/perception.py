@@ -196,6 +196,24 @@ def build_messages(response: str, annotations: Sequence[str], *, guard: bool = T
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}], neutralized
 
 
+# Chat-template tokens around one message (<|im_start|>role\n ... <|im_end|>\n) and the reply's prefix.
+_TEMPLATE_TOKENS_PER_MESSAGE = 8
+_TEMPLATE_TOKENS_REPLY = 4
+
+
+def prompt_token_bound(messages: list[dict]) -> int:
+    """An upper bound on the prompt tokens of `messages` under any byte-level BPE tokenizer (Qwen's,
+    GPT's): every token covers at least one UTF-8 byte, so the byte count bounds the text's tokens;
+    plus the chat template's few special tokens per message. No tokenizer of the judge is needed."""
+    total = _TEMPLATE_TOKENS_REPLY
+    for m in messages:
+        content = m.get("content")
+        texts = [content] if isinstance(content, str) else [
+            str(p.get("text", "")) for p in content or [] if isinstance(p, dict)]
+        total += _TEMPLATE_TOKENS_PER_MESSAGE + sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+    return total
+
+
 def fenced_response(user_message: str) -> str:
     """The response text between the fences of a user message built here (for stubs and tests)."""
     start = user_message.index(FENCE_OPEN + "\n") + len(FENCE_OPEN) + 1

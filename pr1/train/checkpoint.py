@@ -16,6 +16,11 @@ deleted when a new Checkpointer opens the directory.
 Secrets never go into a checkpoint: host_state must not hold API keys or tokens (they come from
 the environment), and keys that look like one are refused before anything is written.
 
+A save that fails (disk full, a directory that became unwritable, a bucket error) is reported as
+`CheckpointSaveError` naming the step's path, when it fails or, for the background write, at the
+next call that joins it (`save`, `all_steps`, `wait`, `close`); the uncommitted step is never listed,
+so the newest complete checkpoint still restores.
+
 Every process must call `save`, `restore`, `wait` and `close` (orbax synchronises the hosts).
 """
 
@@ -38,6 +43,11 @@ CHECKPOINT_SUBDIR = "checkpoints"
 # A credential-looking key: api keys, secrets, passwords, and keys that *end* in "token" (auth_token,
 # AccessToken), but not counters such as num_tokens or tokens_seen, nor tokenizer_path.
 _SECRET_KEY = re.compile(r"api_?key|secret|passw(or)?d|token$")
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written; the message names the step's path and the newest complete
+    checkpoint, from which a resume continues."""
 
 
 def checkpoint_directory(workdir: str) -> str:
@@ -92,6 +102,8 @@ class Checkpointer:
         # crash would lose it, so while a save is in flight this is the truthful answer.
         self._complete_before_pending: list[int] | None = None
         self.upcast: list[str] = []  # arrays the last restore widened from their saved dtype
+        self._pending_step: int | None = None  # the step of the save in flight (or that failed)
+        self._reported: CheckpointSaveError | None = None
 
     @property
     def directory(self) -> str:
@@ -109,19 +121,52 @@ class Checkpointer:
         # A deep copy: the JSON is written in the background, and the loop keeps mutating its
         # counters and iterator state while it is.
         host_copy = json.loads(json.dumps(host_state))
+        self._join()  # the previous save: a failure there is that step's, reported as such
         before = sorted(self._manager.all_steps())
-        saved = self._manager.save(
-            step,
-            args=ocp.args.Composite(**{
-                _STATE: ocp.args.StandardSave(state),
-                _HOST_STATE: ocp.args.JsonSave(host_copy),
-            }),
-            force=force,
-        )
-        if saved:
-            # orbax.save waited for the previous save first, so every step in `before` is committed.
+        self._pending_step = step
+        try:
+            saved = self._manager.save(
+                step,
+                args=ocp.args.Composite(**{
+                    _STATE: ocp.args.StandardSave(state),
+                    _HOST_STATE: ocp.args.JsonSave(host_copy),
+                }),
+                force=force,
+            )
+        except Exception as e:  # noqa: BLE001 - whatever the filesystem or orbax raised
             self._complete_before_pending = before
+            raise self._save_failed(e) from e
+        if saved:
+            # The previous save was joined above, so every step in `before` is committed.
+            self._complete_before_pending = before
+        else:
+            self._pending_step = None
         return saved
+
+    def _join(self) -> None:
+        """Waits for the save in flight; a failure becomes CheckpointSaveError naming its step."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - raised by the background write
+            raise self._save_failed(e) from e
+        self._pending_step = None
+
+    def _save_failed(self, error: Exception) -> CheckpointSaveError:
+        # Reported once: the run stops on it, and closing the checkpointer then must not raise
+        # the same failure again over it.
+        if self._reported:
+            return self._reported
+        step = self._pending_step
+        complete = self._complete_before_pending
+        if complete is None:
+            complete = sorted(self._manager.all_steps())
+        complete = [s for s in complete if s != step]
+        newest = f"step {complete[-1]}" if complete else "none"
+        where = f"{self._label}/{step}" if step is not None else self._label
+        self._reported = CheckpointSaveError(
+            f"checkpoint save of step {step} to {where} failed: {type(error).__name__}: {error}. The newest "
+            f"complete checkpoint in {self._label} is {newest}; a resume continues from it")
+        return self._reported
 
     def all_steps(self) -> list[int]:
         """Steps of the complete checkpoints, oldest first (a save in flight is not one yet)."""
@@ -130,7 +175,7 @@ class Checkpointer:
                 return list(self._complete_before_pending)
             # Finished: join it, which raises here if the background write failed instead of
             # listing a step that is not on disk.
-            self._manager.wait_until_finished()
+            self._join()
             self._complete_before_pending = None
         return sorted(self._manager.all_steps())
 
@@ -176,14 +221,26 @@ class Checkpointer:
         return _stored_dtypes(self._label, step)
 
     def wait(self) -> None:
-        """Blocks until every save started so far is committed; raises if one failed."""
-        self._manager.wait_until_finished()
+        """Blocks until every save started so far is committed; raises CheckpointSaveError if one failed."""
+        self._join()
         self._complete_before_pending = None
 
     def close(self) -> None:
-        """Waits for pending saves (and deletions of old steps), then releases orbax's threads."""
-        self._manager.close()
+        """Waits for pending saves (and deletions of old steps), then releases orbax's threads; raises
+        CheckpointSaveError (after releasing them) if a save failed that was not reported yet."""
+        already = self._reported is not None
+        error = None
+        try:
+            self._join()
+        except CheckpointSaveError as e:
+            error = e
+        try:
+            self._manager.close()
+        except Exception as e:  # noqa: BLE001 - orbax re-raising the background write's failure
+            error = error or self._save_failed(e)
         self._complete_before_pending = None
+        if error is not None and not already:
+            raise error
 
     def __enter__(self) -> Checkpointer:
         return self

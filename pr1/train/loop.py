@@ -275,7 +275,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     engine = _make_engine(config, model_def, state.params, mesh, processor, workdir)
     engine.sync_weights(state.params, start_step)
-    reward_stage = RewardStage(config.rewards)
+    reward_stage = RewardStage(config.rewards, processes=jax.process_count())
+    print(f"pr1.train: process {jax.process_index()}: {reward_stage.budget_line()}", flush=True)
     steps = _StepCache(model_def, tx, config.learner, shardings, mesh)
     writer = metrics_lib.MetricsWriter(log_dir, resume_step=start_step, tensorboard=t_cfg.tensorboard,
                                        wandb_project=t_cfg.wandb_project, run_name=t_cfg.run_name,
@@ -385,11 +386,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise
     finally:
         stop.restore()
-        if ckpt is not None:
-            ckpt.close()
-        writer.close()
-        reward_stage.close()
-        close = getattr(engine, "close", None)
-        if close is not None:
-            close()
+        try:
+            if ckpt is not None:
+                ckpt.close()  # may raise CheckpointSaveError for the last save: the rest still closes
+        finally:
+            writer.close()
+            reward_stage.close()
+            close = getattr(engine, "close", None)
+            if close is not None:
+                close()
     return metrics
