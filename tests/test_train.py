@@ -148,6 +148,17 @@ def test_bad_config_values_name_the_key(assets, key, value, match):
         validate_config(config)
 
 
+def test_release_loss_scope_and_judge_budget_are_checked_up_front(assets):
+    config = small_debug(assets, **{"learner.loss_agg": "chunk-token-mean", "learner.loss_chunk_responses": 0})
+    with pytest.raises(ConfigError, match="learner.loss_chunk_responses"):
+        validate_config(config)
+    # The judge's concurrency is the service's total: 4 cannot be split over 16 processes.
+    config = small_debug(assets, **{"rewards.judge.url": "http://127.0.0.1:9/v1", "rewards.judge.max_concurrency": 4})
+    validate_config(config, num_processes=4)
+    with pytest.raises(ConfigError, match="rewards.judge.max_concurrency=4 is the judge service's total"):
+        validate_config(config, num_processes=16)
+
+
 def test_bad_model_path_and_mesh(assets):
     config = small_debug(assets, **{"model.make_tiny_if_missing": False, "model.path": "/nonexistent/model"})
     with pytest.raises(ConfigError, match="model.path: /nonexistent/model is not a directory"):

@@ -26,6 +26,7 @@ import ml_collections
 
 from pr1.models import attention as attention_lib
 from pr1.rewards.combine import check_config as check_rewards_config
+from pr1.rewards.combine import judge_share
 from pr1.rewards.combine import rewards_config
 from pr1.rl.grpo import LOSS_AGG_MODES
 from pr1.train.state import optimizer_config
@@ -100,7 +101,7 @@ def _need(cond: bool, key: str, message: str) -> None:
 
 
 def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
-                    check_files: bool = True, backend: str | None = None) -> None:
+                    check_files: bool = True, backend: str | None = None, num_processes: int = 1) -> None:
     """Checks every value the run depends on; raises ConfigError('<key>: <why>').
 
     check_files=False skips the checks that local data files exist (for planning a run elsewhere);
@@ -166,6 +167,8 @@ def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = N
 
     try:
         check_rewards_config(c.rewards)
+        if c.rewards.judge.url:
+            judge_share(c.rewards.judge, num_processes)  # the service totals must cover every process
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

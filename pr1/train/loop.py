@@ -230,7 +230,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     workdir = os.path.abspath(workdir) if "://" not in workdir else workdir
     distributed.maybe_initialize(config)  # a no-op unless enabled, or when the CLI already did it
-    validate_config(config, num_devices=jax.device_count(), backend=jax.default_backend())
+    validate_config(config, num_devices=jax.device_count(), backend=jax.default_backend(),
+                    num_processes=jax.process_count())
     _prepare_inputs(config)
     log_dir = _log_dir(workdir)
     os.makedirs(log_dir, exist_ok=True)
