@@ -13,16 +13,21 @@ train.seed) and the synthetic parquet files (`pr1.data.synthetic`, task "dots") 
 dir. Rollouts run in-process, the perception reward comes from the offline lexical judge; nothing
 is downloaded.
 
-The task and why a random-init model learns it: the image shows 1-3 red dots; the question asks
-how many; the answer is that count and the visual annotation is "there are N dots", which the
-lexical judge checks by the number N appearing in the response. Responses are 4 tokens and the
-accuracy reward reads the last number of the whole response (there is no <answer> block), so from
-random init about 1% of responses already score (a digit token among 512, at one of 4 places);
-GRPO first makes digits 1-3 likely (accuracy ~1/3 without looking), then ties them to the amount of
-red in the image. The paper's `<think>..</think><answer>\\boxed{}</answer>` template is ~21 tokens
-of the tiny tokenizer, out of reach of random sampling: the format reward stays in the total at
-its released weight and stays 0. The perception reward here credits the right count anywhere in the
-response, the accuracy reward only as the last number: a denser signal about the same visual fact.
+The task and what a random-init model learns of it: the image shows 1-3 red dots (one per
+quadrant, i.e. per visual token); the question asks how many; the answer is that count and the
+visual annotation is "there are N dots", which the lexical judge checks by the number N appearing in
+the response. Responses are 4 tokens and the accuracy reward is math-verify's reading of the whole
+response (there is no <answer> block; of two numbers it usually takes the last), so from random init
+about 1% of responses already score (a digit among 512 tokens, at one of 4 places). Within the 120 steps GRPO makes the digits 1-3 likely:
+the accuracy reward rises from ~0.01 to about 1/3, which is what answering without looking earns,
+and greedy validation accuracy stays at that chance level; the model does not learn to read the
+count from the image in this budget (nor in 170 steps of plain supervised training on the right
+digit: the image moves the tiny model's logits by ~3% of their spread at init). The perception
+reward rises with accuracy and above it: it credits the right count anywhere in the response, and
+with gamma > 0 the policy learns to state two counts ("1 2"), which this judge cannot tell from
+knowing the right one. The paper's `<think>..</think><answer>\\boxed{}</answer>` template is ~21
+tokens of the tiny tokenizer, out of reach of random sampling: the format reward stays in the total
+at its released weight and stays 0.
 """
 
 import ml_collections
@@ -70,6 +75,7 @@ def get_config(arg: str | None = None):
     c.rollout.min_patch_bucket = 16
 
     c.rewards.judge.url = ""            # offline LexicalJudge
+    c.rewards.judge.measure_unweighted = True  # the baseline logs the perception it does not train on
     c.rewards.accuracy.workers = 1
     if "baseline" in flags:
         c.rewards.weights.perception = 0.0  # accuracy-only GRPO: the paper's ablation

@@ -32,6 +32,29 @@ def test_config_argument_picks_assets_dir_and_baseline():
     assert a == b
 
 
+def test_baseline_measures_perception_without_training_on_it():
+    """measure_unweighted (on in the debug config): with gamma = 0 the judge still scores, for the
+    metrics and the compare plot, and the totals are those of an unmeasured run."""
+    from pr1.rewards import AccuracyScorer, LexicalJudge, RewardStage, rewards_config
+    responses, answers = ["2", "1 2", "x 3", "3"], ["2", "1", "1", "3"]
+    annotations = ["<info1>there are 2 dots</info1>", "<info1>there is 1 dot</info1>",
+                   "<info1>there is 1 dot</info1>", "<info1>there are 3 dots</info1>"]
+    outs = {}
+    with AccuracyScorer(workers=1) as scorer:
+        for measure in (False, True):
+            cfg = rewards_config()
+            cfg.weights.perception = 0.0
+            cfg.judge.measure_unweighted = measure
+            with RewardStage(cfg, judge=LexicalJudge(), scorer=scorer) as stage:
+                outs[measure] = stage.submit(responses, answers, annotations, group_size=2).result(timeout=120)
+    np.testing.assert_array_equal(outs[False].components["perception"], [0, 0, 0, 0])
+    np.testing.assert_allclose(outs[True].components["perception"], [1, 1, 0, 1], atol=1e-5)
+    assert outs[True].metrics["rewards/perception/mean"] == pytest.approx(0.75, abs=1e-5)
+    np.testing.assert_array_equal(outs[True].totals, outs[False].totals)
+    np.testing.assert_allclose(outs[True].totals, [0.9, 0.0, 0.0, 0.9], atol=1e-6)
+    assert debug_config.get_config("baseline").rewards.judge.measure_unweighted
+
+
 def _rows(accuracy, perception=None, val=None):
     rows = []
     for i, acc in enumerate(accuracy, 1):
@@ -89,10 +112,11 @@ def test_compare_plot_draws_groups_on_shared_axes(tmp_path):
 
 
 def test_debug_run_learns(tmp_path):
-    """A shortened debug run (seed 0, fewer steps) raises its accuracy reward clearly.
+    """A shortened debug run (seed 0, the first 60 of its 120 steps) raises its accuracy reward clearly.
 
-    The full run (configs/debug.py) ends, on every seed measured, well above the margin asserted here.
-    Runs as its own process with one CPU device, as a user's `python -m pr1.train` does.
+    Measured (seeds 0, 1, 2): the last quarter of these 60 steps is 0.17-0.23 above the first, and
+    the full runs 0.31-0.33; the margin asserted is 0.1. Runs as its own process with one CPU
+    device, as a user's `python -m pr1.train` does.
     """
     steps = LEARNING_TEST_STEPS
     workdir = tmp_path / "run"
@@ -108,5 +132,5 @@ def test_debug_run_learns(tmp_path):
     assert rise >= LEARNING_TEST_MARGIN, summary
 
 
-LEARNING_TEST_STEPS = 60
+LEARNING_TEST_STEPS = 60  # the full run: 120 steps
 LEARNING_TEST_MARGIN = 0.1

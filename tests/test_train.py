@@ -27,6 +27,7 @@ def small_debug(assets, **overrides):
     c.data.synthetic.train_rows, c.data.synthetic.val_rows = 64, 8
     c.data.prompts_per_step = 4
     c.rollout.n = 4
+    c.learner.micro_batches = 1  # 16 rows over the 8 fake devices: one micro-batch of 2 per device
     c.rollout.max_new_tokens = c.rollout.val_max_new_tokens = 4
     c.data.format_instruction = "Put the answer in \\boxed{}."
     c.train.steps = 3
