@@ -103,11 +103,13 @@ def _smooth(values, window: int):
     return out
 
 
-def plot_compare(groups: list[str], out: str, labels: list[str] | None = None, smooth: int = 5) -> list[str]:
+def plot_compare(groups: list[str], out: str, labels: list[str] | None = None, smooth: int = 5,
+                 reference: dict[str, tuple[float, str]] | None = None) -> list[str]:
     """compare.png: one panel per COMPARE_PANELS key, one curve per group; returns [its path].
 
     A group is a run dir or comma-separated run dirs (drawn as their mean, with a min-max band).
     Sampled rewards are drawn smoothed (trailing mean over `smooth` steps); validation points as is.
+    reference: metric key -> (value, label), drawn as a dashed horizontal line (e.g. chance level).
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -145,6 +147,9 @@ def plot_compare(groups: list[str], out: str, labels: list[str] | None = None, s
                 if not is_val:
                     lo, hi = _smooth(lo, smooth), _smooth(hi, smooth)
                 ax.fill_between(steps, lo, hi, color=color, alpha=0.15, linewidth=0)
+        if reference and key in reference:
+            value, text = reference[key]
+            ax.axhline(value, color="gray", linestyle="--", linewidth=1, label=text)
         ax.set_title(title if key.startswith("val/") else f"{title}, {smooth}-step mean", fontsize=10)
         ax.grid(alpha=0.3)
         if ax.lines:
