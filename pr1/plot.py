@@ -1,11 +1,15 @@
 """Curves of a run as PNGs: python -m pr1.plot --workdir DIR [--out DIR/plots]
 Evaluations side by side:  python -m pr1.plot --eval OUT_A OUT_B ... --out DIR
+Runs side by side:         python -m pr1.plot --compare RUN_A RUN_B ... --out DIR
 
 Reads `DIR/metrics.jsonl` and draws, one PNG each: the reward components (`rewards.png`), response
 lengths and truncation (`lengths.png`), policy statistics (entropy, approx KL, clip fractions:
 `policy.png`), the per-step time breakdown (`timing.png`) and validation if present (`val.png`).
 With --eval it reads the `summary.json` of each `pr1.eval` output dir and draws one bar per run for
-each benchmark (`eval.png`), labelled with the model each run evaluated.
+each benchmark (`eval.png`), labelled with the model each run evaluated. With --compare it draws the
+accuracy, perception and total reward and the validation accuracy of several runs on shared axes
+(`compare.png`); a run given as `DIR1,DIR2,...` (one config on several seeds) is drawn as the mean
+over its runs with a band from their minimum to their maximum.
 """
 
 from __future__ import annotations
@@ -79,6 +83,90 @@ def plot(workdir: str, out: str | None = None) -> list[str]:
     return written
 
 
+COMPARE_PANELS = (
+    ("rewards/accuracy/mean", "accuracy reward (sampled)"),
+    ("rewards/perception/mean", "perception reward (sampled)"),
+    ("rewards/total/mean", "total reward (sampled)"),
+    ("val/accuracy", "validation accuracy (greedy)"),
+)
+
+
+def _series(rows: list[dict], key: str) -> dict[int, float]:
+    return {int(r["step"]): float(r[key]) for r in rows if isinstance(r.get(key), (int, float))}
+
+
+def _smooth(values, window: int):
+    """Trailing mean over `window` points (per-step rewards of a small batch are noisy)."""
+    out = []
+    for i in range(len(values)):
+        chunk = values[max(0, i - window + 1):i + 1]
+        out.append(sum(chunk) / len(chunk))
+    return out
+
+
+def plot_compare(groups: list[str], out: str, labels: list[str] | None = None, smooth: int = 5,
+                 reference: dict[str, tuple[float, str]] | None = None) -> list[str]:
+    """compare.png: one panel per COMPARE_PANELS key, one curve per group; returns [its path].
+
+    A group is a run dir or comma-separated run dirs (drawn as their mean, with a min-max band).
+    Sampled rewards are drawn smoothed (trailing mean over `smooth` steps); validation points as is.
+    reference: metric key -> (value, label), drawn as a dashed horizontal line (e.g. chance level).
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if labels is not None and len(labels) != len(groups):
+        raise ValueError(f"{len(labels)} labels for {len(groups)} runs")
+    runs = []
+    for i, group in enumerate(groups):
+        dirs = [d for d in group.split(",") if d]
+        if not dirs:
+            raise ValueError(f"empty run list {group!r}")
+        metrics = [read_metrics(os.path.join(d, "metrics.jsonl")) for d in dirs]
+        name = labels[i] if labels else os.path.basename(os.path.normpath(dirs[0]))
+        if len(dirs) > 1 and not labels:
+            name += f" (mean of {len(dirs)})"
+        runs.append((name, metrics))
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    for ax, (key, title) in zip(axes.flat, COMPARE_PANELS):
+        for k, (name, metrics) in enumerate(runs):
+            per_run = [_series(rows, key) for rows in metrics]
+            # Steps every run of the group has (a shorter run cuts the curve, it does not bend it).
+            steps = sorted(set.intersection(*(set(s) for s in per_run)))
+            if not steps:
+                continue
+            table = [[s[t] for s in per_run] for t in steps]
+            mean = [sum(v) / len(v) for v in table]
+            is_val = key.startswith("val/")
+            color = f"C{k}"
+            y = mean if is_val else _smooth(mean, smooth)
+            ax.plot(steps, y, color=color, label=name, marker="o" if is_val else None, markersize=4)
+            if len(per_run) > 1:
+                lo, hi = [min(v) for v in table], [max(v) for v in table]
+                if not is_val:
+                    lo, hi = _smooth(lo, smooth), _smooth(hi, smooth)
+                ax.fill_between(steps, lo, hi, color=color, alpha=0.15, linewidth=0)
+        if reference and key in reference:
+            value, text = reference[key]
+            ax.axhline(value, color="gray", linestyle="--", linewidth=1, label=text)
+        ax.set_title(title if key.startswith("val/") else f"{title}, {smooth}-step mean", fontsize=10)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, f"no {key} in these runs", ha="center", va="center", transform=ax.transAxes)
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "compare.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
+
+
 def read_eval_summary(out_dir: str) -> dict:
     path = os.path.join(out_dir, "summary.json")
     if not os.path.exists(path):
@@ -125,12 +213,23 @@ def main(argv=None) -> int:
     parser = cli.ArgumentParser(prog="python -m pr1.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", help="a training run: its curves")
     parser.add_argument("--eval", nargs="+", metavar="OUT", help="pr1.eval --out dirs: accuracy per benchmark")
-    parser.add_argument("--out", default=None, help="output dir (default: WORKDIR/plots; required with --eval)")
+    parser.add_argument("--compare", nargs="+", metavar="RUN",
+                        help="training runs (a run: DIR or DIR1,DIR2,... for several seeds): their curves on shared axes")
+    parser.add_argument("--labels", nargs="+", help="with --compare: one legend label per RUN")
+    parser.add_argument("--out", default=None, help="output dir (default: WORKDIR/plots; required with --eval/--compare)")
     args = parser.parse_args(argv)
-    if (args.workdir is None) == (args.eval is None) or (args.eval and not args.out):
-        parser.error("give --workdir DIR, or --eval OUT [OUT ...] with --out DIR")
+    chosen = [a for a in (args.workdir, args.eval, args.compare) if a is not None]
+    if len(chosen) != 1 or ((args.eval or args.compare) and not args.out):
+        parser.error("give --workdir DIR, or --eval OUT [OUT ...] / --compare RUN [RUN ...] with --out DIR")
+    if args.labels and not args.compare:
+        parser.error("--labels goes with --compare")
     try:
-        paths = plot(args.workdir, args.out) if args.workdir else plot_eval(args.eval, args.out)
+        if args.workdir:
+            paths = plot(args.workdir, args.out)
+        elif args.eval:
+            paths = plot_eval(args.eval, args.out)
+        else:
+            paths = plot_compare(args.compare, args.out, labels=args.labels)
     except (OSError, ValueError) as e:
         return cli.fail("pr1.plot", e)
     for p in paths:

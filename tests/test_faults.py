@@ -640,7 +640,8 @@ def test_bad_rows_in_a_run_are_skipped_and_counted(assets, env, reference, tmp_p
 # ---- 4b. bad configs ------------------------------------------------------------------------------
 
 # The runs' shape (2 prompts x 4 responses), so the divisibility cases divide as intended.
-BASE = {"data.prompts_per_step": PROMPTS, "rollout.n": N}
+BASE = {"data.prompts_per_step": PROMPTS, "rollout.n": N,
+        "learner.micro_batches": 1}  # 8 rows on the 8-device mesh of the CLI cases
 
 
 def _xfail_if(reason):

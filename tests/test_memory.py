@@ -28,6 +28,7 @@ def small_config(tmp_path, mesh="fsdp=8", **overrides):
     c.rollout.n = N
     c.data.max_prompt_length = PROMPT_BUCKET
     c.rollout.max_new_tokens = NEW
+    c.learner.micro_batches = 1  # what these plans were written for (the debug run uses 8)
     c.update_from_flattened_dict(overrides)
     model_config = memory.prepare_config(c, memory.model_hf_config(c), str(tmp_path / "model"),
                                          memory.parse_mesh(mesh))

@@ -108,6 +108,8 @@ def _train_args(assets, workdir, *extra) -> list[str]:
             str(workdir), "--config.train.steps=3", "--config.train.checkpoint_every=2",
             "--config.train.val_every=3", "--config.train.val_prompts=5", "--config.train.tensorboard=False",
             "--config.data.prompts_per_step=4", "--config.rollout.n=4", "--config.rollout.max_new_tokens=4",
+            "--config.learner.micro_batches=1",  # 16 rows over the 4-device mesh
+            "--config.data.synthetic.task=color",  # nonzero rewards from the first steps (dots: ~1%)
             "--config.rollout.val_max_new_tokens=4", "--config.data.synthetic.train_rows=64",
             "--config.data.synthetic.val_rows=8", *extra]
 

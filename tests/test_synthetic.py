@@ -38,8 +38,7 @@ def test_synthetic_file_loads_through_the_dataset(tmp_path, processor, task):
 
 
 def test_answers_match_the_visual_facts():
-    for i in range(40):
-        r = S.make_row("mix", seed=0, index=i)
+    for r in [S.make_row("mix", seed=0, index=i) for i in range(40)] + [S.make_row("dots", 0, i) for i in range(20)]:
         facts = D.parse_annotations(r["visual_key_info"])
         answer = int(r["answer"])
         image = np.asarray(Image.open(io.BytesIO(r["images"][0]["bytes"])).convert("RGB"))
@@ -50,6 +49,10 @@ def test_answers_match_the_visual_facts():
             assert answer == S.COLOR_ANSWERS[dominant] and facts[0] == f"the shape is {dominant}"
         elif r["task"] == "count":
             assert answer in (1, 2, 3) and re.match(rf"there (is|are) {answer} red circle", facts[0])
+        elif r["task"] == "dots":
+            red = (image[..., 0] > 150) & (image[..., 1] < 100)
+            quadrants = [red[y:y + 28, x:x + 28].any() for y in (0, 28) for x in (0, 28)]
+            assert answer == sum(quadrants) and re.fullmatch(rf"there (is|are) {answer} dots?", facts[0])
         elif r["task"] == "length":
             length = int(re.fullmatch(r"AB = (\d+)", facts[0]).group(1))
             q = r["problem"]
@@ -57,6 +60,18 @@ def test_answers_match_the_visual_facts():
         else:
             degrees = int(re.fullmatch(r"angle ABC is (\d+) degrees", facts[0]).group(1))
             assert answer + degrees == 180
+
+
+def test_dots_fact_is_what_the_lexical_judge_checks():
+    """The debug task's annotation is judged present exactly when the response states the count."""
+    from pr1.rewards.judge import LexicalJudge
+    for i in range(12):
+        r = S.make_row("dots", 0, i)
+        (fact,) = D.parse_annotations(r["visual_key_info"])
+        n = int(r["answer"])
+        assert LexicalJudge.verdict(f"I see {n} of them, so {n}", fact) == 1.0
+        assert LexicalJudge.verdict(f"{n % 3 + 1}", fact) == 0.0
+        assert LexicalJudge.verdict("there are dots", fact) == 0.0
 
 
 def test_easiest_task_has_a_tiny_answer_vocabulary():

@@ -27,6 +27,10 @@ def small_debug(assets, **overrides):
     c.data.synthetic.train_rows, c.data.synthetic.val_rows = 64, 8
     c.data.prompts_per_step = 4
     c.rollout.n = 4
+    c.learner.micro_batches = 1  # 16 rows over the 8 fake devices: one micro-batch of 2 per device
+    # The colour task: its lexical-judge rewards are nonzero from the first steps, so the params move
+    # and run-to-run comparisons compare something (the debug task's "dots" scores ~1% at first).
+    c.data.synthetic.task = "color"
     c.rollout.max_new_tokens = c.rollout.val_max_new_tokens = 4
     c.data.format_instruction = "Put the answer in \\boxed{}."
     c.train.steps = 3
@@ -85,7 +89,7 @@ def _cli(assets, workdir, steps, extra=()):
             f"--config.train.steps={steps}", "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=10",
             "--config.train.val_every=0", "--config.train.tensorboard=False", "--config.data.prompts_per_step=4",
             "--config.rollout.n=4", "--config.rollout.max_new_tokens=4", "--config.data.synthetic.train_rows=64",
-            "--config.data.format_instruction=Put the answer in \\boxed{}.", *extra]
+            "--config.data.format_instruction=Put the answer in \\boxed{}.", "--config.data.synthetic.task=color", *extra]
     return args, env
 
 

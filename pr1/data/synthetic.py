@@ -9,14 +9,16 @@ tokens with Qwen2.5-VL's 28-px merged patches). Row i depends only on (seed, i),
 deterministic per seed and a larger n extends a smaller one.
 
 Tasks:
-  color   one shape whose colour gives the answer (red 1, green 2, blue 3). The easiest: a
-          3-answer vocabulary decided by one visible attribute, so a tiny model from random init
-          raises its accuracy reward within minutes of GRPO (first by learning to box a digit in
-          1..3, then by reading the colour).
+  color   one shape whose colour gives the answer (red 1, green 2, blue 3): a 3-answer
+          vocabulary decided by one visible attribute. (Its annotation "the shape is red" is
+          judged by the lexical judge on the word "shape" only: "red" is too short a word for it.)
   count   1-3 red shapes among 0-2 blue ones; answer the number of red shapes.
   length  a segment AB labelled with its length; answer AB, 2·AB or AB + 3.
   angle   an angle ABC labelled in degrees; answer its supplement.
-  mix     each row picks one of the above.
+  dots    1-3 red dots, one per 28-px quadrant of the image; answer how many. The annotation
+          "there are N dots" is checked by the lexical judge through the number N alone, so
+          stating the count is the perception reward. The debug run's task.
+  mix     each row picks one of color, count, length, angle.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
-TASKS = ("color", "count", "length", "angle")
+TASKS = ("color", "count", "length", "angle", "dots")
+# What "mix" draws from: the original four, so that mixed files of a seed stay what they were.
+MIX_TASKS = ("color", "count", "length", "angle")
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220)}
 COLOR_ANSWERS = {"red": 1, "green": 2, "blue": 3}
 KINDS = ("circle", "square", "triangle")
@@ -137,14 +141,31 @@ def _angle(rng, size):
     return image, question, str(180 - degrees), [f"angle ABC is {degrees} degrees"]
 
 
-_MAKERS = {"color": _color, "count": _count, "length": _length, "angle": _angle}
+def _dots(rng, size):
+    image = Image.new("RGB", (size, size), "white")
+    n = int(rng.integers(1, 4))
+    # One dot in each of n of the 4 quadrants, all red, of one size: at 56 px a quadrant is one
+    # merged 28-px visual token of Qwen2.5-VL, so the count is a sum over visual tokens of a feature
+    # ("is there red here") that a tiny random-init vision tower finds within minutes.
+    cell = size / 2
+    r = cell * 0.3
+    draw = ImageDraw.Draw(image)
+    for q in rng.permutation(4)[:n]:
+        cx, cy = (q % 2) * cell + rng.uniform(r + 1, cell - r - 1), (q // 2) * cell + rng.uniform(r + 1, cell - r - 1)
+        _draw_shape(draw, "circle", cx, cy, r, COLORS["red"])
+    # Worded so the lexical judge checks the number only ("circle" would also demand that word).
+    fact = "there is 1 dot" if n == 1 else f"there are {n} dots"
+    return image, "How many dots?", str(n), [fact]
+
+
+_MAKERS = {"color": _color, "count": _count, "length": _length, "angle": _angle, "dots": _dots}
 
 
 def make_row(task: str, seed: int, index: int, image_size: int = 56) -> dict:
     """Row `index` of a synthetic file: {problem, answer, images, visual_key_info, task}."""
     rng = np.random.default_rng([seed, index])
     if task == "mix":
-        task = TASKS[rng.integers(len(TASKS))]
+        task = MIX_TASKS[rng.integers(len(MIX_TASKS))]
     if task not in _MAKERS:
         raise ValueError(f"unknown synthetic task {task!r}; choose from {TASKS + ('mix',)}")
     image, question, answer, facts = _MAKERS[task](rng, int(image_size))

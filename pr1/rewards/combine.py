@@ -68,6 +68,9 @@ def rewards_config() -> ml_collections.ConfigDict:
         # exceed it is not sent and its judgement fails, naming the sizes. Qwen2.5-32B-Instruct
         # reads 32,768 tokens, max_tokens of which are the reply.
         max_prompt_tokens=32_000,
+        # Ask the judge even when weights.perception is 0, so an accuracy-only run still logs its
+        # perception reward (as a measurement: it does not enter the total).
+        measure_unweighted=False,
     ))
     return c
 
@@ -237,8 +240,10 @@ connections and the accuracy pool (unless the scorer was passed in).
         if not len(responses) == len(answers) == len(annotations):
             raise ValueError(f"{len(responses)} responses, {len(answers)} answers, "
                              f"{len(annotations)} annotation lists: they must match")
-        # With gamma = 0 (the accuracy-only baseline) no judge is asked: its verdicts would not count.
-        anns = [as_annotations(a) if self.cfg.weights.perception else [] for a in annotations]
+        # With gamma = 0 (the accuracy-only baseline) no judge is asked, its verdicts would not count,
+        # unless judge.measure_unweighted asks for them as a measurement.
+        judged = bool(self.cfg.weights.perception) or bool(self.cfg.judge.get("measure_unweighted", False))
+        anns = [as_annotations(a) if judged else [] for a in annotations]
         acc_task = asyncio.create_task(asyncio.to_thread(self.scorer.score_batch, responses, answers))
         try:
             judgements: list[Judgement] = await self.judge.judge_many(zip(responses, anns))

@@ -178,7 +178,7 @@ def _mini_batches(batch: dict, k: int, mesh) -> list[dict]:
 
 def _judged(annotations, rewards_config) -> int:
     """Responses the judge was asked about (judge/failure_rate's denominator), as RewardStage decides."""
-    if not rewards_config.weights.perception:
+    if not rewards_config.weights.perception and not rewards_config.judge.get("measure_unweighted", False):
         return 0
     return sum(1 for a in annotations if as_annotations(a))
 
