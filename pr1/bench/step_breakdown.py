@@ -25,6 +25,7 @@ import shutil
 import sys
 import tempfile
 
+from pr1.bench import ratio as ratio_lib
 from pr1.train.metrics import METRICS_FILE
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -61,7 +62,8 @@ def breakdown(rows: list[dict]) -> dict:
 
     A phase missing from a step counts as 0 s there (the loop only records phases that ran).
     Returns steps (how many were averaged), step_s, phases {name: seconds}, fractions {name: share},
-    other_s / other_fraction (step time no phase covers), compute_s and compute_fraction.
+    other_s / other_fraction (step time no phase covers), compute_s and compute_fraction, and
+    compute_stats: the per-step compute / step ratios (`pr1.bench.ratio.Ratio`: median, min, max).
     """
     rows = sorted(rows, key=lambda r: r["step"])[1:]
     if not rows:
@@ -71,9 +73,12 @@ def breakdown(rows: list[dict]) -> dict:
     phases = {k: sum(r.get(k, 0.0) for r in rows) / n for k in phase_names(rows)}
     compute_s = sum(phases.get(k, 0.0) for k in COMPUTE_PHASES)
     other_s = step_s - sum(phases.values())
+    # Per step: device compute against the step it was part of, for a median and min-max.
+    per_step = ratio_lib.from_pairs([sum(r.get(k, 0.0) for k in COMPUTE_PHASES) for r in rows],
+                                    [r["time/step"] for r in rows])
     return dict(steps=n, step_s=step_s, phases=phases, fractions={k: v / step_s for k, v in phases.items()},
                 other_s=other_s, other_fraction=other_s / step_s, compute_s=compute_s,
-                compute_fraction=compute_s / step_s)
+                compute_fraction=compute_s / step_s, compute_stats=per_step)
 
 
 def read_rows(workdir: str) -> list[dict]:
@@ -82,7 +87,7 @@ def read_rows(workdir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def measure(steps: int = 4, *, assets: str | None = None, workdir: str | None = None) -> dict:
+def measure(steps: int = 6, *, assets: str | None = None, workdir: str | None = None) -> dict:
     """Train `steps` debug-config steps and return `breakdown` of their metrics (plus `devices`)."""
     import jax
 
@@ -110,7 +115,7 @@ def measure(steps: int = 4, *, assets: str | None = None, workdir: str | None = 
 def run(argv=None) -> dict:
     """Parses the CLI flags in `argv` and returns `measure`'s numbers."""
     parser = argparse.ArgumentParser(prog="python -m pr1.bench.step_breakdown", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=4, help="training steps (the first is left out of the mean)")
+    parser.add_argument("--steps", type=int, default=6, help="training steps (the first is left out of the mean)")
     parser.add_argument("--assets", default=None,
                         help="debug assets dir (tiny checkpoint, parquet); default: temporary")
     parser.add_argument("--workdir", default=None, help="training workdir, kept afterwards; default: temporary")
@@ -128,7 +133,8 @@ def main(argv=None) -> int:
     for name, seconds in r["phases"].items():
         print(f"  {name:18s} {seconds:8.3f} s  {r['fractions'][name]:6.1%}")
     print(f"  {'other':18s} {r['other_s']:8.3f} s  {r['other_fraction']:6.1%}")
-    print(f"device compute (rollout + logprobs + update): {r['compute_fraction']:.1%} of the step")
+    print(f"device compute (rollout + logprobs + update): {r['compute_fraction']:.1%} of the step; per step "
+          f"{r['compute_stats']}")
     return 0
 
 
