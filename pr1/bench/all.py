@@ -122,13 +122,18 @@ def export_rows(quick: bool, opts) -> list[Row]:
 def step_breakdown_rows(quick: bool, opts) -> list[Row]:
     from pr1.bench import step_breakdown
 
-    r = step_breakdown.run(["--steps", "3" if quick else "6"])
+    latency = 0.5
+    r = step_breakdown.run(["--steps", "3" if quick else "6", "--judge-latency", str(latency)])
     shares = ", ".join(f"{k.removeprefix('time/')} {v:.0%}" for k, v in
                        sorted(r["fractions"].items(), key=lambda kv: -kv[1]) if v >= 0.005)
-    return [_row("step_breakdown", f"configs/debug.py, {r['steps']} steps after the first",
-                 r["compute_stats"].ours_median, "s compute", r["compute_stats"].peer_median, "s/step",
-                 f"share of the step in device compute (per step); mean shares: {shares}, "
-                 f"other {r['other_fraction']:.0%}", r["compute_stats"])]
+    where = f"configs/debug.py, judge stub {latency * 1000:.0f} ms, {r['steps']} steps after the first"
+    exposed = r["reward_exposed_stats"]
+    return [_row("step_breakdown", where, r["compute_stats"].ours_median, "s compute", r["compute_stats"].peer_median,
+                 "s/step", f"share of the step in device compute (per step); mean shares: {shares}, "
+                 f"other {r['other_fraction']:.0%}", r["compute_stats"]),
+            _row("step_breakdown", f"reward stage exposed, {where}", exposed.ours_median, "s judge_wait",
+                 exposed.peer_median, "s/step", "share of the step waiting for rewards after the logprob pass "
+                 "(goal <= 0.05; embedded engine: batch handed over at once)", exposed)]
 
 
 def trl_grpo_rows(quick: bool, opts) -> list[Row]:

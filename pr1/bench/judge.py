@@ -252,6 +252,25 @@ def _serve(conn, latency: float) -> None:
     stub.stop()
 
 
+class StubJudgeProcess:
+    """A `StubJudgeServer` answering after `latency` seconds in its own process (as a real judge
+    would: it does not share the GIL with the client). `with StubJudgeProcess(0.5) as url: ...`"""
+
+    def __init__(self, latency: float):
+        self.latency = latency
+
+    def __enter__(self) -> str:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child, self.latency), daemon=True)
+        self._proc.start()
+        return f"http://127.0.0.1:{self._conn.recv()}/v1"
+
+    def __exit__(self, *exc):
+        self._conn.send("stop")
+        self._proc.join(10)
+
+
 def run_bench(latency: float, concurrencies: list[int], requests_per_slot: int, min_requests: int,
               repeats: int = 1, warmup: int = 0) -> list[dict]:
     """Per concurrency c: `warmup` unrecorded rounds, then `repeats` rounds of max(min_requests,
