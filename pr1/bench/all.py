@@ -12,8 +12,10 @@ on a busy or unfamiliar machine:
   step_breakdown  device compute (rollout+logprobs+update) vs the debug step   pr1.bench.step_breakdown
   trl_grpo        pr1 GRPO steps/s vs TRL GRPOTrainer's, same tiny model       pr1.bench.trl_grpo
 
-Every ratio is ours / peer. Sizes are small enough for a few minutes on a 2-core CPU (--quick:
-smaller still); run a benchmark's own module for its full options. A benchmark that cannot run
+Every ratio is ours / peer: the median over >= 5 interleaved pairs after a warm-up (3 with
+--quick), printed with its min-max (`pr1.bench.ratio`); --json writes the rows with the machine
+they ran on (cores, load before and after, JAX / torch versions and thread settings). Sizes are
+small enough for a few minutes on a 2-core CPU (--quick: smaller still); run a benchmark's own module for its full options. A benchmark that cannot run
 (torch or TRL missing, an error) gets a "skipped: <reason>" row and the suite goes on.
 """
 
@@ -43,10 +45,23 @@ class Row:
     ratio: float | None = None
     meaning: str = ""
     skipped: str | None = None
+    ratio_min: float | None = None
+    ratio_max: float | None = None
+    repeats: int | None = None
+    load: str = ""  # the 1-minute load when the row was finished
 
 
-def _row(benchmark, measure, ours, ours_unit, peer, peer_unit, meaning) -> Row:
-    return Row(benchmark, measure, float(ours), ours_unit, float(peer), peer_unit, float(ours) / float(peer), meaning)
+def _row(benchmark, measure, ours, ours_unit, peer, peer_unit, meaning, stats=None) -> Row:
+    """`stats`: the interleaved pairs (`pr1.bench.ratio.Ratio`); ratio is their median and ours /
+    peer the medians of each side. Without it, one measurement: ratio = ours / peer."""
+    from pr1.bench.ratio import load_now
+
+    if stats is None:
+        r = float(ours) / float(peer)
+        return Row(benchmark, measure, float(ours), ours_unit, float(peer), peer_unit, r, meaning, None, r, r, 1,
+                   load_now())
+    return Row(benchmark, measure, float(ours), ours_unit, float(peer), peer_unit, stats.median, meaning, None,
+               stats.lo, stats.hi, stats.repeats, load_now())
 
 
 # -- one function per benchmark: (quick, options) -> rows; each imports its module lazily so a
@@ -55,12 +70,13 @@ def _row(benchmark, measure, ours, ours_unit, peer, peer_unit, meaning) -> Row:
 def train_step_rows(quick: bool, opts) -> list[Row]:
     from pr1.bench import train_step
 
-    batch, seq, steps = (1, 128, 1) if quick else (2, 256, 2)
+    batch, seq, steps = (1, 128, 3) if quick else (2, 256, 5)
     argv = ["--batch", str(batch), "--seq", str(seq), "--steps", str(steps)]
     r = train_step.run(argv)
     return [_row("train_step", f"MFU, {r['params'] / 1e6:.0f}M model, {r['tokens']} tokens/step",
                  r["achieved_flops"] / 1e9, "GFLOP/s", r["peak_flops"] / 1e9, "GFLOP/s peak",
-                 f"share of the matmul peak measured now ({r['devices']} {r['platform']} {r['dtype']})")]
+                 f"share of the matmul peak measured now ({r['devices']} {r['platform']} {r['dtype']})",
+                 r["mfu_ratio"])]
 
 
 def sampler_rows(quick: bool, opts) -> list[Row]:
@@ -68,60 +84,68 @@ def sampler_rows(quick: bool, opts) -> list[Row]:
 
     # decode = extra tokens / (t(new) - t(1)): too few new tokens and that difference drowns in noise.
     argv = (["--model", "tiny", "--batch", "4", "--prompt", "32", "--new", "32", "--repeats", "3"] if quick else
-            ["--model", "small", "--batch", "4", "--prompt", "64", "--new", "32", "--image", "--repeats", "2"])
+            ["--model", "small", "--batch", "4", "--prompt", "64", "--new", "32", "--image", "--repeats", "5"])
     r = sampler.run(argv)
     ours, ref = r["pr1"], r["transformers"]
     meaning = ">1: pr1 faster than transformers generate (CPU), same model and batch"
-    return [_row("sampler", "prefill", ours["prefill"], "tok/s", ref["prefill"], "tok/s", meaning),
-            _row("sampler", "decode", ours["decode"], "tok/s", ref["decode"], "tok/s", meaning)]
+    return [_row("sampler", k, ours[k], "tok/s", ref[k], "tok/s", meaning, r["ratios"][k])
+            for k in ("prefill", "decode")]
 
 
 def judge_rows(quick: bool, opts) -> list[Row]:
     from pr1.bench import judge
 
     latency = 0.05
-    concurrency, min_requests = (16, 64) if quick else (64, 256)
-    (r,) = judge.run_bench(latency, [concurrency], requests_per_slot=4, min_requests=min_requests)
-    return [_row("judge", f"{r['requests']} requests, concurrency {concurrency}, {latency * 1000:.0f} ms stub",
+    concurrencies, min_requests, repeats = ([16], 64, 3) if quick else ([64, 512], 256, 5)
+    rows = judge.run_bench(latency, concurrencies, requests_per_slot=4, min_requests=min_requests,
+                           repeats=repeats, warmup=1)
+    return [_row("judge", f"{r['requests']} requests, concurrency {r['concurrency']}, {latency * 1000:.0f} ms stub",
                  r["achieved"], "req/s", r["ideal"], "req/s ideal",
-                 f"1: every client slot kept busy; <1: client/host overhead ({r['failed']} failed)")]
+                 f"1: every client slot kept busy; <1: client/host overhead ({r['failed']} failed)", r["ratio_stats"])
+            for r in rows]
 
 
 def export_rows(quick: bool, opts) -> list[Row]:
     from pr1.bench import export
 
-    argv = ["--model", "tiny" if quick else "small", "--dir", opts.export_dir]
+    argv = ["--model", "tiny" if quick else "small", "--dir", opts.export_dir, "--repeats", "3" if quick else "5"]
     r = export.run(argv)
     where = f"{r['model']} model, {r['bytes'] / 1e6:.0f} MB fp32"
     rows = [_row("export", f"hf.save + fsync, {where}", r["export_MBps"], "MB/s", r["raw_MBps"], "MB/s raw write",
-                 "1: export at raw disk-write speed (both fsynced, same filesystem)")]
+                 "1: export at raw disk-write speed (both fsynced, same filesystem)", r["write_ratio"])]
     if "load_MBps" in r:
         rows.append(_row("export", f"hf.load, {where}", r["load_MBps"], "MB/s", r["raw_read_MBps"], "MB/s raw read",
-                         "1: load at raw read speed (both from the page cache)"))
+                         "1: load at raw read speed (both from the page cache)", r["read_stats"]))
     return rows
 
 
 def step_breakdown_rows(quick: bool, opts) -> list[Row]:
     from pr1.bench import step_breakdown
 
-    r = step_breakdown.run(["--steps", "3" if quick else "4"])
+    latency = 0.5
+    r = step_breakdown.run(["--steps", "3" if quick else "6", "--judge-latency", str(latency)])
     shares = ", ".join(f"{k.removeprefix('time/')} {v:.0%}" for k, v in
                        sorted(r["fractions"].items(), key=lambda kv: -kv[1]) if v >= 0.005)
-    return [_row("step_breakdown", f"configs/debug.py, mean of {r['steps']} steps after the first",
-                 r["compute_s"], "s compute", r["step_s"], "s/step",
-                 f"share of the step in device compute; {shares}, other {r['other_fraction']:.0%}")]
+    where = f"configs/debug.py, judge stub {latency * 1000:.0f} ms, {r['steps']} steps after the first"
+    exposed = r["reward_exposed_stats"]
+    return [_row("step_breakdown", where, r["compute_stats"].ours_median, "s compute", r["compute_stats"].peer_median,
+                 "s/step", f"share of the step in device compute (per step); mean shares: {shares}, "
+                 f"other {r['other_fraction']:.0%}", r["compute_stats"]),
+            _row("step_breakdown", f"reward stage exposed, {where}", exposed.ours_median, "s judge_wait",
+                 exposed.peer_median, "s/step", "share of the step waiting for rewards after the logprob pass "
+                 "(goal <= 0.05; embedded engine: batch handed over at once)", exposed)]
 
 
 def trl_grpo_rows(quick: bool, opts) -> list[Row]:
     from pr1.bench import trl_grpo
 
-    argv = ["--steps", "3", "--new", "8"] if quick else ["--steps", "4", "--new", "16"]
+    argv = ["--steps", "3", "--new", "8"] if quick else ["--steps", "5", "--new", "16"]
     if opts.trl_site:
         argv += ["--trl-site", opts.trl_site]
     r = trl_grpo.run(argv)
     return [_row("trl_grpo", f"GRPO step, {r['prompts']} prompts x {r['group']}, <= {r['max_new_tokens']} tokens",
                  1 / r["pr1_step_s"], "steps/s", 1 / r["trl_step_s"], "steps/s TRL",
-                 ">1: pr1 faster than TRL GRPOTrainer (CPU), same tiny model and batch")]
+                 ">1: pr1 faster than TRL GRPOTrainer (CPU), same tiny model and batch", r["ratio_stats"])]
 
 
 BENCHMARKS: dict[str, Callable] = {
@@ -159,14 +183,14 @@ def _num(value: float | None, unit: str) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    header = ("benchmark", "measure", "ours", "peer / bound", "ratio", "what the ratio means")
+    header = ("benchmark", "measure", "ours", "peer / bound", "ratio", "min-max (pairs)", "what the ratio means")
     lines = []
     for r in rows:
         if r.skipped is not None:
-            lines.append((r.benchmark, r.measure, "", "", "", f"skipped: {r.skipped}"))
+            lines.append((r.benchmark, r.measure, "", "", "", "", f"skipped: {r.skipped}"))
         else:
             lines.append((r.benchmark, r.measure, _num(r.ours, r.ours_unit), _num(r.peer, r.peer_unit),
-                          f"{r.ratio:.3g}", r.meaning))
+                          f"{r.ratio:.3g}", f"{r.ratio_min:.3g}-{r.ratio_max:.3g} ({r.repeats})", r.meaning))
     widths = [max(len(str(x[i])) for x in [header] + lines) for i in range(len(header) - 1)]
     fmt = lambda cells: " | ".join([str(c).ljust(w) for c, w in zip(cells, widths)] + [str(cells[-1])])
     return "\n".join([fmt(header), "-+-".join("-" * w for w in widths) + "-+-" + "-" * 20] + [fmt(x) for x in lines])
@@ -192,12 +216,19 @@ def main(argv=None) -> int:
             import_trl(opts.trl_site)
         except ImportError:
             pass  # trl_grpo reports it in its row
+    from pr1.bench.ratio import machine
+
+    before = machine()
     rows = run_suite(names, opts.quick, opts)
+    after = machine()  # after the benchmarks imported jax / torch: their versions and thread settings
+    after["loadavg_at_start"] = before.get("loadavg_1_5_15")
     print()
     print(format_table(rows))
+    print(f"\nmachine: {json.dumps(after)}")
     if opts.json:
         with open(opts.json, "w") as f:
-            json.dump([dataclasses.asdict(r) for r in rows], f, indent=2)
+            json.dump({"machine": after, "quick": opts.quick, "rows": [dataclasses.asdict(r) for r in rows]}, f,
+                      indent=2)
     return 0
 
 

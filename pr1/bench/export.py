@@ -11,7 +11,9 @@ include an fsync of what they wrote, so both measure bytes reaching the disk, no
 It saves the random-init 97M `pr1.bench.train_step.bench_config()` model (or the tiny test model)
 in float32, prints MB/s (10^6 bytes) of the export and of the raw write and their ratio (1 = the
 export runs at disk speed), then, unless --no-read, the same for reading back: `hf.load` against
-a raw read of the same bytes (both mostly from the page cache, as right after a sync). Everything
+a raw read of the same bytes (both mostly from the page cache, as right after a sync). Ours and
+the raw bound alternate for --repeats pairs after a warm-up (`pr1.bench.ratio`); ratios are the
+median of the pairs, printed with their min-max. Everything
 is written under a temporary directory inside --dir and deleted afterwards.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -28,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from pr1 import sharding
+from pr1.bench import ratio as ratio_lib
 from pr1.bench.train_step import bench_config
 from pr1.models import hf
 from pr1.models.config import Qwen25VLConfig, tiny_hf_config
@@ -83,12 +87,17 @@ def raw_read(path: str) -> tuple[int, float]:
     return total, time.perf_counter() - start
 
 
-def measure(config: Qwen25VLConfig, directory: str, *, read_back: bool = True, seed: int = 0) -> dict:
+def measure(config: Qwen25VLConfig, directory: str, *, read_back: bool = True, seed: int = 0,
+            repeats: int = ratio_lib.MIN_REPEATS, log=print) -> dict:
     """Export a random-init `config` model (float32) under `directory` and measure the raw bound there.
 
-    Returns bytes (what the export wrote), export_s, export_MBps, raw_s, raw_MBps, ratio
-    (export_MBps / raw_MBps) and, with read_back, load_s, load_MBps, raw_read_MBps, read_ratio.
-    Files are removed before returning; `directory` itself is left as it was found.
+    One unrecorded warm-up round, then `repeats` interleaved pairs (`pr1.bench.ratio`): hf.save +
+    fsync of a fresh directory against a raw write + fsync of as many bytes; with read_back, hf.load
+    against a raw read of the same bytes. Returns bytes (what the export wrote); export_s and raw_s
+    (median seconds) with export_MBps / raw_MBps = bytes / those; ratio (median of the per-pair
+    ratios) with ratio_min / ratio_max and write_ratio (the Ratio); with read_back the same as
+    load_s, load_MBps, raw_read_MBps, read_ratio (+ _min / _max) and read_stats. Files are removed
+    before returning; `directory` itself is left as it was found.
     """
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
     model_def = state_lib.ModelDef.create(config, dtype=jnp.float32)
@@ -97,24 +106,47 @@ def measure(config: Qwen25VLConfig, directory: str, *, read_back: bool = True, s
     work = tempfile.mkdtemp(prefix="pr1-bench-export-", dir=directory)
     try:
         out = os.path.join(work, "hf")
-        start = time.perf_counter()
-        hf.save(model, out)
-        _fsync_tree(out)
-        export_s = time.perf_counter() - start
-        nbytes = _tree_bytes(out)
         raw_path = os.path.join(work, "raw.bin")
-        raw_s = raw_write(raw_path, nbytes)
-        r = dict(bytes=nbytes, export_s=export_s, export_MBps=nbytes / MB / export_s, raw_s=raw_s,
-                 raw_MBps=nbytes / MB / raw_s)
-        r["ratio"] = r["export_MBps"] / r["raw_MBps"]
-        if read_back:
+        hf.save(model, out)
+        nbytes = _tree_bytes(out)
+        rounds = {"export": [], "raw": [], "load": [], "raw_read": []}
+
+        def export_once() -> float:
+            shutil.rmtree(out, ignore_errors=True)
+            start = time.perf_counter()
+            hf.save(model, out)
+            _fsync_tree(out)
+            rounds["export"].append(time.perf_counter() - start)
+            return nbytes / MB / rounds["export"][-1]
+
+        def raw_once() -> float:
+            rounds["raw"].append(raw_write(raw_path, nbytes))
+            return nbytes / MB / rounds["raw"][-1]
+
+        def load_once() -> float:
             start = time.perf_counter()
             loaded = hf.load(out, dtype=jnp.float32)
             jax.block_until_ready(jax.tree.leaves(loaded))
-            load_s = time.perf_counter() - start
-            read_bytes, read_s = raw_read(raw_path)
-            r.update(load_s=load_s, load_MBps=nbytes / MB / load_s, raw_read_MBps=read_bytes / MB / read_s)
-            r["read_ratio"] = r["load_MBps"] / r["raw_read_MBps"]
+            rounds["load"].append(time.perf_counter() - start)
+            return nbytes / MB / rounds["load"][-1]
+
+        def raw_read_once() -> float:
+            read_bytes, seconds = raw_read(raw_path)
+            rounds["raw_read"].append(seconds)
+            return read_bytes / MB / seconds
+
+        (write,) = ratio_lib.interleaved(export_once, raw_once, repeats=repeats, label="export/raw write",
+                                         log=log).values()
+        med = lambda key: statistics.median(rounds[key][-repeats:])  # noqa: E731  (warm-up left out)
+        r = dict(bytes=nbytes, export_s=med("export"), raw_s=med("raw"), repeats=repeats)
+        r.update(export_MBps=nbytes / MB / r["export_s"], raw_MBps=nbytes / MB / r["raw_s"], ratio=write.median,
+                 ratio_min=write.lo, ratio_max=write.hi, write_ratio=write)
+        if read_back:
+            (read,) = ratio_lib.interleaved(load_once, raw_read_once, repeats=repeats, label="hf.load/raw read",
+                                            log=log).values()
+            r.update(load_s=med("load"), raw_read_s=med("raw_read"))
+            r.update(load_MBps=nbytes / MB / r["load_s"], raw_read_MBps=nbytes / MB / r["raw_read_s"],
+                     read_ratio=read.median, read_ratio_min=read.lo, read_ratio_max=read.hi, read_stats=read)
         return r
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -128,12 +160,13 @@ def run(argv=None) -> dict:
     parser.add_argument("--dir", default=tempfile.gettempdir(),
                         help="an existing directory on the filesystem to measure (a temp dir is made inside)")
     parser.add_argument("--no-read", dest="read", action="store_false", help="skip the hf.load read-back")
+    parser.add_argument("--repeats", type=int, default=ratio_lib.MIN_REPEATS, help="interleaved pairs per ratio")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.dir):
         raise FileNotFoundError(f"--dir {args.dir} is not an existing directory")
     config = bench_config() if args.model == "small" else Qwen25VLConfig.from_hf_dict(tiny_hf_config())
     print(f"exporting the {args.model} model (float32) under {args.dir} ...", flush=True)
-    r = measure(config, args.dir, read_back=args.read)
+    r = measure(config, args.dir, read_back=args.read, repeats=args.repeats)
     r["model"] = args.model
     return r
 
@@ -143,11 +176,11 @@ def main(argv=None) -> int:
     print(f"bytes written        {r['bytes'] / MB:10.1f} MB")
     print(f"hf.save + fsync      {r['export_MBps']:10.1f} MB/s  ({r['export_s']:.2f} s)")
     print(f"raw write + fsync    {r['raw_MBps']:10.1f} MB/s  ({r['raw_s']:.2f} s)")
-    print(f"ratio export/raw     {r['ratio']:10.3f}")
+    print(f"ratio export/raw     {r['ratio']:10.3f}  (median of pairs; {r['write_ratio']})")
     if "load_MBps" in r:
         print(f"hf.load              {r['load_MBps']:10.1f} MB/s  ({r['load_s']:.2f} s)")
         print(f"raw read             {r['raw_read_MBps']:10.1f} MB/s")
-        print(f"ratio load/raw read  {r['read_ratio']:10.3f}")
+        print(f"ratio load/raw read  {r['read_ratio']:10.3f}  (median of pairs; {r['read_stats']})")
     return 0
 
 

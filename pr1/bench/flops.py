@@ -59,11 +59,12 @@ def train_flops(config: Qwen25VLConfig, seq_lengths, image_patches=()) -> float:
     return 3 * forward_flops(config, seq_lengths, image_patches)
 
 
-def measured_matmul_peak(devices, dtype, n: int = 2048, repeats: int = 8, trials: int = 3) -> float:
-    """Best achieved FLOP/s of square matmuls in `dtype`, one per device, all devices at once.
+def matmul_peak_probe(devices, dtype, n: int = 2048, repeats: int = 8):
+    """A compiled, warmed-up probe: each call runs one chain of `repeats` dependent n x n matmuls in
+    `dtype` per device, all devices at once, and returns its achieved FLOP/s.
 
-    The physical bound MFU is quoted against on this machine; a chain of `repeats` dependent
-    matmuls per call amortizes dispatch. Values are kept O(1) so bf16 does not overflow.
+    The physical bound MFU is quoted against on this machine; the chain amortizes dispatch. Values
+    are kept O(1) so bf16 does not overflow. A probe lets a benchmark interleave bound and workload.
     """
     devices = list(devices)
     mesh = Mesh(np.array(devices), ("d",))
@@ -77,9 +78,17 @@ def measured_matmul_peak(devices, dtype, n: int = 2048, repeats: int = 8, trials
         return jax.lax.fori_loop(0, repeats, lambda _, x: jnp.einsum("dij,djk->dik", x, b), a)
 
     chain(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(trials):
+    work = 2 * n ** 3 * repeats * len(devices)
+
+    def probe() -> float:
         start = time.perf_counter()
         chain(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 * repeats * len(devices) / best
+        return work / (time.perf_counter() - start)
+
+    return probe
+
+
+def measured_matmul_peak(devices, dtype, n: int = 2048, repeats: int = 8, trials: int = 3) -> float:
+    """Best achieved FLOP/s of `trials` calls of `matmul_peak_probe`."""
+    probe = matmul_peak_probe(devices, dtype, n, repeats)
+    return max(probe() for _ in range(trials))

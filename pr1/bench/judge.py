@@ -5,7 +5,8 @@
 
 For each concurrency limit c the client judges max(min_requests, requests_per_slot * c) distinct
 responses against a stub that answers every request after `latency` seconds, and prints achieved
-requests/s against the ideal c / latency. A ratio well below 1 means the client (or this machine),
+requests/s against the ideal c / latency (median and min-max over --repeats rounds after a
+warm-up, `pr1.bench.ratio`). A ratio well below 1 means the client (or this machine),
 not the judge, would bound a training step. The stub runs in its own process, as a real server
 would, so the two do not share a GIL.
 
@@ -21,6 +22,7 @@ import json
 import multiprocessing
 import random
 import re
+import statistics
 import threading
 import time
 from typing import Callable
@@ -266,7 +268,31 @@ def _serve(conn, latency: float) -> None:
     stub.stop()
 
 
-def run_bench(latency: float, concurrencies: list[int], requests_per_slot: int, min_requests: int) -> list[dict]:
+class StubJudgeProcess:
+    """A `StubJudgeServer` answering after `latency` seconds in its own process (as a real judge
+    would: it does not share the GIL with the client). `with StubJudgeProcess(0.5) as url: ...`"""
+
+    def __init__(self, latency: float):
+        self.latency = latency
+
+    def __enter__(self) -> str:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_serve, args=(child, self.latency), daemon=True)
+        self._proc.start()
+        return f"http://127.0.0.1:{self._conn.recv()}/v1"
+
+    def __exit__(self, *exc):
+        self._conn.send("stop")
+        self._proc.join(10)
+
+
+def run_bench(latency: float, concurrencies: list[int], requests_per_slot: int, min_requests: int,
+              repeats: int = 1, warmup: int = 0) -> list[dict]:
+    """Per concurrency c: `warmup` unrecorded rounds, then `repeats` rounds of max(min_requests,
+    requests_per_slot * c) requests; each round's achieved req/s is paired with the ideal c / latency
+    (`pr1.bench.ratio`). Returns one row per c with the medians and the Ratio under "ratio_stats"."""
+    from pr1.bench import ratio as ratio_lib
     from pr1.rewards.judge import OpenAIJudge
 
     ctx = multiprocessing.get_context("spawn")
@@ -280,22 +306,33 @@ def run_bench(latency: float, concurrencies: list[int], requests_per_slot: int, 
             n = max(min_requests, requests_per_slot * c)
             judge = OpenAIJudge(f"http://127.0.0.1:{port}/v1", "stub", max_concurrency=c, cache_size=0,
                                 retries=0, timeout=60.0)
-            pairs = [(f"bench response {c}-{i}: AB = 5 and x = 3", ["AB = 5", "x = 3"]) for i in range(n)]
+            rounds = []
 
-            async def go():
-                out = await judge.judge_many(pairs)
-                await judge.aclose()
-                return out
+            def one_round() -> float:
+                k = len(rounds)
+                pairs = [(f"bench response {c}-{k}-{i}: AB = 5 and x = 3", ["AB = 5", "x = 3"]) for i in range(n)]
 
-            t0 = time.perf_counter()
-            results = asyncio.run(go())
-            dt = time.perf_counter() - t0
-            parent.send("reset")
-            max_in_flight = parent.recv()
+                async def go():
+                    out = await judge.judge_many(pairs)
+                    await judge.aclose()  # this round's loop and its sockets end here
+                    return out
+
+                t0 = time.perf_counter()
+                results = asyncio.run(go())
+                dt = time.perf_counter() - t0
+                parent.send("reset")
+                rounds.append(dict(seconds=dt, max_in_flight=parent.recv(), failed=sum(r.failed for r in results)))
+                return n / dt
+
             ideal = c / latency
-            rows.append(dict(concurrency=c, requests=n, seconds=dt, achieved=n / dt, ideal=ideal,
-                             ratio=n / dt / ideal, max_in_flight=max_in_flight,
-                             failed=sum(r.failed for r in results)))
+            (stats,) = ratio_lib.interleaved(one_round, lambda: ideal, repeats=repeats, warmup=warmup,
+                                             label=f"judge c={c}", log=None).values()
+            recorded = rounds[warmup:]
+            rows.append(dict(concurrency=c, requests=n, seconds=statistics.median(r["seconds"] for r in recorded),
+                             achieved=stats.ours_median, ideal=ideal, ratio=stats.median, ratio_min=stats.lo,
+                             ratio_max=stats.hi, repeats=stats.repeats, ratio_stats=stats,
+                             max_in_flight=max(r["max_in_flight"] for r in recorded),
+                             failed=sum(r["failed"] for r in recorded)))
     finally:
         parent.send("stop")
         server.join(10)
@@ -307,13 +344,16 @@ def main(argv) -> None:
     from absl import flags
 
     f = flags.FLAGS
-    rows = run_bench(f.latency, [int(c) for c in f.concurrency], f.requests_per_slot, f.min_requests)
-    print(f"judge client vs loopback stub, latency {f.latency * 1000:.0f} ms per request")
+    rows = run_bench(f.latency, [int(c) for c in f.concurrency], f.requests_per_slot, f.min_requests,
+                     repeats=f.repeats, warmup=1)
+    print(f"judge client vs loopback stub, latency {f.latency * 1000:.0f} ms per request, medians of "
+          f"{f.repeats} rounds after one warm-up")
     print(f"{'concurrency':>11} {'requests':>8} {'seconds':>8} {'req/s':>9} {'ideal':>9} {'ratio':>6} "
-          f"{'max in flight':>13} {'failed':>6}")
+          f"{'min-max':>11} {'max in flight':>13} {'failed':>6}")
     for r in rows:
         print(f"{r['concurrency']:>11} {r['requests']:>8} {r['seconds']:>8.2f} {r['achieved']:>9.1f} "
-              f"{r['ideal']:>9.1f} {r['ratio']:>6.2f} {r['max_in_flight']:>13} {r['failed']:>6}")
+              f"{r['ideal']:>9.1f} {r['ratio']:>6.3f} {r['ratio_min']:>5.3f}-{r['ratio_max']:<5.3f} "
+              f"{r['max_in_flight']:>13} {r['failed']:>6}")
 
 
 if __name__ == "__main__":
@@ -323,4 +363,5 @@ if __name__ == "__main__":
     flags.DEFINE_list("concurrency", ["16", "64", "256"], "client concurrency limits to measure")
     flags.DEFINE_integer("requests_per_slot", 8, "requests per concurrency slot at each level")
     flags.DEFINE_integer("min_requests", 200, "at least this many requests per level")
+    flags.DEFINE_integer("repeats", 5, "recorded rounds per level (after one warm-up round)")
     app.run(main)

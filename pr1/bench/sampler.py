@@ -6,7 +6,9 @@ Both engines get the same random-weight Qwen2.5-VL (the 97M `bench.train_step` s
 test model), the same batch of prompts (text, one 112x112 image each with --image), greedy decoding
 without early stop, on this machine's CPU or first accelerator (transformers runs on CPU only here).
 Prefill throughput = prompt tokens / time of a 1-token generation; decode throughput = the extra
-tokens of a `--new`-token generation / its extra time. Prints both engines' numbers and the ratios.
+tokens of a `--new`-token generation / its extra time. After a warm-up of both, pr1 and
+transformers alternate for --repeats pairs (`pr1.bench.ratio`); prints the median of the per-pair
+ratios with their min-max.
 Needs torch (a test dependency: `pip install -r requirements-test.txt`).
 """
 
@@ -15,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pr1 import sharding
+from pr1.bench import ratio as ratio_lib
 from pr1.bench.train_step import bench_config
 from pr1.models.config import Qwen25VLConfig, tiny_hf_config
 from pr1.rollout.sampler import EmbeddedEngine
@@ -39,15 +41,6 @@ class _Decoder:
         return ""
 
 
-def _timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def run(argv=None) -> dict:
     """Parses the CLI flags in `argv`, runs both engines (printing each one's line) and returns
     {"pr1": {"prefill", "decode"}, "transformers": {...}} in tokens/s plus prefill_ratio and
@@ -58,7 +51,7 @@ def run(argv=None) -> dict:
     parser.add_argument("--new", type=int, default=64, help="generated tokens per sequence")
     parser.add_argument("--model", choices=["small", "tiny"], default="small")
     parser.add_argument("--image", action="store_true", help="one 112x112 image per prompt")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved pr1/transformers pairs")
     args = parser.parse_args(argv)
     try:
         import torch
@@ -117,20 +110,28 @@ def run(argv=None) -> dict:
           f"{args.batch} x {args.prompt} prompt tokens{' with one image each' if args.image else ''}, {args.new} new "
           f"tokens, greedy; pr1 on {jax.devices()[0].platform}, transformers {torch.__version__} on CPU "
           f"({torch.get_num_threads()} threads)", flush=True)
-    results = {}
-    for name, run in (("pr1", ours), ("transformers", theirs)):
-        run(1)
-        run(args.new)  # compile / warm up both shapes
-        t1 = _timed(lambda: run(1), args.repeats)
-        tn = _timed(lambda: run(args.new), args.repeats)
-        prefill = args.batch * args.prompt / t1
-        decode = args.batch * (args.new - 1) / max(tn - t1, 1e-9)
-        results[name] = (prefill, decode)
-        print(f"{name:13s} prefill {prefill:10.1f} tokens/s   decode {decode:8.1f} tokens/s   "
-              f"({args.new}-token generate {tn:.2f} s)", flush=True)
-    (p_ours, d_ours), (p_ref, d_ref) = results["pr1"], results["transformers"]
-    return {**{name: dict(prefill=p, decode=d) for name, (p, d) in results.items()},
-            "prefill_ratio": p_ours / p_ref, "decode_ratio": d_ours / d_ref}
+    def measure(run):
+        def one() -> dict:
+            start = time.perf_counter()
+            run(1)
+            t1 = time.perf_counter() - start
+            start = time.perf_counter()
+            run(args.new)
+            tn = time.perf_counter() - start
+            return {"prefill": args.batch * args.prompt / t1, "decode": args.batch * (args.new - 1) / max(tn - t1, 1e-9)}
+        return one
+
+    for run in (ours, theirs):
+        run(args.new)  # compile / warm up the long shape; the warm-up round below does both
+    ratios = ratio_lib.interleaved(measure(ours), measure(theirs), repeats=args.repeats, label="pr1/transformers",
+                                   log=lambda line: print(line, flush=True))
+    for name, side in (("pr1", "ours_median"), ("transformers", "peer_median")):
+        print(f"{name:13s} prefill {getattr(ratios['prefill'], side):10.1f} tokens/s   decode "
+              f"{getattr(ratios['decode'], side):8.1f} tokens/s   (medians)", flush=True)
+    return {"pr1": {k: r.ours_median for k, r in ratios.items()},
+            "transformers": {k: r.peer_median for k, r in ratios.items()},
+            "prefill_ratio": ratios["prefill"].median, "decode_ratio": ratios["decode"].median,
+            "ratios": ratios}
 
 
 def main(argv=None) -> int:
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
     except ImportError as e:
         print(e, file=sys.stderr)
         return 1
-    print(f"ratio pr1/transformers: prefill {r['prefill_ratio']:.2f}x, decode {r['decode_ratio']:.2f}x")
+    print(f"ratio pr1/transformers: prefill {r['ratios']['prefill']}, decode {r['ratios']['decode']}")
     return 0
 
 

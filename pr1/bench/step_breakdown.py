@@ -1,6 +1,6 @@
 """Where the time of a real training step goes: a few steps of configs/debug.py, phase by phase.
 
-    python -m pr1.bench.step_breakdown [--steps 4] [--assets DIR] [--workdir DIR]
+    python -m pr1.bench.step_breakdown [--steps 6] [--judge-latency 0.5] [--assets DIR] [--workdir DIR]
 
 Runs `pr1.train.loop.train` on the debug config (tiny model, synthetic image task, embedded
 rollout, offline lexical judge) for --steps steps with validation, sample logging and TensorBoard
@@ -10,7 +10,12 @@ averaged over the steps after the first, which pays for compilation, as seconds 
 of `time/step`. "other" is what no phase timer covers (metrics, progress line, reward bookkeeping).
 
 The summary number is the fraction of the step spent in device compute (rollout + logprobs +
-update): 1 would mean no host-side overhead at all. The checkpoint interval stays the debug
+update): 1 would mean no host-side overhead at all. With --judge-latency S the perception judge is
+a loopback stub (`pr1.bench.judge.StubJudgeProcess`) answering every request after S seconds
+instead of the offline lexical judge, and the reward stage's exposed time (time/judge_wait: what
+the step still waits for rewards after its logprob pass) is reported per step against the step.
+The debug config's embedded engine hands its batch to the reward stage at once; server engines
+stream each response to it as it finishes (pr1.train.rollout_ahead). The checkpoint interval stays the debug
 config's, so a short run saves only its last step. Without --assets / --workdir both go to
 temporary directories that are deleted afterwards.
 """
@@ -25,6 +30,8 @@ import shutil
 import sys
 import tempfile
 
+from pr1.bench import ratio as ratio_lib
+from pr1.bench.judge import StubJudgeProcess
 from pr1.train.metrics import METRICS_FILE
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -61,7 +68,9 @@ def breakdown(rows: list[dict]) -> dict:
 
     A phase missing from a step counts as 0 s there (the loop only records phases that ran).
     Returns steps (how many were averaged), step_s, phases {name: seconds}, fractions {name: share},
-    other_s / other_fraction (step time no phase covers), compute_s and compute_fraction.
+    other_s / other_fraction (step time no phase covers), compute_s and compute_fraction, and
+    compute_stats: the per-step compute / step ratios (`pr1.bench.ratio.Ratio`: median, min, max),
+    reward_exposed_stats: the per-step time/judge_wait / step ratios.
     """
     rows = sorted(rows, key=lambda r: r["step"])[1:]
     if not rows:
@@ -71,9 +80,13 @@ def breakdown(rows: list[dict]) -> dict:
     phases = {k: sum(r.get(k, 0.0) for r in rows) / n for k in phase_names(rows)}
     compute_s = sum(phases.get(k, 0.0) for k in COMPUTE_PHASES)
     other_s = step_s - sum(phases.values())
+    # Per step: device compute against the step it was part of, for a median and min-max.
+    per_step = ratio_lib.from_pairs([sum(r.get(k, 0.0) for k in COMPUTE_PHASES) for r in rows],
+                                    [r["time/step"] for r in rows])
+    exposed = ratio_lib.from_pairs([r.get("time/judge_wait", 0.0) for r in rows], [r["time/step"] for r in rows])
     return dict(steps=n, step_s=step_s, phases=phases, fractions={k: v / step_s for k, v in phases.items()},
                 other_s=other_s, other_fraction=other_s / step_s, compute_s=compute_s,
-                compute_fraction=compute_s / step_s)
+                compute_fraction=compute_s / step_s, compute_stats=per_step, reward_exposed_stats=exposed)
 
 
 def read_rows(workdir: str) -> list[dict]:
@@ -82,8 +95,11 @@ def read_rows(workdir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def measure(steps: int = 4, *, assets: str | None = None, workdir: str | None = None) -> dict:
-    """Train `steps` debug-config steps and return `breakdown` of their metrics (plus `devices`)."""
+def measure(steps: int = 6, *, assets: str | None = None, workdir: str | None = None,
+            judge_latency: float = 0.0) -> dict:
+    """Train `steps` debug-config steps and return `breakdown` of their metrics (plus `devices`,
+    judge_latency). judge_latency > 0: the judge is a loopback stub answering after that long."""
+    import contextlib
     import jax
 
     from pr1.train.loop import train
@@ -98,9 +114,15 @@ def measure(steps: int = 4, *, assets: str | None = None, workdir: str | None = 
         if workdir is None:
             workdir = os.path.join(tempfile.mkdtemp(prefix="pr1-bench-breakdown-"), "run")
             made.append(os.path.dirname(workdir))
-        train(debug_config(assets, steps), workdir)
+        config = debug_config(assets, steps)
+        with (StubJudgeProcess(judge_latency) if judge_latency > 0 else contextlib.nullcontext()) as url:
+            if url:
+                config.rewards.judge.url = url
+                config.rewards.judge.retries = 0
+            train(config, workdir)
         r = breakdown(read_rows(workdir))
         r["devices"] = f"{jax.device_count()} {jax.devices()[0].platform}"
+        r["judge_latency"] = judge_latency
         return r
     finally:
         for d in made:
@@ -110,7 +132,9 @@ def measure(steps: int = 4, *, assets: str | None = None, workdir: str | None = 
 def run(argv=None) -> dict:
     """Parses the CLI flags in `argv` and returns `measure`'s numbers."""
     parser = argparse.ArgumentParser(prog="python -m pr1.bench.step_breakdown", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=4, help="training steps (the first is left out of the mean)")
+    parser.add_argument("--steps", type=int, default=6, help="training steps (the first is left out of the mean)")
+    parser.add_argument("--judge-latency", type=float, default=0.0,
+                        help="seconds per judge request of a loopback judge stub (0: the offline lexical judge)")
     parser.add_argument("--assets", default=None,
                         help="debug assets dir (tiny checkpoint, parquet); default: temporary")
     parser.add_argument("--workdir", default=None, help="training workdir, kept afterwards; default: temporary")
@@ -118,7 +142,7 @@ def run(argv=None) -> dict:
     if args.workdir and os.path.exists(os.path.join(args.workdir, METRICS_FILE)):
         # train() would resume there and measure nothing new.
         raise FileExistsError(f"--workdir {args.workdir} already holds a run ({METRICS_FILE}); give a fresh one")
-    return measure(args.steps, assets=args.assets, workdir=args.workdir)
+    return measure(args.steps, assets=args.assets, workdir=args.workdir, judge_latency=args.judge_latency)
 
 
 def main(argv=None) -> int:
@@ -128,7 +152,10 @@ def main(argv=None) -> int:
     for name, seconds in r["phases"].items():
         print(f"  {name:18s} {seconds:8.3f} s  {r['fractions'][name]:6.1%}")
     print(f"  {'other':18s} {r['other_s']:8.3f} s  {r['other_fraction']:6.1%}")
-    print(f"device compute (rollout + logprobs + update): {r['compute_fraction']:.1%} of the step")
+    print(f"device compute (rollout + logprobs + update): {r['compute_fraction']:.1%} of the step; per step "
+          f"{r['compute_stats']}")
+    judge = f"judge stub at {r['judge_latency'] * 1000:.0f} ms" if r["judge_latency"] else "offline lexical judge"
+    print(f"reward stage exposed (time/judge_wait, {judge}): per step {r['reward_exposed_stats']} of the step")
     return 0
 
 

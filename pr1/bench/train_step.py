@@ -6,14 +6,15 @@ Runs `make_update_step` (AdamW, the paper's loss) on a ~90M-parameter Qwen2.5-VL
 (10 decoder layers of width 640, 4 vision blocks, 32k vocabulary), one 112x112 image per sequence,
 on every local device of this machine (fsdp over all of them by default). It prints tokens/s, the
 achieved FLOP/s from the model FLOP count (`pr1.bench.flops`, PaLM convention), the peak matmul
-FLOP/s measured in the same run on the same devices and dtype, and their ratio (MFU).
+FLOP/s measured in the same run on the same devices and dtype, and their ratio (MFU). After the
+compiling step, --steps update steps alternate with matmul-peak probes (`pr1.bench.ratio`): MFU is
+the median of the per-pair ratios, printed with its min-max.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
 
@@ -23,6 +24,7 @@ import numpy as np
 
 from pr1 import sharding
 from pr1.bench import flops as flops_lib
+from pr1.bench import ratio as ratio_lib
 from pr1.models.config import Qwen25VLConfig, tiny_hf_config
 from pr1.models.rope import rope_index
 from pr1.models.vision import batched_vision_inputs
@@ -76,7 +78,8 @@ def run(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m pr1.bench.train_step", description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=4, help="sequences per update step")
     parser.add_argument("--seq", type=int, default=512, help="tokens per sequence (no padding)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps after the compiling one")
+    parser.add_argument("--steps", type=int, default=5,
+                        help="timed steps after the compiling one, each paired with a matmul-peak probe")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="params/activations dtype (auto: float32 on CPU, bfloat16 on accelerators)")
     parser.add_argument("--remat", default="none", choices=["none", "dots", "full"])
@@ -110,22 +113,24 @@ def run(argv=None) -> dict:
     state, metrics = update(state, batch)
     jax.block_until_ready(metrics)
     print(f"compile + first step: {time.perf_counter() - start:.1f} s", flush=True)
-    times = []
-    for i in range(args.steps):
-        start = time.perf_counter()
-        state, metrics = update(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
-        print(f"step {i + 1}/{args.steps}: {times[-1]:.2f} s, loss {float(metrics['loss']):.4f}", flush=True)
-    step_time = statistics.median(times)
-
     tokens = args.batch * args.seq
     model_flops = flops_lib.train_flops(config, [args.seq] * args.batch, [int(np.prod(IMAGE_GRID))] * args.batch)
-    achieved = model_flops / step_time
-    peak = flops_lib.measured_matmul_peak(devices, dtype)
+    probe = flops_lib.matmul_peak_probe(devices, dtype)
+    holder = {"state": state}
+
+    def one_step() -> float:
+        start = time.perf_counter()
+        holder["state"], m = update(holder["state"], batch)
+        jax.block_until_ready(m)
+        return model_flops / (time.perf_counter() - start)
+
+    (mfu,) = ratio_lib.interleaved(one_step, probe, repeats=args.steps, warmup=0, label="update/peak",
+                                   log=lambda line: print(line, flush=True)).values()
+    achieved, peak = mfu.ours_median, mfu.peer_median
+    step_time = model_flops / achieved
     return dict(params=n_params, tokens=tokens, step_s=step_time, tokens_per_s=tokens / step_time,
-                model_flops=model_flops, achieved_flops=achieved, peak_flops=peak, mfu=achieved / peak,
-                devices=len(devices), platform=platform, dtype=dtype.name)
+                model_flops=model_flops, achieved_flops=achieved, peak_flops=peak, mfu=mfu.median,
+                mfu_ratio=mfu, devices=len(devices), platform=platform, dtype=dtype.name)
 
 
 def main(argv=None) -> int:
@@ -134,7 +139,7 @@ def main(argv=None) -> int:
     print(f"model FLOP/step     {r['model_flops']:12.4g}")
     print(f"achieved FLOP/s     {r['achieved_flops']:12.4g}")
     print(f"peak matmul FLOP/s  {r['peak_flops']:12.4g}  (measured now: {r['devices']} x {r['dtype']} 2048^3 matmuls)")
-    print(f"MFU                 {r['mfu']:12.3f}")
+    print(f"MFU                 {r['mfu']:12.3f}  (median of per-pair ratios; {r['mfu_ratio']})")
     return 0
 
 

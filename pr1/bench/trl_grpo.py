@@ -8,9 +8,10 @@ each, `pr1.data.synthetic`), `--group` responses per prompt, at most `--new` new
 temperature 1, with the same host-side reward, AdamW, clip 0.2/0.3 and no KL term. A step is what
 each trainer does per optimizer step: sampling, reward, advantages, the update (pr1 also runs its
 old-policy logprob pass, which TRL skips when it takes one optimizer step per generation). pr1
-runs on this machine's JAX devices, TRL (PyTorch) on CPU; the first step of each, which compiles
-or warms up, is left out and the median of the rest is reported, with the ratio of steps per
-second pr1 / TRL.
+runs on this machine's JAX devices, TRL (PyTorch) on CPU, in one process: TRL's trainer runs on a
+thread held between optimizer steps, so after one warm-up step of each the two alternate step by
+step (`pr1.bench.ratio`) and the ratio of steps per second pr1 / TRL is the median of the pairs,
+printed with its min-max.
 
 TRL is not a pr1 dependency. It is imported only here; install it into a throwaway environment
 that sees the system packages, so the pinned transformers/torch stay as they are, and point
@@ -30,9 +31,9 @@ import importlib
 import io
 import os
 import shutil
-import statistics
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -85,13 +86,18 @@ def synthetic_problems(n: int) -> list[dict]:
     return out
 
 
-def _median_after_first(times: list[float]) -> float:
-    return statistics.median(times[1:]) if len(times) > 1 else times[0]
-
-
 def pr1_step_times(checkpoint: str, problems: list[dict], *, group: int, max_new_tokens: int, steps: int,
                    learning_rate: float = 1e-2, seed: int = 0) -> list[float]:
     """Seconds of each of `steps` pr1 GRPO steps (rollout, reward, logprobs, update, weight sync)."""
+    stepper = pr1_steps(checkpoint, problems, group=group, max_new_tokens=max_new_tokens, steps=steps,
+                        learning_rate=learning_rate, seed=seed)
+    return [next(stepper) for _ in range(steps)]
+
+
+def pr1_steps(checkpoint: str, problems: list[dict], *, group: int, max_new_tokens: int, steps: int,
+              learning_rate: float = 1e-2, seed: int = 0):
+    """A generator: each next() runs one pr1 GRPO step (rollout, reward, logprobs, update, weight
+    sync) and yields its seconds; `steps` in all (the learning-rate schedule's length)."""
     import jax
     import jax.numpy as jnp
 
@@ -126,7 +132,6 @@ def pr1_step_times(checkpoint: str, problems: list[dict], *, group: int, max_new
             jitted[key] = make()
         return jitted[key]
 
-    times = []
     for step in range(1, steps + 1):
         start = time.perf_counter()
         completions = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens,
@@ -143,9 +148,9 @@ def pr1_step_times(checkpoint: str, problems: list[dict], *, group: int, max_new
         state, metrics = update(state, batch)
         step_lib.check_finite(jax.device_get(metrics), step)
         engine.sync_weights(state.params, step)
-        times.append(time.perf_counter() - start)
-        print(f"pr1 step {step}/{steps}: {times[-1]:.2f} s", flush=True)
-    return times
+        seconds = time.perf_counter() - start
+        print(f"pr1 step {step}/{steps}: {seconds:.2f} s", flush=True)
+        yield seconds
 
 
 def _hf_processor(checkpoint: str):
@@ -161,67 +166,134 @@ def _hf_processor(checkpoint: str):
 def trl_step_times(checkpoint: str, problems: list[dict], *, group: int, max_new_tokens: int, steps: int,
                    learning_rate: float = 1e-2, seed: int = 0, site: str | None = None) -> list[float]:
     """Seconds of each of `steps` optimizer steps of TRL's GRPOTrainer on the same problems."""
-    import_trl(site)
-    import torch
-    from datasets import Dataset
-    from transformers import Qwen2_5_VLForConditionalGeneration, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    stepper = TRLSteps(checkpoint, problems, group=group, max_new_tokens=max_new_tokens, steps=steps,
+                       learning_rate=learning_rate, seed=seed, site=site)
+    try:
+        return [stepper.step() for _ in range(steps)]
+    finally:
+        stepper.close()
 
-    class StepTimes(TrainerCallback):
-        def __init__(self):
-            self.times, self._start = [], 0.0
 
-        def on_step_begin(self, args, state, control, **kwargs):
-            self._start = time.perf_counter()
+class TRLSteps:
+    """TRL's GRPOTrainer one optimizer step at a time: `trainer.train()` runs on a thread and a
+    callback holds it before each step until `step()` lets one through, so TRL's steps can be
+    interleaved with pr1's (A B A B ...) in one process. Only one side computes at any moment."""
 
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self._start)
-            print(f"TRL step {len(self.times)}/{steps}: {self.times[-1]:.2f} s", flush=True)
+    def __init__(self, checkpoint: str, problems: list[dict], *, group: int, max_new_tokens: int, steps: int,
+                 learning_rate: float = 1e-2, seed: int = 0, site: str | None = None):
+        import_trl(site)
+        import torch
+        from datasets import Dataset
+        from transformers import Qwen2_5_VLForConditionalGeneration, TrainerCallback
+        from trl import GRPOConfig, GRPOTrainer
 
-    def reward(completions, **kwargs):
-        # Conversational prompts give completions as [{"role": "assistant", "content": text}].
-        return [bench_reward(c[0]["content"] if isinstance(c, list) else c) for c in completions]
+        self.steps, self.done_steps = steps, 0
+        self._go, self._done = threading.Semaphore(0), threading.Semaphore(0)
+        self._error: BaseException | None = None
+        self._closing = False
+        gate = self
 
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
-    data = Dataset.from_list([{"prompt": [{"role": "user", "content": [{"type": "image"},
-                                                                     {"type": "text", "text": p["question"]}]}],
-                               "image": p["image"]} for p in problems])
-    timer = StepTimes()
-    with tempfile.TemporaryDirectory(prefix="pr1-bench-trl-") as out:
-        args = GRPOConfig(output_dir=out, use_cpu=True, bf16=False, report_to="none", save_strategy="no",
+        class Gate(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                gate._go.acquire()
+                if gate._closing:
+                    control.should_training_stop = True
+                gate._start = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                gate._seconds = time.perf_counter() - gate._start
+                gate._done.release()
+
+        def reward(completions, **kwargs):
+            # Conversational prompts give completions as [{"role": "assistant", "content": text}].
+            return [bench_reward(c[0]["content"] if isinstance(c, list) else c) for c in completions]
+
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+        data = Dataset.from_list([{"prompt": [{"role": "user", "content": [{"type": "image"},
+                                                                         {"type": "text", "text": p["question"]}]}],
+                                   "image": p["image"]} for p in problems])
+        self._out = tempfile.mkdtemp(prefix="pr1-bench-trl-")
+        args = GRPOConfig(output_dir=self._out, use_cpu=True, bf16=False, report_to="none", save_strategy="no",
                           logging_strategy="no", disable_tqdm=True, seed=seed, dataloader_num_workers=0,
                           per_device_train_batch_size=len(problems) * group, num_generations=group,
                           max_completion_length=max_new_tokens, temperature=1.0, max_steps=steps,
                           learning_rate=learning_rate, lr_scheduler_type="constant", max_grad_norm=1.0,
                           beta=0.0, epsilon=0.2, epsilon_high=0.3, loss_type="dapo")
         trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=data,
-                              processing_class=_hf_processor(checkpoint), callbacks=[timer])
-        trainer.train()
-    return timer.times
+                              processing_class=_hf_processor(checkpoint), callbacks=[Gate()])
+
+        def train():
+            try:
+                trainer.train()
+            except BaseException as e:  # handed to the caller of step()
+                self._error = e
+            finally:
+                self._done.release()
+
+        self._thread = threading.Thread(target=train, name="trl-train", daemon=True)
+        self._thread.start()
+
+    def step(self) -> float:
+        """Runs one TRL optimizer step and returns its seconds (step begin to step end)."""
+        if self.done_steps >= self.steps:
+            raise RuntimeError(f"TRL was configured for {self.steps} steps")
+        self._go.release()
+        self._done.acquire()
+        if self._error is not None:
+            raise RuntimeError(f"TRL GRPOTrainer failed: {type(self._error).__name__}: {self._error}") from self._error
+        if not self._thread.is_alive() and self.done_steps + 1 < self.steps:
+            raise RuntimeError("TRL GRPOTrainer stopped early")
+        self.done_steps += 1
+        print(f"TRL step {self.done_steps}/{self.steps}: {self._seconds:.2f} s", flush=True)
+        return self._seconds
+
+    def close(self) -> None:
+        self._closing = True
+        self._go.release()  # a trainer still waiting at a step begin stops there
+        self._thread.join(60)
+        shutil.rmtree(self._out, ignore_errors=True)
 
 
-def measure(*, prompts: int = 4, group: int = 4, max_new_tokens: int = 16, steps: int = 4, seed: int = 0,
+def measure(*, prompts: int = 4, group: int = 4, max_new_tokens: int = 16, steps: int = 5, seed: int = 0,
             site: str | None = None) -> dict:
-    """pr1's and TRL's median step seconds (first step left out) and ratio = TRL s / pr1 s
-    (pr1 steps per second over TRL's). Raises ImportError when TRL cannot be imported."""
+    """After one warm-up step of each (compilation), `steps` interleaved pairs of pr1 and TRL steps
+    (`pr1.bench.ratio`). Returns median step seconds pr1_step_s / trl_step_s, ratio (median of the
+    per-pair TRL s / pr1 s: pr1 steps per second over TRL's) with ratio_min / ratio_max and
+    ratio_stats, and every step's seconds. Raises ImportError when TRL cannot be imported."""
+    from pr1.bench import ratio as ratio_lib
+
     import_trl(site)  # fail before any work when TRL is absent
-    if steps < 2:
-        raise ValueError(f"steps must be >= 2 (the first one compiles / warms up and is left out), got {steps}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1 (recorded pairs after a warm-up step of each), got {steps}")
     from pr1.models.tiny import write_tiny_checkpoint
 
     work = tempfile.mkdtemp(prefix="pr1-bench-trl-grpo-")
+    ours, theirs = [], []
     try:
         checkpoint = write_tiny_checkpoint(os.path.join(work, "tiny"), seed=seed, max_pixels=IMAGE_SIZE * IMAGE_SIZE)
         problems = synthetic_problems(prompts)
-        kw = dict(group=group, max_new_tokens=max_new_tokens, steps=steps, seed=seed)
-        ours = pr1_step_times(checkpoint, problems, **kw)
-        theirs = trl_step_times(checkpoint, problems, site=site, **kw)
+        kw = dict(group=group, max_new_tokens=max_new_tokens, steps=steps + 1, seed=seed)
+        pr1_gen = pr1_steps(checkpoint, problems, **kw)
+        trl = TRLSteps(checkpoint, problems, site=site, **kw)
+        try:
+            def pr1_rate():
+                ours.append(next(pr1_gen))
+                return 1 / ours[-1]
+
+            def trl_rate():
+                theirs.append(trl.step())
+                return 1 / theirs[-1]
+
+            (stats,) = ratio_lib.interleaved(pr1_rate, trl_rate, repeats=steps, warmup=1, label="pr1/TRL",
+                                             log=lambda line: print(line, flush=True)).values()
+        finally:
+            trl.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    pr1_s, trl_s = _median_after_first(ours), _median_after_first(theirs)
-    return dict(prompts=prompts, group=group, max_new_tokens=max_new_tokens, pr1_step_s=pr1_s, trl_step_s=trl_s,
-                ratio=trl_s / pr1_s, pr1_times=ours, trl_times=theirs)
+    return dict(prompts=prompts, group=group, max_new_tokens=max_new_tokens, pr1_step_s=1 / stats.ours_median,
+                trl_step_s=1 / stats.peer_median, ratio=stats.median, ratio_min=stats.lo, ratio_max=stats.hi,
+                ratio_stats=stats, pr1_times=ours, trl_times=theirs)
 
 
 def run(argv=None) -> dict:
@@ -230,7 +302,8 @@ def run(argv=None) -> dict:
     parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
     parser.add_argument("--group", type=int, default=4, help="responses per prompt (the GRPO group)")
     parser.add_argument("--new", type=int, default=16, help="max new tokens per response")
-    parser.add_argument("--steps", type=int, default=4, help="steps per trainer (the first is left out)")
+    parser.add_argument("--steps", type=int, default=5,
+                        help="interleaved pr1/TRL step pairs after one warm-up step of each")
     parser.add_argument("--trl-site", default=os.environ.get("PR1_TRL_SITE"),
                         help="site-packages dir holding trl (default: $PR1_TRL_SITE)")
     args = parser.parse_args(argv)
@@ -248,7 +321,7 @@ def main(argv=None) -> int:
           f"one {IMAGE_SIZE}x{IMAGE_SIZE} image each")
     print(f"pr1  {r['pr1_step_s']:8.3f} s/step")
     print(f"TRL  {r['trl_step_s']:8.3f} s/step")
-    print(f"ratio pr1/TRL (steps per second): {r['ratio']:.2f}x")
+    print(f"ratio pr1/TRL (steps per second): {r['ratio_stats']}")
     return 0
 
 

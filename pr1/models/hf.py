@@ -1,7 +1,8 @@
 """Hugging Face checkpoints in and out: config.json plus (sharded) safetensors.
 
-`load` reads tensor by tensor through memory maps and places each one straight into its (sharded)
-device layout, so a 7B checkpoint never needs two full copies in host memory. It accepts both tensor
+`load` reads tensor by tensor (one whole-tensor read each, straight into a host array in our
+layout: a blocked transpose for kernels, fused with any dtype cast) and places each one into its
+(sharded) device layout, so a 7B checkpoint never needs two full copies in host memory. It accepts both tensor
 name schemes: the hub names (`visual.*`, `model.layers.*`, `lm_head.weight`) and the in-memory names
 of transformers >= 4.52 (`model.visual.*`, `model.language_model.*`). `save` writes hub names, which
 transformers' `from_pretrained` and SGLang's `update_weights_from_disk` both read.
@@ -24,7 +25,7 @@ from flax import nnx
 from pr1 import sharding as sharding_lib
 from pr1.models.config import Qwen25VLConfig
 from pr1.models.qwen2_5_vl import Qwen25VL
-from pr1.models.safetensors_io import SafetensorsFile, save_file
+from pr1.models.safetensors_io import LazyTensor, SafetensorsFile, empty_aligned, save_file
 
 INDEX_FILE = "model.safetensors.index.json"
 # Extra files of a checkpoint dir that `save(..., assets_from=dir)` carries along.
@@ -72,13 +73,67 @@ def to_ours(path: tuple, tensor: np.ndarray, config: Qwen25VLConfig) -> np.ndarr
     return tensor
 
 
+_BLOCK = 256  # columns per transpose tile: source and destination tiles stay in cache
+
+
+def transposed(a: np.ndarray, dtype=None) -> np.ndarray:
+    """A C-contiguous, 64-byte-aligned `a.T` (2-D) in `dtype`, copied tile by tile: one pass over
+    memory with cache-sized tiles instead of numpy's strided walk over a whole large matrix (and,
+    when the dtype changes, no separate cast pass)."""
+    dtype = a.dtype if dtype is None else np.dtype(dtype)
+    rows, cols = a.shape
+    out = empty_aligned((cols, rows), dtype)
+    for i in range(0, rows, _BLOCK):
+        for j in range(0, cols, _BLOCK):
+            out[j:j + _BLOCK, i:i + _BLOCK] = a[i:i + _BLOCK, j:j + _BLOCK].T
+    return out
+
+
+def _read_ours(path: tuple, src: SafetensorsFile, stored: str, dtype) -> np.ndarray:
+    """Stored HF tensor → a C-contiguous, aligned host array in our layout and `dtype`. Kernels
+    (transposed) are read in cache-sized row blocks, each transposed into place as it arrives: the
+    bytes cross memory once; the rest is one read straight into the array (cast if needed)."""
+    dtype = np.dtype(dtype)
+    if _is_conv(path) or str(path[-1]) == "kernel":
+        shape = src.shape(stored)
+        rows, cols = shape[0], int(np.prod(shape[1:], dtype=np.int64))
+        out = empty_aligned((cols, rows), dtype)
+        for r, block in src.row_blocks(stored):
+            for j in range(0, cols, _BLOCK):
+                out[j:j + _BLOCK, r:r + block.shape[0]] = block[:, j:j + _BLOCK].T
+        return out
+    tensor = src.read(stored)
+    if tensor.dtype == dtype:
+        return tensor
+    out = empty_aligned(tensor.shape, dtype)
+    out[...] = tensor
+    return out
+
+
+def _hf_writer(value: np.ndarray, shape) -> LazyTensor:
+    """The stored [out, in] (or conv) tensor of our kernel `value` [in, out], written in row blocks
+    transposed into one reused cache-sized buffer: no full transposed copy is made."""
+    rows_in, cols_out = value.shape
+    k = max(1, min(cols_out, (1 << 20) // max(rows_in * value.dtype.itemsize, 1)))
+    scratch = empty_aligned((k, rows_in), value.dtype)
+
+    def write(f):
+        for j in range(0, cols_out, k):
+            n = min(k, cols_out - j)
+            for i in range(0, rows_in, _BLOCK):
+                scratch[:n, i:i + _BLOCK] = value[i:i + _BLOCK, j:j + n].T
+            f.write(memoryview(scratch[:n].reshape(-1).view(np.uint8)))
+
+    return LazyTensor(shape, value.dtype, write)
+
+
 def to_hf(path: tuple, value: np.ndarray, config: Qwen25VLConfig) -> np.ndarray:
     if _is_conv(path):
         v = config.vision
-        return np.ascontiguousarray(value.T).reshape(
-            v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+        return transposed(value).reshape(v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size,
+                                         v.patch_size)
     if str(path[-1]) == "kernel":
-        return np.ascontiguousarray(value.T)
+        return transposed(value)
     return value
 
 
@@ -108,6 +163,19 @@ def _tensor_index(path: str) -> dict[str, tuple[str, str]]:
     return out
 
 
+_ABSTRACT: dict = {}
+
+
+def _abstract_model(config: Qwen25VLConfig, dtype):
+    """(graphdef, abstract state) of the model, built once per (config, dtype) in a process: tracing
+    the constructor costs more than reading a small checkpoint (a weight sync reloads every step)."""
+    key = (repr(config), np.dtype(dtype).name)
+    if key not in _ABSTRACT:
+        abstract = nnx.eval_shape(lambda: Qwen25VL(config, dtype=dtype, rngs=nnx.Rngs(0)))
+        _ABSTRACT[key] = nnx.split(abstract)
+    return _ABSTRACT[key]
+
+
 def load(path: str | os.PathLike, *, dtype=jnp.bfloat16, mesh=None, rules=sharding_lib.DEFAULT_RULES) -> Qwen25VL:
     """Load a Hugging Face Qwen2.5-VL checkpoint dir into a `Qwen25VL` with parameters in `dtype`.
 
@@ -116,8 +184,7 @@ def load(path: str | os.PathLike, *, dtype=jnp.bfloat16, mesh=None, rules=shardi
     """
     path = os.fspath(path)
     config = Qwen25VLConfig.from_dir(path)
-    abstract = nnx.eval_shape(lambda: Qwen25VL(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
+    graphdef, state = _abstract_model(config, dtype)
     index = _tensor_index(path)
     files: dict[str, SafetensorsFile] = {}
 
@@ -135,18 +202,25 @@ def load(path: str | os.PathLike, *, dtype=jnp.bfloat16, mesh=None, rules=shardi
             raise CheckpointError(f"missing tensor {name} (looked in {where})")
         file, stored = index[name]
         used.add(name)
-        tensor = to_ours(p, open_file(file).get(stored), config)
-        if tuple(tensor.shape) != tuple(var.shape):
+        src = open_file(file)
+        # Shape check on the header before any byte is read.
+        layout = to_ours(p, np.empty(src.shape(stored), np.uint8), config).shape
+        if tuple(layout) != tuple(var.shape):
             raise CheckpointError(
-                f"tensor {stored} in {file} has shape {list(open_file(file).shape(stored))}, "
+                f"tensor {stored} in {file} has shape {list(src.shape(stored))}, "
                 f"which does not fit parameter {'.'.join(map(str, p))} of shape {list(var.shape)} "
-                f"(after layout conversion: {list(tensor.shape)})")
-        if mesh is None:
-            value = jnp.asarray(np.asarray(tensor).astype(dtype))
-        else:
-            sh = sharding_lib.named_sharding(var.get_metadata().get("logical_axes"), var.shape, mesh, rules, name=name)
+                f"(after layout conversion: {list(layout)})")
+        sh = None if mesh is None else sharding_lib.named_sharding(
+            var.get_metadata().get("logical_axes"), var.shape, mesh, rules, name=name)
+        if sh is not None and not sh.is_fully_addressable:
+            # Several hosts: each reads only the slices its devices hold, through the memory map.
+            tensor = to_ours(p, src.get(stored), config)
             value = jax.make_array_from_callback(
                 tuple(var.shape), sh, lambda idx, t=tensor: np.asarray(t[idx]).astype(dtype))
+        else:
+            host = _read_ours(p, src, stored, dtype)  # aligned: JAX's CPU backend adopts it without a copy
+            value = jax.device_put(host) if sh is None else jax.make_array_from_callback(
+                tuple(var.shape), sh, lambda idx, h=host: h[idx])
         new_flat.append((p, var.replace(value)))
 
     for name, (file, stored) in index.items():
@@ -201,7 +275,14 @@ def save(model: Qwen25VL, path: str | os.PathLike, *, max_shard_bytes: int = 4 <
         tensors = {}
         for p, v in shard:
             name = hf_name(p)
-            tensors[name] = to_hf(p, _host_value(v[...]).astype(store_dtype(v)), config)
+            host = _host_value(v[...]).astype(store_dtype(v), copy=False)
+            if _is_conv(p) or str(p[-1]) == "kernel":
+                vis = config.vision
+                shape = ((vis.hidden_size, vis.in_channels, vis.temporal_patch_size, vis.patch_size, vis.patch_size)
+                         if _is_conv(p) else host.shape[::-1])
+                tensors[name] = _hf_writer(np.ascontiguousarray(host), shape)
+            else:
+                tensors[name] = host
             weight_map[name] = file
         if jax.process_index() == 0:
             save_file(tensors, os.path.join(tmp, file), metadata={"format": "pt"})

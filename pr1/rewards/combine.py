@@ -249,17 +249,26 @@ connections and the accuracy pool (unless the scorer was passed in).
             judgements: list[Judgement] = await self.judge.judge_many(zip(responses, anns))
         finally:
             acc = await acc_task  # never leave the pool busy behind our back
+        return self._output(responses, acc.scores, acc.timeouts, acc.errors, judgements, anns, group_size)
+
+    def _output(self, responses, accuracy, timeouts, errors, judgements, anns, group_size) -> RewardOutput:
         rep = self.cfg.repetition
         failed = [j.failed for j in judgements]
         out = combine(
-            acc.scores, [format_reward(r) for r in responses], [j.score for j in judgements],
+            accuracy, [format_reward(r) for r in responses], [j.score for j in judgements],
             [repetition_penalty(r, rep.n, rep.max_penalty) for r in responses],
             failed=failed, judged=[bool(a) for a in anns], malformed=[j.malformed for j in judgements],
             group_size=group_size, config=self.cfg,
             first_error=next((j.error for j in judgements if j.failed), ""))
-        out.metrics.update({"accuracy/timeouts": float(acc.timeouts), "accuracy/errors": float(acc.errors),
+        out.metrics.update({"accuracy/timeouts": float(timeouts), "accuracy/errors": float(errors),
                             "judge/neutralized": float(sum(j.neutralized > 0 for j in judgements))})
         return out
+
+    def stream(self, answers: Sequence[str], annotations: Sequence, *, group_size: int | None = None) -> "RewardStream":
+        """A batch of len(answers) responses scored as they arrive: `add(i, response)` from any thread
+        as response i finishes (its judge request and accuracy check start then), `finish()` once all
+        are added gives a Future of the same RewardOutput `submit` would."""
+        return RewardStream(self, answers, annotations, group_size)
 
     def submit(self, responses, answers, annotations, *, group_size: int | None = None):
         """Starts `score` on the stage's loop thread; returns a concurrent.futures.Future."""
@@ -290,3 +299,73 @@ connections and the accuracy pool (unless the scorer was passed in).
 
     def __exit__(self, *exc):
         self.close()
+
+
+class RewardStream:
+    """One batch's rewards, scored response by response while the rest is still generating
+    (`RewardStage.stream`). Judge requests start per response; accuracy checks are batched over
+    whatever has arrived while the previous check ran (the math-verify pool is busy meanwhile)."""
+
+    def __init__(self, stage: RewardStage, answers, annotations, group_size):
+        if len(answers) != len(annotations):
+            raise ValueError(f"{len(answers)} answers but {len(annotations)} annotation lists: they must match")
+        self.stage, self.group_size = stage, group_size
+        self.answers = [str(a) for a in answers]
+        self.anns = [as_annotations(a) if stage.cfg.weights.perception else [] for a in annotations]
+        self.responses: list[str | None] = [None] * len(answers)
+        self._loop = stage._ensure_loop()
+        self._judged: dict[int, asyncio.Task] = {}
+        self._accuracy = np.zeros(len(answers), np.float32)
+        self._timeouts = self._errors = 0
+        self._queue: list[int] = []
+        self._drain: asyncio.Task | None = None
+        self._session = None  # the judge client's keep-alive session, open from the first response to finish
+
+    def add(self, i: int, response: str) -> None:
+        """Response i has finished (thread-safe; call once per index)."""
+        if not 0 <= i < len(self.responses):
+            raise IndexError(f"response index {i} outside the batch of {len(self.responses)}")
+        self._loop.call_soon_threadsafe(self._start, i, response)
+
+    def finish(self):
+        """After every add: a concurrent.futures.Future of the batch's RewardOutput."""
+        return asyncio.run_coroutine_threadsafe(self._finish(), self._loop)
+
+    def _start(self, i: int, response: str) -> None:  # on the stage's loop
+        if self.responses[i] is not None:
+            raise ValueError(f"response {i} added twice")
+        self.responses[i] = response
+        client = getattr(self.stage.judge, "client", None)
+        if self._session is None and client is not None:
+            # Scheduled before the first request: tasks start in order, and entering takes no await.
+            self._session = client.session()
+            asyncio.ensure_future(self._session.__aenter__())
+        self._judged[i] = asyncio.ensure_future(self.stage.judge.judge(response, self.anns[i]))
+        self._queue.append(i)
+        if self._drain is None or self._drain.done():
+            self._drain = asyncio.ensure_future(self._score_accuracy())
+
+    async def _score_accuracy(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            acc = await asyncio.to_thread(self.stage.scorer.score_batch, [self.responses[i] for i in batch],
+                                          [self.answers[i] for i in batch])
+            self._accuracy[batch] = acc.scores
+            self._timeouts += acc.timeouts
+            self._errors += acc.errors
+
+    async def _finish(self) -> RewardOutput:
+        missing = [i for i, r in enumerate(self.responses) if r is None]
+        if missing:
+            raise ValueError(f"RewardStream.finish: responses {missing[:8]} were never added")
+        try:
+            judgements = [await self._judged[i] for i in range(len(self.responses))]
+        finally:
+            while self._drain is not None and not self._drain.done():
+                await self._drain  # never leave the pool busy behind our back
+            if self._session is not None:
+                await self._session.__aexit__(None, None, None)
+        if self._drain is not None:
+            self._drain.result()  # an accuracy-pool failure surfaces here
+        return self.stage._output(self.responses, self._accuracy, self._timeouts, self._errors, judgements,
+                                  self.anns, self.group_size)

@@ -43,7 +43,7 @@ import threading
 import time
 import urllib.parse
 import uuid
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -84,6 +84,11 @@ def image_data_uri(image) -> str:
     buf = io.BytesIO()
     Image.fromarray(load_rgb(image)).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _handed_over(completion: Completion, on_complete: Callable[[Completion], None]) -> Completion:
+    on_complete(completion)
+    return completion
 
 
 class RemoteEngine:
@@ -225,8 +230,13 @@ class RemoteEngine:
                              f"GET /health: {'; '.join(dead)}. Start them with {self.launch_script} and "
                              f"wait until they answer, or fix {self.config_key}.urls.")
 
-    def generate(self, prompts: Sequence[Prompt], sampling: SamplingParams, n: int = 1) -> list[Completion]:
-        """n completions per prompt, prompt-major (p0s0, p0s1, ..., p1s0, ...)."""
+    streams_completions = True  # generate(on_complete=...) hands over each completion as it finishes
+
+    def generate(self, prompts: Sequence[Prompt], sampling: SamplingParams, n: int = 1,
+                 on_complete: Callable[[Completion], None] | None = None) -> list[Completion]:
+        """n completions per prompt, prompt-major (p0s0, p0s1, ..., p1s0, ...). `on_complete(c)` is
+        called with each completion as soon as its request finishes (on a worker thread; an exception
+        there fails the generate), so rewards can be scored while the rest is still generating."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         prompts = list(prompts)
@@ -242,7 +252,9 @@ class RemoteEngine:
         params = self._sampling_payload(sampling, stop)
         cancel = threading.Event()
         images = list(self._pool.map(lambda p: [image_data_uri(im) for im in p.images], prompts))
-        futures = [self._pool.submit(self._sample, p, s, prompts[p], images[p], params, cancel)
+        sample = self._sample if on_complete is None else (
+            lambda *a: _handed_over(self._sample(*a), on_complete))
+        futures = [self._pool.submit(sample, p, s, prompts[p], images[p], params, cancel)
                    for p in range(len(prompts)) for s in range(n)]
         cf.wait(futures, return_when=cf.FIRST_EXCEPTION)
         failed = [f for f in futures if f.done() and not f.cancelled() and f.exception() is not None]

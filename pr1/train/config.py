@@ -71,6 +71,7 @@ def default_config() -> ml_collections.ConfigDict:
         min_prompt_bucket=64, min_patch_bucket=256,
         prefill_chunk=0,         # embedded engine: prompts prefilled at a time (0: all of a step's at once)
         val_max_new_tokens=4096,  # validation decodes greedily
+        off_policy_steps=0,      # 1: server engines generate step k+1 while step k trains (pr1.train.rollout_ahead)
         sglang=sglang_config(),
         vllm=vllm_config(),
     ))
@@ -153,6 +154,9 @@ def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = N
     _need(r.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {r.max_new_tokens}")
     _need(r.prefill_chunk >= 0, "rollout.prefill_chunk", f"must be >= 0 (0: all prompts at once), got {r.prefill_chunk}")
     _need(r.val_max_new_tokens >= 1, "rollout.val_max_new_tokens", f"must be >= 1, got {r.val_max_new_tokens}")
+    _need(r.off_policy_steps in (0, 1), "rollout.off_policy_steps", f"must be 0 or 1, got {r.off_policy_steps}")
+    _need(r.off_policy_steps == 0 or r.engine in ("sglang", "vllm"), "rollout.off_policy_steps",
+          f"1 needs a server engine (sglang, vllm) to generate beside the learner; rollout.engine is {r.engine!r}")
     if r.engine == "sglang":
         _need(bool(r.sglang.urls), "rollout.sglang.urls", "empty; give the SGLang server URLs (launch/serve_rollout.sh)")
         for url in ([r.sglang.urls] if isinstance(r.sglang.urls, str) else r.sglang.urls):

@@ -7,6 +7,10 @@ One step on the host:
                   └──▶ learner batch ──▶ jitted logprob pass (old policy)          ─┘
     group advantages ──▶ jitted update per mini-batch ──▶ engine.sync_weights ──▶ metrics, checkpoint
 
+With a server engine (SGLang, vLLM) each response goes to the reward stage as soon as its request
+finishes, while the rest is still generating; the embedded engine hands over the batch at once.
+rollout.off_policy_steps=1 generates step k+1 beside step k's learner (pr1.train.rollout_ahead).
+
 Everything that decides the result is deterministic given the config (data order by seed and
 epoch, sampling seed per step, the jitted steps), so a run killed at any point and restarted from
 its newest checkpoint reproduces the uninterrupted run. SIGTERM / SIGINT finish the current step,
@@ -46,6 +50,7 @@ from pr1.rollout.sampler import EmbeddedEngine
 from pr1.rollout.types import SamplingParams, default_stop_token_ids
 from pr1.train import checkpoint as checkpoint_lib
 from pr1.train import metrics as metrics_lib
+from pr1.train import rollout_ahead
 from pr1.train import state as state_lib
 from pr1.train import step as step_lib
 from pr1.train import batch as batch_lib
@@ -278,6 +283,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     engine.sync_weights(state.params, start_step)
     reward_stage = RewardStage(config.rewards, processes=jax.process_count())
     print(f"pr1.train: process {jax.process_index()}: {reward_stage.budget_line()}", flush=True)
+    rollouts = rollout_ahead.Rollouts(
+        engine, train_data, lambda k: SamplingParams(
+            temperature=r_cfg.temperature, top_p=r_cfg.top_p, top_k=r_cfg.top_k, max_new_tokens=r_cfg.max_new_tokens,
+            seed=t_cfg.seed * 1_000_003 + k), n=r_cfg.n, off_policy_steps=r_cfg.off_policy_steps,
+        total_steps=t_cfg.steps, synced=start_step, rewards=reward_stage,
+        store_dir=None if "://" in workdir else os.path.join(workdir, rollout_ahead.STORE_DIR),
+        keep=t_cfg.checkpoint_every * t_cfg.keep_checkpoints + 2)
     steps = _StepCache(model_def, tx, config.learner, shardings, mesh)
     writer = metrics_lib.MetricsWriter(log_dir, resume_step=start_step, tensorboard=t_cfg.tensorboard,
                                        wandb_project=t_cfg.wandb_project, run_name=t_cfg.run_name,
@@ -297,17 +309,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             step += 1
             timer = metrics_lib.StepTimer()
             t0 = time.perf_counter()
-            with timer("data"):
-                examples = next(train_data)
+            # Rewards are already being scored (response by response with a server engine).
+            examples, completions, rewards_future = rollouts.batch(step, state.params, timer)
             prompts = [e.prompt for e in examples]
-            sampling = SamplingParams(temperature=r_cfg.temperature, top_p=r_cfg.top_p, top_k=r_cfg.top_k,
-                                      max_new_tokens=r_cfg.max_new_tokens, seed=t_cfg.seed * 1_000_003 + step)
-            with timer("rollout"):
-                completions = engine.generate(prompts, sampling, n=n)
-            texts = [c.text for c in completions]
-            rewards_future = reward_stage.submit(
-                texts, [examples[c.prompt_index].answer for c in completions],
-                [examples[c.prompt_index].annotations for c in completions], group_size=n)
             with timer("logprobs"):
                 # Every process pads to the same buckets: the maxima over all of them.
                 extents = distributed.max_over_processes(batch_lib.batch_extents(prompts, completions, model_config))
@@ -331,9 +335,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     step_lib.check_finite(m, step)
                     update_metrics.append(m)
             with timer("sync"):
-                engine.sync_weights(state.params, step)
+                rollouts.after_update(state.params, step)
             with timer("checkpoint"):
-                host_state = {"data": dataset_lib.gather_states(train_data), "model": record, "step": step}
+                host_state = {"data": rollouts.data_state(), "model": record, "step": step}
                 if ckpt.save(step, state, host_state, force=step == t_cfg.steps or stopping()):
                     saved_step = step
             if t_cfg.val_every and config.data.val_files and step % t_cfg.val_every == 0:
@@ -350,6 +354,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             annotations = [examples[c.prompt_index].annotations for c in completions]
             metrics.update(metrics_lib.reward_metrics(rewards, _judged(annotations, config.rewards)))
             metrics.update(metrics_lib.rollout_metrics(completions, int(local_batch["attention_mask"].sum())))
+            metrics.update(rollouts.metrics(step, completions))
             all_totals = distributed.allgather_host(rewards.totals)
             metrics["grpo/frac_reward_zero_std"] = float(grpo.zero_std_fraction(all_totals, n))
             metrics["grpo/advantage_abs_mean"] = float(np.abs(distributed.allgather_host(advantages)).mean())
@@ -375,8 +380,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if stopped and step > saved_step:
             # The signal may have come after this step's save point: make sure the step is saved
             # (orbax refuses a forced save of a step that already has one).
-            ckpt.save(step, state, {"data": dataset_lib.gather_states(train_data), "model": record, "step": step},
-                      force=True)
+            ckpt.save(step, state, {"data": rollouts.data_state(), "model": record, "step": step}, force=True)
         if stopped and step < t_cfg.steps and jax.process_index() == 0:
             print(f"pr1.train: stopped after step {step}; checkpoint saved in {ckpt.directory}", flush=True)
     except BaseException:
@@ -392,6 +396,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 ckpt.close()  # may raise CheckpointSaveError for the last save: the rest still closes
         finally:
             writer.close()
+            rollouts.close()
             reward_stage.close()
             close = getattr(engine, "close", None)
             if close is not None:
