@@ -56,6 +56,7 @@ from ml_collections import config_flags
 from pr1 import sharding
 from pr1.bench import accelerators
 from pr1.models import config as model_config_lib
+from pr1.models import attention as attention_lib
 from pr1.models import vision as vision_lib
 from pr1.models.config import Qwen25VLConfig
 from pr1.rollout.sampler import BATCH_AXES, EmbeddedEngine, bucket
@@ -495,6 +496,10 @@ def plan_memory(c: ml_collections.ConfigDict, model_config, mesh: Mesh, *, phase
     if mesh.devices.flat[0].platform == "cpu" and not memory_scheduler_on():
         notes.append(f"XLA_FLAGS lacks {_SCHEDULER_FLAG}=false (the CLI sets it): the CPU compiler's concurrency "
                      "scheduler overstates the temporaries and hides what remat saves")
+    # The attention the target runs ('auto': splash on a TPU topology, blockwise on the CPU compiler).
+    platform = mesh.devices.flat[0].platform
+    model_config = dataclasses.replace(model_config, attention=attention_lib.resolve(c.model.attention, platform))
+    notes.append(f"model.attention={c.model.attention}: {model_config.attention} on {platform}")
     model_def = state_lib.ModelDef.create(model_config, dtype=jnp.dtype(c.model.dtype))
     state, shardings, tx = abstract_train_state(c, model_def, mesh)
     length = prompt_bucket(c) + r.max_new_tokens
