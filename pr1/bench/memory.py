@@ -476,10 +476,13 @@ def _compiled_memory(lowered, argument_bytes: int) -> dict:
     m = compiled.memory_analysis()
     if m is None:
         raise PlanError(f"XLA's {jax.default_backend()} compiler gives no memory analysis for this program")
+    try:
+        largest = largest_temporaries(compiled.as_text())
+    except jax.errors.JaxRuntimeError:  # a libtpu whose HLO protos this jaxlib cannot print back
+        largest = []
     return {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
             "aliased": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes,
-            "code": m.generated_code_size_in_bytes, "compile_s": seconds,
-            "largest": largest_temporaries(compiled.as_text())}
+            "code": m.generated_code_size_in_bytes, "compile_s": seconds, "largest": largest}
 
 
 def plan_memory(c: ml_collections.ConfigDict, model_config, mesh: Mesh, *, phases: Sequence[str] = PHASES,
