@@ -150,12 +150,14 @@ from jax.experimental import topologies
 from jax.sharding import Mesh, PartitionSpec as P, NamedSharding
 from pr1.models import attention as attn
 devices = list(topologies.get_topology_desc(topology_name="v5p:2x2x1", platform="tpu").devices)
-mesh = Mesh(np.array(devices), ("fsdp",))
+mesh = Mesh(np.array(devices).reshape(1, -1, 1), ("data", "fsdp", "tensor"))
 b, t, h, kvh, d = len(devices), 1024, 28, 4, 128  # the 7B decoder's heads, one row per chip
-sh = NamedSharding(mesh, P("fsdp"))
+sh = NamedSharding(mesh, P(("data", "fsdp")))
 for causal in (True, False):
-    f = jax.shard_map(lambda q, k, v, s: attn.attention(q, k, v, causal=causal, segment_ids=s, implementation="splash"),
-                      mesh=mesh, in_specs=(P("fsdp"),) * 4, out_specs=P("fsdp"), check_vma=False)
+    # Under the mesh (as the jitted steps trace), splash shard_maps itself over the batch axes; with
+    # the gradient, as the update step needs it.
+    fwd = lambda q, k, v, s: attn.attention(q, k, v, causal=causal, segment_ids=s, implementation="splash")
+    f = attn.in_mesh(jax.grad(lambda *a: fwd(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2)), mesh)
     args = [jax.ShapeDtypeStruct(shape, dtype, sharding=sh) for shape, dtype in
             (((b, t, h, d), jnp.bfloat16), ((b, t, kvh, d), jnp.bfloat16), ((b, t, kvh, d), jnp.bfloat16),
              ((b, t), jnp.int32))]
@@ -168,8 +170,9 @@ for causal in (True, False):
 @pytest.mark.skipif(not _tpu_python(), reason="splash lowering needs libtpu's compiler: pip install libtpu (the "
                     "version jax[tpu] pins) here, or set PR1_TPU_PYTHON to a Python that has it")
 def test_splash_compiles_for_a_tpu_topology():
-    """The splash path (segment ids, causal and full masks, GQA heads of the 7B decoder) lowers and
-    compiles with libtpu for a v5p slice this host does not have."""
+    """The splash path (segment ids, causal and full masks, GQA heads of the 7B decoder, forward and
+    backward, sharded over a mesh's batch axes) lowers and compiles with libtpu for a v5p slice this
+    host does not have."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     out = subprocess.run([_tpu_python(), "-c", _SPLASH_SCRIPT], capture_output=True, text=True, env=env, timeout=600)

@@ -56,6 +56,7 @@ from ml_collections import config_flags
 from pr1 import sharding
 from pr1.bench import accelerators
 from pr1.models import config as model_config_lib
+from pr1.models import attention as attention_lib
 from pr1.models import vision as vision_lib
 from pr1.models.config import Qwen25VLConfig
 from pr1.rollout.sampler import BATCH_AXES, EmbeddedEngine, bucket
@@ -475,10 +476,13 @@ def _compiled_memory(lowered, argument_bytes: int) -> dict:
     m = compiled.memory_analysis()
     if m is None:
         raise PlanError(f"XLA's {jax.default_backend()} compiler gives no memory analysis for this program")
+    try:
+        largest = largest_temporaries(compiled.as_text())
+    except jax.errors.JaxRuntimeError:  # a libtpu whose HLO protos this jaxlib cannot print back
+        largest = []
     return {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
             "aliased": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes,
-            "code": m.generated_code_size_in_bytes, "compile_s": seconds,
-            "largest": largest_temporaries(compiled.as_text())}
+            "code": m.generated_code_size_in_bytes, "compile_s": seconds, "largest": largest}
 
 
 def plan_memory(c: ml_collections.ConfigDict, model_config, mesh: Mesh, *, phases: Sequence[str] = PHASES,
@@ -495,6 +499,10 @@ def plan_memory(c: ml_collections.ConfigDict, model_config, mesh: Mesh, *, phase
     if mesh.devices.flat[0].platform == "cpu" and not memory_scheduler_on():
         notes.append(f"XLA_FLAGS lacks {_SCHEDULER_FLAG}=false (the CLI sets it): the CPU compiler's concurrency "
                      "scheduler overstates the temporaries and hides what remat saves")
+    # The attention the target runs ('auto': splash on a TPU topology, blockwise on the CPU compiler).
+    platform = mesh.devices.flat[0].platform
+    model_config = dataclasses.replace(model_config, attention=attention_lib.resolve(c.model.attention, platform))
+    notes.append(f"model.attention={c.model.attention}: {model_config.attention} on {platform}")
     model_def = state_lib.ModelDef.create(model_config, dtype=jnp.dtype(c.model.param_dtype),
                                           compute_dtype=jnp.dtype(c.model.compute_dtype))
     state, shardings, tx = abstract_train_state(c, model_def, mesh)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import statistics
 import sys
 import time
 
@@ -86,12 +88,14 @@ def run(argv=None) -> dict:
     parser.add_argument("--micro-batches", type=int, default=1)
     parser.add_argument("--logprob-chunk", type=int, default=0)
     parser.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor over all local devices")
+    parser.add_argument("--attention", default="auto", choices=["auto", "xla", "blockwise", "cudnn", "splash"],
+                        help="pr1.models.attention implementation (model.attention)")
     args = parser.parse_args(argv)
 
     devices = jax.local_devices()
     platform = devices[0].platform
     dtype = jnp.dtype({"auto": "float32" if platform == "cpu" else "bfloat16"}.get(args.dtype, args.dtype))
-    config = bench_config()
+    config = dataclasses.replace(bench_config(), attention=args.attention)
     mesh = sharding.make_mesh(*(int(x) for x in args.mesh.split(",")), devices=devices)
     model_def = state_lib.ModelDef.create(config, dtype=dtype)
     params = state_lib.init_params(model_def, mesh, seed=0)
@@ -107,7 +111,8 @@ def run(argv=None) -> dict:
     update = step_lib.make_update_step(model_def, tx, cfg, shardings, mesh, batch)
     print(f"model: {n_params / 1e6:.1f}M params ({dtype.name}); batch {args.batch} x {args.seq} tokens, one "
           f"{IMAGE_GRID[1] * 14}x{IMAGE_GRID[2] * 14} image each; mesh {dict(mesh.shape)} on "
-          f"{len(devices)} {platform} device(s); remat={args.remat}, micro_batches={args.micro_batches}", flush=True)
+          f"{len(devices)} {platform} device(s); remat={args.remat}, micro_batches={args.micro_batches}, "
+          f"attention={args.attention}", flush=True)
 
     start = time.perf_counter()
     state, metrics = update(state, batch)

@@ -33,6 +33,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pr1.models.layers import dot_product_attention
 
@@ -302,18 +303,34 @@ def _cudnn(q, k, v, q_seg, kv_seg, causal, q_offset):
 
 
 def _splash(q, k, v, q_seg, kv_seg, causal, q_offset):
-    """Pallas TPU splash attention, GQA as the MQA kernel vmapped over KV heads, vmapped over the batch."""
+    """Pallas TPU splash attention, GQA as the MQA kernel vmapped over KV heads, vmapped over the batch.
+
+    A Mosaic kernel cannot be partitioned by the compiler, so under a mesh (`in_mesh`, which the
+    jitted steps and the sampler set) it runs in a shard_map over the batch axes: every device
+    attends its own rows."""
+    if isinstance(q_offset, jax.core.Tracer):
+        raise ValueError("model.attention='splash' needs a static q_offset (use xla/blockwise for cached steps)")
+    if q.shape[1] % 128 or k.shape[1] % 128:
+        raise ValueError(f"model.attention='splash' needs lengths that are multiples of 128, got {q.shape[1]} x {k.shape[1]}")
+    local = functools.partial(_splash_local, causal=causal, q_offset=int(q_offset))
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or mesh.size == 1:
+        return local(q, k, v, q_seg, kv_seg)
+    axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
+    if q.shape[0] % max(1, int(np.prod([mesh.shape[a] for a in axes]))):
+        raise ValueError(f"model.attention='splash': {q.shape[0]} rows do not divide over mesh axes {axes}")
+    spec = jax.sharding.PartitionSpec(axes or None)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec, check_vma=False)(q, k, v, q_seg, kv_seg)
+
+
+def _splash_local(q, k, v, q_seg, kv_seg, *, causal, q_offset):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     b, tq, h, d = q.shape
     tk, kvh = k.shape[1], k.shape[2]
     g = h // kvh
-    if isinstance(q_offset, jax.core.Tracer):
-        raise ValueError("model.attention='splash' needs a static q_offset (use xla/blockwise for cached steps)")
-    if tq % 128 or tk % 128:
-        raise ValueError(f"model.attention='splash' needs lengths that are multiples of 128, got {tq} x {tk}")
-    mask = sm.CausalMask((tq, tk), offset=int(q_offset)) if causal else sm.FullMask((tq, tk))
+    mask = sm.CausalMask((tq, tk), offset=q_offset) if causal else sm.FullMask((tq, tk))
     kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([mask] * g))
     qh = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, tq, kvh, g, d).transpose(0, 2, 3, 1, 4)  # [B, KVH, G, Tq, D]
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KVH, Tk, D]
@@ -325,6 +342,16 @@ def _splash(q, k, v, q_seg, kv_seg, causal, q_offset):
     out = jax.vmap(one)(qh, kh, vh, q_seg, kv_seg)  # [B, KVH, G, Tq, D]
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, tq, h, d)
     return jnp.where((q_seg >= 0)[:, :, None, None], out, 0).astype(q.dtype)
+
+
+def in_mesh(fn, mesh):
+    """`fn` traced with `mesh` as the abstract mesh, so kernels that must run per device (splash) can
+    shard_map themselves over its batch axes."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+    return wrapped
 
 
 # -- decoding with a prompt shared by n samples ----------------------------------------------------

@@ -41,6 +41,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pr1 import distributed
+from pr1.models.attention import in_mesh
 from pr1.models.decode import decode_step
 from pr1.models.rope import rope_index
 from pr1.models.vision import LAYOUT_KEYS, batched_vision_inputs, patch_bucket, patch_slots
@@ -112,7 +113,7 @@ class EmbeddedEngine:
         self._params = params
         self.weight_version = "step-0"
         self.compilations = 0  # traces of the rollout function (each new static shape is one)
-        self._rollout = jax.jit(self._rollout_fn,
+        self._rollout = jax.jit(in_mesh(self._rollout_fn, mesh),
                                 static_argnames=("n", "max_new_tokens", "greedy", "filtering", "chunks"))
 
     def sync_weights(self, params, step: int) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pr1.models.attention import in_mesh
 from pr1.models.vision import LAYOUT_KEYS
 from pr1.rl import grpo
 from pr1.train.state import ModelDef, TrainState
@@ -154,7 +155,7 @@ def make_logprob_step(model_def: ModelDef, cfg: ml_collections.ConfigDict, param
         return _unsplit(lps)
 
     bsh = batch_sharding(mesh, example_batch)
-    return jax.jit(step, in_shardings=(param_shardings, bsh), out_shardings=bsh["input_ids"])
+    return jax.jit(in_mesh(step, mesh), in_shardings=(param_shardings, bsh), out_shardings=bsh["input_ids"])
 
 
 def _reduce_metrics(metrics: dict, tokens: jax.Array) -> dict:
@@ -233,7 +234,8 @@ def make_update_step(model_def: ModelDef, tx: optax.GradientTransformation, cfg:
         return new, metrics
 
     bsh = batch_sharding(mesh, example_batch)
-    return jax.jit(step, in_shardings=(shardings, bsh), out_shardings=(shardings, None), donate_argnums=0)
+    return jax.jit(in_mesh(step, mesh), in_shardings=(shardings, bsh), out_shardings=(shardings, None),
+                   donate_argnums=0)
 
 
 def check_finite(metrics: dict, step: int) -> None:
