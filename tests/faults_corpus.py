@@ -235,7 +235,7 @@ BAD_CONFIGS = [
     BadConfig("keep_checkpoints_zero", {"train.keep_checkpoints": 0}, "train.keep_checkpoints"),
     BadConfig("sglang_url_without_scheme", {"rollout.engine": "sglang", "rollout.sglang.urls": ["gpu-node:30000"]},
               "rollout.sglang.urls"),
-    BadConfig("responses_do_not_divide_devices", {"data.prompts_per_step": 3}, "learner.micro_batches"),
+    BadConfig("responses_do_not_divide_devices", {"data.prompts_per_step": 3}, "data.prompts_per_step"),
 ]
 
 

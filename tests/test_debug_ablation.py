@@ -108,7 +108,7 @@ def test_compare_plot_draws_groups_on_shared_axes(tmp_path):
     assert Image.open(png).size == (1100, 700)
     with pytest.raises(ValueError, match="2 labels for 1 runs"):
         plot_lib.plot_compare([dirs[0]], str(out), labels=["x", "y"])
-    assert plot_lib.main(["--compare", str(tmp_path / "missing"), "--out", str(out)]) == 1
+    assert plot_lib.main(["--compare", str(tmp_path / "missing"), "--out", str(out)]) == 2  # one-line error, exit 2 (pr1.cli)
 
 
 def test_debug_run_learns(tmp_path):
