@@ -104,6 +104,18 @@ class RemoteEngine:
     config_key = "rollout.?"    # where its knobs live, for messages
     launch_script = "launch/"   # how to start one, for messages
     Error = RemoteEngineError
+    # Config knobs of this engine's section beyond the ones every remote engine takes.
+    extra_config_keys: tuple[str, ...] = ()
+    _CONFIG_KEYS = ("concurrency", "request_timeout_s", "connect_timeout_s", "health_timeout_s", "health_attempts",
+                    "update_timeout_s", "max_attempts", "backoff_base_s", "backoff_cap_s", "keep_versions",
+                    "weights_dtype", "check_prompt_tokens")
+
+    @classmethod
+    def from_config(cls, cfg, **kwargs):
+        """From the engine's config section (`sglang_config()`, `vllm_config()`); `kwargs` (model_def,
+        workdir, tokenizer, assets_from, ...) pass through."""
+        knobs = {key: cfg[key] for key in cls._CONFIG_KEYS + cls.extra_config_keys}
+        return cls(list(cfg.urls), **knobs, **kwargs)
 
     def __init__(self, urls: Sequence[str], *, model_def=None, workdir: str | os.PathLike | None = None,
                  tokenizer=None, stop_token_ids: Sequence[int] | None = None,

@@ -74,16 +74,6 @@ class SGLangEngine(RemoteEngine):
     launch_script = "launch/serve_rollout.sh"
     Error = SGLangError
 
-    @classmethod
-    def from_config(cls, cfg: ml_collections.ConfigDict, **kwargs) -> "SGLangEngine":
-        """From `sglang_config()` knobs; `kwargs` (model_def, workdir, tokenizer, assets_from, ...) pass through."""
-        return cls(list(cfg.urls), concurrency=cfg.concurrency, request_timeout_s=cfg.request_timeout_s,
-                   connect_timeout_s=cfg.connect_timeout_s, health_timeout_s=cfg.health_timeout_s,
-                   health_attempts=cfg.health_attempts, update_timeout_s=cfg.update_timeout_s,
-                   max_attempts=cfg.max_attempts, backoff_base_s=cfg.backoff_base_s,
-                   backoff_cap_s=cfg.backoff_cap_s, keep_versions=cfg.keep_versions,
-                   weights_dtype=cfg.weights_dtype, check_prompt_tokens=cfg.check_prompt_tokens, **kwargs)
-
     # -- the protocol -------------------------------------------------------------------------------
 
     def _sampling_payload(self, sampling: SamplingParams, stop: tuple[int, ...]) -> dict:

@@ -156,23 +156,13 @@ class VLLMEngine(RemoteEngine):
     config_key = "rollout.vllm"
     launch_script = "launch/serve_vllm.sh"
     Error = VLLMError
+    extra_config_keys = ("model", "restart_timeout_s")
 
     def __init__(self, urls, *, model: str = "", restart_timeout_s: float = 900.0, **kwargs):
         self.model = str(model or "")
         self._models: dict[str, str] = {}
         self._model_lock = threading.Lock()
         super().__init__(urls, restart_timeout_s=restart_timeout_s, **kwargs)
-
-    @classmethod
-    def from_config(cls, cfg: ml_collections.ConfigDict, **kwargs) -> "VLLMEngine":
-        """From `vllm_config()` knobs; `kwargs` (model_def, workdir, tokenizer, assets_from, ...) pass through."""
-        return cls(list(cfg.urls), model=cfg.model, concurrency=cfg.concurrency,
-                   request_timeout_s=cfg.request_timeout_s, connect_timeout_s=cfg.connect_timeout_s,
-                   health_timeout_s=cfg.health_timeout_s, health_attempts=cfg.health_attempts,
-                   update_timeout_s=cfg.update_timeout_s, max_attempts=cfg.max_attempts,
-                   backoff_base_s=cfg.backoff_base_s, backoff_cap_s=cfg.backoff_cap_s,
-                   restart_timeout_s=cfg.restart_timeout_s, keep_versions=cfg.keep_versions,
-                   weights_dtype=cfg.weights_dtype, check_prompt_tokens=cfg.check_prompt_tokens, **kwargs)
 
     # -- the protocol -------------------------------------------------------------------------------
 
