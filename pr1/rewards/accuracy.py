@@ -302,20 +302,7 @@ class AccuracyScorer:
         return AccuracyBatch(scores, timeouts, errors)
 
 
-_default_scorer: AccuracyScorer | None = None
 _default_lock = threading.Lock()
-
-
-def default_scorer() -> AccuracyScorer:
-    """The process-wide scorer behind `accuracy_reward` (started on first use, closed at exit)."""
-    global _default_scorer
-    with _default_lock:
-        if _default_scorer is None:
-            _default_scorer = AccuracyScorer()
-            atexit.register(_default_scorer.close)
-        return _default_scorer
-
-
 _default_verifier = None
 
 
