@@ -58,8 +58,9 @@ def get_config(arg: str | None = None):
 
     c.data.train_files = [f"{root}/synthetic_train.parquet"]
     c.data.val_files = [f"{root}/synthetic_val.parquet"]
-    c.data.synthetic = ml_collections.ConfigDict(dict(
-        enabled=True, task="dots", train_rows=512, val_rows=32, seed=0, image_size=56))
+    c.data.synthetic = ml_collections.ConfigDict(
+        dict(enabled=True, task="dots", train_rows=512, val_rows=32, seed=0, image_size=56)
+    )
     # The paper's instruction costs ~160 tokens of the tiny tokenizer and a random-init model cannot
     # follow it; a short one keeps prompts in the 64-token bucket.
     c.data.format_instruction = "Answer with a number."
@@ -74,7 +75,7 @@ def get_config(arg: str | None = None):
     c.rollout.min_prompt_bucket = 64
     c.rollout.min_patch_bucket = 16
 
-    c.rewards.judge.url = ""            # offline LexicalJudge
+    c.rewards.judge.url = ""  # offline LexicalJudge
     c.rewards.judge.measure_unweighted = True  # the baseline logs the perception it does not train on
     c.rewards.accuracy.workers = 1
     if "baseline" in flags:
@@ -94,7 +95,7 @@ def get_config(arg: str | None = None):
     c.train.steps = 120
     c.train.checkpoint_every = 40
     c.train.keep_checkpoints = 2
-    c.train.val_every = 20              # greedy accuracy on the 32 held-out prompts
+    c.train.val_every = 20  # greedy accuracy on the 32 held-out prompts
     c.train.val_prompts = 32
     c.train.log_samples_every = 10
     c.train.tensorboard = True

@@ -31,8 +31,11 @@ import urllib.parse
 log = logging.getLogger(__name__)
 
 _RETRY_STATUS = {408, 409, 425, 429}
-_FATAL_STATUS = {401: "unauthorized (is the API key in ${env} right?)", 403: "forbidden",
-                 404: "not found (is the base URL right, and is model {model!r} served there?)"}
+_FATAL_STATUS = {
+    401: "unauthorized (is the API key in ${env} right?)",
+    403: "forbidden",
+    404: "not found (is the base URL right, and is model {model!r} served there?)",
+}
 _MAX_BODY = 16 << 20
 
 
@@ -98,20 +101,34 @@ class ChatClient:
     HTTP proxies from the environment are not used.
     """
 
-    def __init__(self, base_url: str, model: str, *, role: str = "chat", api_key_env: str = "",
-                 max_concurrency: int = 64, requests_per_minute: float = 0, timeout: float = 120.0,
-                 connect_timeout: float = 10.0, retries: int = 4, backoff: float = 1.0,
-                 backoff_max: float = 30.0, seed: int | None = None,
-                 counters: collections.Counter | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        role: str = "chat",
+        api_key_env: str = "",
+        max_concurrency: int = 64,
+        requests_per_minute: float = 0,
+        timeout: float = 120.0,
+        connect_timeout: float = 10.0,
+        retries: int = 4,
+        backoff: float = 1.0,
+        backoff_max: float = 30.0,
+        seed: int | None = None,
+        counters: collections.Counter | None = None,
+    ):
         u = urllib.parse.urlsplit(base_url)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ValueError(f"{role} url {redact(base_url)!r} must look like http://host:port/v1")
         if max_concurrency < 1:
             raise ValueError(f"{role} max_concurrency must be >= 1, got {max_concurrency}")
         if timeout <= 0 or connect_timeout <= 0 or retries < 0 or requests_per_minute < 0:
-            raise ValueError(f"{role} timeout and connect_timeout must be > 0, retries and "
-                             f"requests_per_minute >= 0; got {timeout}, {connect_timeout}, {retries}, "
-                             f"{requests_per_minute}")
+            raise ValueError(
+                f"{role} timeout and connect_timeout must be > 0, retries and "
+                f"requests_per_minute >= 0; got {timeout}, {connect_timeout}, {retries}, "
+                f"{requests_per_minute}"
+            )
         self.role = role
         self._https = u.scheme == "https"
         self._host = u.hostname
@@ -137,8 +154,10 @@ class ChatClient:
 
     def __repr__(self) -> str:
         key = "set" if self.api_key_env and os.environ.get(self.api_key_env) else "unset"
-        return (f"ChatClient(role={self.role!r}, url={self.url!r}, model={self.model!r}, "
-                f"api_key_env={self.api_key_env!r} ({key}), max_concurrency={self.max_concurrency})")
+        return (
+            f"ChatClient(role={self.role!r}, url={self.url!r}, model={self.model!r}, "
+            f"api_key_env={self.api_key_env!r} ({key}), max_concurrency={self.max_concurrency})"
+        )
 
     def _loop_state(self) -> _LoopState:
         loop = asyncio.get_running_loop()
@@ -166,9 +185,14 @@ class ChatClient:
     # -- one HTTP exchange
 
     def _request_bytes(self, body: bytes) -> bytes:
-        head = [f"POST {self._path} HTTP/1.1", f"Host: {self._host_header}",
-                "Content-Type: application/json", "Accept: application/json",
-                f"Content-Length: {len(body)}", "Connection: keep-alive"]
+        head = [
+            f"POST {self._path} HTTP/1.1",
+            f"Host: {self._host_header}",
+            "Content-Type: application/json",
+            "Accept: application/json",
+            f"Content-Length: {len(body)}",
+            "Connection: keep-alive",
+        ]
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         if key:
             head.append(f"Authorization: Bearer {key}")
@@ -177,9 +201,11 @@ class ChatClient:
     async def _connect(self):
         try:
             return await asyncio.wait_for(
-                asyncio.open_connection(self._host, self._port, ssl=self._ssl,
-                                        server_hostname=self._host if self._ssl else None),
-                self.connect_timeout)
+                asyncio.open_connection(
+                    self._host, self._port, ssl=self._ssl, server_hostname=self._host if self._ssl else None
+                ),
+                self.connect_timeout,
+            )
         except TimeoutError:  # reported as a connection error, not as a slow reply
             raise ConnectionError(f"no connection within {self.connect_timeout:g}s") from None
 
@@ -224,14 +250,24 @@ class ChatClient:
 
     # -- one completion with retries
 
-    async def complete(self, messages: list[dict], *, temperature: float = 0.0, max_tokens: int = 512,
-                       **extra) -> ChatReply:
+    async def complete(
+        self, messages: list[dict], *, temperature: float = 0.0, max_tokens: int = 512, **extra
+    ) -> ChatReply:
         """One chat completion of `messages` (OpenAI message dicts; image parts as
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}). `extra` goes into
         the request body as is (e.g. seed, top_p, stop)."""
         state = self._loop_state()
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": temperature,
-                           "max_tokens": max_tokens, "n": 1, **extra}, ensure_ascii=False).encode()
+        body = json.dumps(
+            {
+                "model": self.model,
+                "messages": messages,
+                "temperature": temperature,
+                "max_tokens": max_tokens,
+                "n": 1,
+                **extra,
+            },
+            ensure_ascii=False,
+        ).encode()
         error, retry_after = "", 0.0
         for attempt in range(self.retries + 1):
             if attempt:
@@ -247,8 +283,13 @@ class ChatClient:
                 self.counters["timeouts"] += 1
                 error = f"no complete reply within {self.timeout:g}s"
                 continue
-            except (OSError, EOFError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                    _BadResponse) as e:
+            except (
+                OSError,
+                EOFError,
+                asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError,
+                _BadResponse,
+            ) as e:
                 self.counters["connection_errors"] += 1
                 error = f"{type(e).__name__}: {e}"
                 continue
@@ -264,18 +305,23 @@ class ChatClient:
                 return reply
             if status in _FATAL_STATUS:
                 hint = _FATAL_STATUS[status].format(env=self.api_key_env, model=self.model)
-                raise ChatConfigError(f"{self.role} {self.url} answered HTTP {status}: {hint}; "
-                                      f"body: {_snippet(payload)}")
+                raise ChatConfigError(
+                    f"{self.role} {self.url} answered HTTP {status}: {hint}; body: {_snippet(payload)}"
+                )
             self.counters[f"http_{status}"] += 1
             error = f"HTTP {status}: {_snippet(payload)}"
             if status in _RETRY_STATUS or status >= 500:
                 retry_after = _retry_after(headers)
                 continue
             break  # another 4xx: this request is wrong (e.g. longer than the model's context)
-        log.warning("%s %s: giving up on one request after %d attempts: %s", self.role, self.url,
-                    attempt + 1, error)
-        return ChatReply(text=None, attempts=attempt + 1,
-                         error=f"{self.role} {self.url}: {error} (after {attempt + 1} attempts)")
+        log.warning(
+            "%s %s: giving up on one request after %d attempts: %s", self.role, self.url, attempt + 1, error
+        )
+        return ChatReply(
+            text=None,
+            attempts=attempt + 1,
+            error=f"{self.role} {self.url}: {error} (after {attempt + 1} attempts)",
+        )
 
     def _delay(self, attempt: int, retry_after: float) -> float:
         cap = min(self.backoff_max, self.backoff * 2 ** (attempt - 1))
@@ -351,8 +397,13 @@ def _parse_completion(payload: bytes, attempts: int) -> ChatReply:
         raise _BadResponse(f"not a chat completion ({type(e).__name__}): {_snippet(payload)}") from e
     # null content (a refusal, a tool call) is an empty text, not a failure: the caller's parser
     # sees nothing it can use and says so.
-    return ChatReply(text=content or "", attempts=attempts, prompt_tokens=prompt_tokens,
-                     completion_tokens=completion_tokens, finish_reason=str(choice.get("finish_reason") or ""))
+    return ChatReply(
+        text=content or "",
+        attempts=attempts,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        finish_reason=str(choice.get("finish_reason") or ""),
+    )
 
 
 def _retry_after(headers: dict) -> float:

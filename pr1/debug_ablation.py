@@ -31,8 +31,14 @@ RUN_RECORD = "ablation_run.json"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEBUG_CONFIG = os.path.join(REPO, "configs", "debug.py")
 # Printed and saved per run, in this order.
-COLUMNS = ("acc_first_quarter", "acc_last_quarter", "perception_last_quarter", "total_last_quarter",
-           "val_accuracy_last", "wall_s")
+COLUMNS = (
+    "acc_first_quarter",
+    "acc_last_quarter",
+    "perception_last_quarter",
+    "total_last_quarter",
+    "val_accuracy_last",
+    "wall_s",
+)
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -47,14 +53,17 @@ def summarize(rows: list[dict]) -> dict:
 
     first, last = rows[:q], rows[-q:]
     val = [r["val/accuracy"] for r in rows if "val/accuracy" in r]
-    return {"steps": rows[-1]["step"], "quarter_steps": q,
-            "acc_first_quarter": mean("rewards/accuracy/mean", first),
-            "acc_last_quarter": mean("rewards/accuracy/mean", last),
-            "perception_first_quarter": mean("rewards/perception/mean", first),
-            "perception_last_quarter": mean("rewards/perception/mean", last),
-            "total_first_quarter": mean("rewards/total/mean", first),
-            "total_last_quarter": mean("rewards/total/mean", last),
-            "val_accuracy_last": float(val[-1]) if val else float("nan")}
+    return {
+        "steps": rows[-1]["step"],
+        "quarter_steps": q,
+        "acc_first_quarter": mean("rewards/accuracy/mean", first),
+        "acc_last_quarter": mean("rewards/accuracy/mean", last),
+        "perception_first_quarter": mean("rewards/perception/mean", first),
+        "perception_last_quarter": mean("rewards/perception/mean", last),
+        "total_first_quarter": mean("rewards/total/mean", first),
+        "total_last_quarter": mean("rewards/total/mean", last),
+        "val_accuracy_last": float(val[-1]) if val else float("nan"),
+    }
 
 
 def _spread(values: list[float]) -> tuple[float, float]:
@@ -76,8 +85,18 @@ def run_one(root: str, seed: int, name: str, flag: str, overrides: list[str]) ->
         return {**summarize(_read_rows(workdir)), "wall_s": done["wall_s"], "workdir": workdir}
     os.makedirs(workdir, exist_ok=True)
     assets = os.path.join(root, f"assets-seed{seed}")
-    cmd = [sys.executable, "-m", "pr1.train", "--config", f"{DEBUG_CONFIG}:{assets}{flag}", "--workdir", workdir,
-           f"--config.train.seed={seed}", f"--config.data.seed={seed}", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pr1.train",
+        "--config",
+        f"{DEBUG_CONFIG}:{assets}{flag}",
+        "--workdir",
+        workdir,
+        f"--config.train.seed={seed}",
+        f"--config.data.seed={seed}",
+        *overrides,
+    ]
     log_path = os.path.join(workdir, "train.log")
     print(f"seed {seed} {name}: training (log: {log_path})", flush=True)
     t0 = time.perf_counter()
@@ -110,15 +129,22 @@ def report(results: dict[str, dict[int, dict]]) -> str:
         for c in ("acc_last_quarter", "val_accuracy_last"):
             diffs = [ra[s][c] - rb[s][c] for s in seeds]
             m, s = _spread(diffs)
-            lines.append(f"{a} - {b}, {c}: " + ", ".join(f"seed {k}: {d:+.3f}" for k, d in zip(seeds, diffs))
-                         + f"; mean {m:+.3f} ± {s:.3f}")
+            lines.append(
+                f"{a} - {b}, {c}: "
+                + ", ".join(f"seed {k}: {d:+.3f}" for k, d in zip(seeds, diffs))
+                + f"; mean {m:+.3f} ± {s:.3f}"
+            )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pr1.debug_ablation", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pr1.debug_ablation", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    parser.add_argument("--root", default="/tmp/pr1-debug/ablation", help="where runs, summary.json, compare.png go")
+    parser.add_argument(
+        "--root", default="/tmp/pr1-debug/ablation", help="where runs, summary.json, compare.png go"
+    )
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
@@ -141,11 +167,14 @@ def main(argv=None) -> int:
     with open(os.path.join(root, "summary.json"), "w") as f:
         json.dump({"seeds": seeds, "overrides": overrides, "runs": results}, f, indent=2)
     groups = [",".join(results[name][s]["workdir"] for s in seeds) for name, _ in CONFIGS]
-    labels = [f"{name} (gamma {'0.7' if name == 'perception' else '0'}, {len(seeds)} seeds)" for name, _ in CONFIGS]
+    labels = [
+        f"{name} (gamma {'0.7' if name == 'perception' else '0'}, {len(seeds)} seeds)" for name, _ in CONFIGS
+    ]
     # The debug task's answers are 1, 2 or 3 in equal shares: a third is what not looking earns.
     chance = (1 / 3, "chance: a digit 1-3 without looking")
-    (png,) = plot_lib.plot_compare(groups, root, labels=labels,
-                                   reference={"rewards/accuracy/mean": chance, "val/accuracy": chance})
+    (png,) = plot_lib.plot_compare(
+        groups, root, labels=labels, reference={"rewards/accuracy/mean": chance, "val/accuracy": chance}
+    )
     print(f"wrote {os.path.join(root, 'summary.json')} and {png}")
     return 0
 

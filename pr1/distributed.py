@@ -42,16 +42,18 @@ ENV_PROCESS_ID = "JAX_PROCESS_ID"
 def distributed_config() -> ml_collections.ConfigDict:
     """The `distributed` section of a training config. None: from the environment or auto-detected."""
     placeholder = ml_collections.config_dict.placeholder
-    return ml_collections.ConfigDict(dict(
-        enabled=False,                        # or env PR1_DISTRIBUTED=1
-        coordinator_address=placeholder(str),  # "host:port" of process 0
-        num_processes=placeholder(int),
-        process_id=placeholder(int),
-        initialization_timeout=300,           # s to wait for every process to join
-        # s without a heartbeat before the coordinator declares a process dead and stops the others
-        # (instead of leaving them blocked in a collective).
-        heartbeat_timeout=100,
-    ))
+    return ml_collections.ConfigDict(
+        dict(
+            enabled=False,  # or env PR1_DISTRIBUTED=1
+            coordinator_address=placeholder(str),  # "host:port" of process 0
+            num_processes=placeholder(int),
+            process_id=placeholder(int),
+            initialization_timeout=300,  # s to wait for every process to join
+            # s without a heartbeat before the coordinator declares a process dead and stops the others
+            # (instead of leaving them blocked in a collective).
+            heartbeat_timeout=100,
+        )
+    )
 
 
 def enabled(config: ml_collections.ConfigDict | None = None) -> bool:
@@ -92,9 +94,12 @@ def maybe_initialize(config: ml_collections.ConfigDict | None = None) -> bool:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(
-            coordinator_address=section.get("coordinator_address"), num_processes=num_processes,
-            process_id=process_id, initialization_timeout=int(section.get("initialization_timeout", 300)),
-            heartbeat_timeout_seconds=int(section.get("heartbeat_timeout", 100)))
+            coordinator_address=section.get("coordinator_address"),
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=int(section.get("initialization_timeout", 300)),
+            heartbeat_timeout_seconds=int(section.get("heartbeat_timeout", 100)),
+        )
     except (RuntimeError, ValueError) as e:
         raise RuntimeError(
             f"jax.distributed.initialize failed ({e}). It must run before any JAX computation; on a pod "
@@ -126,17 +131,22 @@ def abort_peers_on_error():
     except BaseException:
         if not (jax.distributed.is_initialized() and is_multiprocess()):
             raise
-        print(f"pr1: process {jax.process_index()} of {jax.process_count()} failed; stopping it so the "
-              "others stop too:", file=sys.stderr)
+        print(
+            f"pr1: process {jax.process_index()} of {jax.process_count()} failed; stopping it so the "
+            "others stop too:",
+            file=sys.stderr,
+        )
         traceback.print_exc()
         abort(1)
 
 
 # ---- host values across processes ----------------------------------------------------------------
 
+
 def _stack(x: np.ndarray) -> np.ndarray:
     """[process_count, *x.shape]: every process's `x` (all of the same shape and dtype)."""
     from jax.experimental import multihost_utils
+
     x = np.asarray(x)
     if x.size == 0:
         return np.zeros((jax.process_count(),) + x.shape, x.dtype)
@@ -160,13 +170,19 @@ def allgather_host(x, *, same_shape: bool = False) -> np.ndarray:
     if same_shape:
         return np.concatenate(list(_stack(x)))
     shapes = _stack(np.asarray((x.ndim,) + x.shape, np.int64)) if x.ndim < 8 else None
-    if shapes is None or len({tuple(s) for s in shapes[:, 2:].tolist()}) > 1 or len(set(shapes[:, 0].tolist())) > 1:
-        raise ValueError(f"allgather_host: processes disagree on the trailing shape of {x.shape} (or ndim >= 8)")
+    if (
+        shapes is None
+        or len({tuple(s) for s in shapes[:, 2:].tolist()}) > 1
+        or len(set(shapes[:, 0].tolist())) > 1
+    ):
+        raise ValueError(
+            f"allgather_host: processes disagree on the trailing shape of {x.shape} (or ndim >= 8)"
+        )
     rows = shapes[:, 1]
     padded = np.zeros((int(rows.max()),) + x.shape[1:], x.dtype)
-    padded[:x.shape[0]] = x
+    padded[: x.shape[0]] = x
     every = _stack(padded)
-    return np.concatenate([every[p, :rows[p]] for p in range(len(rows))])
+    return np.concatenate([every[p, : rows[p]] for p in range(len(rows))])
 
 
 def allgather_object(obj) -> list:
@@ -176,7 +192,7 @@ def allgather_object(obj) -> list:
     data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
     lengths = _stack(np.array(data.size, np.int64))
     every = _stack(np.pad(data, (0, int(lengths.max()) - data.size)))
-    return [json.loads(every[p, :lengths[p]].tobytes()) for p in range(len(lengths))]
+    return [json.loads(every[p, : lengths[p]].tobytes()) for p in range(len(lengths))]
 
 
 def max_over_processes(values: Sequence[int]) -> tuple[int, ...]:
@@ -204,10 +220,12 @@ def barrier(name: str) -> None:
     """Waits until every process got here (no-op with one process)."""
     if is_multiprocess():
         from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices(name)
 
 
 # ---- device arrays from and to process-local rows -------------------------------------------------
+
 
 def global_array_from_local(local: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     """A global array whose batch rows on this process's devices are `local`.
@@ -236,11 +254,13 @@ def local_rows(x: jax.Array, start: int, stop: int, axis: int = 0) -> np.ndarray
     for shard in x.addressable_shards:
         index = shard.index
         if any(index[d].indices(n) != (0, n, 1) for d, n in enumerate(x.shape) if d != axis):
-            raise ValueError(f"local_rows: array of shape {x.shape} is sharded along an axis other than {axis} "
-                             f"({x.sharding}); gather it first")
+            raise ValueError(
+                f"local_rows: array of shape {x.shape} is sharded along an axis other than {axis} "
+                f"({x.sharding}); gather it first"
+            )
         lo, hi, _ = index[axis].indices(x.shape[axis])
         a, b = max(lo, start), min(hi, stop)
-        if a >= b or seen[a - start:b - start].all():
+        if a >= b or seen[a - start : b - start].all():
             continue
         data = np.asarray(shard.data)
         take = [slice(None)] * x.ndim
@@ -248,11 +268,13 @@ def local_rows(x: jax.Array, start: int, stop: int, axis: int = 0) -> np.ndarray
         put = [slice(None)] * x.ndim
         put[axis] = slice(a - start, b - start)
         out[tuple(put)] = data[tuple(take)]
-        seen[a - start:b - start] = True
+        seen[a - start : b - start] = True
     if not seen.all():
         missing = np.flatnonzero(~seen) + start
-        raise ValueError(f"local_rows: rows {missing[:8].tolist()}... of an array of shape {x.shape} are not on "
-                         f"process {jax.process_index()}'s devices ({x.sharding})")
+        raise ValueError(
+            f"local_rows: rows {missing[:8].tolist()}... of an array of shape {x.shape} are not on "
+            f"process {jax.process_index()}'s devices ({x.sharding})"
+        )
     return out
 
 
@@ -285,4 +307,5 @@ def check_process_rows(mesh: jax.sharding.Mesh, axes: Sequence[str]) -> None:
         raise ValueError(
             f"mesh {dict(mesh.shape)}: the batch axes {tuple(axes)} give the {len(blocks)} processes rows {blocks} "
             f"(of one row per device); every process must hold its own equal block, in process order. Keep "
-            f"config mesh.tensor within one host's devices, and build the mesh from jax.devices() in order")
+            f"config mesh.tensor within one host's devices, and build the mesh from jax.devices() in order"
+        )

@@ -41,12 +41,19 @@ def recorded_model(host_state: dict, where: str) -> dict:
     if not isinstance(record, dict) or not isinstance(record.get("hf_config"), dict):
         raise ValueError(
             f"checkpoint {where} has no host_state['{_MODEL_KEY}']['hf_config'] (the model config "
-            f"the trainer records); it was not written by pr1.train")
+            f"the trainer records); it was not written by pr1.train"
+        )
     return record
 
 
-def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None = None,
-           assets_from: str | None = None) -> int:
+def export(
+    workdir: str,
+    out: str,
+    *,
+    step: int | None = None,
+    dtype: str | None = None,
+    assets_from: str | None = None,
+) -> int:
     """Writes step `step` of `workdir` to `out` as an HF checkpoint; returns the step exported."""
     directory = checkpoint_lib.checkpoint_directory(workdir)
     params, host_state, step = checkpoint_lib.read_params(directory, step)
@@ -57,7 +64,9 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str | None
     try:
         model = model_def.bind(params)
     except ValueError as e:
-        raise ValueError(f"checkpoint {directory}/{step}: params do not fit the recorded model config: {e}") from None
+        raise ValueError(
+            f"checkpoint {directory}/{step}: params do not fit the recorded model config: {e}"
+        ) from None
     if assets_from is None and record.get("path") and os.path.isdir(record["path"]):
         assets_from = record["path"]
     if assets_from is not None and not os.path.isdir(assets_from):
@@ -71,10 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", required=True, help="training workdir (local path or gs://)")
     parser.add_argument("--step", type=int, default=None, help="step to export (default: newest complete)")
     parser.add_argument("--out", required=True, help="output HF checkpoint dir (replaced atomically)")
-    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                        help="dtype of the stored tensors (default: the checkpoint's own)")
-    parser.add_argument("--assets-from", default=None,
-                        help="checkpoint dir to copy tokenizer/processor files from (default: the recorded model path)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["bfloat16", "float16", "float32"],
+        help="dtype of the stored tensors (default: the checkpoint's own)",
+    )
+    parser.add_argument(
+        "--assets-from",
+        default=None,
+        help="checkpoint dir to copy tokenizer/processor files from (default: the recorded model path)",
+    )
     args = parser.parse_args(argv)
     try:
         step = export(args.workdir, args.out, step=args.step, dtype=args.dtype, assets_from=args.assets_from)

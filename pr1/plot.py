@@ -21,13 +21,41 @@ import sys
 from pr1 import cli
 
 PANELS = {
-    "rewards": ("reward", ["rewards/total/mean", "rewards/accuracy/mean", "rewards/format/mean",
-                           "rewards/perception/mean", "rewards/repetition/mean"]),
+    "rewards": (
+        "reward",
+        [
+            "rewards/total/mean",
+            "rewards/accuracy/mean",
+            "rewards/format/mean",
+            "rewards/perception/mean",
+            "rewards/repetition/mean",
+        ],
+    ),
     "lengths": ("tokens / fraction", ["response/length_mean", "response/length_max", "response/clip_frac"]),
-    "policy": ("value", ["learner/entropy", "learner/approx_kl", "learner/pg_clipfrac", "learner/pg_clipfrac_dual",
-                         "learner/grad_norm", "learner/kl"]),
-    "timing": ("seconds", ["time/step", "time/rollout", "time/logprobs", "time/judge_wait", "time/update",
-                           "time/sync", "time/checkpoint", "time/validation"]),
+    "policy": (
+        "value",
+        [
+            "learner/entropy",
+            "learner/approx_kl",
+            "learner/pg_clipfrac",
+            "learner/pg_clipfrac_dual",
+            "learner/grad_norm",
+            "learner/kl",
+        ],
+    ),
+    "timing": (
+        "seconds",
+        [
+            "time/step",
+            "time/rollout",
+            "time/logprobs",
+            "time/judge_wait",
+            "time/update",
+            "time/sync",
+            "time/checkpoint",
+            "time/validation",
+        ],
+    ),
     "val": ("value", ["val/accuracy", "val/format", "val/perception"]),
 }
 
@@ -51,6 +79,7 @@ def read_metrics(path: str) -> list[dict]:
 def plot(workdir: str, out: str | None = None) -> list[str]:
     """Writes the PNGs; returns their paths (panels with no data are skipped)."""
     import matplotlib
+
     matplotlib.use("Agg")  # files only; no display
     import matplotlib.pyplot as plt
 
@@ -99,13 +128,18 @@ def _smooth(values, window: int):
     """Trailing mean over `window` points (per-step rewards of a small batch are noisy)."""
     out = []
     for i in range(len(values)):
-        chunk = values[max(0, i - window + 1):i + 1]
+        chunk = values[max(0, i - window + 1) : i + 1]
         out.append(sum(chunk) / len(chunk))
     return out
 
 
-def plot_compare(groups: list[str], out: str, labels: list[str] | None = None, smooth: int = 5,
-                 reference: dict[str, tuple[float, str]] | None = None) -> list[str]:
+def plot_compare(
+    groups: list[str],
+    out: str,
+    labels: list[str] | None = None,
+    smooth: int = 5,
+    reference: dict[str, tuple[float, str]] | None = None,
+) -> list[str]:
     """compare.png: one panel per COMPARE_PANELS key, one curve per group; returns [its path].
 
     A group is a run dir or comma-separated run dirs (drawn as their mean, with a min-max band).
@@ -113,6 +147,7 @@ def plot_compare(groups: list[str], out: str, labels: list[str] | None = None, s
     reference: metric key -> (value, label), drawn as a dashed horizontal line (e.g. chance level).
     """
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -178,6 +213,7 @@ def read_eval_summary(out_dir: str) -> dict:
 def plot_eval(out_dirs: list[str], out: str) -> list[str]:
     """eval.png: accuracy per benchmark, one bar per evaluation run; returns [its path]."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -185,7 +221,12 @@ def plot_eval(out_dirs: list[str], out: str) -> list[str]:
     for d in out_dirs:
         summary = read_eval_summary(d)
         model = summary.get("model")
-        runs.append((model if isinstance(model, str) else os.path.basename(os.path.normpath(d)), summary["benchmarks"]))
+        runs.append(
+            (
+                model if isinstance(model, str) else os.path.basename(os.path.normpath(d)),
+                summary["benchmarks"],
+            )
+        )
     benchmarks = list(dict.fromkeys(name for _, b in runs for name in b))
     width = 0.8 / len(runs)
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(benchmarks) * max(1, len(runs) / 2)), 4.5))
@@ -194,8 +235,13 @@ def plot_eval(out_dirs: list[str], out: str) -> list[str]:
         ys = [(b.get(name) or {}).get("accuracy") for name in benchmarks]
         bars = ax.bar(xs, [y or 0 for y in ys], width, label=label)
         for bar, y in zip(bars, ys):
-            ax.annotate("n/a" if y is None else f"{y:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=7)
+            ax.annotate(
+                "n/a" if y is None else f"{y:.1f}",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
     ax.set_xticks(range(len(benchmarks)), benchmarks)
     ax.set_ylabel("accuracy %")
     ax.set_title("evaluation")
@@ -212,11 +258,19 @@ def plot_eval(out_dirs: list[str], out: str) -> list[str]:
 def main(argv=None) -> int:
     parser = cli.ArgumentParser(prog="python -m pr1.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", help="a training run: its curves")
-    parser.add_argument("--eval", nargs="+", metavar="OUT", help="pr1.eval --out dirs: accuracy per benchmark")
-    parser.add_argument("--compare", nargs="+", metavar="RUN",
-                        help="training runs (a run: DIR or DIR1,DIR2,... for several seeds): their curves on shared axes")
+    parser.add_argument(
+        "--eval", nargs="+", metavar="OUT", help="pr1.eval --out dirs: accuracy per benchmark"
+    )
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="RUN",
+        help="training runs (a run: DIR or DIR1,DIR2,... for several seeds): their curves on shared axes",
+    )
     parser.add_argument("--labels", nargs="+", help="with --compare: one legend label per RUN")
-    parser.add_argument("--out", default=None, help="output dir (default: WORKDIR/plots; required with --eval/--compare)")
+    parser.add_argument(
+        "--out", default=None, help="output dir (default: WORKDIR/plots; required with --eval/--compare)"
+    )
     args = parser.parse_args(argv)
     chosen = [a for a in (args.workdir, args.eval, args.compare) if a is not None]
     if len(chosen) != 1 or ((args.eval or args.compare) and not args.out):

@@ -32,7 +32,9 @@ class ShardingError(ValueError):
     pass
 
 
-def logical_to_spec(logical_axes, shape, mesh: Mesh, rules=DEFAULT_RULES, *, name: str = "?") -> PartitionSpec:
+def logical_to_spec(
+    logical_axes, shape, mesh: Mesh, rules=DEFAULT_RULES, *, name: str = "?"
+) -> PartitionSpec:
     """PartitionSpec for one array; raises ShardingError naming `name` if a dimension does not divide."""
     table = dict(rules)
     spec = []
@@ -47,7 +49,8 @@ def logical_to_spec(logical_axes, shape, mesh: Mesh, rules=DEFAULT_RULES, *, nam
         if size > 1 and dim % size:
             raise ShardingError(
                 f"parameter {name}: dimension {dim} (logical axis '{axis}') does not divide mesh axes "
-                f"{axes} of size {size}; change the mesh or the sharding rule for '{axis}'")
+                f"{axes} of size {size}; change the mesh or the sharding rule for '{axis}'"
+            )
         used.update(axes)
         spec.append(None if not axes else (axes[0] if len(axes) == 1 else axes))
     return PartitionSpec(*spec)
@@ -78,5 +81,6 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> M
     if total != len(devices):
         raise ShardingError(f"mesh {sizes} needs {total} devices, {len(devices)} are available")
     import numpy as np
+
     grid = np.asarray(devices).reshape(sizes["data"], sizes["fsdp"], sizes["tensor"])
     return Mesh(grid, ("data", "fsdp", "tensor"))

@@ -37,8 +37,9 @@ def _count(name: str, value) -> int:
     try:
         n = operator.index(value)
     except TypeError:
-        raise ValueError(f"McNemar {name} must be a non-negative integer count, got {value!r} "
-                         f"({type(value).__name__})") from None
+        raise ValueError(
+            f"McNemar {name} must be a non-negative integer count, got {value!r} ({type(value).__name__})"
+        ) from None
     if n < 0:
         raise ValueError(f"McNemar {name} must be a non-negative integer count, got {n}")
     return n
@@ -98,8 +99,13 @@ def _log_half_binomial_pmf(n: int, m: int) -> float:
     if m == 0:
         return -n * math.log(2.0)
     half = n / 2
-    lc = (_stirling_error(n) - _stirling_error(m) - _stirling_error(n - m)
-          - _deviance(m, half) - _deviance(n - m, half))
+    lc = (
+        _stirling_error(n)
+        - _stirling_error(m)
+        - _stirling_error(n - m)
+        - _deviance(m, half)
+        - _deviance(n - m, half)
+    )
     return lc - 0.5 * math.log(2 * math.pi * m * (n - m) / n)
 
 
@@ -156,13 +162,16 @@ def contingency(labels_a: Iterable[bool], labels_b: Iterable[bool]) -> McNemarTa
     """
     labels_a, labels_b = list(labels_a), list(labels_b)
     if len(labels_a) != len(labels_b):
-        raise ValueError(f"contingency needs one label per problem from each model; got {len(labels_a)} "
-                         f"labels for A and {len(labels_b)} for B")
+        raise ValueError(
+            f"contingency needs one label per problem from each model; got {len(labels_a)} "
+            f"labels for A and {len(labels_b)} for B"
+        )
     cells = {(True, True): 0, (True, False): 0, (False, True): 0, (False, False): 0}
     for i, pair in enumerate(zip(labels_a, labels_b)):
         for side, v in zip("AB", pair):
             if v not in (0, 1) or isinstance(v, float):
                 raise ValueError(f"label {i} of {side} is {v!r}; labels must be booleans or 0/1")
         cells[bool(pair[0]), bool(pair[1])] += 1
-    return McNemarTable(a=cells[True, True], b=cells[True, False], c=cells[False, True],
-                        d=cells[False, False])
+    return McNemarTable(
+        a=cells[True, True], b=cells[True, False], c=cells[False, True], d=cells[False, False]
+    )

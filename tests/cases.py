@@ -28,8 +28,8 @@ def left_pad(seqs):
     ids = np.full((len(seqs), length), PAD, np.int64)
     mask = np.zeros((len(seqs), length), np.int64)
     for i, s in enumerate(seqs):
-        ids[i, length - len(s):] = s
-        mask[i, length - len(s):] = 1
+        ids[i, length - len(s) :] = s
+        mask[i, length - len(s) :] = 1
     return ids, mask
 
 
@@ -48,7 +48,19 @@ def build(name: str, seed: int = 0, patch_dim: int = 1176):
         ids, mask = left_pad([sequence(rng, [4, grids[0], 6, grids[1], 7])])
     elif name == "padded_batch":
         grids = [(1, 8, 12), (1, 18, 10)]
-        ids, mask = left_pad([sequence(rng, [3, grids[0], 5]), sequence(rng, [8, grids[1], 12, ])])
+        ids, mask = left_pad(
+            [
+                sequence(rng, [3, grids[0], 5]),
+                sequence(
+                    rng,
+                    [
+                        8,
+                        grids[1],
+                        12,
+                    ],
+                ),
+            ]
+        )
     elif name == "padded_text":
         ids, mask = left_pad([sequence(rng, [7]), sequence(rng, [19])])
         return ids, mask, None, None

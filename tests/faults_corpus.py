@@ -34,6 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ---- the run's dataset -------------------------------------------------------------------------
 
+
 def good_row(i: int) -> dict:
     """Synthetic colour row i, made unique: its question and annotations name the item, so a judge
     request (response, annotations) and a logged sample (step, question, response) identify each
@@ -57,6 +58,7 @@ def png(width: int = 56, height: int = 56, color=(30, 60, 220)) -> bytes:
 
 # ---- a judge that does not say 1 to everything --------------------------------------------------
 
+
 def hashed_reply(messages: list[dict]) -> str:
     """The stub judge's verdicts, 0 or 1 per annotation, a hash of the judged response: rewards that
     differ inside a GRPO group (so the update moves the params) yet are the same in every process
@@ -68,6 +70,7 @@ def hashed_reply(messages: list[dict]) -> str:
 
 # ---- bad rows and bad files ---------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class BadRow:
     """Row 2 of a five-row file is bad; the error must name `field` and count under `reason`."""
@@ -77,7 +80,7 @@ class BadRow:
     field: str
     reason: str
     schema: pa.Schema = SCHEMA
-    at_open: bool = True     # found when the file is opened (cheap fields), else when the row is read
+    at_open: bool = True  # found when the file is opened (cheap fields), else when the row is read
 
 
 _FLOAT_ANSWER = pa.schema([("answer", pa.float64()) if f.name == "answer" else f for f in SCHEMA])
@@ -93,23 +96,47 @@ BAD_ROWS = [
     BadRow("problem_is_null", {"problem": None}, "problem", "empty_problem"),
     BadRow("answer_is_nan", {"answer": float("nan")}, "answer", "bad_answer", _FLOAT_ANSWER),
     BadRow("answer_is_blank", {"answer": "   "}, "answer", "bad_answer"),
-    BadRow("annotations_json_list_of_numbers", {"visual_key_info": "[1, 2]"}, "visual_key_info",
-           "bad_annotations"),
-    BadRow("annotations_unclosed_tag", {"visual_key_info": "<info1>shape 2 is red"}, "visual_key_info",
-           "bad_annotations"),
-    BadRow("more_placeholders_than_images", {"problem": "<image><image>Two shapes?"}, "problem",
-           "image_count_mismatch"),
-    BadRow("fewer_placeholders_than_images", {"images": _image(png()) * 2}, "problem", "image_count_mismatch"),
+    BadRow(
+        "annotations_json_list_of_numbers",
+        {"visual_key_info": "[1, 2]"},
+        "visual_key_info",
+        "bad_annotations",
+    ),
+    BadRow(
+        "annotations_unclosed_tag",
+        {"visual_key_info": "<info1>shape 2 is red"},
+        "visual_key_info",
+        "bad_annotations",
+    ),
+    BadRow(
+        "more_placeholders_than_images",
+        {"problem": "<image><image>Two shapes?"},
+        "problem",
+        "image_count_mismatch",
+    ),
+    BadRow(
+        "fewer_placeholders_than_images", {"images": _image(png()) * 2}, "problem", "image_count_mismatch"
+    ),
     # Images are header-checked when the file opens: format, size, aspect ratio.
-    BadRow("image_bytes_not_an_image", {"images": _image(b"GIF89a but not really")}, "images[0]",
-           "undecodable_image"),
-    BadRow("image_path_is_a_text_file", {"images": _image(None, "notes.txt")}, "images[0]",
-           "undecodable_image"),
+    BadRow(
+        "image_bytes_not_an_image",
+        {"images": _image(b"GIF89a but not really")},
+        "images[0]",
+        "undecodable_image",
+    ),
+    BadRow(
+        "image_path_is_a_text_file", {"images": _image(None, "notes.txt")}, "images[0]", "undecodable_image"
+    ),
     BadRow("image_path_missing", {"images": _image(None, "gone/missing.png")}, "images[0]", "missing_image"),
     BadRow("image_aspect_ratio_over_200", {"images": _image(png(450, 2))}, "images[0]", "unprocessable"),
     # A whole header but cut pixel data: found only when the row is read.
-    BadRow("image_bytes_truncated_png", {"images": _image(png()[:60])}, "images[0]", "undecodable_image",
-           at_open=False),
+    BadRow(
+        "image_bytes_truncated_png",
+        {"images": _image(png()[:60])},
+        "images[0]",
+        "undecodable_image",
+        at_open=False,
+    ),
 ]
 
 
@@ -161,18 +188,25 @@ def bad_files(directory) -> dict[str, tuple[str, str]]:
     out["truncated_parquet"] = (cut, "not a readable parquet file")
     out["missing_file"] = (os.path.join(d, "never_written.parquet"), "parquet file not found")
     rows = [{k: v for k, v in good_row(i).items() if k != "problem"} for i in range(5)]
-    out["no_problem_column"] = (write_rows(os.path.join(d, "no_problem.parquet"), rows,
-                                           pa.schema([f for f in SCHEMA if f.name != "problem"])),
-                                r"no column 'problem' \(config data\.problem_key\)")
+    out["no_problem_column"] = (
+        write_rows(
+            os.path.join(d, "no_problem.parquet"), rows, pa.schema([f for f in SCHEMA if f.name != "problem"])
+        ),
+        r"no column 'problem' \(config data\.problem_key\)",
+    )
     rows = [{k: v for k, v in good_row(i).items() if k != "images"} for i in range(5)]
-    out["no_images_column"] = (write_rows(os.path.join(d, "no_images.parquet"), rows,
-                                          pa.schema([f for f in SCHEMA if f.name != "images"])),
-                               r"no column 'images' \(config data\.images_key\)")
+    out["no_images_column"] = (
+        write_rows(
+            os.path.join(d, "no_images.parquet"), rows, pa.schema([f for f in SCHEMA if f.name != "images"])
+        ),
+        r"no column 'images' \(config data\.images_key\)",
+    )
     out["zero_rows"] = (write_rows(os.path.join(d, "zero_rows.parquet"), []), "no usable rows")
     return out
 
 
 # ---- bad config values --------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class BadConfig:
@@ -181,7 +215,7 @@ class BadConfig:
     name: str
     overrides: dict
     key: str
-    bug: str = ""            # why validate_config does not raise yet ("" = it must today)
+    bug: str = ""  # why validate_config does not raise yet ("" = it must today)
     cli_bug: str | None = None  # why the CLI does not exit 2 with one line yet (None: follows from bug)
 
     @property
@@ -203,8 +237,11 @@ BAD_CONFIGS = [
     BadConfig("mesh_axis_negative", {"mesh.tensor": -2}, "mesh.tensor"),
     BadConfig("mesh_does_not_divide_devices", {"mesh.data": 3, "mesh.fsdp": -1}, "mesh"),
     BadConfig("prompts_per_step_negative", {"data.prompts_per_step": -4}, "data.prompts_per_step"),
-    BadConfig("mini_batches_split_groups", {"data.prompts_per_step": 3, "train.mini_batches": 2},
-              "train.mini_batches"),
+    BadConfig(
+        "mini_batches_split_groups",
+        {"data.prompts_per_step": 3, "train.mini_batches": 2},
+        "train.mini_batches",
+    ),
     BadConfig("micro_batches_do_not_divide", {"learner.micro_batches": 3}, "learner.micro_batches"),
     BadConfig("max_new_tokens_zero", {"rollout.max_new_tokens": 0}, "rollout.max_new_tokens"),
     BadConfig("top_p_above_one", {"rollout.top_p": 1.5}, "rollout.top_p"),
@@ -222,24 +259,39 @@ BAD_CONFIGS = [
     BadConfig("max_prompt_length_tiny", {"data.max_prompt_length": 4}, "data.max_prompt_length"),
     BadConfig("num_threads_negative", {"data.num_threads": -1}, "data.num_threads"),
     BadConfig("min_pixels_above_max", {"data.min_pixels": 10000, "data.max_pixels": 3136}, "data.min_pixels"),
-    BadConfig("judge_max_failure_rate_above_one", {"rewards.judge.max_failure_rate": 1.5},
-              "rewards.judge.max_failure_rate"),
-    BadConfig("judge_max_concurrency_zero", {"rewards.judge.max_concurrency": 0}, "rewards.judge.max_concurrency"),
+    BadConfig(
+        "judge_max_failure_rate_above_one",
+        {"rewards.judge.max_failure_rate": 1.5},
+        "rewards.judge.max_failure_rate",
+    ),
+    BadConfig(
+        "judge_max_concurrency_zero", {"rewards.judge.max_concurrency": 0}, "rewards.judge.max_concurrency"
+    ),
     BadConfig("accuracy_timeout_zero", {"rewards.accuracy.timeout": 0.0}, "rewards.accuracy.timeout"),
     # Once rejected only after the model was loaded (found by this suite, now checked up front):
-    BadConfig("data_file_missing",
-              {"data.synthetic.enabled": False, "data.train_files": ["/nonexistent/train.parquet"]}, "data.train_files"),
+    BadConfig(
+        "data_file_missing",
+        {"data.synthetic.enabled": False, "data.train_files": ["/nonexistent/train.parquet"]},
+        "data.train_files",
+    ),
     BadConfig("judge_url_without_scheme", {"rewards.judge.url": "judge-host:8000/v1"}, "rewards.judge.url"),
-    BadConfig("judge_timeout_zero", {"rewards.judge.url": "http://127.0.0.1:9/v1", "rewards.judge.timeout": 0.0},
-              "rewards.judge.timeout"),
+    BadConfig(
+        "judge_timeout_zero",
+        {"rewards.judge.url": "http://127.0.0.1:9/v1", "rewards.judge.timeout": 0.0},
+        "rewards.judge.timeout",
+    ),
     BadConfig("keep_checkpoints_zero", {"train.keep_checkpoints": 0}, "train.keep_checkpoints"),
-    BadConfig("sglang_url_without_scheme", {"rollout.engine": "sglang", "rollout.sglang.urls": ["gpu-node:30000"]},
-              "rollout.sglang.urls"),
+    BadConfig(
+        "sglang_url_without_scheme",
+        {"rollout.engine": "sglang", "rollout.sglang.urls": ["gpu-node:30000"]},
+        "rollout.sglang.urls",
+    ),
     BadConfig("responses_do_not_divide_devices", {"data.prompts_per_step": 3}, "data.prompts_per_step"),
 ]
 
 
 # ---- many CLI runs in one process ---------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class CliResult:
@@ -248,24 +300,30 @@ class CliResult:
     stderr: str
 
 
-def run_cli_cases(cases: dict[str, list[str]], *, env: dict, workdir: str, timeout_per_case: float = 120.0
-                  ) -> dict[str, CliResult]:
+def run_cli_cases(
+    cases: dict[str, list[str]], *, env: dict, workdir: str, timeout_per_case: float = 120.0
+) -> dict[str, CliResult]:
     """{name: argv after `python -m pr1.train`} -> {name: CliResult}, one forked child per case."""
     request = {"cases": cases, "workdir": workdir, "timeout": timeout_per_case}
-    done = subprocess.run([sys.executable, "-c", "import tests.faults_corpus as f; f._fork_server()"],
-                          input=json.dumps(request), env={**env, "PYTHONPATH": REPO}, cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout_per_case * len(cases) + 120)
+    done = subprocess.run(
+        [sys.executable, "-c", "import tests.faults_corpus as f; f._fork_server()"],
+        input=json.dumps(request),
+        env={**env, "PYTHONPATH": REPO},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout_per_case * len(cases) + 120,
+    )
     if done.returncode != 0:
         raise RuntimeError(f"the CLI harness failed (rc {done.returncode}): {done.stderr[-3000:]}")
     return {name: CliResult(**r) for name, r in json.loads(done.stdout.splitlines()[-1]).items()}
 
 
 def _fork_server() -> None:
+    import runpy
     import signal
     import time
     import traceback
-
-    import runpy
 
     request = json.loads(sys.stdin.read())
     # The trainer's heavy imports, so that no child pays for them; they start no JAX backend, so
@@ -315,6 +373,7 @@ def _fork_server() -> None:
 
 
 # ---- train() with overrides the CLI cannot express ---------------------------------------------
+
 
 def train_command(root: str, workdir: str, overrides: dict) -> list[str]:
     """argv of a process that runs `pr1.train.loop.train` on configs/debug.py:<root> with `overrides`

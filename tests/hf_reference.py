@@ -19,7 +19,9 @@ def make_hf_model(seed: int = 0, **config_overrides):
 
     cfg = Qwen2_5_VLConfig(**tiny_hf_config(**config_overrides))
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    model = Qwen2_5_VLForConditionalGeneration._from_config(
+        cfg, attn_implementation="eager", dtype=torch.float32
+    )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1 and ("norm" in name or "ln_q" in name):
@@ -33,7 +35,9 @@ def make_hf_model(seed: int = 0, **config_overrides):
     return model
 
 
-def hf_logits(model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, position_ids=None):
+def hf_logits(
+    model, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, position_ids=None
+):
     """Logits from transformers; positions computed by transformers itself unless given."""
     image_id = model.config.image_token_id
     kwargs = dict(input_ids=torch.as_tensor(np.asarray(input_ids), dtype=torch.long))
@@ -54,5 +58,7 @@ def hf_rope_index(model, input_ids, image_grid_thw=None, attention_mask=None):
     mm = (ids == model.config.image_token_id).to(torch.int32)
     grid = None if image_grid_thw is None else torch.as_tensor(np.asarray(image_grid_thw), dtype=torch.long)
     mask = None if attention_mask is None else torch.as_tensor(np.asarray(attention_mask), dtype=torch.long)
-    pos, deltas = model.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=grid, attention_mask=mask)
+    pos, deltas = model.model.get_rope_index(
+        ids, mm_token_type_ids=mm, image_grid_thw=grid, attention_mask=mask
+    )
     return pos.numpy(), deltas.numpy().reshape(-1)

@@ -51,11 +51,17 @@ class StubBackend:
         self.model_def = state_lib.ModelDef.create(self.processor.config, dtype=dtype)
         params = state_lib.load_params(checkpoint_dir, self.model_def, self.mesh)
         self.engine = EmbeddedEngine(
-            self.model_def, params, self.mesh, self.processor.tokenizer,
+            self.model_def,
+            params,
+            self.mesh,
+            self.processor.tokenizer,
             stop_token_ids=default_stop_token_ids(self.processor.tokenizer, self.processor.config),
-            pad_token_id=self.processor.pad_token_id, min_prompt_bucket=16, min_patch_bucket=16)
+            pad_token_id=self.processor.pad_token_id,
+            min_prompt_bucket=16,
+            min_patch_bucket=16,
+        )
         self.weight_version = "default"  # SGLang's initial server_args.weight_version
-        self.lock = threading.Lock()     # one generation at a time, like one GPU
+        self.lock = threading.Lock()  # one generation at a time, like one GPU
         self._seed = 0
 
     def next_seed(self) -> int:
@@ -81,13 +87,16 @@ class StubBackend:
             pv, grid = proc.preprocess_image(image)
             pixels.append(pv)
             grids.append(grid)
-        counts = iter(int(np.prod(g)) // proc.config.vision.spatial_merge_size ** 2 for g in grids)
+        counts = iter(int(np.prod(g)) // proc.config.vision.spatial_merge_size**2 for g in grids)
         expanded = []
         for t in ids:
             expanded.extend([t] * next(counts) if t == proc.image_token_id else [t])
-        return Prompt(input_ids=np.asarray(expanded, np.int32), text=text,
-                      pixel_values=np.concatenate(pixels) if pixels else None,
-                      image_grid_thw=np.stack(grids).astype(np.int64) if grids else None)
+        return Prompt(
+            input_ids=np.asarray(expanded, np.int32),
+            text=text,
+            pixel_values=np.concatenate(pixels) if pixels else None,
+            image_grid_thw=np.stack(grids).astype(np.int64) if grids else None,
+        )
 
     def load(self, model_path: str, version: str) -> None:
         params = state_lib.load_params(model_path, self.model_def, self.mesh)
@@ -101,15 +110,33 @@ class SGLangStub:
 
     FAULTS = ("5xx", "timeout", "drop", "truncate", "abort", "4xx")
 
-    def __init__(self, backend: StubBackend, *, p_5xx: float = 0.0, p_timeout: float = 0.0, p_drop: float = 0.0,
-                 p_truncate: float = 0.0, p_abort: float = 0.0, script: tuple[str, ...] = (), hang_s: float | None = 3.0,
-                 latency_s: float = 0.0, fail_updates: int = 0, seed: int = 0):
+    def __init__(
+        self,
+        backend: StubBackend,
+        *,
+        p_5xx: float = 0.0,
+        p_timeout: float = 0.0,
+        p_drop: float = 0.0,
+        p_truncate: float = 0.0,
+        p_abort: float = 0.0,
+        script: tuple[str, ...] = (),
+        hang_s: float | None = 3.0,
+        latency_s: float = 0.0,
+        fail_updates: int = 0,
+        seed: int = 0,
+    ):
         """`p_*` are per-request fault rates on /generate; `script` lists the faults (names in FAULTS, or
         None for none) of the first requests, in arrival order, before the random draws take over.
         hang_s: how long an injected timeout holds its answer; None holds it until the client aborts
         the request (/abort_request with its rid), so the fault is a timeout however slow the machine."""
         self.backend = backend
-        self.faults = {"5xx": p_5xx, "timeout": p_timeout, "drop": p_drop, "truncate": p_truncate, "abort": p_abort}
+        self.faults = {
+            "5xx": p_5xx,
+            "timeout": p_timeout,
+            "drop": p_drop,
+            "truncate": p_truncate,
+            "abort": p_abort,
+        }
         unknown = set(script) - set(self.FAULTS) - {None}
         if unknown:
             raise ValueError(f"unknown faults {sorted(unknown)}; known: {self.FAULTS}")
@@ -163,8 +190,13 @@ class SGLangStub:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"requests": dict(self._counts), "max_in_flight": self._max_in_flight, "paused": self.paused,
-                    "weight_version": self.backend.weight_version, "aborted_rids": list(self.aborted_rids)}
+            return {
+                "requests": dict(self._counts),
+                "max_in_flight": self._max_in_flight,
+                "paused": self.paused,
+                "weight_version": self.backend.weight_version,
+                "aborted_rids": list(self.aborted_rids),
+            }
 
     # -- HTTP ---------------------------------------------------------------------------------------
 
@@ -195,8 +227,9 @@ class SGLangStub:
             return self._reply(h, 400, {"object": "error", "message": f"invalid JSON: {e}", "code": 400})
         routes = {
             ("GET", "/health"): lambda: self._reply(h, 200),
-            ("GET", "/get_weight_version"):
-                lambda: self._reply(h, 200, {"weight_version": self.backend.weight_version}),
+            ("GET", "/get_weight_version"): lambda: self._reply(
+                h, 200, {"weight_version": self.backend.weight_version}
+            ),
             ("POST", "/pause_generation"): lambda: self._pause(h, True),
             ("POST", "/continue_generation"): lambda: self._pause(h, False),
             ("POST", "/update_weights_from_disk"): lambda: self._update(h, body),
@@ -227,13 +260,27 @@ class SGLangStub:
             fail = self.fail_updates > 0
             self.fail_updates -= int(fail)
         if fail:
-            return self._reply(h, 400, {"success": False, "message": "Failed to update weights: injected failure. "
-                                        "Rolling back to the old weights.", "num_paused_requests": 0})
+            return self._reply(
+                h,
+                400,
+                {
+                    "success": False,
+                    "message": "Failed to update weights: injected failure. Rolling back to the old weights.",
+                    "num_paused_requests": 0,
+                },
+            )
         try:
             self.backend.load(path, version if version is not None else self.backend.weight_version)
         except Exception as e:  # noqa: BLE001 - SGLang reports any load failure as success false
-            return self._reply(h, 400, {"success": False, "message": f"Failed to update weights: {e}. Rolling "
-                                        "back to the old weights.", "num_paused_requests": 0})
+            return self._reply(
+                h,
+                400,
+                {
+                    "success": False,
+                    "message": f"Failed to update weights: {e}. Rolling back to the old weights.",
+                    "num_paused_requests": 0,
+                },
+            )
         message = "Succeeded to update model weights."
         if version is not None:
             message += f" Weight version updated to {version}."
@@ -289,23 +336,44 @@ class SGLangStub:
             while not aborted.wait(0.05) and not self._closing.is_set():
                 pass
         if fault == "abort":
-            return (200, {"text": "", "output_ids": [], "meta_info": {
-                "id": rid, "finish_reason": {"type": "abort", "message": "Abort before prefill"}, "prompt_tokens": 0,
-                "completion_tokens": 0, "cached_tokens": 0, "output_token_logprobs": [],
-                "weight_version": self.backend.weight_version}})
+            return (
+                200,
+                {
+                    "text": "",
+                    "output_ids": [],
+                    "meta_info": {
+                        "id": rid,
+                        "finish_reason": {"type": "abort", "message": "Abort before prefill"},
+                        "prompt_tokens": 0,
+                        "completion_tokens": 0,
+                        "cached_tokens": 0,
+                        "output_token_logprobs": [],
+                        "weight_version": self.backend.weight_version,
+                    },
+                },
+            )
         if "text" not in body or "input_ids" in body:
             return (400, {"object": "error", "message": "the stub takes `text` only", "code": 400})
         sp = dict(body.get("sampling_params") or {})
         if int(sp.get("n", 1)) != 1 or isinstance(body["text"], list):
-            return (400, {"object": "error", "message": "the stub serves one sample per request",
-                          "code": 400})
+            return (
+                400,
+                {"object": "error", "message": "the stub serves one sample per request", "code": 400},
+            )
         try:
             image_data = body.get("image_data") or []
-            prompt = self.backend.prompt(body["text"], [image_data] if isinstance(image_data, str) else image_data)
+            prompt = self.backend.prompt(
+                body["text"], [image_data] if isinstance(image_data, str) else image_data
+            )
             stop = sp.get("stop_token_ids")
-            sampling = SamplingParams(temperature=float(sp.get("temperature", 1.0)), top_p=float(sp.get("top_p", 1.0)),
-                                      top_k=int(sp.get("top_k", -1)), max_new_tokens=int(sp.get("max_new_tokens", 128)),
-                                      stop_token_ids=tuple(stop) if stop else None, seed=self.backend.next_seed())
+            sampling = SamplingParams(
+                temperature=float(sp.get("temperature", 1.0)),
+                top_p=float(sp.get("top_p", 1.0)),
+                top_k=int(sp.get("top_k", -1)),
+                max_new_tokens=int(sp.get("max_new_tokens", 128)),
+                stop_token_ids=tuple(stop) if stop else None,
+                seed=self.backend.next_seed(),
+            )
         except (ValueError, TypeError) as e:
             return (400, {"object": "error", "message": str(e), "code": 400})
         if self.latency_s:
@@ -321,8 +389,14 @@ class SGLangStub:
                 text = self.backend.processor.tokenizer.decode(ids, skip_special_tokens=False)
         else:
             finish = {"type": "length", "length": sampling.max_new_tokens}
-        meta = {"id": rid, "finish_reason": finish, "prompt_tokens": len(prompt.input_ids),
-                "completion_tokens": len(ids), "cached_tokens": 0, "weight_version": version}
+        meta = {
+            "id": rid,
+            "finish_reason": finish,
+            "prompt_tokens": len(prompt.input_ids),
+            "completion_tokens": len(ids),
+            "cached_tokens": 0,
+            "weight_version": version,
+        }
         if body.get("return_logprob"):
             meta["output_token_logprobs"] = [[float(lp), t, None] for lp, t in zip(c.logprobs, ids)]
         raw = json.dumps({"text": text, "output_ids": ids, "meta_info": meta}).encode()

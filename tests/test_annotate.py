@@ -25,7 +25,7 @@ from PIL import Image
 from pr1.annotate import prompts
 from pr1.annotate.cache import CacheError, RowCache
 from pr1.annotate.pipeline import AnnotateOptions, ServiceOptions, annotate
-from pr1.bench.judge import StubJudgeServer, message_text, request_key
+from pr1.bench.judge import StubJudgeServer, message_text
 from pr1.chat import ChatConfigError
 from pr1.data.dataset import FORMAT_INSTRUCTION, DataError, ParquetRows, data_config, parse_annotations
 
@@ -66,8 +66,10 @@ def row_number(text):
 
 
 def cot(i, answer):
-    return (f"<think>In figure {i} the side AB is labelled 5 and the angle at C has a right-angle mark, "
-            f"so the answer follows.</think><answer>\\boxed{{{answer}}}</answer>")
+    return (
+        f"<think>In figure {i} the side AB is labelled 5 and the angle at C has a right-angle mark, "
+        f"so the answer follows.</think><answer>\\boxed{{{answer}}}</answer>"
+    )
 
 
 def decode_images(messages):
@@ -83,11 +85,18 @@ def decode_images(messages):
 
 def opts_for(tmp_path, teacher, extractor, **kw):
     service = dict(timeout=60.0, max_tokens=256)  # no stub here hangs: only a slow machine would time out
-    base = dict(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out.parquet"),
-                teacher=ServiceOptions(teacher.url, "teacher-stub", **service),
-                extractor=ServiceOptions(extractor.url, "extractor-stub", **service),
-                concurrency=4, retries=1, backoff=0.01, backoff_max=0.02, accuracy_workers=1,
-                progress_interval=0.0)
+    base = dict(
+        input=str(tmp_path / "in.parquet"),
+        output=str(tmp_path / "out.parquet"),
+        teacher=ServiceOptions(teacher.url, "teacher-stub", **service),
+        extractor=ServiceOptions(extractor.url, "extractor-stub", **service),
+        concurrency=4,
+        retries=1,
+        backoff=0.01,
+        backoff_max=0.02,
+        accuracy_workers=1,
+        progress_interval=0.0,
+    )
     base.update(kw)
     return AnnotateOptions(**base)
 
@@ -102,8 +111,10 @@ def cache_records(path):
 
 
 def test_parse_extraction_keeps_figure_facts_only():
-    reply = ("Sure! Here are the facts:\n<facts>\n- FIGURE: AB =  5.\nFIGURE: ab=5\nthis line is chatter\n"
-             "DERIVED: x = 3\n1. FIGURE: angle ABC = 90 degrees\nFIGURE:   \nfigure: <info2>CD = 4</info2>\n</facts>")
+    reply = (
+        "Sure! Here are the facts:\n<facts>\n- FIGURE: AB =  5.\nFIGURE: ab=5\nthis line is chatter\n"
+        "DERIVED: x = 3\n1. FIGURE: angle ABC = 90 degrees\nFIGURE:   \nfigure: <info2>CD = 4</info2>\n</facts>"
+    )
     e = prompts.parse_extraction(reply)
     assert e.parseable
     assert e.facts == ("AB = 5", "angle ABC = 90 degrees", "CD = 4")
@@ -113,8 +124,9 @@ def test_parse_extraction_keeps_figure_facts_only():
     assert not prompts.parse_extraction("<facts>\nAB = 5\n</facts>").parseable  # untagged lines only
     # Without the block, tagged lines still count; the last block wins over an echoed template.
     assert prompts.parse_extraction("FIGURE: AB = 5").facts == ("AB = 5",)
-    assert prompts.parse_extraction("<facts>FIGURE: ...</facts> then <facts>\nFIGURE: x = 2\n</facts>").facts == (
-        "x = 2",)
+    assert prompts.parse_extraction(
+        "<facts>FIGURE: ...</facts> then <facts>\nFIGURE: x = 2\n</facts>"
+    ).facts == ("x = 2",)
     info = prompts.to_info_string(["AB = 5", "angle Q = (2x+5) degrees"])
     assert info == "<info1>AB = 5</info1><info2>angle Q = (2x+5) degrees</info2>"
     assert parse_annotations(info) == ["AB = 5", "angle Q = (2x+5) degrees"]
@@ -160,9 +172,20 @@ def test_row_cache_is_durable_and_tolerates_only_a_torn_last_line(tmp_path, capl
 
 ANSWERS = ["5", "2\\sqrt{3}", "9", "12", "60", "7", "8", "15"]
 # What the teacher boxes at attempt 1, 2, 3, ... (the last entry repeats).
-TEACHER_PLAN = {0: ["5"], 1: ["7", "2\\sqrt{3}"], 2: ["1"], 3: ["12"], 4: ["60"], 5: ["7"], 6: ["8"], 7: ["15"]}
-JUNK = ("Sure! Here are the facts:\n<facts>\n- FIGURE: AB =  5.\nFIGURE: ab=5\nnonsense\nDERIVED: x = 3\n"
-        "1. FIGURE: angle ABC = 90 degrees\n</facts>")
+TEACHER_PLAN = {
+    0: ["5"],
+    1: ["7", "2\\sqrt{3}"],
+    2: ["1"],
+    3: ["12"],
+    4: ["60"],
+    5: ["7"],
+    6: ["8"],
+    7: ["15"],
+}
+JUNK = (
+    "Sure! Here are the facts:\n<facts>\n- FIGURE: AB =  5.\nFIGURE: ab=5\nnonsense\nDERIVED: x = 3\n"
+    "1. FIGURE: angle ABC = 90 degrees\n</facts>"
+)
 
 
 def good_facts(i):
@@ -209,8 +232,13 @@ def main_rows():
     rows = []
     for i, answer in enumerate(ANSWERS):
         if i == 7:
-            rows.append((f"<image> and <image>: find the area in figure {i}.", answer,
-                         [image_array(70), image_array(71, 8, 9)]))
+            rows.append(
+                (
+                    f"<image> and <image>: find the area in figure {i}.",
+                    answer,
+                    [image_array(70), image_array(71, 8, 9)],
+                )
+            )
         else:
             rows.append((f"<image>Find x in figure {i}.", answer, [image_array(i)]))
     return rows
@@ -228,8 +256,10 @@ def test_annotate_filters_extracts_and_writes_the_training_parquet(tmp_path):
     rows = main_rows()
     write_input(tmp_path / "in.parquet", rows)
     stubs = Stubs()
-    with StubJudgeServer(stubs.teacher, usage=teacher_usage) as t, \
-            StubJudgeServer(stubs.extractor, usage=extractor_usage) as x:
+    with (
+        StubJudgeServer(stubs.teacher, usage=teacher_usage) as t,
+        StubJudgeServer(stubs.extractor, usage=extractor_usage) as x,
+    ):
         opts = opts_for(tmp_path, t, x, attempts=3)
         summary = annotate(opts, progress_stream=io.StringIO())
 
@@ -260,8 +290,10 @@ def test_annotate_filters_extracts_and_writes_the_training_parquet(tmp_path):
         assert summary["extractor_attempts"] == 1 + 1 + 0 + 1 + 1 + 2 + 1
         assert summary["this_run"]["unparseable_extractor_replies"] == 3  # row 5 once, row 6 twice
         # Finished rows: 10 teacher and 7 extractor requests; this run also paid row 6's 1 + 2.
-        assert summary["tokens"] == {"teacher": {"prompt_tokens": 1000, "completion_tokens": 100},
-                                     "extractor": {"prompt_tokens": 49, "completion_tokens": 21}}
+        assert summary["tokens"] == {
+            "teacher": {"prompt_tokens": 1000, "completion_tokens": 100},
+            "extractor": {"prompt_tokens": 49, "completion_tokens": 21},
+        }
         run = summary["this_run"]
         assert (run["teacher"]["prompt_tokens"], run["teacher"]["completion_tokens"]) == (1100, 110)
         assert (run["extractor"]["prompt_tokens"], run["extractor"]["completion_tokens"]) == (63, 27)
@@ -270,11 +302,13 @@ def test_annotate_filters_extracts_and_writes_the_training_parquet(tmp_path):
             assert json.load(f)["kept"] == 5
 
         # The output: kept rows in input order, read back by the trainer's own parquet reader.
-        expected = {0: ["AB = 5", "angle C = 90 degrees in figure 0"],
-                    1: ["AB = 5", "angle C = 90 degrees in figure 1"],
-                    3: ["AB = 5", "angle ABC = 90 degrees"],
-                    5: ["AB = 5", "angle C = 90 degrees in figure 5"],
-                    7: ["AB = 5", "angle C = 90 degrees in figure 7"]}
+        expected = {
+            0: ["AB = 5", "angle C = 90 degrees in figure 0"],
+            1: ["AB = 5", "angle C = 90 degrees in figure 1"],
+            3: ["AB = 5", "angle ABC = 90 degrees"],
+            5: ["AB = 5", "angle C = 90 degrees in figure 5"],
+            7: ["AB = 5", "angle C = 90 degrees in figure 7"],
+        }
         table = pq.read_table(opts.output)
         assert table.column_names == ["id", "problem", "answer", "images", "visual_key_info", "teacher_cot"]
         assert table.column("id").to_pylist() == [f"geo-{i}" for i in expected]
@@ -291,19 +325,31 @@ def test_annotate_filters_extracts_and_writes_the_training_parquet(tmp_path):
 
         # Row 6's correct CoT was cached before extraction: a rerun asks only the extractor again.
         records = cache_records(opts.cache_path)
-        assert {r["row_id"] for r in records if r["kind"] == "done"} == {f"geo-{i}" for i in (0, 1, 2, 3, 4, 5, 7)}
+        assert {r["row_id"] for r in records if r["kind"] == "done"} == {
+            f"geo-{i}" for i in (0, 1, 2, 3, 4, 5, 7)
+        }
         assert [r["row_id"] for r in records if r["kind"] == "cot" and r["row_id"] == "geo-6"] == ["geo-6"]
         stubs.fixed_row6 = True
         before = dict(stubs.teacher_calls)
         again = annotate(opts, progress_stream=io.StringIO())
         assert stubs.teacher_calls == before and stubs.extractor_calls[6] == 3
-        assert {k: v for k, v in stubs.extractor_calls.items() if k != 6} == \
-            {0: 1, 1: 1, 3: 1, 4: 1, 5: 2, 7: 1}
-    assert again["kept"] == 6 and again["failed"] == 0 and again["kept_by_teacher_attempt"] == {"1": 5, "2": 1}
+        assert {k: v for k, v in stubs.extractor_calls.items() if k != 6} == {
+            0: 1,
+            1: 1,
+            3: 1,
+            4: 1,
+            5: 2,
+            7: 1,
+        }
+    assert (
+        again["kept"] == 6 and again["failed"] == 0 and again["kept_by_teacher_attempt"] == {"1": 5, "2": 1}
+    )
     assert again["this_run"]["teacher"]["requests"] == 0 and again["this_run"]["extractor"]["requests"] == 1
     # Row 6's teacher tokens come from its cached CoT record, its extractor tokens from this run.
-    assert again["tokens"] == {"teacher": {"prompt_tokens": 1100, "completion_tokens": 110},
-                               "extractor": {"prompt_tokens": 56, "completion_tokens": 24}}
+    assert again["tokens"] == {
+        "teacher": {"prompt_tokens": 1100, "completion_tokens": 110},
+        "extractor": {"prompt_tokens": 56, "completion_tokens": 24},
+    }
     assert pq.read_table(opts.output).column("id").to_pylist() == [f"geo-{i}" for i in (0, 1, 3, 5, 6, 7)]
 
     # A changed input row must not silently reuse the cached result.
@@ -363,17 +409,33 @@ def test_input_missing_a_column_names_file_and_column(tmp_path):
 
 
 def cli(tmp_path, t, x, *extra):
-    return [sys.executable, "-m", "pr1.annotate", f"--input={tmp_path / 'in.parquet'}",
-            f"--output={tmp_path / 'out.parquet'}", f"--teacher_url={t.url}", "--teacher_model=t",
-            f"--extractor_url={x.url}", "--extractor_model=x", "--concurrency=2", "--retries=1",
-            "--backoff=0.01", "--accuracy_workers=1", "--progress_interval=0", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "pr1.annotate",
+        f"--input={tmp_path / 'in.parquet'}",
+        f"--output={tmp_path / 'out.parquet'}",
+        f"--teacher_url={t.url}",
+        "--teacher_model=t",
+        f"--extractor_url={x.url}",
+        "--extractor_model=x",
+        "--concurrency=2",
+        "--retries=1",
+        "--backoff=0.01",
+        "--accuracy_workers=1",
+        "--progress_interval=0",
+        *extra,
+    ]
 
 
 def test_cli_resumes_after_sigkill_without_repeating_finished_rows(tmp_path):
     n = 20
     answers = [str(10 + i) for i in range(n)]
-    write_input(tmp_path / "in.parquet", [(f"<image>Find x in figure {i}.", answers[i], [image_array(i)])
-                                          for i in range(n)], with_ids=False)
+    write_input(
+        tmp_path / "in.parquet",
+        [(f"<image>Find x in figure {i}.", answers[i], [image_array(i)]) for i in range(n)],
+        with_ids=False,
+    )
     cache = tmp_path / "out.parquet.cache.jsonl"
 
     def teacher(messages):
@@ -385,8 +447,9 @@ def test_cli_resumes_after_sigkill_without_repeating_finished_rows(tmp_path):
 
     env = dict(os.environ, PYTHONPATH=REPO)
     with StubJudgeServer(teacher, latency=0.25) as t, StubJudgeServer(extractor, latency=0.02) as x:
-        proc = subprocess.Popen(cli(tmp_path, t, x), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            cli(tmp_path, t, x), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
             if cache.exists() and cache.read_text().count('"kind":"done"') >= n // 2:
@@ -404,7 +467,9 @@ def test_cli_resumes_after_sigkill_without_repeating_finished_rows(tmp_path):
             f.write('{"kind":"done","row_id":"19","row":19,"ha')
         t.reset_stats()
         x.reset_stats()
-        done = subprocess.run(cli(tmp_path, t, x), cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            cli(tmp_path, t, x), cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         assert "incomplete" in done.stderr
         teacher_keys = {row_number(k) for k in t.stats()["attempts"]}
@@ -415,22 +480,34 @@ def test_cli_resumes_after_sigkill_without_repeating_finished_rows(tmp_path):
     assert re.search(r"annotate: 20/20 rows \(\d+ cached\) \| kept 20", done.stderr)
     table = pq.read_table(tmp_path / "out.parquet")
     assert table.column("problem").to_pylist() == [f"<image>Find x in figure {i}." for i in range(n)]
-    assert [parse_annotations(v) for v in table.column("visual_key_info").to_pylist()] == \
-        [["AB = 5", f"angle C = 90 degrees in figure {i}"] for i in range(n)]
+    assert [parse_annotations(v) for v in table.column("visual_key_info").to_pylist()] == [
+        ["AB = 5", f"angle C = 90 degrees in figure {i}"] for i in range(n)
+    ]
     summary = json.loads((tmp_path / "out.parquet.summary.json").read_text())
     assert summary["kept"] == n and summary["teacher_attempts"] == n
 
 
 def test_cli_usage_and_configuration_errors(tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO)
-    r = subprocess.run([sys.executable, "-m", "pr1.annotate", "--input=x.parquet"], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "pr1.annotate", "--input=x.parquet"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode != 0 and "--output" in r.stderr and "--teacher_url" in r.stderr
     write_input(tmp_path / "in.parquet", main_rows()[:2])
     with StubJudgeServer(require_key="sk-secret") as t, StubJudgeServer() as x:
-        r = subprocess.run(cli(tmp_path, t, x, "--teacher_api_key_env=PR1_TEST_TEACHER_KEY"), cwd=REPO,
-                           env=dict(env, PR1_TEST_TEACHER_KEY="sk-wrong"), capture_output=True, text=True,
-                           timeout=120)
+        r = subprocess.run(
+            cli(tmp_path, t, x, "--teacher_api_key_env=PR1_TEST_TEACHER_KEY"),
+            cwd=REPO,
+            env=dict(env, PR1_TEST_TEACHER_KEY="sk-wrong"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert r.returncode == 2
     assert "401" in r.stderr and t.url in r.stderr and "PR1_TEST_TEACHER_KEY" in r.stderr
     assert "sk-wrong" not in r.stderr + r.stdout

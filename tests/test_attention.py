@@ -25,9 +25,9 @@ def _inputs(seed, b, tq, tk, h, kvh, d, dtype=jnp.float32):
 def _segments(b, t):
     """Row 0: left padding then one segment; row 1: two packed segments then right padding."""
     seg = np.zeros((b, t), np.int32)
-    seg[0, :t // 7] = -1
-    seg[1, t // 2:] = 1
-    seg[1, t - t // 9:] = -1
+    seg[0, : t // 7] = -1
+    seg[1, t // 2 :] = 1
+    seg[1, t - t // 9 :] = -1
     return jnp.asarray(seg)
 
 
@@ -39,12 +39,13 @@ def test_blockwise_equals_xla_with_segments(causal, heads):
     seg = _segments(2, 300)
     # Block sizes that do not divide T, and query blocks larger than key blocks, so the padding and the
     # causal block skipping are both exercised.
-    run = lambda impl: attn.attention(q, k, v, causal=causal, segment_ids=seg, implementation=impl,
-                                      block_q=64, block_k=48)
+    run = lambda impl: attn.attention(
+        q, k, v, causal=causal, segment_ids=seg, implementation=impl, block_q=64, block_k=48
+    )
     want, got = run("xla"), run("blockwise")
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
     # Padding queries give zeros in both.
-    assert np.all(np.asarray(got)[0, :300 // 7] == 0)
+    assert np.all(np.asarray(got)[0, : 300 // 7] == 0)
     assert np.abs(np.asarray(want)).max() > 0.5
 
 
@@ -55,8 +56,12 @@ def test_blockwise_gradients_equal_xla(causal):
     weights = jnp.asarray(np.random.default_rng(2).normal(size=(16,)), jnp.float32)
 
     def loss(impl):
-        return lambda q, k, v: (attn.attention(q, k, v, causal=causal, segment_ids=seg, implementation=impl,
-                                               block_q=32, block_k=64) * weights).sum()
+        return lambda q, k, v: (
+            attn.attention(
+                q, k, v, causal=causal, segment_ids=seg, implementation=impl, block_q=32, block_k=64
+            )
+            * weights
+        ).sum()
 
     want = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
     got = jax.grad(loss("blockwise"), argnums=(0, 1, 2))(q, k, v)
@@ -71,8 +76,18 @@ def test_blockwise_cached_queries_with_offset(offset):
     q, k, v = _inputs(3, 2, 90, 320, 4, 2, 16)
     kv_seg = _segments(2, 320)
     q_seg = jnp.zeros((2, 90), jnp.int32)
-    run = lambda impl, off: attn.attention(q, k, v, causal=True, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-                                           q_offset=off, implementation=impl, block_q=32, block_k=64)
+    run = lambda impl, off: attn.attention(
+        q,
+        k,
+        v,
+        causal=True,
+        q_segment_ids=q_seg,
+        kv_segment_ids=kv_seg,
+        q_offset=off,
+        implementation=impl,
+        block_q=32,
+        block_k=64,
+    )
     want = run("xla", offset)
     got = jax.jit(lambda off: run("blockwise", off))(jnp.int32(offset))  # a traced offset (cache index)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
@@ -99,6 +114,7 @@ def test_blockwise_memory_grows_linearly_in_t(grad):
     def program(impl):
         def fwd(q, k, v):
             return attn.attention(q, k, v, causal=True, implementation=impl, block_q=256, block_k=256)
+
         if not grad:
             return fwd
         return jax.grad(lambda q, k, v: fwd(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
@@ -121,20 +137,25 @@ def test_auto_picks_by_backend():
     assert attn.resolve("xla", "tpu") == "xla"
 
 
-@pytest.mark.parametrize("name,backend", [("cudnn", "cpu"), ("splash", "cpu"), ("splash", "gpu"), ("flash", "cpu")])
+@pytest.mark.parametrize(
+    "name,backend", [("cudnn", "cpu"), ("splash", "cpu"), ("splash", "gpu"), ("flash", "cpu")]
+)
 def test_impossible_choice_names_the_config_key(name, backend):
     with pytest.raises(attn.AttentionConfigError, match="model.attention"):
         attn.check_implementation(name, backend)
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU; this backend is "
-                    + jax.default_backend())
+@pytest.mark.skipif(
+    jax.default_backend() != "gpu",
+    reason="cuDNN attention needs an NVIDIA GPU; this backend is " + jax.default_backend(),
+)
 def test_cudnn_equals_xla_on_gpu():
     q, k, v = _inputs(5, 2, 512, 512, 8, 2, 64, jnp.bfloat16)
     seg = _segments(2, 512)
     run = lambda impl: attn.attention(q, k, v, causal=True, segment_ids=seg, implementation=impl)
-    np.testing.assert_allclose(np.asarray(run("cudnn"), np.float32), np.asarray(run("xla"), np.float32),
-                               rtol=0, atol=2e-2)
+    np.testing.assert_allclose(
+        np.asarray(run("cudnn"), np.float32), np.asarray(run("xla"), np.float32), rtol=0, atol=2e-2
+    )
 
 
 def _tpu_python():
@@ -167,14 +188,19 @@ for causal in (True, False):
 """
 
 
-@pytest.mark.skipif(not _tpu_python(), reason="splash lowering needs libtpu's compiler: pip install libtpu (the "
-                    "version jax[tpu] pins) here, or set PR1_TPU_PYTHON to a Python that has it")
+@pytest.mark.skipif(
+    not _tpu_python(),
+    reason="splash lowering needs libtpu's compiler: pip install libtpu (the "
+    "version jax[tpu] pins) here, or set PR1_TPU_PYTHON to a Python that has it",
+)
 def test_splash_compiles_for_a_tpu_topology():
     """The splash path (segment ids, causal and full masks, GQA heads of the 7B decoder, forward and
     backward, sharded over a mesh's batch axes) lowers and compiles with libtpu for a v5p slice this
     host does not have."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    out = subprocess.run([_tpu_python(), "-c", _SPLASH_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    out = subprocess.run(
+        [_tpu_python(), "-c", _SPLASH_SCRIPT], capture_output=True, text=True, env=env, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "causal compiled True" in out.stdout and "full compiled True" in out.stdout, out.stdout

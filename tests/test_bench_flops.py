@@ -30,9 +30,12 @@ def test_matmul_params_equal_the_models_kernels():
         assert flops.text_matmul_params(config) == text
         # Per patch: every kernel but the merger's runs once per patch; the merger's once per 4 patches.
         v = config.vision
-        merged = v.hidden_size * v.spatial_merge_size ** 2
+        merged = v.hidden_size * v.spatial_merge_size**2
         merger = merged * merged + merged * v.out_hidden_size
-        assert flops.vision_matmul_params_per_patch(config) == (vision - merger) + merger / v.spatial_merge_size ** 2
+        assert (
+            flops.vision_matmul_params_per_patch(config)
+            == (vision - merger) + merger / v.spatial_merge_size**2
+        )
 
 
 def test_forward_flops_by_hand_on_the_tiny_model():

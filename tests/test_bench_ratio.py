@@ -7,7 +7,7 @@ from pr1.bench import ratio
 
 def test_pairs_alternate_after_the_warmup_and_ratios_are_per_pair():
     calls = []
-    ours_values = iter([100.0, 10.0, 20.0, 30.0, 40.0, 50.0])   # the first is the warm-up
+    ours_values = iter([100.0, 10.0, 20.0, 30.0, 40.0, 50.0])  # the first is the warm-up
     peer_values = iter([1.0, 10.0, 5.0, 10.0, 4.0, 25.0])
 
     def ours():
@@ -27,8 +27,13 @@ def test_pairs_alternate_after_the_warmup_and_ratios_are_per_pair():
 
 
 def test_dict_measures_give_one_ratio_each_and_must_match():
-    out = ratio.interleaved(lambda: {"prefill": 6.0, "decode": 2.0}, lambda: {"prefill": 3.0, "decode": 4.0},
-                            repeats=3, warmup=0, log=None)
+    out = ratio.interleaved(
+        lambda: {"prefill": 6.0, "decode": 2.0},
+        lambda: {"prefill": 3.0, "decode": 4.0},
+        repeats=3,
+        warmup=0,
+        log=None,
+    )
     assert out["prefill"].ratios == [2.0] * 3 and out["decode"].ratios == [0.5] * 3
     with pytest.raises(ValueError, match="decode"):
         ratio.interleaved(lambda: {"prefill": 1.0}, lambda: {"decode": 1.0}, repeats=1, warmup=0, log=None)

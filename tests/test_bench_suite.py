@@ -52,18 +52,44 @@ def test_raw_write_and_read_move_exactly_the_bytes_asked(tmp_path):
 
 def test_step_breakdown_averages_the_steps_after_the_first():
     rows = [
-        {"step": 2, "time/step": 2.0, "time/rollout": 0.5, "time/logprobs": 0.3, "time/update": 0.7,
-         "time/judge_wait": 0.1},
+        {
+            "step": 2,
+            "time/step": 2.0,
+            "time/rollout": 0.5,
+            "time/logprobs": 0.3,
+            "time/update": 0.7,
+            "time/judge_wait": 0.1,
+        },
         {"step": 1, "time/step": 50.0, "time/rollout": 20.0, "time/update": 25.0},  # compilation: left out
-        {"step": 3, "time/step": 4.0, "time/rollout": 1.5, "time/logprobs": 0.5, "time/update": 0.9,
-         "time/checkpoint": 0.6, "rewards/total/mean": 0.5},
+        {
+            "step": 3,
+            "time/step": 4.0,
+            "time/rollout": 1.5,
+            "time/logprobs": 0.5,
+            "time/update": 0.9,
+            "time/checkpoint": 0.6,
+            "rewards/total/mean": 0.5,
+        },
     ]
     r = step_breakdown.breakdown(rows)
     # By hand: means over steps 2 and 3, a phase absent from a step counting 0 there.
     assert r["steps"] == 2 and r["step_s"] == pytest.approx(3.0)
-    assert r["phases"] == pytest.approx({"time/rollout": 1.0, "time/logprobs": 0.4, "time/judge_wait": 0.05,
-                                         "time/update": 0.8, "time/checkpoint": 0.3})
-    assert list(r["phases"]) == ["time/rollout", "time/logprobs", "time/judge_wait", "time/update", "time/checkpoint"]
+    assert r["phases"] == pytest.approx(
+        {
+            "time/rollout": 1.0,
+            "time/logprobs": 0.4,
+            "time/judge_wait": 0.05,
+            "time/update": 0.8,
+            "time/checkpoint": 0.3,
+        }
+    )
+    assert list(r["phases"]) == [
+        "time/rollout",
+        "time/logprobs",
+        "time/judge_wait",
+        "time/update",
+        "time/checkpoint",
+    ]
     assert r["compute_s"] == pytest.approx(2.2) and r["compute_fraction"] == pytest.approx(2.2 / 3)
     assert r["other_s"] == pytest.approx(0.45)
     assert r["fractions"]["time/update"] == pytest.approx(0.8 / 3)
@@ -77,8 +103,20 @@ def test_suite_prints_one_row_per_benchmark_and_skips_what_cannot_run(tmp_path, 
     monkeypatch.setitem(sys.modules, "trl", None)
     monkeypatch.delenv("PR1_TRL_SITE", raising=False)
     out_json = tmp_path / "rows.json"
-    assert suite.main(["--quick", "--only", "export,sampler,trl_grpo", "--json", str(out_json),
-                       "--export-dir", str(tmp_path)]) == 0
+    assert (
+        suite.main(
+            [
+                "--quick",
+                "--only",
+                "export,sampler,trl_grpo",
+                "--json",
+                str(out_json),
+                "--export-dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out.split("\n\nbenchmark ")[-1].splitlines()
     body = [line for line in table[2:] if "|" in line]  # the machine line follows the table
     by_name = {}
@@ -86,11 +124,17 @@ def test_suite_prints_one_row_per_benchmark_and_skips_what_cannot_run(tmp_path, 
         by_name.setdefault(line.split("|")[0].strip(), []).append(line)
     assert set(by_name) == {"export", "sampler", "trl_grpo"}
     assert len(by_name["export"]) == 2 and all("skipped" not in line for line in by_name["export"])
-    assert len(by_name["sampler"]) == 1 and "skipped: " in by_name["sampler"][0] and "torch" in by_name["sampler"][0]
+    assert (
+        len(by_name["sampler"]) == 1
+        and "skipped: " in by_name["sampler"][0]
+        and "torch" in by_name["sampler"][0]
+    )
     assert len(by_name["trl_grpo"]) == 1 and "skipped: TRL not installed" in by_name["trl_grpo"][0]
 
     recorded = json.loads(out_json.read_text())
-    assert recorded["machine"]["cpu_count"] == os.cpu_count() and len(recorded["machine"]["loadavg_1_5_15"]) == 3
+    assert (
+        recorded["machine"]["cpu_count"] == os.cpu_count() and len(recorded["machine"]["loadavg_1_5_15"]) == 3
+    )
     assert "jax" in recorded["machine"]
     rows = recorded["rows"]
     assert [r["benchmark"] for r in rows] == ["export", "export", "sampler", "trl_grpo"]

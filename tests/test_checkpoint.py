@@ -12,7 +12,8 @@ import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pr1.train.checkpoint import Checkpointer, abstract_like
 
@@ -24,7 +25,11 @@ def _mesh(rows, cols):
     return Mesh(np.array(jax.devices()).reshape(rows, cols), ("fsdp", "tensor"))
 
 
-SPECS = {"params": {"w": P("fsdp", "tensor"), "b": P("tensor")}, "opt": {"count": P("fsdp", None)}, "step": P()}
+SPECS = {
+    "params": {"w": P("fsdp", "tensor"), "b": P("tensor")},
+    "opt": {"count": P("fsdp", None)},
+    "step": P(),
+}
 
 
 def _host_values():
@@ -56,8 +61,13 @@ def _step_dirs(directory):
     return sorted(os.listdir(directory))
 
 
-HOST_STATE = {"data": {"epoch": 1, "position": 4096, "files": ["train-00000.parquet"]},
-              "rng_seed": 42, "reward_ema": 0.25, "note": None, "done": False}
+HOST_STATE = {
+    "data": {"epoch": 1, "position": 4096, "files": ["train-00000.parquet"]},
+    "rng_seed": 42,
+    "reward_ema": 0.25,
+    "note": None,
+    "done": False,
+}
 
 
 def test_round_trip_is_bit_exact_into_same_and_other_shardings(tmp_path):
@@ -83,7 +93,9 @@ def test_round_trip_is_bit_exact_into_same_and_other_shardings(tmp_path):
             "replicated": jax.tree.map(lambda s: NamedSharding(other, P()), SPECS),
         }
         for shardings in targets.values():
-            target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), values, shardings)
+            target = jax.tree.map(
+                lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), values, shardings
+            )
             restored, host = ckpt.restore(target, step=7)
             assert host == HOST_STATE
             _assert_bit_exact(restored, values)
@@ -186,8 +198,14 @@ _CRASHING_RUN = textwrap.dedent("""
 def test_crashed_save_is_ignored_and_run_resumes_from_last_complete(tmp_path):
     directory = str(tmp_path / "ckpt")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-    run = subprocess.run([sys.executable, "-c", _CRASHING_RUN, directory], env=env, cwd=REPO,
-                         capture_output=True, text=True, timeout=180)
+    run = subprocess.run(
+        [sys.executable, "-c", _CRASHING_RUN, directory],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert run.returncode == 17, run.stderr[-3000:]
     # What a crash at the commit leaves: step 2 fully written, but only under its temporary name.
     assert _step_dirs(directory) == ["1", "2" + TMP_SUFFIX]
@@ -214,12 +232,15 @@ def test_restore_without_checkpoint_names_the_directory(tmp_path):
             ckpt.restore(_small_abstract())
 
 
-@pytest.mark.parametrize("host_state, key", [
-    ({"api_key": "sk-123"}, "api_key"),
-    ({"OPENAI_API_KEY": "sk-123"}, "OPENAI_API_KEY"),
-    ({"judge": {"AuthToken": "abc"}}, "AuthToken"),
-    ({"servers": [{"client_secret": "abc"}]}, "client_secret"),
-])
+@pytest.mark.parametrize(
+    "host_state, key",
+    [
+        ({"api_key": "sk-123"}, "api_key"),
+        ({"OPENAI_API_KEY": "sk-123"}, "OPENAI_API_KEY"),
+        ({"judge": {"AuthToken": "abc"}}, "AuthToken"),
+        ({"servers": [{"client_secret": "abc"}]}, "client_secret"),
+    ],
+)
 def test_secret_looking_host_state_keys_are_refused(tmp_path, host_state, key):
     directory = str(tmp_path / "ckpt")
     with Checkpointer(directory, async_save=False) as ckpt:
@@ -275,6 +296,7 @@ def _refuse_writes_under(monkeypatch, marker):
     unwritable mid-save."""
     import builtins
     import errno
+
     real_open = builtins.open
 
     def guarded(file, mode="r", *args, **kwargs):
@@ -288,6 +310,7 @@ def _refuse_writes_under(monkeypatch, marker):
 @pytest.mark.parametrize("when", ["next_save", "close"])
 def test_failed_save_names_the_path_and_the_last_checkpoint_restores(tmp_path, monkeypatch, when):
     from pr1.train.checkpoint import CheckpointSaveError
+
     state = {"w": jnp.arange(8, dtype=jnp.float32)}
     directory = tmp_path / "ckpt"
     _refuse_writes_under(monkeypatch, f"{os.sep}2.orbax-checkpoint-tmp")
@@ -300,7 +323,11 @@ def test_failed_save_names_the_path_and_the_last_checkpoint_restores(tmp_path, m
             ck.close()
     message = str(info.value)
     assert f"checkpoint save of step 2 to {directory}/2 failed" in message, message
-    assert "No space left on device" in message and "newest complete checkpoint" in message and "step 1" in message
+    assert (
+        "No space left on device" in message
+        and "newest complete checkpoint" in message
+        and "step 1" in message
+    )
     ck.close()  # reported once: closing afterwards does not raise it again
     monkeypatch.undo()
     again = Checkpointer(str(directory), keep=None)

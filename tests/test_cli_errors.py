@@ -28,8 +28,9 @@ def assert_one_line(rc, err, *words):
 
 
 def run_module(module, *args, env=ENV):
-    r = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     return r.returncode, r.stderr
 
 
@@ -48,8 +49,9 @@ def unreadable_file(tmp_path):
 def configs(tmp_path_factory):
     d = tmp_path_factory.mktemp("configs")
     (d / "no_get_config.py").write_text("import ml_collections\nCONFIG = ml_collections.ConfigDict()\n")
-    (d / "no_arg.py").write_text("import ml_collections\n\n\ndef get_config():\n"
-                                 "    return ml_collections.ConfigDict({'a': 1})\n")
+    (d / "no_arg.py").write_text(
+        "import ml_collections\n\n\ndef get_config():\n    return ml_collections.ConfigDict({'a': 1})\n"
+    )
     (d / "broken.py").write_text("import ml_collections\n\n\ndef get_config():\n    return undefined_name\n")
     return d
 
@@ -60,10 +62,15 @@ def test_train_config_errors(configs, tmp_path):
         (("--config", "/nonexistent/cfg.py"), ["config file /nonexistent/cfg.py not found"]),
         (("--config", str(configs)), [str(configs), "is a directory"]),
         (("--config", unreadable_file(tmp_path)), ["cannot read config file"]),
-        (("--config", str(configs / "no_get_config.py")), ["no_get_config.py defines no get_config() function"]),
+        (
+            ("--config", str(configs / "no_get_config.py")),
+            ["no_get_config.py defines no get_config() function"],
+        ),
         (("--config", f"{configs / 'no_arg.py'}:big"), ["no_arg.py takes no argument, got 'big'"]),
-        (("--config", "configs/perception_r1_qwen2_5_vl_7b.py:big"),
-         ["perception_r1_qwen2_5_vl_7b.py does not accept the argument 'big'"]),
+        (
+            ("--config", "configs/perception_r1_qwen2_5_vl_7b.py:big"),
+            ["perception_r1_qwen2_5_vl_7b.py does not accept the argument 'big'"],
+        ),
         (("--config", str(configs / "broken.py")), ["broken.py:5: NameError", "undefined_name"]),
         (("--config", str(configs / "no_arg.py"), "--config.b=2"), ["--config.b", "no key 'b'"]),
     ]
@@ -76,13 +83,20 @@ def test_train_config_errors(configs, tmp_path):
 
 
 def test_annotate_input_errors(tmp_path):
-    services = ["--teacher_url=http://127.0.0.1:9/v1", "--teacher_model=t", "--extractor_url=http://127.0.0.1:9/v1",
-                "--extractor_model=x", f"--output={tmp_path / 'out.parquet'}"]
+    services = [
+        "--teacher_url=http://127.0.0.1:9/v1",
+        "--teacher_model=t",
+        "--extractor_url=http://127.0.0.1:9/v1",
+        "--extractor_model=x",
+        f"--output={tmp_path / 'out.parquet'}",
+    ]
     not_parquet = tmp_path / "in.parquet"
     not_parquet.write_text("not parquet")
-    for path, words in ((tmp_path / "missing.parquet", ["missing.parquet", "not found"]),
-                        (not_parquet, ["in.parquet", "not a readable parquet file"]),
-                        (tmp_path, [str(tmp_path)])):
+    for path, words in (
+        (tmp_path / "missing.parquet", ["missing.parquet", "not found"]),
+        (not_parquet, ["in.parquet", "not a readable parquet file"]),
+        (tmp_path, [str(tmp_path)]),
+    ):
         rc, err = run_module("pr1.annotate", f"--input={path}", *services)
         assert_one_line(rc, err, "pr1.annotate: ", *words)
     rc, err = run_module("pr1.annotate", "--input=x.parquet")
@@ -103,19 +117,61 @@ def test_eval_analyze_export_plot_input_errors(tmp_path, capsys):
     records = tmp_path / "a.jsonl"
     records.write_text("not json\n")
     cases = [
-        (eval_main, ["--model", str(empty), "--benchmark", f"parquet={tmp_path / 'nope.parquet'}", "--out",
-                     str(tmp_path / "o")], ["pr1.eval: ", "nope.parquet"]),
-        (eval_main, ["--model", str(empty), "--benchmark", f"mathvista={tmp_path / 'nope'}", "--out",
-                     str(tmp_path / "o")], ["pr1.eval: ", "nope", "MathVista"]),  # a multi-line hint, folded
-        (eval_main, ["--model", str(empty), "--benchmark", "mathvista:/x", "--out", "o"], ["--benchmark wants NAME=PATH"]),
-        (eval_main, ["--benchmark", "parquet=/x", "--out", "o"], ["exactly one of --model DIR or --workdir DIR"]),
-        (analyze_main, ["mcnemar", str(tmp_path / "missing.jsonl"), str(records), "--label", "accuracy"],
-         ["pr1.analyze: ", "missing.jsonl"]),
-        (analyze_main, ["mcnemar", str(records), str(records), "--label", "accuracy"], ["a.jsonl:1", "not valid JSON"]),
-        (analyze_main, ["mcnemar", str(empty), str(records), "--label", "accuracy"], ["pr1.analyze: ", str(empty)]),
+        (
+            eval_main,
+            [
+                "--model",
+                str(empty),
+                "--benchmark",
+                f"parquet={tmp_path / 'nope.parquet'}",
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            ["pr1.eval: ", "nope.parquet"],
+        ),
+        (
+            eval_main,
+            [
+                "--model",
+                str(empty),
+                "--benchmark",
+                f"mathvista={tmp_path / 'nope'}",
+                "--out",
+                str(tmp_path / "o"),
+            ],
+            ["pr1.eval: ", "nope", "MathVista"],
+        ),  # a multi-line hint, folded
+        (
+            eval_main,
+            ["--model", str(empty), "--benchmark", "mathvista:/x", "--out", "o"],
+            ["--benchmark wants NAME=PATH"],
+        ),
+        (
+            eval_main,
+            ["--benchmark", "parquet=/x", "--out", "o"],
+            ["exactly one of --model DIR or --workdir DIR"],
+        ),
+        (
+            analyze_main,
+            ["mcnemar", str(tmp_path / "missing.jsonl"), str(records), "--label", "accuracy"],
+            ["pr1.analyze: ", "missing.jsonl"],
+        ),
+        (
+            analyze_main,
+            ["mcnemar", str(records), str(records), "--label", "accuracy"],
+            ["a.jsonl:1", "not valid JSON"],
+        ),
+        (
+            analyze_main,
+            ["mcnemar", str(empty), str(records), "--label", "accuracy"],
+            ["pr1.analyze: ", str(empty)],
+        ),
         (analyze_main, [str(records)], ["invalid choice"]),
-        (export_main, ["--workdir", str(tmp_path / "norun"), "--out", str(tmp_path / "x")],
-         ["pr1.export: ", "norun"]),
+        (
+            export_main,
+            ["--workdir", str(tmp_path / "norun"), "--out", str(tmp_path / "x")],
+            ["pr1.export: ", "norun"],
+        ),
         (export_main, ["--workdir", str(empty)], ["--out"]),
         (plot_main, ["--workdir", str(tmp_path / "norun")], ["pr1.plot: ", "norun"]),
         (plot_main, ["--workdir", str(empty), "--eval", str(empty)], ["give --workdir DIR, or --eval"]),
@@ -125,10 +181,17 @@ def test_eval_analyze_export_plot_input_errors(tmp_path, capsys):
         assert_one_line(rc, err, *words)
 
 
-@pytest.mark.parametrize("script", sorted(f for f in os.listdir(os.path.join(REPO, "launch")) if f.endswith(".sh")))
+@pytest.mark.parametrize(
+    "script", sorted(f for f in os.listdir(os.path.join(REPO, "launch")) if f.endswith(".sh"))
+)
 def test_launch_scripts_answer_help(script):
     for flag in ("--help", "-h"):
-        r = subprocess.run(["bash", os.path.join(REPO, "launch", script), flag], capture_output=True, text=True,
-                           timeout=60, env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")})
+        r = subprocess.run(
+            ["bash", os.path.join(REPO, "launch", script), flag],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")},
+        )
         assert r.returncode == 0, (script, flag, r.stderr)
         assert len(r.stdout.splitlines()) >= 5 and r.stderr == "", (script, r.stdout, r.stderr)

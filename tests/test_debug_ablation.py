@@ -36,9 +36,14 @@ def test_baseline_measures_perception_without_training_on_it():
     """measure_unweighted (on in the debug config): with gamma = 0 the judge still scores, for the
     metrics and the compare plot, and the totals are those of an unmeasured run."""
     from pr1.rewards import AccuracyScorer, LexicalJudge, RewardStage, rewards_config
+
     responses, answers = ["2", "1 2", "x 3", "3"], ["2", "1", "1", "3"]
-    annotations = ["<info1>there are 2 dots</info1>", "<info1>there is 1 dot</info1>",
-                   "<info1>there is 1 dot</info1>", "<info1>there are 3 dots</info1>"]
+    annotations = [
+        "<info1>there are 2 dots</info1>",
+        "<info1>there is 1 dot</info1>",
+        "<info1>there is 1 dot</info1>",
+        "<info1>there are 3 dots</info1>",
+    ]
     outs = {}
     with AccuracyScorer(workers=1) as scorer:
         for measure in (False, True):
@@ -46,7 +51,9 @@ def test_baseline_measures_perception_without_training_on_it():
             cfg.weights.perception = 0.0
             cfg.judge.measure_unweighted = measure
             with RewardStage(cfg, judge=LexicalJudge(), scorer=scorer) as stage:
-                outs[measure] = stage.submit(responses, answers, annotations, group_size=2).result(timeout=120)
+                outs[measure] = stage.submit(responses, answers, annotations, group_size=2).result(
+                    timeout=120
+                )
     np.testing.assert_array_equal(outs[False].components["perception"], [0, 0, 0, 0])
     np.testing.assert_allclose(outs[True].components["perception"], [1, 1, 0, 1], atol=1e-5)
     assert outs[True].metrics["rewards/perception/mean"] == pytest.approx(0.75, abs=1e-5)
@@ -59,8 +66,12 @@ def _rows(accuracy, perception=None, val=None):
     rows = []
     for i, acc in enumerate(accuracy, 1):
         p = perception[i - 1] if perception else 0.0
-        r = {"step": i, "rewards/accuracy/mean": acc, "rewards/perception/mean": p,
-             "rewards/total/mean": 0.9 * acc + 0.7 * p}
+        r = {
+            "step": i,
+            "rewards/accuracy/mean": acc,
+            "rewards/perception/mean": p,
+            "rewards/total/mean": 0.9 * acc + 0.7 * p,
+        }
         if val and i in val:
             r["val/accuracy"] = val[i]
         rows.append(r)
@@ -82,13 +93,27 @@ def test_summarize_takes_quarters_of_the_logged_steps():
 
 
 def test_report_has_every_run_the_spread_and_the_differences():
-    runs = {"perception": {0: {c: 0.5 for c in debug_ablation.COLUMNS}, 1: {c: 0.7 for c in debug_ablation.COLUMNS}},
-            "baseline": {0: {c: 0.4 for c in debug_ablation.COLUMNS}, 1: {c: 0.4 for c in debug_ablation.COLUMNS}}}
+    runs = {
+        "perception": {
+            0: {c: 0.5 for c in debug_ablation.COLUMNS},
+            1: {c: 0.7 for c in debug_ablation.COLUMNS},
+        },
+        "baseline": {
+            0: {c: 0.4 for c in debug_ablation.COLUMNS},
+            1: {c: 0.4 for c in debug_ablation.COLUMNS},
+        },
+    }
     text = debug_ablation.report(runs)
     rows = [line.split()[:2] for line in text.splitlines()[1:]]
-    assert rows[:6] == [["perception", "0"], ["perception", "1"], ["baseline", "0"], ["baseline", "1"],
-                        ["perception", "mean"], ["baseline", "mean"]]
-    assert "0.600 ± 0.141" in text            # mean and sample std of 0.5, 0.7
+    assert rows[:6] == [
+        ["perception", "0"],
+        ["perception", "1"],
+        ["baseline", "0"],
+        ["baseline", "1"],
+        ["perception", "mean"],
+        ["baseline", "mean"],
+    ]
+    assert "0.600 ± 0.141" in text  # mean and sample std of 0.5, 0.7
     assert "seed 0: +0.100, seed 1: +0.300; mean +0.200 ± 0.141" in text
 
 
@@ -105,10 +130,13 @@ def test_compare_plot_draws_groups_on_shared_axes(tmp_path):
     assert plot_lib.main(["--compare", f"{dirs[0]},{dirs[1]}", dirs[2], "--out", str(out)]) == 0
     png = out / "compare.png"
     from PIL import Image
+
     assert Image.open(png).size == (1100, 700)
     with pytest.raises(ValueError, match="2 labels for 1 runs"):
         plot_lib.plot_compare([dirs[0]], str(out), labels=["x", "y"])
-    assert plot_lib.main(["--compare", str(tmp_path / "missing"), "--out", str(out)]) == 2  # one-line error, exit 2 (pr1.cli)
+    assert (
+        plot_lib.main(["--compare", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    )  # one-line error, exit 2 (pr1.cli)
 
 
 def test_debug_run_learns(tmp_path):
@@ -121,9 +149,19 @@ def test_debug_run_learns(tmp_path):
     steps = LEARNING_TEST_STEPS
     workdir = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    cmd = [sys.executable, "-m", "pr1.train", "--config", f"{REPO}/configs/debug.py:{tmp_path / 'assets'}",
-           "--workdir", str(workdir), f"--config.train.steps={steps}", "--config.train.val_every=0",
-           "--config.train.tensorboard=False", "--config.train.checkpoint_every=1000"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pr1.train",
+        "--config",
+        f"{REPO}/configs/debug.py:{tmp_path / 'assets'}",
+        "--workdir",
+        str(workdir),
+        f"--config.train.steps={steps}",
+        "--config.train.val_every=0",
+        "--config.train.tensorboard=False",
+        "--config.train.checkpoint_every=1000",
+    ]
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = debug_ablation.summarize(plot_lib.read_metrics(str(workdir / "metrics.jsonl")))

@@ -4,6 +4,7 @@ import asyncio
 import json
 import re
 
+import numpy as np
 import pytest
 
 from pr1.bench.judge import StubJudgeServer
@@ -14,11 +15,16 @@ from pr1.eval.llm_check import LLMChecker, parse_extraction, parse_verdict, verd
 from pr1.eval.problems import EvalProblem
 from pr1.rollout.types import Completion
 
-import numpy as np
-
 FREE = EvalProblem(benchmark="toy", id="f1", question="What is x?", images=(), answer="12")
-CHOICE = EvalProblem(benchmark="toy", id="c1", question="Which?\nChoices:\n(A) 3\n(B) 4", images=(), answer="B",
-                     choices=("3", "4"), answer_type="choice")
+CHOICE = EvalProblem(
+    benchmark="toy",
+    id="c1",
+    question="Which?\nChoices:\n(A) 3\n(B) 4",
+    images=(),
+    answer="B",
+    choices=("3", "4"),
+    answer_type="choice",
+)
 
 
 def test_reply_parsers():
@@ -35,7 +41,9 @@ def test_reply_parsers():
 
 
 def _checker(url, **kw):
-    kw = dict(dict(timeout=60.0, connect_timeout=2.0, retries=2, backoff=0.01, backoff_max=0.02, seed=0), **kw)
+    kw = dict(
+        dict(timeout=60.0, connect_timeout=2.0, retries=2, backoff=0.01, backoff_max=0.02, seed=0), **kw
+    )
     return LLMChecker(ChatClient(url, "checker", role="answer checker", **kw))
 
 
@@ -52,6 +60,7 @@ def _scripted(messages):
 def _check(problem, response, llm):
     async def go():
         return await run_lib._check_all([(problem, response)], llm)
+
     return asyncio.run(go())[0]
 
 
@@ -68,7 +77,12 @@ def test_rules_alone_then_llm_extraction_and_verdict():
         llm = _checker(stub.url)
         # The LLM extracts "12" from free text; the rules then decide.
         r = _check(FREE, "so x must be 12 in the end", llm)
-        assert (r["extracted"], r["extracted_by"], r["correct"], r["checked_by"]) == ("12", "llm", True, "rule")
+        assert (r["extracted"], r["extracted_by"], r["correct"], r["checked_by"]) == (
+            "12",
+            "llm",
+            True,
+            "rule",
+        )
         r = _check(FREE, "no idea", llm)
         assert (r["extracted"], r["correct"]) == (None, False)
         # mode "all": the verdict comes from the LLM even where rules decided (the paper's protocol).
@@ -103,8 +117,16 @@ class ScriptedEngine:
             self.asked.append(question)
             key = next(k for k in self.responses if k in question)
             text = self.responses[key]
-            out.append(Completion(prompt_index=i, sample_index=0, token_ids=np.arange(len(text.split()), dtype=np.int32),
-                                  logprobs=np.zeros(len(text.split()), np.float32), text=text, finish_reason="stop"))
+            out.append(
+                Completion(
+                    prompt_index=i,
+                    sample_index=0,
+                    token_ids=np.arange(len(text.split()), dtype=np.int32),
+                    logprobs=np.zeros(len(text.split()), np.float32),
+                    text=text,
+                    finish_reason="stop",
+                )
+            )
         return out
 
 
@@ -121,18 +143,25 @@ class TextOnlyProcessor:
 
 
 def test_resume_generates_only_missing_and_rechecks_failed_llm_checks(tmp_path):
-    problems = [EvalProblem(benchmark="toy", id=str(i), question=f"Q{i}: what is x?", images=(), answer="12")
-                for i in range(6)]
-    responses = {f"Q{i}:": ("<answer>\\boxed{12}</answer>" if i % 2 == 0 else "x is 12, I believe") for i in range(6)}
+    problems = [
+        EvalProblem(benchmark="toy", id=str(i), question=f"Q{i}: what is x?", images=(), answer="12")
+        for i in range(6)
+    ]
+    responses = {
+        f"Q{i}:": ("<answer>\\boxed{12}</answer>" if i % 2 == 0 else "x is 12, I believe") for i in range(6)
+    }
     out = str(tmp_path / "toy.jsonl")
     engine = ScriptedEngine(responses)
     policy = run_lib.Policy(engine, TextOnlyProcessor(), "toy-model")
     # First run: the checker is down; the three responses without tags cannot be checked.
     with StubJudgeServer(_scripted, p_500=1.0) as down:
-        recs = run_lib.evaluate(problems[:4], policy, out, batch_size=3, llm=_checker(down.url, retries=1),
-                                progress=None)
+        recs = run_lib.evaluate(
+            problems[:4], policy, out, batch_size=3, llm=_checker(down.url, retries=1), progress=None
+        )
     assert [r["correct"] for r in recs] == [True, None, True, None]
-    assert all("answer checker" in r["error"] and "HTTP 500" in r["error"] for r in recs if r["correct"] is None)
+    assert all(
+        "answer checker" in r["error"] and "HTTP 500" in r["error"] for r in recs if r["correct"] is None
+    )
     # The format instruction is appended to every question, as in training.
     assert all("<think> </think>" in q for q in engine.asked) and len(engine.asked) == 4
     # Second run, checker up: only problems 4 and 5 are generated; 1 and 3 are re-checked, not regenerated.
@@ -142,8 +171,9 @@ def test_resume_generates_only_missing_and_rechecks_failed_llm_checks(tmp_path):
     assert len(engine.asked) == 6
     assert [r["id"] for r in recs] == [str(i) for i in range(6)]
     assert [r["correct"] for r in recs] == [True] * 6
-    assert [r["extracted_by"] for r in recs] == ["answer_tag" if i % 2 == 0 else "llm" for i in range(6)] or \
-        [r["extracted_by"] for r in recs] == ["boxed" if i % 2 == 0 else "llm" for i in range(6)]
+    assert [r["extracted_by"] for r in recs] == ["answer_tag" if i % 2 == 0 else "llm" for i in range(6)] or [
+        r["extracted_by"] for r in recs
+    ] == ["boxed" if i % 2 == 0 else "llm" for i in range(6)]
     # The file holds the re-checked versions last; reading it back gives the final state.
     assert {k: v["correct"] for k, v in run_lib.read_records(out).items()} == {str(i): True for i in range(6)}
     # Another model's records in the same file are refused.
@@ -162,11 +192,29 @@ def test_torn_last_line_is_dropped(tmp_path):
 
 def test_report_counts_by_hand(tmp_path):
     def rec(i, correct, task, checked_by="rule", extracted="1", finish="stop"):
-        return {"id": str(i), "model": "m", "correct": correct, "checked_by": checked_by, "extracted": extracted,
-                "finish_reason": finish, "subsets": {"task": task, "skills": "algebra; geometry" if i < 2 else "logic", "question_number": str(i)}}
-    records = {"mathvista": [rec(0, True, "geo"), rec(1, False, "geo", extracted=None), rec(2, True, "fqa"),
-                             rec(3, None, "fqa", checked_by="llm"), rec(4, False, "fqa", checked_by="rule_undecided",
-                                                                         finish="length")]}
+        return {
+            "id": str(i),
+            "model": "m",
+            "correct": correct,
+            "checked_by": checked_by,
+            "extracted": extracted,
+            "finish_reason": finish,
+            "subsets": {
+                "task": task,
+                "skills": "algebra; geometry" if i < 2 else "logic",
+                "question_number": str(i),
+            },
+        }
+
+    records = {
+        "mathvista": [
+            rec(0, True, "geo"),
+            rec(1, False, "geo", extracted=None),
+            rec(2, True, "fqa"),
+            rec(3, None, "fqa", checked_by="llm"),
+            rec(4, False, "fqa", checked_by="rule_undecided", finish="length"),
+        ]
+    }
     s = report.write_report(str(tmp_path), records)
     b = s["benchmarks"]["mathvista"]
     assert (b["n"], b["checked"], b["correct"], b["unchecked"]) == (5, 4, 2, 1)
@@ -182,11 +230,18 @@ def test_report_counts_by_hand(tmp_path):
 
 def test_plot_eval_compares_runs(tmp_path):
     from pr1 import plot
+
     for name, acc in (("a", 60.0), ("b", 70.0)):
         d = tmp_path / name
         d.mkdir()
-        (d / "summary.json").write_text(json.dumps({"model": name, "benchmarks": {
-            "mathvista": {"accuracy": acc}, "wemath": {"accuracy": acc - 5}}}))
+        (d / "summary.json").write_text(
+            json.dumps(
+                {
+                    "model": name,
+                    "benchmarks": {"mathvista": {"accuracy": acc}, "wemath": {"accuracy": acc - 5}},
+                }
+            )
+        )
     assert plot.main(["--eval", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "p")]) == 0
     assert (tmp_path / "p" / "eval.png").stat().st_size > 1000
     assert plot.main(["--eval", str(tmp_path / "missing"), "--out", str(tmp_path / "p")]) == 2  # one line

@@ -8,11 +8,8 @@ A training checkpoint holding the same weights must give the same records as the
 
 import io
 import json
-import os
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -46,18 +43,29 @@ def setup(tmp_path_factory):
 
 def _hf_greedy(ckpt, question, image_bytes):
     from transformers import Qwen2_5_VLForConditionalGeneration
+
     processor = load_hf_processor(ckpt)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, torch_dtype=torch.float32).eval()
-    messages = [{"role": "user", "content": [{"type": "image"}] * len(image_bytes)
-                 + [{"type": "text", "text": f"{question.strip()} {FORMAT_INSTRUCTION}"}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}] * len(image_bytes)
+            + [{"type": "text", "text": f"{question.strip()} {FORMAT_INSTRUCTION}"}],
+        }
+    ]
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     images = [Image.open(io.BytesIO(b)).convert("RGB") for b in image_bytes]
     inputs = processor(text=[text], images=images or None, return_tensors="pt")
     stop = default_stop_token_ids(processor.tokenizer, Qwen25VLConfig.from_dir(ckpt))
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=list(stop),
-                             pad_token_id=processor.tokenizer.pad_token_id)
-    ids = out[0, inputs["input_ids"].shape[1]:].tolist()
+        out = model.generate(
+            **inputs,
+            max_new_tokens=MAX_NEW,
+            do_sample=False,
+            eos_token_id=list(stop),
+            pad_token_id=processor.tokenizer.pad_token_id,
+        )
+    ids = out[0, inputs["input_ids"].shape[1] :].tolist()
     cut = next((i for i, t in enumerate(ids) if t in stop), len(ids))
     return processor.tokenizer.decode(ids[:cut], skip_special_tokens=False), cut < len(ids)
 
@@ -65,8 +73,22 @@ def _hf_greedy(ckpt, question, image_bytes):
 def test_eval_cli_on_tiny_checkpoint_matches_transformers(setup, tmp_path, capsys):
     root, ckpt, data = setup
     out = tmp_path / "out"
-    args = ["--model", str(ckpt), "--benchmark", f"parquet={data}", "--out", str(out), "--max_new_tokens", str(MAX_NEW),
-            "--dtype", "float32", "--batch_size", "3", "--label", "tiny"]
+    args = [
+        "--model",
+        str(ckpt),
+        "--benchmark",
+        f"parquet={data}",
+        "--out",
+        str(out),
+        "--max_new_tokens",
+        str(MAX_NEW),
+        "--dtype",
+        "float32",
+        "--batch_size",
+        "3",
+        "--label",
+        "tiny",
+    ]
     assert eval_main(args) == 0
     problems = load_benchmark("parquet", str(data))
     name = problems[0].benchmark
@@ -97,10 +119,31 @@ def test_eval_cli_on_tiny_checkpoint_matches_transformers(setup, tmp_path, capsy
     state, _ = state_lib.create_train_state(params, tx, model_def, mesh)
     workdir = tmp_path / "run"
     with checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_directory(str(workdir))) as ckpt_mgr:
-        ckpt_mgr.save(3, state.replace(step=jnp.asarray(3, jnp.int32)), {"model": export_lib.model_record(config, str(ckpt))})
+        ckpt_mgr.save(
+            3,
+            state.replace(step=jnp.asarray(3, jnp.int32)),
+            {"model": export_lib.model_record(config, str(ckpt))},
+        )
     out2 = tmp_path / "out2"
-    assert eval_main(["--workdir", str(workdir), "--benchmark", f"parquet={data}", "--out", str(out2),
-                      "--max_new_tokens", str(MAX_NEW), "--dtype", "float32", "--mesh", "data=1,fsdp=4,tensor=2"]) == 0
+    assert (
+        eval_main(
+            [
+                "--workdir",
+                str(workdir),
+                "--benchmark",
+                f"parquet={data}",
+                "--out",
+                str(out2),
+                "--max_new_tokens",
+                str(MAX_NEW),
+                "--dtype",
+                "float32",
+                "--mesh",
+                "data=1,fsdp=4,tensor=2",
+            ]
+        )
+        == 0
+    )
     records2 = [json.loads(line) for line in (out2 / f"{name}.jsonl").read_text().splitlines()]
     assert [r["response"] for r in records2] == [r["response"] for r in records]
     assert records2[0]["model"] == "run@3"
@@ -108,11 +151,33 @@ def test_eval_cli_on_tiny_checkpoint_matches_transformers(setup, tmp_path, capsy
 
 def test_eval_cli_errors_name_the_problem(setup, tmp_path, capsys):
     root, ckpt, data = setup
-    assert eval_main(["--model", str(ckpt), "--benchmark", f"parquet={tmp_path / 'nope.parquet'}",
-                      "--out", str(tmp_path / "o")]) == 2
+    assert (
+        eval_main(
+            [
+                "--model",
+                str(ckpt),
+                "--benchmark",
+                f"parquet={tmp_path / 'nope.parquet'}",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "nope.parquet" in capsys.readouterr().err
-    assert eval_main(["--workdir", str(tmp_path / "norun"), "--benchmark", f"parquet={data}",
-                      "--out", str(tmp_path / "o")]) == 2
+    assert (
+        eval_main(
+            [
+                "--workdir",
+                str(tmp_path / "norun"),
+                "--benchmark",
+                f"parquet={data}",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "norun" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         eval_main(["--model", str(ckpt), "--benchmark", "mathvista", "--out", str(tmp_path / "o")])

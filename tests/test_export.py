@@ -38,8 +38,10 @@ def trained(tmp_path_factory):
     with checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_directory(str(workdir))) as ckpt:
         for step in (1, 2):
             # A distinct, non-trivial change per step so the wrong step or the base would be caught.
-            state = state.replace(params=jax.tree.map(lambda p: p * (1 + 0.01 * step) + 0.001 * step, state.params),
-                                  step=jnp.asarray(step, jnp.int32))
+            state = state.replace(
+                params=jax.tree.map(lambda p: p * (1 + 0.01 * step) + 0.001 * step, state.params),
+                step=jnp.asarray(step, jnp.int32),
+            )
             expected[step] = jax.tree.map(np.asarray, state.params)
             ckpt.save(step, state, record)
     return base, config, workdir, expected
@@ -75,8 +77,24 @@ def test_export_cli_bf16_and_errors(trained, tmp_path):
     base, config, workdir, expected = trained
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="")
     out = tmp_path / "hf16"
-    run = subprocess.run([sys.executable, "-m", "pr1.export", "--workdir", str(workdir), "--step", "2",
-                          "--out", str(out), "--dtype", "bfloat16"], env=env, capture_output=True, text=True)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pr1.export",
+            "--workdir",
+            str(workdir),
+            "--step",
+            "2",
+            "--out",
+            str(out),
+            "--dtype",
+            "bfloat16",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert run.returncode == 0, run.stderr
     assert json.load(open(out / "config.json"))["torch_dtype"] == "bfloat16"
     loaded = _flat(hf.load(out, dtype=jnp.float32))
@@ -84,8 +102,22 @@ def test_export_cli_bf16_and_errors(trained, tmp_path):
     name = "model.layers.0.self_attn.q_proj.weight"
     np.testing.assert_array_equal(loaded[name], want[name].astype(jnp.bfloat16).astype(np.float32))
 
-    missing = subprocess.run([sys.executable, "-m", "pr1.export", "--workdir", str(workdir), "--step", "7",
-                              "--out", str(tmp_path / "x")], env=env, capture_output=True, text=True)
+    missing = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pr1.export",
+            "--workdir",
+            str(workdir),
+            "--step",
+            "7",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert missing.returncode == 2
     assert "step 7" in missing.stderr and "[1, 2]" in missing.stderr
     assert not (tmp_path / "x").exists()

@@ -38,22 +38,38 @@ sys.path.insert(0, os.path.join(REPO, "configs"))
 import debug as debug_config  # noqa: E402
 
 STEPS = 6
-PROMPTS, N = 2, 4            # 8 responses a step: every one logged to samples.jsonl
-TRAIN_ROWS = 64              # no row comes back within the 12 prompts of a run: no judge cache hits
+PROMPTS, N = 2, 4  # 8 responses a step: every one logged to samples.jsonl
+TRAIN_ROWS = 64  # no row comes back within the 12 prompts of a run: no judge cache hits
 # Keys that are a deterministic function of the config and the data: equal in every run of it.
-DETERMINISTIC = ("rewards/total/mean", "rewards/accuracy/mean", "rewards/perception/mean", "learner/loss",
-                 "learner/grad_norm", "learner/entropy", "response/length_mean", "tokens/step", "data/examples")
+DETERMINISTIC = (
+    "rewards/total/mean",
+    "rewards/accuracy/mean",
+    "rewards/perception/mean",
+    "learner/loss",
+    "learner/grad_norm",
+    "learner/entropy",
+    "response/length_mean",
+    "tokens/step",
+    "data/examples",
+)
 
 
 # ---- fixtures and helpers -----------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """Environment of the training processes: one CPU device, a shared persistent compilation cache."""
     cache = tmp_path_factory.mktemp("xla_cache")
-    return dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="",
-                JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    return dict(
+        os.environ,
+        PYTHONPATH=REPO,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="",
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +80,9 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("fault_assets")
     write_tiny_checkpoint(root / "tiny", seed=0)
     corpus.write_rows(root / "synthetic_train.parquet", [corpus.good_row(i) for i in range(TRAIN_ROWS)])
-    corpus.write_rows(root / "synthetic_val.parquet", [corpus.good_row(i) for i in range(TRAIN_ROWS, TRAIN_ROWS + 4)])
+    corpus.write_rows(
+        root / "synthetic_val.parquet", [corpus.good_row(i) for i in range(TRAIN_ROWS, TRAIN_ROWS + 4)]
+    )
     return root
 
 
@@ -88,11 +106,25 @@ def judge():
 
 
 def cli_args(root, workdir, *extra):
-    return [sys.executable, "-m", "pr1.train", "--config", f"{REPO}/configs/debug.py:{root}", "--workdir", str(workdir),
-            f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=1",
-            "--config.train.keep_checkpoints=100", "--config.train.val_every=0", "--config.train.tensorboard=False",
-            f"--config.data.prompts_per_step={PROMPTS}", f"--config.rollout.n={N}",
-            "--config.train.log_samples_every=1", f"--config.train.samples_logged={PROMPTS * N}", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "pr1.train",
+        "--config",
+        f"{REPO}/configs/debug.py:{root}",
+        "--workdir",
+        str(workdir),
+        f"--config.train.steps={STEPS}",
+        "--config.train.checkpoint_every=1",
+        "--config.train.keep_checkpoints=100",
+        "--config.train.val_every=0",
+        "--config.train.tensorboard=False",
+        f"--config.data.prompts_per_step={PROMPTS}",
+        f"--config.rollout.n={N}",
+        "--config.train.log_samples_every=1",
+        f"--config.train.samples_logged={PROMPTS * N}",
+        *extra,
+    ]
 
 
 def read_jsonl(path):
@@ -111,12 +143,13 @@ class Run:
         self.workdir, self.log = str(workdir), str(log)
         self._files = [open(f"{log}.out", "w"), open(f"{log}.err", "w")]
         self.t0 = time.monotonic()
-        self.proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=self._files[0], stderr=self._files[1],
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv, env=env, cwd=REPO, stdout=self._files[0], stderr=self._files[1], start_new_session=True
+        )
         Run.started.append(self)
-        self.metrics_at: list[float] = []       # k-th metrics line (this process's) seen at
-        self.saved_at: dict[int, float] = {}    # step -> complete checkpoint dir seen at
-        self.saving_at: dict[int, float] = {}   # step -> its orbax tmp dir seen at
+        self.metrics_at: list[float] = []  # k-th metrics line (this process's) seen at
+        self.saved_at: dict[int, float] = {}  # step -> complete checkpoint dir seen at
+        self.saving_at: dict[int, float] = {}  # step -> its orbax tmp dir seen at
         self._metrics_size = -1
 
     def elapsed(self) -> float:
@@ -206,9 +239,19 @@ def judge_fault_run(assets, env, tmp_path_factory):
     The module's first run: it also fills the compilation cache for the others."""
     base = tmp_path_factory.mktemp("judge_faults")
     with StubJudgeServer(p_500=0.1, p_hang=0.1, p_truncate=0.1, seed=3, hang_max=10.0) as stub:
-        run = Run(cli_args(assets, base / "run", f"--config.rewards.judge.url={stub.url}",
-                           "--config.rewards.judge.retries=0", "--config.rewards.judge.timeout=3",
-                           "--config.rewards.judge.max_failure_rate=1.0"), env, base / "run", base / "run")
+        run = Run(
+            cli_args(
+                assets,
+                base / "run",
+                f"--config.rewards.judge.url={stub.url}",
+                "--config.rewards.judge.retries=0",
+                "--config.rewards.judge.timeout=3",
+                "--config.rewards.judge.max_failure_rate=1.0",
+            ),
+            env,
+            base / "run",
+            base / "run",
+        )
         run.watch(timeout=600)
         rc = run.finish()
         stats = stub.stats()
@@ -225,8 +268,14 @@ def reference(assets, env, judge, judge_fault_run, tmp_path_factory):
     run.watch()
     assert run.finish() == 0, run.output()[-3000:]
     params, host = final_state(run.workdir)
-    return dict(workdir=run.workdir, run=run, rows=read_jsonl(os.path.join(run.workdir, "metrics.jsonl")),
-                params=params, host=host, judge_flag=judge_flag)
+    return dict(
+        workdir=run.workdir,
+        run=run,
+        rows=read_jsonl(os.path.join(run.workdir, "metrics.jsonl")),
+        params=params,
+        host=host,
+        judge_flag=judge_flag,
+    )
 
 
 def test_reference_run_moves_the_params(reference):
@@ -235,11 +284,14 @@ def test_reference_run_moves_the_params(reference):
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert all(r["learner/grad_norm"] > 0 for r in rows)
     first, _ = final_state(reference["workdir"], 1)
-    assert any(not np.array_equal(np.asarray(x), np.asarray(y))
-               for x, y in zip(jax.tree.leaves(first), jax.tree.leaves(reference["params"])))
+    assert any(
+        not np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree.leaves(first), jax.tree.leaves(reference["params"]))
+    )
 
 
 # ---- 1. SIGKILL at random points, resume ---------------------------------------------------------
+
 
 def _kill_point(trial: str, ref_run: Run, rng: random.Random):
     """(until(run) -> bool, description): when to kill a fresh launch, drawn from the seeded rng over
@@ -252,17 +304,24 @@ def _kill_point(trial: str, ref_run: Run, rng: random.Random):
     if trial == "checkpoint_save":
         step = rng.randint(2, STEPS - 2)
         # While orbax writes the step under its tmp name (the save is async: the step runs on).
-        return (lambda r: any(s >= step for s in r.saving_at if s not in r.saved_at)
-                or len(r.metrics_at) >= STEPS - 1), f"during the save of step {step}"
+        return (
+            lambda r: (
+                any(s >= step for s in r.saving_at if s not in r.saved_at) or len(r.metrics_at) >= STEPS - 1
+            )
+        ), f"during the save of step {step}"
     # Anywhere in the training steps: rollout, judge wait, update, weight sync, metrics writes.
     # Timed from this launch's step 1, whose start-up may take longer or shorter than the reference's.
     t = rng.uniform(0.0, ref_run.metrics_at[STEPS - 2] - ref_run.metrics_at[0])
-    return (lambda r: (r.metrics_at and r.elapsed() >= r.metrics_at[0] + t) or len(r.metrics_at) >= STEPS - 1,
-            f"{t:.2f} s after step 1 was logged")
+    return (
+        lambda r: (r.metrics_at and r.elapsed() >= r.metrics_at[0] + t) or len(r.metrics_at) >= STEPS - 1,
+        f"{t:.2f} s after step 1 was logged",
+    )
 
 
 @pytest.mark.parametrize("trial", ["startup", "checkpoint_save", "steps"])
-def test_sigkill_at_a_random_point_then_resume_matches_uninterrupted_run(trial, reference, assets, env, tmp_path):
+def test_sigkill_at_a_random_point_then_resume_matches_uninterrupted_run(
+    trial, reference, assets, env, tmp_path
+):
     rng = random.Random(f"pr1-faults-{trial}")
     until, where = _kill_point(trial, reference["run"], rng)
     args = cli_args(assets, tmp_path / "run", reference["judge_flag"])
@@ -303,12 +362,17 @@ def test_sigkill_at_a_random_point_then_resume_matches_uninterrupted_run(trial, 
 
 # ---- 1b. SIGTERM in the judge stage, a NaN loss, a checkpoint disk that fills ----------------------
 
+
 def assert_resume_matches_reference(reference, assets, env, tmp_path, workdir, saved, *extra, run_env=None):
     """Resumes `workdir` (whose newest complete checkpoint is `saved`) to the end: every step logged
     once, and the same metrics and final params as the uninterrupted reference run."""
     assert complete_steps(workdir)[-1] == saved
-    resumed = Run(cli_args(assets, workdir, reference["judge_flag"], *extra), run_env or env, workdir,
-                  tmp_path / "resumed")
+    resumed = Run(
+        cli_args(assets, workdir, reference["judge_flag"], *extra),
+        run_env or env,
+        workdir,
+        tmp_path / "resumed",
+    )
     resumed.watch()
     assert resumed.finish() == 0, resumed.output()[-3000:]
     assert f"resumed from step {saved} " in resumed.output()
@@ -352,14 +416,20 @@ def test_sigterm_in_the_judge_stage_then_resume_leaks_no_key(reference, assets, 
         assert victim.finish() == 0, victim.output()[-3000:]
         out = victim.output()
         assert "got signal 15" in out and "stopped after step 2;" in out, out[-2000:]
-        assert ("pr1.train: process 0: judge http://127.0.0.1:" in out and "this process's share of the service "
-                "budget: 256 requests in flight (rewards.judge.max_concurrency=256 in total)" in out), out[-2000:]
+        assert (
+            "pr1.train: process 0: judge http://127.0.0.1:" in out
+            and "this process's share of the service "
+            "budget: 256 requests in flight (rewards.judge.max_concurrency=256 in total)"
+            in out
+        ), out[-2000:]
         assert [r["step"] for r in read_jsonl(metrics)] == [1, 2]
-        resumed = assert_resume_matches_reference(dict(reference, judge_flag=flag), assets, env, tmp_path,
-                                                  workdir, 2, *extra, run_env=run_env)
+        resumed = assert_resume_matches_reference(
+            dict(reference, judge_flag=flag), assets, env, tmp_path, workdir, 2, *extra, run_env=run_env
+        )
     assert os.listdir(workdir / "tensorboard")
 
     from pr1.export import export
+
     export(str(workdir), str(tmp_path / "exported"))
     key = SECRET.encode()
     looked = 0
@@ -377,18 +447,26 @@ def test_sigterm_in_the_judge_stage_then_resume_leaks_no_key(reference, assets, 
 def fault_run(kind, step, assets, env, reference, tmp_path):
     workdir = tmp_path / "run"
     args = cli_args(assets, workdir, reference["judge_flag"])
-    victim = Run([sys.executable, "-m", "tests.fault_inject", *args[3:]], dict(env, PR1_TEST_FAULT=f"{kind}@{step}"),
-                 workdir, tmp_path / "victim")
+    victim = Run(
+        [sys.executable, "-m", "tests.fault_inject", *args[3:]],
+        dict(env, PR1_TEST_FAULT=f"{kind}@{step}"),
+        workdir,
+        tmp_path / "victim",
+    )
     victim.watch()
     rc = victim.finish()
     # pr1's one line; other lines may follow it (orbax's abandoned writes of a failed save report
     # into its closed event loop at exit).
-    stopped = [line for line in open(f"{victim.log}.err").read().splitlines() if line.startswith("pr1.train: ")]
+    stopped = [
+        line for line in open(f"{victim.log}.err").read().splitlines() if line.startswith("pr1.train: ")
+    ]
     assert len(stopped) == 1, victim.output()[-3000:]
     return workdir, rc, stopped[0], victim
 
 
-def test_nan_loss_stops_the_run_naming_the_step_and_the_last_checkpoint_resumes(reference, assets, env, tmp_path):
+def test_nan_loss_stops_the_run_naming_the_step_and_the_last_checkpoint_resumes(
+    reference, assets, env, tmp_path
+):
     workdir, rc, last, victim = fault_run("nan", 3, assets, env, reference, tmp_path)
     assert rc == 1, victim.output()[-3000:]
     assert last.startswith("pr1.train: stopped: step 3: loss=nan"), last
@@ -399,13 +477,16 @@ def test_nan_loss_stops_the_run_naming_the_step_and_the_last_checkpoint_resumes(
 
 
 def test_checkpoint_disk_full_stops_the_run_naming_the_path_and_the_last_checkpoint_resumes(
-        reference, assets, env, tmp_path):
+    reference, assets, env, tmp_path
+):
     workdir, rc, last, victim = fault_run("enospc", 3, assets, env, reference, tmp_path)
     directory = checkpoint_lib.checkpoint_directory(str(workdir))
     assert rc == 1, victim.output()[-3000:]
     # Found when the next save joins step 3's background write (or at exit): either way named.
-    assert last.startswith(f"pr1.train: stopped: checkpoint save of step 3 to {directory}/3 failed: OSError: "
-                           "[Errno 28] No space left on device"), last
+    assert last.startswith(
+        f"pr1.train: stopped: checkpoint save of step 3 to {directory}/3 failed: OSError: "
+        "[Errno 28] No space left on device"
+    ), last
     assert f"newest complete checkpoint in {directory} is step 2" in last
     assert complete_steps(workdir) == [1, 2]
     assert_resume_matches_reference(reference, assets, env, tmp_path, workdir, 2)
@@ -413,6 +494,7 @@ def test_checkpoint_disk_full_stops_the_run_naming_the_path_and_the_last_checkpo
 
 
 # ---- 2. a judge that fails 30% of requests ---------------------------------------------------------
+
 
 def test_judge_faults_become_counted_failures_with_zero_perception(judge_fault_run):
     """Under failure_policy "zero" a failed judgement gives r_v = 0 and is counted; the stub's
@@ -446,6 +528,7 @@ def test_judge_faults_become_counted_failures_with_zero_perception(judge_fault_r
 
 # ---- 3. a rollout server restarted mid-run --------------------------------------------------------
 
+
 def _restart_on_same_port(stub: SGLangStub, backend: StubBackend, checkpoint_dir: str, down_s: float = 0.3):
     """What a crashed and relaunched SGLang server looks like to the trainer: connections refused or
     reset for a moment, then the same URL serving the checkpoint it was launched with (weight_version
@@ -468,15 +551,27 @@ def sglang_restart_run(assets, env, judge, reference, tmp_path_factory):
     base = tmp_path_factory.mktemp("sglang_restart")
     backend = StubBackend(str(assets / "tiny"))
     stub = SGLangStub(backend)
-    overrides = {"train.steps": STEPS, "train.checkpoint_every": 1, "train.keep_checkpoints": 100,
-                 "train.val_every": 0, "train.tensorboard": False, "data.prompts_per_step": PROMPTS,
-                 "rollout.n": N, "train.log_samples_every": 1, "train.samples_logged": PROMPTS * N,
-                 "rewards.judge.url": judge.url,
-                 "rollout.engine": "sglang", "rollout.sglang.urls": [stub.url], "rollout.sglang.max_attempts": 10,
-                 "rollout.sglang.backoff_base_s": 0.2, "rollout.sglang.backoff_cap_s": 2.0}
+    overrides = {
+        "train.steps": STEPS,
+        "train.checkpoint_every": 1,
+        "train.keep_checkpoints": 100,
+        "train.val_every": 0,
+        "train.tensorboard": False,
+        "data.prompts_per_step": PROMPTS,
+        "rollout.n": N,
+        "train.log_samples_every": 1,
+        "train.samples_logged": PROMPTS * N,
+        "rewards.judge.url": judge.url,
+        "rollout.engine": "sglang",
+        "rollout.sglang.urls": [stub.url],
+        "rollout.sglang.max_attempts": 10,
+        "rollout.sglang.backoff_base_s": 0.2,
+        "rollout.sglang.backoff_cap_s": 2.0,
+    }
     run = Run(corpus.train_command(assets, base / "run", overrides), env, base / "run", base / "run")
     restarts = []
     try:
+
         def syncs():  # the initial weight sync is the first, step k's the (k+1)-th
             return stub.stats()["requests"].get("/continue_generation", 0)
 
@@ -525,14 +620,19 @@ def test_restarted_rollout_server_samples_the_current_policy(sglang_restart_run)
     # Steps that sampled a special token say nothing about the weights: the learner puts an image
     # feature at every <|image_pad|> of the row, the response's included, where the sampler had
     # embedded the token itself (logp_diff_max 0.03 on such a step without any restart).
-    plain = [r for r in rows if r["step"] > run["restarts"][0][0]
-             and not any("<|" in s["response"] for s in samples if s["step"] == r["step"])]
+    plain = [
+        r
+        for r in rows
+        if r["step"] > run["restarts"][0][0]
+        and not any("<|" in s["response"] for s in samples if s["step"] == r["step"])
+    ]
     if not plain:
         pytest.skip("every step after the restart sampled a special token")
     assert max(r["learner/sampler_trainer/logp_diff_max"] for r in plain) < 1e-3
 
 
 # ---- 4a. bad dataset rows and files ---------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def processor(assets):
@@ -563,7 +663,12 @@ def test_bad_row_is_a_named_error_or_a_counted_skip(case, processor, tmp_path):
         train_batches([path], processor, 4, **({} if case.at_open else {"max_bad_rows": 0}))
     message = str(info.value)
     assert message.startswith(f"{path}: row 2: field '{case.field}': "), message
-    assert (info.value.path, info.value.row, info.value.field, info.value.reason) == (path, 2, case.field, case.reason)
+    assert (info.value.path, info.value.row, info.value.field, info.value.reason) == (
+        path,
+        2,
+        case.field,
+        case.reason,
+    )
 
     # Skipped: with skip_bad_rows, or (found while reading) within the default data.max_bad_rows.
     it, batches = train_batches([path], processor, 4, **({"skip_bad_rows": True} if case.at_open else {}))
@@ -573,7 +678,9 @@ def test_bad_row_is_a_named_error_or_a_counted_skip(case, processor, tmp_path):
     counted = it.stats[f"bad_rows/{case.reason}"]
     # At open a bad cheap field is counted once; a bad image each time the row is met (once an epoch).
     assert counted == 1 if case.at_open else 1 <= counted <= 2
-    assert it.stats["skipped_bad_rows"] == sum(it.stats[f"bad_rows/{r}"] for r in D.BAD_ROW_REASONS) == counted
+    assert (
+        it.stats["skipped_bad_rows"] == sum(it.stats[f"bad_rows/{r}"] for r in D.BAD_ROW_REASONS) == counted
+    )
 
 
 @pytest.mark.parametrize("name", sorted(corpus.WRONG_TYPE_COLUMNS))
@@ -588,8 +695,15 @@ def test_column_of_the_wrong_type_names_row_0_then_leaves_no_rows(name, processo
     assert path in str(info.value)
 
 
-BAD_FILES = ["empty_file", "not_parquet", "truncated_parquet", "missing_file", "no_problem_column",
-             "no_images_column", "zero_rows"]
+BAD_FILES = [
+    "empty_file",
+    "not_parquet",
+    "truncated_parquet",
+    "missing_file",
+    "no_problem_column",
+    "no_images_column",
+    "zero_rows",
+]
 
 
 @pytest.mark.parametrize("name", BAD_FILES)
@@ -615,8 +729,12 @@ def test_bad_rows_in_a_run_are_skipped_and_counted(assets, env, reference, tmp_p
     root = linked_assets(assets, tmp_path / "assets", rows)
     with open(os.path.join(root, "notes.txt"), "w") as f:
         f.write("not an image\n")
-    run = Run(cli_args(root, tmp_path / "run", reference["judge_flag"], "--config.data.skip_bad_rows=True"),
-              env, tmp_path / "run", tmp_path / "run")
+    run = Run(
+        cli_args(root, tmp_path / "run", reference["judge_flag"], "--config.data.skip_bad_rows=True"),
+        env,
+        tmp_path / "run",
+        tmp_path / "run",
+    )
     run.watch()
     assert run.finish() == 0, run.output()[-3000:]
     metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
@@ -632,7 +750,9 @@ def test_bad_rows_in_a_run_are_skipped_and_counted(assets, env, reference, tmp_p
     assert last["data/bad_rows"] == len(mixed)  # distinct rows, each named in the log when first met
     for case in mixed:
         if not case.at_open:
-            assert re.search(r"skipping bad row synthetic_train\.parquet:\d+ ", run.output()), run.output()[-3000:]
+            assert re.search(r"skipping bad row synthetic_train\.parquet:\d+ ", run.output()), run.output()[
+                -3000:
+            ]
     good = {corpus.good_row(i)["problem"].removeprefix("<image>") for i in range(8)}
     assert {s["prompt"] for s in read_jsonl(tmp_path / "run" / "samples.jsonl")} <= good
 
@@ -640,15 +760,20 @@ def test_bad_rows_in_a_run_are_skipped_and_counted(assets, env, reference, tmp_p
 # ---- 4b. bad configs ------------------------------------------------------------------------------
 
 # The runs' shape (2 prompts x 4 responses), so the divisibility cases divide as intended.
-BASE = {"data.prompts_per_step": PROMPTS, "rollout.n": N,
-        "learner.micro_batches": 1}  # 8 rows on the 8-device mesh of the CLI cases
+BASE = {
+    "data.prompts_per_step": PROMPTS,
+    "rollout.n": N,
+    "learner.micro_batches": 1,
+}  # 8 rows on the 8-device mesh of the CLI cases
 
 
 def _xfail_if(reason):
     return [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=_xfail_if(c.bug)) for c in corpus.BAD_CONFIGS])
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, id=c.name, marks=_xfail_if(c.bug)) for c in corpus.BAD_CONFIGS]
+)
 def test_validate_config_names_the_key(case, assets):
     config = corpus.apply_overrides(debug_config.get_config(str(assets)), {**BASE, **case.overrides})
     with pytest.raises(ConfigError) as info:
@@ -667,22 +792,35 @@ def cli_results(assets, tmp_path_factory):
     cases = {}
 
     def case(name, root, *extra):
-        cases[name] = ["--config", f"{REPO}/configs/debug.py:{root}", "--workdir", str(base / name),
-                       "--config.train.steps=1", "--config.train.tensorboard=False",
-                       *(f"--config.{k}={v}" for k, v in BASE.items()), *extra]
+        cases[name] = [
+            "--config",
+            f"{REPO}/configs/debug.py:{root}",
+            "--workdir",
+            str(base / name),
+            "--config.train.steps=1",
+            "--config.train.tensorboard=False",
+            *(f"--config.{k}={v}" for k, v in BASE.items()),
+            *extra,
+        ]
 
     for c in CLI_CONFIGS:
         case(c.name, assets, *c.cli_args())
     case("wrong_type", assets, "--config.rollout.n=four")
     case("misspelled_key", assets, "--config.rollout.nn=4")
-    case("train_files_flag", assets, "--config.data.train_files=/nonexistent/train.parquet",
-         "--config.data.synthetic.enabled=False")
+    case(
+        "train_files_flag",
+        assets,
+        "--config.data.train_files=/nonexistent/train.parquet",
+        "--config.data.synthetic.enabled=False",
+    )
     nodata = linked_assets(assets, base / "nodata_assets")
     case("data_file_missing", nodata, "--config.data.synthetic.enabled=False")
     for row in ("problem_is_null", "image_bytes_not_an_image"):
         bad = next(c for c in corpus.BAD_ROWS if c.name == row)
         root = linked_assets(assets, base / f"{row}_assets")
-        os.replace(corpus.write_bad_row_file(root, bad, rows=8, bad=0), os.path.join(root, "synthetic_train.parquet"))
+        os.replace(
+            corpus.write_bad_row_file(root, bad, rows=8, bad=0), os.path.join(root, "synthetic_train.parquet")
+        )
         # Unshuffled, step 1 reads row 0 first: the bad image is met in the first batch.
         case(row, root, "--config.data.shuffle=False")
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
@@ -698,7 +836,9 @@ def _one_line_exit_2(result, *words):
         assert word in lines[0], (word, lines[0])
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.name, marks=_xfail_if(c.cli_reason)) for c in CLI_CONFIGS])
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, id=c.name, marks=_xfail_if(c.cli_reason)) for c in CLI_CONFIGS]
+)
 def test_cli_bad_config_is_one_line_and_exit_2(case, cli_results):
     results, base = cli_results
     _one_line_exit_2(results[case.name], "pr1.train: bad config: ", case.key)
@@ -719,11 +859,20 @@ def test_cli_can_set_the_train_files(cli_results):
     _one_line_exit_2(cli_results[0]["train_files_flag"], "data.train_files")
 
 
-@pytest.mark.parametrize("name,words", [
-    ("data_file_missing", ["bad config: data.train_files:", "synthetic_train.parquet: parquet file not found"]),
-    ("problem_is_null", ["bad data:", "synthetic_train.parquet: row 0: field 'problem'"]),
-    ("image_bytes_not_an_image", ["bad data:", "synthetic_train.parquet: row 0: field 'images[0]'", "cannot decode"]),
-])
+@pytest.mark.parametrize(
+    "name,words",
+    [
+        (
+            "data_file_missing",
+            ["bad config: data.train_files:", "synthetic_train.parquet: parquet file not found"],
+        ),
+        ("problem_is_null", ["bad data:", "synthetic_train.parquet: row 0: field 'problem'"]),
+        (
+            "image_bytes_not_an_image",
+            ["bad data:", "synthetic_train.parquet: row 0: field 'images[0]'", "cannot decode"],
+        ),
+    ],
+)
 def test_cli_data_error_is_one_line_naming_file_row_and_field(name, words, cli_results):
     """Not a traceback from inside JAX or grain: one line with pr1's DataError (or ConfigError) text."""
     _one_line_exit_2(cli_results[0][name], *words)
@@ -731,21 +880,34 @@ def test_cli_data_error_is_one_line_naming_file_row_and_field(name, words, cli_r
 
 # ---- a kill while the debug run writes its tiny checkpoint -----------------------------------------
 
+
 def test_a_kill_while_the_tiny_checkpoint_is_written_leaves_no_checkpoint(assets, env, reference, tmp_path):
     """The debug run keeps any existing model.path, so a half-written tiny checkpoint (weights but no
     tokenizer) would break every later run: killed between the two writes, nothing must be left."""
     target = tmp_path / "assets" / "tiny"
-    code = ("import os, sys; import pr1.models.tiny as t\n"
-            "t.write_tokenizer_files = lambda *a, **k: os._exit(9)  # killed after the weights are written\n"
-            f"t.write_tiny_checkpoint({str(target)!r})")
-    killed = subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": REPO}, cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+    code = (
+        "import os, sys; import pr1.models.tiny as t\n"
+        "t.write_tokenizer_files = lambda *a, **k: os._exit(9)  # killed after the weights are written\n"
+        f"t.write_tiny_checkpoint({str(target)!r})"
+    )
+    killed = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "PYTHONPATH": REPO},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == 9, killed.stderr[-2000:]
     assert not target.exists()
     root = tmp_path / "assets"
     for name in ("synthetic_train.parquet", "synthetic_val.parquet"):
         shutil.copy(assets / name, root / name)
-    run = Run(cli_args(root, tmp_path / "run", reference["judge_flag"], "--config.train.steps=1"), env,
-              tmp_path / "run", tmp_path / "run")
+    run = Run(
+        cli_args(root, tmp_path / "run", reference["judge_flag"], "--config.train.steps=1"),
+        env,
+        tmp_path / "run",
+        tmp_path / "run",
+    )
     run.watch()
     assert run.finish() == 0, run.output()[-2000:]

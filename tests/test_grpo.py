@@ -47,8 +47,11 @@ def np_aggregate(loss, mask, mode, n_tok=None, n_seq=None, horizon=None):
         return sum(loss[b].sum() / lens[b] for b in range(len(lens)) if lens[b] > 0) / n_seq
     if mode == "chunk-token-mean":
         # The release: each micro-batch of CHUNK responses takes its own token-mean; then the mean.
-        means = [loss[i:i + CHUNK].sum() / lens[i:i + CHUNK].sum() for i in range(0, len(lens), CHUNK)
-                 if lens[i:i + CHUNK].sum() > 0]
+        means = [
+            loss[i : i + CHUNK].sum() / lens[i : i + CHUNK].sum()
+            for i in range(0, len(lens), CHUNK)
+            if lens[i : i + CHUNK].sum() > 0
+        ]
         return sum(means) / len(means)
     return loss.sum() / (n_seq * (mask.shape[-1] if horizon is None else horizon))
 
@@ -110,8 +113,10 @@ def test_group_advantages_numpy_reference_and_dr_grpo():
     close(grpo.group_advantages(np.array([1.0, 0.0]), 2), [a2, -a2])
     # Dr.GRPO: only the mean is removed.
     r = np.array([1, 0, 0, 1, 0.5, 0.5, 0.5, 0.5, 0, 0, 0, 1])
-    close(grpo.group_advantages(r, 4, scale_by_std=False),
-          [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0, -0.25, -0.25, -0.25, 0.75])
+    close(
+        grpo.group_advantages(r, 4, scale_by_std=False),
+        [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0, -0.25, -0.25, -0.25, 0.75],
+    )
     # Integer / bool rewards, under jit, come back float32.
     f = jax.jit(functools.partial(grpo.group_advantages, group_size=2))
     out = f(jnp.array([True, False, True, True]))
@@ -154,8 +159,11 @@ def test_token_logprobs_and_entropy_match_torch(temperature):
     bf = jnp.asarray(logits, jnp.bfloat16)
     up = np.asarray(bf.astype(jnp.float32))
     lsm_bf = torch.log_softmax(torch.tensor(up, dtype=torch.float64) / temperature, dim=-1)
-    close(grpo.token_logprobs(bf, targets, temperature),
-          lsm_bf.gather(-1, torch.tensor(targets)[..., None])[..., 0].numpy(), tol=2e-5)
+    close(
+        grpo.token_logprobs(bf, targets, temperature),
+        lsm_bf.gather(-1, torch.tensor(targets)[..., None])[..., 0].numpy(),
+        tol=2e-5,
+    )
 
 
 def test_entropy_with_masked_vocab_is_finite():
@@ -210,11 +218,14 @@ def test_policy_loss_per_token_hand_values():
     assert not np.asarray(info3["dual_clipped"]).any()
 
 
-@pytest.mark.parametrize("mode,expected", [
-    ("token-mean", 6.1 / 7),                         # (-3.9 + 10) / 7 valid tokens
-    ("seq-mean-token-mean", (-3.9 / 4 + 10 / 3) / 2),  # per-sequence means, then their mean
-    ("seq-mean-token-sum-norm", 6.1 / (2 * 4)),      # sum / (2 sequences * horizon 4)
-])
+@pytest.mark.parametrize(
+    "mode,expected",
+    [
+        ("token-mean", 6.1 / 7),  # (-3.9 + 10) / 7 valid tokens
+        ("seq-mean-token-mean", (-3.9 / 4 + 10 / 3) / 2),  # per-sequence means, then their mean
+        ("seq-mean-token-sum-norm", 6.1 / (2 * 4)),  # sum / (2 sequences * horizon 4)
+    ],
+)
 def test_grpo_loss_hand_values(mode, expected):
     logp, old, adv, mask = hand_batch()
     loss, m = grpo.grpo_loss(logp, old, adv, mask, loss_agg=mode, **CLIP)
@@ -242,7 +253,8 @@ def test_grpo_loss_gradient_hand_values():
     # clipped / padded.
     logp, old, adv, mask = hand_batch()
     g = jax.grad(lambda lp: grpo.grpo_loss(lp, old, adv, mask, loss_agg="token-mean", **CLIP)[0])(
-        jnp.asarray(logp, jnp.float32))
+        jnp.asarray(logp, jnp.float32)
+    )
     close(g, np.array([[-1.0, 0, -0.5, -1.1], [0, 2.4, 0, 0]]) / 7, tol=1e-5)
 
 
@@ -256,8 +268,11 @@ def test_horizon_and_empty_rows():
     old3 = np.vstack([old, np.zeros((1, 4))])
     adv3 = np.array([1.0, -2.0, np.nan])
     mask3 = np.vstack([mask, np.zeros((1, 4), np.float32)])
-    for mode, expected in [("token-mean", 6.1 / 7), ("seq-mean-token-mean", (-3.9 / 4 + 10 / 3) / 2),
-                           ("seq-mean-token-sum-norm", 6.1 / 8)]:
+    for mode, expected in [
+        ("token-mean", 6.1 / 7),
+        ("seq-mean-token-mean", (-3.9 / 4 + 10 / 3) / 2),
+        ("seq-mean-token-sum-norm", 6.1 / 8),
+    ]:
         loss, m = grpo.grpo_loss(logp3, old3, adv3, mask3, loss_agg=mode, **CLIP)
         close(loss, expected, tol=1e-5)
         assert all(np.isfinite(np.asarray(v)) for v in m.values())
@@ -272,8 +287,17 @@ def test_loss_matches_numpy_reference(mode):
     adv_tok = np.repeat(d["adv"][:, None], d["logp"].shape[1], 1)
     ref_pg = np_aggregate(np_policy_loss(d["logp"], d["old"], adv_tok), d["mask"], mode)
     ref_kl = np_aggregate(np_k3(d["logp"], d["ref"]), d["mask"], mode)
-    loss, m = grpo.grpo_loss(d["logp"], d["old"], d["adv"], d["mask"], loss_agg=mode,
-                             ref_logprobs=d["ref"], kl_coef=0.05, **CLIP, **mode_kw(mode))
+    loss, m = grpo.grpo_loss(
+        d["logp"],
+        d["old"],
+        d["adv"],
+        d["mask"],
+        loss_agg=mode,
+        ref_logprobs=d["ref"],
+        kl_coef=0.05,
+        **CLIP,
+        **mode_kw(mode),
+    )
     close(m["pg_loss"], ref_pg, tol=1e-5)
     close(loss, ref_pg + 0.05 * ref_kl, tol=1e-5)
     valid = d["mask"].astype(bool)
@@ -299,8 +323,12 @@ def test_jit_and_numpy_inputs_agree():
     for k in eager[1]:
         close(eager[1][k], jitted[1][k])
     # bf16 inputs still do float32 math.
-    loss_bf, _ = grpo.grpo_loss(*(jnp.asarray(d[k], jnp.bfloat16) for k in ("logp", "old", "adv")), d["mask"],
-                                loss_agg="token-mean", **CLIP)
+    loss_bf, _ = grpo.grpo_loss(
+        *(jnp.asarray(d[k], jnp.bfloat16) for k in ("logp", "old", "adv")),
+        d["mask"],
+        loss_agg="token-mean",
+        **CLIP,
+    )
     assert loss_bf.dtype == jnp.float32
 
 
@@ -324,16 +352,30 @@ def test_micro_batch_sum_equals_full_batch(mode, splits):
     @jax.jit
     def value_and_grad(logp, old, adv, mask, ref, rollout, w):
         f = lambda lp: grpo.grpo_loss(  # noqa: E731
-            lp, old, adv, mask, ref_logprobs=ref, rollout_logprobs=rollout, loss_agg=mode, kl_coef=0.05,
-            tis_cap=2.0, num_tokens=num_tokens, num_sequences=num_sequences, horizon=horizon, row_weights=w,
-            **CLIP)[0]
+            lp,
+            old,
+            adv,
+            mask,
+            ref_logprobs=ref,
+            rollout_logprobs=rollout,
+            loss_agg=mode,
+            kl_coef=0.05,
+            tis_cap=2.0,
+            num_tokens=num_tokens,
+            num_sequences=num_sequences,
+            horizon=horizon,
+            row_weights=w,
+            **CLIP,
+        )[0]
         return jax.value_and_grad(f)(logp)
 
     def run(rows, t):
-        return value_and_grad(*(jnp.asarray(d[k][rows, :t], jnp.float32) for k in ("logp", "old")),
-                              jnp.asarray(d["adv"][rows], jnp.float32),
-                              *(jnp.asarray(d[k][rows, :t], jnp.float32) for k in ("mask", "ref", "rollout")),
-                              jnp.asarray(weights[rows]))
+        return value_and_grad(
+            *(jnp.asarray(d[k][rows, :t], jnp.float32) for k in ("logp", "old")),
+            jnp.asarray(d["adv"][rows], jnp.float32),
+            *(jnp.asarray(d[k][rows, :t], jnp.float32) for k in ("mask", "ref", "rollout")),
+            jnp.asarray(weights[rows]),
+        )
 
     full_loss, full_grad = run(slice(0, 8), horizon)
     total, grads = 0.0, []
@@ -351,8 +393,9 @@ def test_micro_batch_sum_equals_full_batch(mode, splits):
     # Cross-check the full loss against the NumPy reference, TIS included.
     adv_tok = np.repeat(d["adv"][:, None], horizon, 1)
     w = np.minimum(np.exp(d["old"] - d["rollout"]), 2.0)
-    ref = np_aggregate(np_policy_loss(d["logp"], d["old"], adv_tok) * w, d["mask"], mode) + 0.05 * np_aggregate(
-        np_k3(d["logp"], d["ref"]), d["mask"], mode)
+    ref = np_aggregate(
+        np_policy_loss(d["logp"], d["old"], adv_tok) * w, d["mask"], mode
+    ) + 0.05 * np_aggregate(np_k3(d["logp"], d["ref"]), d["mask"], mode)
     close(full_loss, ref, tol=1e-5)
 
 
@@ -388,7 +431,8 @@ def test_tis_weights_capped_and_gradient_free():
     old = np.array([0.0, math.log(1.5), math.log(3.0), 100.0])
     close(grpo.truncated_importance_weights(old, rollout, 2.0), [1.0, 1.5, 2.0, 2.0], tol=1e-6)
     go, gr = jax.grad(lambda o, r: grpo.truncated_importance_weights(o, r, 2.0).sum(), argnums=(0, 1))(
-        jnp.asarray(old, jnp.float32), jnp.asarray(rollout, jnp.float32))
+        jnp.asarray(old, jnp.float32), jnp.asarray(rollout, jnp.float32)
+    )
     assert not np.asarray(go).any() and not np.asarray(gr).any()
 
     # In the loss: token losses are scaled by w; the gradient w.r.t. logprobs is w times the plain one.
@@ -403,10 +447,15 @@ def test_tis_weights_capped_and_gradient_free():
     close(m["tis/max"], 2.0)  # the padded 9.0 (capped to 2) coincides here; min shows masking:
     close(m["tis/min"], 0.5)
     close(m["tis/capped_frac"], 1 / 7)
-    close(m["sampler_trainer/logp_diff"], np.abs(np.log([1.0, 1.5, 3.0, 0.5, 0.8, 1.0, 1.0])).sum() / 7, tol=1e-6)
+    close(
+        m["sampler_trainer/logp_diff"],
+        np.abs(np.log([1.0, 1.5, 3.0, 0.5, 0.8, 1.0, 1.0])).sum() / 7,
+        tol=1e-6,
+    )
     close(m["sampler_trainer/logp_diff_max"], math.log(3.0), tol=1e-6)  # not the padded ln 9
     grad = lambda **extra: jax.grad(  # noqa: E731
-        lambda lp: grpo.grpo_loss(lp, old2, adv, mask, **kw, **extra)[0])(jnp.asarray(logp, jnp.float32))
+        lambda lp: grpo.grpo_loss(lp, old2, adv, mask, **kw, **extra)[0]
+    )(jnp.asarray(logp, jnp.float32))
     close(grad(rollout_logprobs=rollout2, tis_cap=2.0), np.asarray(grad()) * w, tol=1e-6)
 
 
@@ -460,11 +509,17 @@ def test_aggregate_loss_masks_garbage_itself(mode):
     mask = np.array([[1, 1, 0], [1, 0, 0]])
     clean = np.where(mask, losses, 0.0)
     # token-mean 6 / 3; seq-mean (1.5 + 3) / 2; sum-norm 6 / (2 * 3); chunk (one chunk of 2) 6 / 3
-    expected = {"token-mean": 2.0, "seq-mean-token-mean": 2.25, "seq-mean-token-sum-norm": 1.0,
-                "chunk-token-mean": 2.0}[mode]
+    expected = {
+        "token-mean": 2.0,
+        "seq-mean-token-mean": 2.25,
+        "seq-mean-token-sum-norm": 1.0,
+        "chunk-token-mean": 2.0,
+    }[mode]
     close(grpo.aggregate_loss(losses, mask, mode, **mode_kw(mode)), expected)
     close(np_aggregate(clean, mask, mode), expected)
-    g = jax.grad(lambda x: grpo.aggregate_loss(x, mask, mode, **mode_kw(mode)))(jnp.asarray(losses, jnp.float32))
+    g = jax.grad(lambda x: grpo.aggregate_loss(x, mask, mode, **mode_kw(mode)))(
+        jnp.asarray(losses, jnp.float32)
+    )
     assert np.all(np.isfinite(np.asarray(g))) and not np.asarray(g)[~mask.astype(bool)].any()
 
 
@@ -487,7 +542,9 @@ def test_masked_min_max_ignore_padding():
 
 def test_invalid_arguments_raise():
     logp, old, adv, mask = hand_batch()
-    with pytest.raises(ValueError, match="token-means.*token-mean, seq-mean-token-mean, seq-mean-token-sum-norm"):
+    with pytest.raises(
+        ValueError, match="token-means.*token-mean, seq-mean-token-mean, seq-mean-token-sum-norm"
+    ):
         grpo.aggregate_loss(np.zeros((2, 4)), mask, "token-means")
     with pytest.raises(ValueError, match="'k4'.*k1, k2, k3"):
         grpo.kl_penalty(logp, old, "k4")
@@ -538,7 +595,9 @@ def test_tied_groups_random_values_and_mixed_batch():
 def test_chunk_token_mean_hand_golden():
     # Chunks of 2 responses with 3 and 4 tokens: ((1 + 2 + 3) / 3 + (4 * 4) / 4) / 2 = 3, where the
     # global token-mean would be 22 / 7. An empty third chunk counts for nothing.
-    losses = np.array([[1, 2, 0, 0], [3, 0, 0, 0], [4, 4, 4, 4], [0, 0, 0, 0], [9, 9, 9, 9], [9, 9, 9, 9]], np.float32)
+    losses = np.array(
+        [[1, 2, 0, 0], [3, 0, 0, 0], [4, 4, 4, 4], [0, 0, 0, 0], [9, 9, 9, 9], [9, 9, 9, 9]], np.float32
+    )
     mask = np.array([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
     close(grpo.aggregate_loss(losses, mask, "chunk-token-mean", chunk_responses=2), 3.0, tol=1e-6)
     close(grpo.aggregate_loss(losses, mask, "token-mean"), 22 / 7, tol=1e-6)

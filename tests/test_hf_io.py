@@ -21,8 +21,13 @@ from tests.hf_reference import hf_logits, make_hf_model
 def run(model, case="two_images"):
     ids, mask, pixels, grid = cases.build(case)
     pos, _ = rope_index(model.config, ids, grid, mask)
-    out = model(jnp.asarray(ids), position_ids=jnp.asarray(pos), attention_mask=jnp.asarray(mask),
-                pixel_values=jnp.asarray(pixels), image_grid_thw=grid)
+    out = model(
+        jnp.asarray(ids),
+        position_ids=jnp.asarray(pos),
+        attention_mask=jnp.asarray(mask),
+        pixel_values=jnp.asarray(pixels),
+        image_grid_thw=grid,
+    )
     return np.asarray(out, np.float32)
 
 
@@ -44,7 +49,9 @@ def test_save_then_transformers_loads_same_logits(ref_dir, tmp_path):
     files = sorted(os.listdir(out))
     assert "model.safetensors.index.json" in files and "config.json" in files
     assert sum(f.endswith(".safetensors") for f in files) > 3
-    reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, attn_implementation="eager", dtype=torch.float32)
+    reloaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        out, attn_implementation="eager", dtype=torch.float32
+    )
     ids, mask, pixels, grid = cases.build("two_images")
     expected = run(ours)
     got = hf_logits(reloaded, ids, mask, pixels, grid)
@@ -64,7 +71,7 @@ def test_in_memory_tensor_names_load(ref_dir, tmp_path):
         if name.startswith("visual."):
             new = "model." + name
         elif name.startswith("model."):
-            new = "model.language_model." + name[len("model."):]
+            new = "model.language_model." + name[len("model.") :]
         renamed[new] = np.array(src.get(name))
     assert any(k.startswith("model.language_model.layers.") for k in renamed)
     out = tmp_path / "inmem"
@@ -84,13 +91,22 @@ def test_tied_embeddings_round_trip(tmp_path):
     assert ours.lm_head is None
     ids, mask, pixels, grid = cases.build("one_image")
     pos, _ = rope_index(ours.config, ids, grid, mask)
-    got = np.asarray(ours(jnp.asarray(ids), position_ids=jnp.asarray(pos), attention_mask=jnp.asarray(mask),
-                          pixel_values=jnp.asarray(pixels), image_grid_thw=grid))
+    got = np.asarray(
+        ours(
+            jnp.asarray(ids),
+            position_ids=jnp.asarray(pos),
+            attention_mask=jnp.asarray(mask),
+            pixel_values=jnp.asarray(pixels),
+            image_grid_thw=grid,
+        )
+    )
     np.testing.assert_allclose(got, hf_logits(ref, ids, mask, pixels, grid), rtol=0, atol=1e-4)
     hf.save(ours, tmp_path / "tied_out")
     names = json.load(open(tmp_path / "tied_out" / "model.safetensors.index.json"))["weight_map"]
     assert "lm_head.weight" not in names
-    back = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "tied_out", attn_implementation="eager", dtype=torch.float32)
+    back = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        tmp_path / "tied_out", attn_implementation="eager", dtype=torch.float32
+    )
     np.testing.assert_allclose(hf_logits(back, ids, mask, pixels, grid), got, rtol=0, atol=1e-4)
 
 
@@ -118,13 +134,17 @@ def test_wrong_shape_is_named_with_file(ref_dir, tmp_path):
         t["visual.blocks.2.attn.qkv.weight"] = t["visual.blocks.2.attn.qkv.weight"][:-3]
 
     bad = _copy_with(path, tmp_path / "shape", edit)
-    with pytest.raises(hf.CheckpointError, match=r"visual\.blocks\.2\.attn\.qkv\.weight in .*model\.safetensors has shape"):
+    with pytest.raises(
+        hf.CheckpointError, match=r"visual\.blocks\.2\.attn\.qkv\.weight in .*model\.safetensors has shape"
+    ):
         hf.load(bad, dtype=jnp.float32)
 
 
 def test_unexpected_tensor_is_named(ref_dir, tmp_path):
     _, path = ref_dir
-    bad = _copy_with(path, tmp_path / "extra", lambda t: t.update({"model.layers.7.extra.weight": np.zeros(3, np.float32)}))
+    bad = _copy_with(
+        path, tmp_path / "extra", lambda t: t.update({"model.layers.7.extra.weight": np.zeros(3, np.float32)})
+    )
     with pytest.raises(hf.CheckpointError, match=r"unexpected tensor model\.layers\.7\.extra\.weight"):
         hf.load(bad, dtype=jnp.float32)
 
@@ -154,7 +174,9 @@ def test_mesh_that_does_not_divide_names_the_parameter(ref_dir):
     _, path = ref_dir
     # A tensor axis of 3 divides nothing in the tiny model; the first parameter met is the embedding.
     mesh = sharding.make_mesh(data=1, fsdp=2, tensor=3, devices=jax.devices()[:6])
-    with pytest.raises(sharding.ShardingError, match=r"model\.embed_tokens\.weight: dimension 512 \(logical axis 'vocab'\)"):
+    with pytest.raises(
+        sharding.ShardingError, match=r"model\.embed_tokens\.weight: dimension 512 \(logical axis 'vocab'\)"
+    ):
         hf.load(path, dtype=jnp.float32, mesh=mesh)
 
 

@@ -35,8 +35,9 @@ def expected_bits(i):
 
 def fast_judge(url, **kw):
     # The timeout is generous: in these tests only an injected hang may outlive it.
-    kw = dict(dict(timeout=30.0, connect_timeout=2.0, retries=6, backoff=0.01, backoff_max=0.05,
-                   seed=0), **kw)
+    kw = dict(
+        dict(timeout=30.0, connect_timeout=2.0, retries=6, backoff=0.01, backoff_max=0.05, seed=0), **kw
+    )
     return OpenAIJudge(url, "stub", **kw)
 
 
@@ -77,8 +78,10 @@ def test_faulty_server_every_item_resolves_once(retries):
     pairs = [(f"response for item {i}", ANNOTATIONS) for i in order]
     # Item 5 fails all 11 attempts of retries=10; item 6 succeeds on its 11th, the last one. (One
     # hang each: a hang lasts the client's whole timeout.)
-    forced = {"response for item 5": ["hang"] + ["500", "truncate"] * 5,
-              "response for item 6": ["500", "hang"] + ["truncate", "500"] * 4}
+    forced = {
+        "response for item 5": ["hang"] + ["500", "truncate"] * 5,
+        "response for item 6": ["500", "hang"] + ["truncate", "500"] * 4,
+    }
     schedule = fault_schedule(retries, forced)
     # What must happen: each key is tried until its first answer or retries + 1 attempts.
     expected_attempts, expected_faults, expected_failed = {}, collections.Counter(), set()
@@ -264,7 +267,9 @@ def test_reward_stage_without_perception_weight_never_calls_the_judge():
     with StubJudgeServer() as stub:
         cfg.judge.url = stub.url
         with RewardStage(cfg) as stage:
-            out = stage.submit(["\\boxed{1}"] * 2, ["1", "2"], [["a"], ["b"]], group_size=2).result(timeout=60)
+            out = stage.submit(["\\boxed{1}"] * 2, ["1", "2"], [["a"], ["b"]], group_size=2).result(
+                timeout=60
+            )
         assert stub.stats()["requests"] == 0
     np.testing.assert_allclose(out.totals, [0.9, 0.0], atol=1e-6)
 
@@ -273,14 +278,23 @@ def test_reward_stage_without_perception_weight_never_calls_the_judge():
 # A real judge
 
 
-@pytest.mark.skipif(not os.environ.get("PR1_JUDGE_URL"),
-                    reason="set PR1_JUDGE_URL (and PR1_JUDGE_MODEL, PR1_JUDGE_API_KEY if needed) "
-                           "to test against a real judge server")
+@pytest.mark.skipif(
+    not os.environ.get("PR1_JUDGE_URL"),
+    reason="set PR1_JUDGE_URL (and PR1_JUDGE_MODEL, PR1_JUDGE_API_KEY if needed) "
+    "to test against a real judge server",
+)
 def test_live_judge():
-    judge = OpenAIJudge(os.environ["PR1_JUDGE_URL"], os.environ.get("PR1_JUDGE_MODEL", "Qwen2.5-32B-Instruct"),
-                        api_key_env="PR1_JUDGE_API_KEY", timeout=120.0, retries=2)
-    response = ("<think>\nIn the figure AB = 12 and the angle at C is a right angle, so by Pythagoras "
-                "AC = 5 gives BC = sqrt(144 - 25).\n</think>\n<answer>\n\\boxed{\\sqrt{119}}\n</answer>")
+    judge = OpenAIJudge(
+        os.environ["PR1_JUDGE_URL"],
+        os.environ.get("PR1_JUDGE_MODEL", "Qwen2.5-32B-Instruct"),
+        api_key_env="PR1_JUDGE_API_KEY",
+        timeout=120.0,
+        retries=2,
+    )
+    response = (
+        "<think>\nIn the figure AB = 12 and the angle at C is a right angle, so by Pythagoras "
+        "AC = 5 gives BC = sqrt(144 - 25).\n</think>\n<answer>\n\\boxed{\\sqrt{119}}\n</answer>"
+    )
     annotations = ["AB = 12", "angle C is a right angle", "the radius of circle O is 7"]
     j = run(judge.judge(response, annotations))
     assert not j.failed, j.error
@@ -291,8 +305,10 @@ def test_judge_budget_is_per_service_split_over_processes():
     """The 7B recipe's max_concurrency=512 on a 16-host pod: 32 in flight from each host, so the
     judge server sees 512, not 8,192; requests_per_minute splits the same way."""
     import sys
+
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
     import perception_r1_qwen2_5_vl_7b as recipe
+
     cfg = recipe.get_config().rewards
     cfg.judge.url = "http://judge-host:30000/v1"
     cfg.judge.requests_per_minute = 6000.0
@@ -324,16 +340,36 @@ def test_huge_or_garbled_judge_bodies_are_counted_failures_not_crashes():
     and the batch finishes."""
     big = "x" * (4 << 20)
     replies = {"response big": big}
-    kinds = {"response huge": ["huge"] * 3, "response binary": ["binary"] * 3, "response recovers": ["huge", "binary"]}
+    kinds = {
+        "response huge": ["huge"] * 3,
+        "response binary": ["binary"] * 3,
+        "response recovers": ["huge", "binary"],
+    }
 
     def reply(messages):
         return replies.get(request_key(messages), "<info1>1</info1>")
 
-    with StubJudgeServer(reply, schedule=lambda key, attempt: (kinds.get(key) or [None] * 9)[attempt - 1]
-                         if attempt <= len(kinds.get(key) or []) else None) as stub:
+    with StubJudgeServer(
+        reply,
+        schedule=lambda key, attempt: (
+            (kinds.get(key) or [None] * 9)[attempt - 1] if attempt <= len(kinds.get(key) or []) else None
+        ),
+    ) as stub:
         judge = fast_judge(stub.url, retries=2)
-        out = run(judge.judge_many([(r, ["a"]) for r in ("response huge", "response binary", "response recovers",
-                                                          "response big", "response fine")]))
+        out = run(
+            judge.judge_many(
+                [
+                    (r, ["a"])
+                    for r in (
+                        "response huge",
+                        "response binary",
+                        "response recovers",
+                        "response big",
+                        "response fine",
+                    )
+                ]
+            )
+        )
         stats = stub.stats()
     huge, binary, recovers, big_reply, fine = out
     assert huge.failed and "over 16 MiB" in huge.error and "after 3 attempts" in huge.error

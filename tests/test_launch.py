@@ -19,7 +19,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -28,8 +27,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
-SCRIPTS = ["tpu_pod.sh", "gpu_debug.sh", "bootstrap_venv.sh", "serve_judge.sh", "serve_rollout.sh", "serve_vllm.sh",
-           "vllm_cpu_env.sh"]
+SCRIPTS = [
+    "tpu_pod.sh",
+    "gpu_debug.sh",
+    "bootstrap_venv.sh",
+    "serve_judge.sh",
+    "serve_rollout.sh",
+    "serve_vllm.sh",
+    "vllm_cpu_env.sh",
+]
 
 # The tricky extra arguments of the quoting tests: spaces, both quotes, $(...), backquotes, a glob,
 # a trailing backslash, an empty string. A shell that re-splits or expands any of them fails.
@@ -88,16 +94,27 @@ TRAIN = {**TPU, "PR1_GCS_WORKDIR": "gs://my-bucket/pr1/"}
 
 def _clean_env(**extra: str) -> dict[str, str]:
     """os.environ without the variables the scripts read, so the caller's shell cannot leak in."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PR1_", "XLA_PYTHON_CLIENT_", "FAKE_"))
-           and k not in ("CUDA_VISIBLE_DEVICES", "JAX_PLATFORMS", "PYTHON")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PR1_", "XLA_PYTHON_CLIENT_", "FAKE_"))
+        and k not in ("CUDA_VISIBLE_DEVICES", "JAX_PLATFORMS", "PYTHON")
+    }
     env.update(extra)
     return env
 
 
-def _run(script: str, *args: str, env: dict[str, str], stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(LAUNCH / script), *args], env=env, capture_output=True, text=True,
-                          timeout=60, stdin=stdin)
+def _run(
+    script: str, *args: str, env: dict[str, str], stdin=subprocess.DEVNULL
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(LAUNCH / script), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=stdin,
+    )
 
 
 def _write_exe(path: Path, text: str) -> Path:
@@ -139,10 +156,11 @@ def _trainer_argv(remote: str) -> list[str]:
     """The words between `PR1_DISTRIBUTED=1` and the log redirection of the worker command."""
     words = shlex.split(remote)
     start = words.index("PR1_DISTRIBUTED=1")
-    return words[start + 1:words.index(">", start)]
+    return words[start + 1 : words.index(">", start)]
 
 
 # ---- every script ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_bash_syntax(script):
@@ -161,14 +179,35 @@ def test_shellcheck_clean():
 
 # ---- tpu_pod.sh: usage and required variables ------------------------------------------------
 
+
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_tpu_pod_help(flag):
     result = _run("tpu_pod.sh", flag, env=_clean_env())
     assert result.returncode == 0
-    for word in ["create", "setup", "train", "logs", "stop", "delete", "--worker", "PR1_TPU_NAME",
-                 "PR1_TPU_ZONE", "PR1_TPU_TYPE", "PR1_GCS_WORKDIR", "PR1_PROJECT", "PR1_TPU_RUNTIME",
-                 "PR1_TPU_SPOT", "PR1_TPU_RESERVED", "PR1_CONFIG", "PR1_RUN", "PR1_JUDGE_URL",
-                 "PR1_JUDGE_API_KEY_SECRET", "PR1_JUDGE_API_KEY_FILE", "PR1_YES", "PR1_DRY_RUN"]:
+    for word in [
+        "create",
+        "setup",
+        "train",
+        "logs",
+        "stop",
+        "delete",
+        "--worker",
+        "PR1_TPU_NAME",
+        "PR1_TPU_ZONE",
+        "PR1_TPU_TYPE",
+        "PR1_GCS_WORKDIR",
+        "PR1_PROJECT",
+        "PR1_TPU_RUNTIME",
+        "PR1_TPU_SPOT",
+        "PR1_TPU_RESERVED",
+        "PR1_CONFIG",
+        "PR1_RUN",
+        "PR1_JUDGE_URL",
+        "PR1_JUDGE_API_KEY_SECRET",
+        "PR1_JUDGE_API_KEY_FILE",
+        "PR1_YES",
+        "PR1_DRY_RUN",
+    ]:
         assert word in result.stdout, f"usage does not mention {word}"
 
 
@@ -179,13 +218,16 @@ def test_tpu_pod_no_or_unknown_subcommand_exits_2():
     assert unknown.returncode == 2 and "unknown subcommand 'launch'" in unknown.stderr
 
 
-@pytest.mark.parametrize("subcommand,required", [
-    ("create", {**TPU, "PR1_TPU_TYPE": "v5p-64"}),
-    ("train", TRAIN),
-    ("setup", TPU),
-    ("logs", TPU),
-    ("delete", TPU),
-])
+@pytest.mark.parametrize(
+    "subcommand,required",
+    [
+        ("create", {**TPU, "PR1_TPU_TYPE": "v5p-64"}),
+        ("train", TRAIN),
+        ("setup", TPU),
+        ("logs", TPU),
+        ("delete", TPU),
+    ],
+)
 def test_tpu_pod_missing_variable_is_named_before_any_gcloud_call(fake_gcloud, subcommand, required):
     env, calls = fake_gcloud
     for missing in required:
@@ -207,28 +249,67 @@ def test_tpu_pod_workdir_must_be_gcs(fake_gcloud, workdir):
 
 # ---- tpu_pod.sh create -------------------------------------------------------------------------
 
+
 # Google's table of TPU software versions for JAX (cloud.google.com/tpu/docs/runtimes).
-@pytest.mark.parametrize("accelerator,runtime", [
-    ("v6e-64", "v2-alpha-tpuv6e"), ("v5p-64", "v2-alpha-tpuv5"),
-    ("v5litepod-16", "v2-alpha-tpuv5-lite"), ("v4-32", "tpu-ubuntu2204-base"),
-])
+@pytest.mark.parametrize(
+    "accelerator,runtime",
+    [
+        ("v6e-64", "v2-alpha-tpuv6e"),
+        ("v5p-64", "v2-alpha-tpuv5"),
+        ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+        ("v4-32", "tpu-ubuntu2204-base"),
+    ],
+)
 def test_tpu_pod_create_dry_run(accelerator, runtime):
     env = _clean_env(**TPU, PR1_TPU_TYPE=accelerator, PR1_DRY_RUN="1")
     result = _run("tpu_pod.sh", "create", env=env)
     assert result.returncode == 0, result.stderr
-    assert [shlex.split(line) for line in result.stdout.splitlines()] == [[
-        "gcloud", "compute", "tpus", "tpu-vm", "create", "pr1-pod", "--zone", "us-east5-a",
-        "--accelerator-type", accelerator, "--version", runtime]]
+    assert [shlex.split(line) for line in result.stdout.splitlines()] == [
+        [
+            "gcloud",
+            "compute",
+            "tpus",
+            "tpu-vm",
+            "create",
+            "pr1-pod",
+            "--zone",
+            "us-east5-a",
+            "--accelerator-type",
+            accelerator,
+            "--version",
+            runtime,
+        ]
+    ]
 
 
 def test_tpu_pod_create_options_and_unknown_type():
-    env = _clean_env(**TPU, PR1_TPU_TYPE="v6e-256", PR1_DRY_RUN="1", PR1_PROJECT="my proj",
-                     PR1_TPU_RUNTIME="v2-alpha-tpuv6e-next", PR1_TPU_SPOT="1")
+    env = _clean_env(
+        **TPU,
+        PR1_TPU_TYPE="v6e-256",
+        PR1_DRY_RUN="1",
+        PR1_PROJECT="my proj",
+        PR1_TPU_RUNTIME="v2-alpha-tpuv6e-next",
+        PR1_TPU_SPOT="1",
+    )
     result = _run("tpu_pod.sh", "create", env=env)
     assert result.returncode == 0, result.stderr
     assert shlex.split(result.stdout) == [
-        "gcloud", "compute", "tpus", "tpu-vm", "create", "pr1-pod", "--zone", "us-east5-a",
-        "--project", "my proj", "--accelerator-type", "v6e-256", "--version", "v2-alpha-tpuv6e-next", "--spot"]
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "create",
+        "pr1-pod",
+        "--zone",
+        "us-east5-a",
+        "--project",
+        "my proj",
+        "--accelerator-type",
+        "v6e-256",
+        "--version",
+        "v2-alpha-tpuv6e-next",
+        "--spot",
+    ]
     both = _run("tpu_pod.sh", "create", env={**env, "PR1_TPU_RESERVED": "1"})
     assert both.returncode != 0 and "PR1_TPU_RESERVED" in both.stderr
     reserved = _run("tpu_pod.sh", "create", env={**env, "PR1_TPU_SPOT": "0", "PR1_TPU_RESERVED": "1"})
@@ -251,11 +332,17 @@ def test_tpu_pod_create_is_idempotent(fake_gcloud):
 
 # ---- tpu_pod.sh train --------------------------------------------------------------------------
 
+
 def test_tpu_pod_train_dry_run_is_what_runs(fake_gcloud):
     """The dry-run line parses back to the argv gcloud receives, and the extra arguments survive."""
     env, calls = fake_gcloud
-    env = {**env, **TRAIN, "PR1_CONFIG": "configs/debug.py:/tmp/assets", "PR1_RUN": "exp-1",
-           "PR1_JUDGE_URL": "http://judge:30000/v1"}
+    env = {
+        **env,
+        **TRAIN,
+        "PR1_CONFIG": "configs/debug.py:/tmp/assets",
+        "PR1_RUN": "exp-1",
+        "PR1_JUDGE_URL": "http://judge:30000/v1",
+    }
     dry = _run("tpu_pod.sh", "train", *TRICKY_ARGS, env={**env, "PR1_DRY_RUN": "1"})
     assert dry.returncode == 0, dry.stderr
     assert calls() == [], "a dry run must not call gcloud"
@@ -267,13 +354,32 @@ def test_tpu_pod_train_dry_run_is_what_runs(fake_gcloud):
     assert real.returncode == 0, real.stderr
     assert [["gcloud", *c] for c in calls()] == [printed]
 
-    assert printed[:10] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pr1-pod", "--zone", "us-east5-a",
-                            "--worker=all", "--command"]
+    assert printed[:10] == [
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "ssh",
+        "pr1-pod",
+        "--zone",
+        "us-east5-a",
+        "--worker=all",
+        "--command",
+    ]
     remote = printed[10]
     assert _trainer_argv(remote) == [
-        "setsid", "nohup", "$HOME/pr1-venv/bin/python", "-m", "pr1.train",
-        "--config", "configs/debug.py:/tmp/assets", "--workdir", "gs://my-bucket/pr1/exp-1",
-        "--config.rewards.judge.url=http://judge:30000/v1", *TRICKY_ARGS]
+        "setsid",
+        "nohup",
+        "$HOME/pr1-venv/bin/python",
+        "-m",
+        "pr1.train",
+        "--config",
+        "configs/debug.py:/tmp/assets",
+        "--workdir",
+        "gs://my-bucket/pr1/exp-1",
+        "--config.rewards.judge.url=http://judge:30000/v1",
+        *TRICKY_ARGS,
+    ]
 
 
 def test_tpu_pod_train_runs_on_a_worker(tmp_path, fake_gcloud):
@@ -286,8 +392,14 @@ def test_tpu_pod_train_runs_on_a_worker(tmp_path, fake_gcloud):
     _write_exe(home / "pr1-venv" / "bin" / "python", FAKE_VENV_PYTHON)
     secret = "sk-test-5f1d9c"
     (home / ".judge key").write_text(secret + "\n")
-    env = {**env, **TRAIN, "FAKE_WORKER_HOME": str(home), "PR1_RUN": "exp-1",
-           "PR1_JUDGE_API_KEY_FILE": ".judge key", "PR1_JUDGE_API_KEY": "local-key-must-not-travel"}
+    env = {
+        **env,
+        **TRAIN,
+        "FAKE_WORKER_HOME": str(home),
+        "PR1_RUN": "exp-1",
+        "PR1_JUDGE_API_KEY_FILE": ".judge key",
+        "PR1_JUDGE_API_KEY": "local-key-must-not-travel",
+    }
     pid = None
     try:
         started = _run("tpu_pod.sh", "train", *TRICKY_ARGS, env=env)
@@ -299,9 +411,16 @@ def test_tpu_pod_train_runs_on_a_worker(tmp_path, fake_gcloud):
         time.sleep(0.1)  # the record is written in one call; let it land
         record = json.loads(record_path.read_text())
         pid = record["pid"]
-        assert record["argv"] == ["-m", "pr1.train", "--config", "configs/perception_r1_qwen2_5_vl_7b.py",
-                                  "--workdir", "gs://my-bucket/pr1/exp-1",
-                                  "--config.rewards.judge.api_key_env=PR1_JUDGE_API_KEY", *TRICKY_ARGS]
+        assert record["argv"] == [
+            "-m",
+            "pr1.train",
+            "--config",
+            "configs/perception_r1_qwen2_5_vl_7b.py",
+            "--workdir",
+            "gs://my-bucket/pr1/exp-1",
+            "--config.rewards.judge.api_key_env=PR1_JUDGE_API_KEY",
+            *TRICKY_ARGS,
+        ]
         assert record["cwd"] == str(home / "pr1")
         assert record["PR1_DISTRIBUTED"] == "1"
         assert record["PR1_JUDGE_API_KEY"] == secret
@@ -334,8 +453,11 @@ def test_tpu_pod_train_without_the_key_file_starts_nothing(tmp_path, fake_gcloud
     home = tmp_path / "worker"
     (home / "pr1").mkdir(parents=True)
     _write_exe(home / "pr1-venv" / "bin" / "python", FAKE_VENV_PYTHON)
-    result = _run("tpu_pod.sh", "train", env={**env, **TRAIN, "FAKE_WORKER_HOME": str(home),
-                                              "PR1_JUDGE_API_KEY_FILE": "/nonexistent/key"})
+    result = _run(
+        "tpu_pod.sh",
+        "train",
+        env={**env, **TRAIN, "FAKE_WORKER_HOME": str(home), "PR1_JUDGE_API_KEY_FILE": "/nonexistent/key"},
+    )
     assert result.returncode != 0
     assert "could not read the judge API key" in result.stderr
     time.sleep(0.2)
@@ -343,8 +465,12 @@ def test_tpu_pod_train_without_the_key_file_starts_nothing(tmp_path, fake_gcloud
 
 
 def test_tpu_pod_key_from_secret_manager_is_read_on_the_worker():
-    env = _clean_env(**TRAIN, PR1_DRY_RUN="1", PR1_JUDGE_API_KEY_SECRET="pr1-judge-key",
-                     PR1_JUDGE_API_KEY_ENV="MY_JUDGE_KEY")
+    env = _clean_env(
+        **TRAIN,
+        PR1_DRY_RUN="1",
+        PR1_JUDGE_API_KEY_SECRET="pr1-judge-key",
+        PR1_JUDGE_API_KEY_ENV="MY_JUDGE_KEY",
+    )
     result = _run("tpu_pod.sh", "train", env=env)
     assert result.returncode == 0, result.stderr
     remote = shlex.split(result.stdout)[-1]
@@ -355,6 +481,7 @@ def test_tpu_pod_key_from_secret_manager_is_read_on_the_worker():
 
 
 # ---- tpu_pod.sh setup, logs, delete ------------------------------------------------------------
+
 
 def test_tpu_pod_setup_ships_head_and_bootstraps_every_worker(tmp_path, fake_gcloud):
     """In a scratch git repo holding the launch scripts: setup ships the committed tree only, the
@@ -382,8 +509,13 @@ def test_tpu_pod_setup_ships_head_and_bootstraps_every_worker(tmp_path, fake_gcl
     (home / "pr1-venv" / f".pr1-bootstrap-tpu-{req_hash}").touch()
 
     env = {**env, **TPU, "FAKE_WORKER_HOME": str(home)}
-    result = subprocess.run(["bash", str(repo / "launch" / "tpu_pod.sh"), "setup"], env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", str(repo / "launch" / "tpu_pod.sh"), "setup"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert "uncommitted changes" in result.stderr
     assert "up to date" in result.stdout
@@ -416,6 +548,7 @@ def test_tpu_pod_logs_and_delete(fake_gcloud):
 
 # ---- gpu_debug.sh ------------------------------------------------------------------------------
 
+
 def _parse_train_flags(argv: list[str]):
     """pr1.train's own flag parsing (config_flags, locked config) of the flags after `-m pr1.train`."""
     from absl import flags
@@ -438,28 +571,55 @@ def test_gpu_debug_help():
     for flag in ["--help", "-h"]:
         result = _run("gpu_debug.sh", flag, env=_clean_env())
         assert result.returncode == 0
-        for word in ["PR1_CONFIG", "PR1_WORKDIR", "CUDA_VISIBLE_DEVICES", "XLA_PYTHON_CLIENT_MEM_FRACTION",
-                     "PR1_JUDGE_URL", "PR1_JUDGE_API_KEY", "PR1_DRY_RUN", "jax[cuda12]"]:
+        for word in [
+            "PR1_CONFIG",
+            "PR1_WORKDIR",
+            "CUDA_VISIBLE_DEVICES",
+            "XLA_PYTHON_CLIENT_MEM_FRACTION",
+            "PR1_JUDGE_URL",
+            "PR1_JUDGE_API_KEY",
+            "PR1_DRY_RUN",
+            "jax[cuda12]",
+        ]:
             assert word in result.stdout, f"usage does not mention {word}"
 
 
 def test_gpu_debug_dry_run_lexical_judge_by_default(tmp_path):
     from pr1.rewards import LexicalJudge, make_judge
 
-    result = _run("gpu_debug.sh", "--config.train.steps=3", "--config.rewards.judge.model=a b'c",
-                  env=_clean_env(PR1_DRY_RUN="1"))
+    result = _run(
+        "gpu_debug.sh",
+        "--config.train.steps=3",
+        "--config.rewards.judge.model=a b'c",
+        env=_clean_env(PR1_DRY_RUN="1"),
+    )
     assert result.returncode == 0, result.stderr
     argv = shlex.split(result.stdout)
-    assert argv == ["env", "CUDA_VISIBLE_DEVICES=0", "XLA_PYTHON_CLIENT_PREALLOCATE=false", "JAX_PLATFORMS=cuda",
-                    "python3", "-m", "pr1.train", "--config", "configs/debug.py", "--workdir", "runs/debug",
-                    "--config.rewards.judge.url=", "--config.train.steps=3", "--config.rewards.judge.model=a b'c"]
+    assert argv == [
+        "env",
+        "CUDA_VISIBLE_DEVICES=0",
+        "XLA_PYTHON_CLIENT_PREALLOCATE=false",
+        "JAX_PLATFORMS=cuda",
+        "python3",
+        "-m",
+        "pr1.train",
+        "--config",
+        "configs/debug.py",
+        "--workdir",
+        "runs/debug",
+        "--config.rewards.judge.url=",
+        "--config.train.steps=3",
+        "--config.rewards.judge.model=a b'c",
+    ]
     config, workdir = _parse_train_flags(argv[7:])
     assert workdir == "runs/debug"
     assert config.train.steps == 3 and config.rewards.judge.model == "a b'c"
     assert isinstance(make_judge(config.rewards.judge), LexicalJudge)
 
     # Lexical even for a config that names a judge server.
-    recipe = _run("gpu_debug.sh", env=_clean_env(PR1_DRY_RUN="1", PR1_CONFIG="configs/perception_r1_qwen2_5_vl_7b.py"))
+    recipe = _run(
+        "gpu_debug.sh", env=_clean_env(PR1_DRY_RUN="1", PR1_CONFIG="configs/perception_r1_qwen2_5_vl_7b.py")
+    )
     config, workdir = _parse_train_flags(shlex.split(recipe.stdout)[7:])
     assert workdir == "runs/perception_r1_qwen2_5_vl_7b" and config.rewards.judge.url == ""
 
@@ -467,17 +627,37 @@ def test_gpu_debug_dry_run_lexical_judge_by_default(tmp_path):
 def test_gpu_debug_dry_run_remote_judge_and_gpu_settings():
     from pr1.rewards import OpenAIJudge, make_judge
 
-    env = _clean_env(PR1_DRY_RUN="1", PR1_JUDGE_URL="http://localhost:30000/v1", PR1_JUDGE_MODEL="Qwen2.5-32B-Instruct-AWQ",
-                     PR1_JUDGE_API_KEY="sk-never-printed", PR1_JUDGE_API_KEY_ENV="MY_KEY", PR1_WORKDIR="/tmp/w x",
-                     CUDA_VISIBLE_DEVICES="3", XLA_PYTHON_CLIENT_MEM_FRACTION=".45", PYTHON="/opt/venv/bin/python")
+    env = _clean_env(
+        PR1_DRY_RUN="1",
+        PR1_JUDGE_URL="http://localhost:30000/v1",
+        PR1_JUDGE_MODEL="Qwen2.5-32B-Instruct-AWQ",
+        PR1_JUDGE_API_KEY="sk-never-printed",
+        PR1_JUDGE_API_KEY_ENV="MY_KEY",
+        PR1_WORKDIR="/tmp/w x",
+        CUDA_VISIBLE_DEVICES="3",
+        XLA_PYTHON_CLIENT_MEM_FRACTION=".45",
+        PYTHON="/opt/venv/bin/python",
+    )
     result = _run("gpu_debug.sh", env=env)
     assert result.returncode == 0, result.stderr
     assert "sk-never-printed" not in result.stdout + result.stderr
     argv = shlex.split(result.stdout)
-    assert argv == ["env", "CUDA_VISIBLE_DEVICES=3", "XLA_PYTHON_CLIENT_MEM_FRACTION=.45", "JAX_PLATFORMS=cuda",
-                    "/opt/venv/bin/python", "-m", "pr1.train", "--config", "configs/debug.py", "--workdir", "/tmp/w x",
-                    "--config.rewards.judge.url=http://localhost:30000/v1",
-                    "--config.rewards.judge.model=Qwen2.5-32B-Instruct-AWQ", "--config.rewards.judge.api_key_env=MY_KEY"]
+    assert argv == [
+        "env",
+        "CUDA_VISIBLE_DEVICES=3",
+        "XLA_PYTHON_CLIENT_MEM_FRACTION=.45",
+        "JAX_PLATFORMS=cuda",
+        "/opt/venv/bin/python",
+        "-m",
+        "pr1.train",
+        "--config",
+        "configs/debug.py",
+        "--workdir",
+        "/tmp/w x",
+        "--config.rewards.judge.url=http://localhost:30000/v1",
+        "--config.rewards.judge.model=Qwen2.5-32B-Instruct-AWQ",
+        "--config.rewards.judge.api_key_env=MY_KEY",
+    ]
     config, _ = _parse_train_flags(argv[7:])
     judge = make_judge(config.rewards.judge)
     assert isinstance(judge, OpenAIJudge)
@@ -492,14 +672,17 @@ def test_gpu_debug_dry_run_remote_judge_and_gpu_settings():
 
 def test_gpu_debug_without_a_gpu_says_how_to_install(tmp_path):
     # A python whose JAX sees no GPU (exits 1 like jax.devices('gpu') would): no training starts.
-    python = _write_exe(tmp_path / "python", "#!/bin/sh\necho \"RuntimeError: Unknown backend: 'gpu'\" >&2\nexit 1\n")
+    python = _write_exe(
+        tmp_path / "python", "#!/bin/sh\necho \"RuntimeError: Unknown backend: 'gpu'\" >&2\nexit 1\n"
+    )
     result = _run("gpu_debug.sh", env=_clean_env(PYTHON=str(python)))
     assert result.returncode == 2
-    assert f'jax[cuda12]=={_jax_pin()}' in result.stderr
+    assert f"jax[cuda12]=={_jax_pin()}" in result.stderr
     assert "Unknown backend" in result.stderr
 
 
 # ---- bootstrap_venv.sh -------------------------------------------------------------------------
+
 
 def test_bootstrap_installs_the_pinned_jax_once(tmp_path):
     venv = tmp_path / "venv"
@@ -516,7 +699,13 @@ def test_bootstrap_installs_the_pinned_jax_once(tmp_path):
     assert pip_calls == [
         ["install", "-q", "--upgrade", "pip"],
         ["install", "-q", "-r", str(ROOT / "requirements.txt")],
-        ["install", "-q", f"jax[tpu]=={_jax_pin()}", "-f", "https://storage.googleapis.com/jax-releases/libtpu_releases.html"],
+        [
+            "install",
+            "-q",
+            f"jax[tpu]=={_jax_pin()}",
+            "-f",
+            "https://storage.googleapis.com/jax-releases/libtpu_releases.html",
+        ],
     ]
     markers = sorted(p.name for p in venv.glob(".pr1-bootstrap-*"))
     assert markers == [f".pr1-bootstrap-tpu-{req_hash}"]
@@ -528,7 +717,9 @@ def test_bootstrap_installs_the_pinned_jax_once(tmp_path):
 
     gpu = _run("bootstrap_venv.sh", "cuda12", env=env)
     assert gpu.returncode == 0, gpu.stderr
-    gpu_pips = [json.loads(line)[2:] for line in log.read_text().splitlines() if json.loads(line)[:2] == ["-m", "pip"]]
+    gpu_pips = [
+        json.loads(line)[2:] for line in log.read_text().splitlines() if json.loads(line)[:2] == ["-m", "pip"]
+    ]
     assert gpu_pips[-1] == ["install", "-q", f"jax[cuda12]=={_jax_pin()}"]
     assert sorted(p.name for p in venv.glob(".pr1-bootstrap-*")) == [f".pr1-bootstrap-cuda12-{req_hash}"]
 
@@ -543,8 +734,8 @@ def test_bootstrap_refuses_an_old_python(tmp_path):
     assert result.returncode == 2 and "3.11" in result.stderr and str(venv) in result.stderr
 
 
-
 # -- serve_vllm.sh and vllm_cpu_env.sh (the live tier runs serve_vllm.sh for real: tests/test_vllm_live.py)
+
 
 def _serve_vllm(args, **env):
     full = dict(os.environ, DRY_RUN="1", **env)
@@ -554,9 +745,11 @@ def _serve_vllm(args, **env):
 def test_serve_vllm_usage_errors(tmp_path):
     res = _serve_vllm(["--help"])
     assert res.returncode == 0 and "launch/serve_vllm.sh rollout CHECKPOINT_DIR" in res.stdout
-    for args, message in ((["serve"], "first argument must be rollout or judge"),
-                          (["rollout"], "give the checkpoint dir"),
-                          (["judge", str(tmp_path / "nope")], f"{tmp_path / 'nope'}/config.json not found")):
+    for args, message in (
+        (["serve"], "first argument must be rollout or judge"),
+        (["rollout"], "give the checkpoint dir"),
+        (["judge", str(tmp_path / "nope")], f"{tmp_path / 'nope'}/config.json not found"),
+    ):
         res = _serve_vllm(args)
         assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
 
@@ -569,14 +762,18 @@ def test_serve_vllm_dry_run(tmp_path, mode):
     ckpt = tmp_path / "my ckpt"
     ckpt.mkdir()
     (ckpt / "config.json").write_text("{}")
-    res = _serve_vllm([mode, str(ckpt), "--max-num-batched-tokens", "4096"], DEVICE="cpu", PORT="8123",
-                      PYTHON="/opt/v env/bin/python")
+    res = _serve_vllm(
+        [mode, str(ckpt), "--max-num-batched-tokens", "4096"],
+        DEVICE="cpu",
+        PORT="8123",
+        PYTHON="/opt/v env/bin/python",
+    )
     assert res.returncode == 0, res.stderr
     argv = shlex.split(res.stdout)
     assert argv[0] == "env" and "HF_HUB_OFFLINE=1" in argv and "VLLM_HOST_IP=127.0.0.1" in argv
     start = argv.index("/opt/v env/bin/python")
-    assert argv[start + 1:start + 3] == ["-m", "vllm.entrypoints.openai.api_server"]
-    flags = argv[start + 3:]
+    assert argv[start + 1 : start + 3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    flags = argv[start + 3 :]
     assert flags[flags.index("--model") + 1] == str(ckpt) and flags[flags.index("--port") + 1] == "8123"
     assert flags[flags.index("--served-model-name") + 1] == "my ckpt"
     assert flags[flags.index("--dtype") + 1] == "float32" and "--enforce-eager" in flags

@@ -30,8 +30,10 @@ def make_batch(path, config, seed=0, responses=None):
     `responses` [B, R] replaces the random response tokens (then every response is R tokens long)."""
     rng = np.random.default_rng(seed)
     processor = Processor.from_dir(path)
-    images = [[Image.fromarray(rng.integers(0, 255, (56 + 28 * (i % 3), 84, 3), np.uint8))] if i % 2 == 0 else None
-              for i in range(B)]
+    images = [
+        [Image.fromarray(rng.integers(0, 255, (56 + 28 * (i % 3), 84, 3), np.uint8))] if i % 2 == 0 else None
+        for i in range(B)
+    ]
     questions = [f"What is the value of x in figure {i}?" + " and why" * (i % 3) for i in range(B)]
     p = processor(questions, images)
     lengths = rng.integers(3, RESPONSE + 1, B)
@@ -50,16 +52,19 @@ def make_batch(path, config, seed=0, responses=None):
             pixels.append(None)
             grids.append(None)
             continue
-        grid = p["image_grid_thw"][image:image + 1]
+        grid = p["image_grid_thw"][image : image + 1]
         n = int(grid.prod())
-        pixels.append(p["pixel_values"][start:start + n])
+        pixels.append(p["pixel_values"][start : start + n])
         grids.append(grid)
         start, image = start + n, image + 1
     vision = batched_vision_inputs(pixels, grids, config.vision, num_patches=64)
     batch = {
-        "input_ids": ids.astype(np.int32), "attention_mask": mask.astype(np.int32),
+        "input_ids": ids.astype(np.int32),
+        "attention_mask": mask.astype(np.int32),
         "position_ids": np.swapaxes(pos, 0, 1).astype(np.int32),
-        "loss_mask": np.concatenate([np.zeros_like(p["attention_mask"]), response_mask], axis=1).astype(np.int32),
+        "loss_mask": np.concatenate([np.zeros_like(p["attention_mask"]), response_mask], axis=1).astype(
+            np.int32
+        ),
         "advantages": rng.standard_normal(B).astype(np.float32),
         **vision,
     }
@@ -73,7 +78,9 @@ def optim_cfg(**kw):
     return cfg
 
 
-def run_update(path, config, batch, mesh, *, micro_batches=1, optim=None, tx=None, old_noise_seed=1, **learner):
+def run_update(
+    path, config, batch, mesh, *, micro_batches=1, optim=None, tx=None, old_noise_seed=1, **learner
+):
     model_def = state_lib.ModelDef.create(config, dtype=jnp.float32)
     params = state_lib.load_params(path, model_def, mesh)
     cfg = step_lib.learner_config()
@@ -173,7 +180,9 @@ def test_adamw_step_and_frozen_vision_tower(tiny, reference):
     assert bool(metrics["finite"])
     before = jax.device_get(state_lib.load_params(path, state_lib.ModelDef.create(config, jnp.float32), mesh))
     jax.tree.map(np.testing.assert_array_equal, params["visual"], before["visual"])
-    assert not np.array_equal(params["layers"][0]["mlp"]["up_proj"]["kernel"], before["layers"][0]["mlp"]["up_proj"]["kernel"])
+    assert not np.array_equal(
+        params["layers"][0]["mlp"]["up_proj"]["kernel"], before["layers"][0]["mlp"]["up_proj"]["kernel"]
+    )
 
 
 def test_nan_loss_keeps_state_and_raises(tiny, reference):
@@ -182,8 +191,11 @@ def test_nan_loss_keeps_state_and_raises(tiny, reference):
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     model_def = state_lib.ModelDef.create(config, dtype=jnp.float32)
     params = state_lib.load_params(path, model_def, mesh)
-    bad = dict(batch, old_logprobs=np.zeros(batch["input_ids"].shape, np.float32),
-               advantages=np.full(B, np.nan, np.float32))
+    bad = dict(
+        batch,
+        old_logprobs=np.zeros(batch["input_ids"].shape, np.float32),
+        advantages=np.full(B, np.nan, np.float32),
+    )
     tx = state_lib.make_optimizer(optim_cfg(), total_steps=10)
     state, shardings = state_lib.create_train_state(params, tx, model_def, mesh)
     before = jax.device_get(state.params)
@@ -200,7 +212,9 @@ def test_indivisible_batch_is_an_error(tiny, reference):
     batch, _ = reference
     mesh = sharding.make_mesh(data=4, fsdp=1, tensor=2)
     odd = {k: v[:6] for k, v in batch.items()}
-    with pytest.raises(ValueError, match=r"batch\['input_ids'\] has 6 rows, which does not divide the 4 devices"):
+    with pytest.raises(
+        ValueError, match=r"batch\['input_ids'\] has 6 rows, which does not divide the 4 devices"
+    ):
         step_lib.batch_sharding(mesh, odd)
 
 
@@ -212,8 +226,11 @@ def test_optimizer_state_is_born_sharded_like_params(tiny):
     for freeze in (False, True):
         tx = state_lib.make_optimizer(optim_cfg(freeze_vision_tower=freeze), total_steps=10, params=params)
         state, _ = state_lib.create_train_state(params, tx, model_def, mesh)
-        kernels = [leaf for p, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
-                   if "up_proj" in jax.tree_util.keystr(p) and "layers" in jax.tree_util.keystr(p) and leaf.ndim == 2]
+        kernels = [
+            leaf
+            for p, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
+            if "up_proj" in jax.tree_util.keystr(p) and "layers" in jax.tree_util.keystr(p) and leaf.ndim == 2
+        ]
         assert kernels, "no Adam moments found for the decoder MLP"
         for leaf in kernels:
             assert leaf.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
@@ -251,8 +268,11 @@ def test_resume_after_step_3_equals_uninterrupted_run(tiny, reference, tmp_path)
     del state
 
     _, shardings, update = fresh()
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            jax.eval_shape(lambda: fresh()[0]), shardings)
+    abstract = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        jax.eval_shape(lambda: fresh()[0]),
+        shardings,
+    )
     with Checkpointer(str(tmp_path / "ckpt")) as ckpt:
         assert ckpt.latest_step() == 3
         state, host = ckpt.restore(abstract)

@@ -8,8 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pr1.bench import accelerators
-from pr1.bench import memory
+from pr1.bench import accelerators, memory
 from pr1.models.config import qwen2_5_vl_7b_hf_config, tiny_hf_config
 from pr1.train import state as state_lib
 
@@ -30,8 +29,9 @@ def small_config(tmp_path, mesh="fsdp=8", **overrides):
     c.rollout.max_new_tokens = NEW
     c.learner.micro_batches = 1  # what these plans were written for (the debug run uses 8)
     c.update_from_flattened_dict(overrides)
-    model_config = memory.prepare_config(c, memory.model_hf_config(c), str(tmp_path / "model"),
-                                         memory.parse_mesh(mesh))
+    model_config = memory.prepare_config(
+        c, memory.model_hf_config(c), str(tmp_path / "model"), memory.parse_mesh(mesh)
+    )
     return c, model_config, memory.plan_mesh(c)
 
 
@@ -53,8 +53,11 @@ TINY = tiny_hf_config()
 TINY_PARAMS = qwen2_5_vl_parameters(TINY)
 # Leaves whose only dimension is a tensor-parallel one stay whole under fsdp: the q/k/v biases of each
 # decoder layer, the qkv and gate/up biases of each vision block, the merger's first bias (4 x 32).
-TINY_WHOLE = (TINY["text_config"]["num_hidden_layers"] * (64 + 32 + 32)
-              + TINY["vision_config"]["depth"] * (3 * 32 + 64 + 64) + 4 * 32)
+TINY_WHOLE = (
+    TINY["text_config"]["num_hidden_layers"] * (64 + 32 + 32)
+    + TINY["vision_config"]["depth"] * (3 * 32 + 64 + 64)
+    + 4 * 32
+)
 # Optimizer: AdamW's mu and nu per parameter, plus two int32 step counts (Adam's, the lr schedule's).
 COUNTS = 2 * 4
 
@@ -109,10 +112,15 @@ def batch_bytes_per_device(rows, update):
     """Hand count of one device's share of the learner batch (rows split over 8 devices)."""
     r, t = rows // 8, PROMPT_BUCKET + NEW
     row_arrays = 5 if update else 4  # ids, mask, loss mask, rollout logprobs (+ old logprobs): [r, T] x 4 B
-    return (row_arrays * r * t * 4 + r * 3 * t * 4  # position_ids
-            + (r * 4 if update else 0)  # advantages
-            + r * PATCHES * PATCH_DIM * 4 + r * PATCHES * 2 * 4 + 2 * r * PATCHES * 4  # pixels, hw, frame, window
-            + r * PATCHES // 4 * 4)  # feature_index: one per merged unit
+    return (
+        row_arrays * r * t * 4
+        + r * 3 * t * 4  # position_ids
+        + (r * 4 if update else 0)  # advantages
+        + r * PATCHES * PATCH_DIM * 4
+        + r * PATCHES * 2 * 4
+        + 2 * r * PATCHES * 4  # pixels, hw, frame, window
+        + r * PATCHES // 4 * 4
+    )  # feature_index: one per merged unit
 
 
 def test_update_step_accounting_matches_the_hand_count(tmp_path):
@@ -150,8 +158,13 @@ def test_rollout_kv_cache_is_the_hand_count_and_inside_temp(tmp_path):
     assert rollout.temp > rollout.kv_cache
     # prompts: ids, mask, deltas and 3 position rows, and one image per prompt, on 1 of 8 devices.
     r = PROMPTS // 8
-    assert rollout.batch == (2 * r * PROMPT_BUCKET * 4 + r * 4 + 3 * r * PROMPT_BUCKET * 4
-                             + r * PATCHES * (PATCH_DIM + 2 + 1 + 1) * 4 + r * PATCHES // 4 * 4)
+    assert rollout.batch == (
+        2 * r * PROMPT_BUCKET * 4
+        + r * 4
+        + 3 * r * PROMPT_BUCKET * 4
+        + r * PATCHES * (PATCH_DIM + 2 + 1 + 1) * 4
+        + r * PATCHES // 4 * 4
+    )
     assert rollout.peak >= rollout.params + rollout.optimizer + rollout.batch + rollout.kv_cache
 
 
@@ -170,14 +183,16 @@ def test_verdict_flips_at_the_peak():
 
 def test_a_program_the_compiler_refuses_is_planned_from_its_error():
     """libtpu will not compile what exceeds HBM; the plan takes the temporaries its error names."""
+
     class Refused:
         def compile(self):
             raise jax.errors.JaxRuntimeError(
                 "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
-                "(160.58G) exceeds available HBM (95.74G).")
+                "(160.58G) exceeds available HBM (95.74G)."
+            )
 
     stats = memory._compiled_memory(Refused(), argument_bytes=1234)
-    assert stats["temp"] == int(160.58 * 2 ** 30) and stats["arguments"] == 1234
+    assert stats["temp"] == int(160.58 * 2**30) and stats["arguments"] == 1234
     assert stats["refused"].startswith("RESOURCE_EXHAUSTED")
 
     class Broken:
@@ -203,9 +218,22 @@ def test_mesh_flag_and_device_errors():
 
 def _cli(tmp_path, *args):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")  # the CLI must override it
-    return subprocess.run([sys.executable, "-m", "pr1.bench.memory", f"--config=configs/debug.py:{tmp_path}",
-                           "--config.data.prompts_per_step=8", "--config.data.max_prompt_length=64", *args],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pr1.bench.memory",
+            f"--config=configs/debug.py:{tmp_path}",
+            "--config.data.prompts_per_step=8",
+            "--config.data.max_prompt_length=64",
+            *args,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_prints_the_table_and_verdicts(tmp_path):
@@ -232,14 +260,19 @@ def test_vision_tower_temporaries_grow_linearly_in_rows(implementation):
     vision widths, one windowed + one full-attention block, bf16) at most ~doubles the compiled
     temporaries. (Attending all rows as one block-diagonal sequence grew them 4x per doubling.)"""
     import dataclasses
+
     from flax import nnx
-    from pr1.models.vision import VisionTower, layout_shapes
 
     from pr1.models.config import Qwen25VLConfig
+    from pr1.models.vision import VisionTower, layout_shapes
+
     cfg = Qwen25VLConfig.from_hf_dict(qwen2_5_vl_7b_hf_config()).vision
     cfg = dataclasses.replace(cfg, depth=2, fullatt_block_indexes=(1,))
-    graphdef, state = nnx.split(nnx.eval_shape(
-        lambda: VisionTower(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), attention=implementation)))
+    graphdef, state = nnx.split(
+        nnx.eval_shape(
+            lambda: VisionTower(cfg, dtype=jnp.bfloat16, rngs=nnx.Rngs(0), attention=implementation)
+        )
+    )
 
     def temporaries(rows):
         shapes = layout_shapes(rows, 1024, cfg)

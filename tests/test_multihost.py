@@ -55,8 +55,13 @@ def _free_port() -> int:
 
 def _env(devices: int, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "PR1_"))}
-    env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               PYTHONUNBUFFERED="1", **extra)
+    env.update(
+        PYTHONPATH=REPO,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        PYTHONUNBUFFERED="1",
+        **extra,
+    )
     return env
 
 
@@ -70,8 +75,9 @@ class _Processes:
 
     def start(self, name: str, args: list[str], env: dict) -> None:
         log = open(self.tmp_path / f"{name}.log", "w")
-        proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            args, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         log.close()
         self.procs.append((name, proc))
 
@@ -104,14 +110,29 @@ class _Processes:
 
 
 def _train_args(assets, workdir, *extra) -> list[str]:
-    return [sys.executable, "-m", "pr1.train", "--config", f"{REPO}/configs/debug.py:{assets}", "--workdir",
-            str(workdir), "--config.train.steps=3", "--config.train.checkpoint_every=2",
-            "--config.train.val_every=3", "--config.train.val_prompts=5", "--config.train.tensorboard=False",
-            "--config.data.prompts_per_step=4", "--config.rollout.n=4", "--config.rollout.max_new_tokens=4",
-            "--config.learner.micro_batches=1",  # 16 rows over the 4-device mesh
-            "--config.data.synthetic.task=color",  # nonzero rewards from the first steps (dots: ~1%)
-            "--config.rollout.val_max_new_tokens=4", "--config.data.synthetic.train_rows=64",
-            "--config.data.synthetic.val_rows=8", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "pr1.train",
+        "--config",
+        f"{REPO}/configs/debug.py:{assets}",
+        "--workdir",
+        str(workdir),
+        "--config.train.steps=3",
+        "--config.train.checkpoint_every=2",
+        "--config.train.val_every=3",
+        "--config.train.val_prompts=5",
+        "--config.train.tensorboard=False",
+        "--config.data.prompts_per_step=4",
+        "--config.rollout.n=4",
+        "--config.rollout.max_new_tokens=4",
+        "--config.learner.micro_batches=1",  # 16 rows over the 4-device mesh
+        "--config.data.synthetic.task=color",  # nonzero rewards from the first steps (dots: ~1%)
+        "--config.rollout.val_max_new_tokens=4",
+        "--config.data.synthetic.train_rows=64",
+        "--config.data.synthetic.val_rows=8",
+        *extra,
+    ]
 
 
 def _rows(workdir):
@@ -127,21 +148,40 @@ def test_two_processes_train_like_one_process(tmp_path):
         # run exercises process 0 writing them and the barrier before process 1 reads them.
         procs.start("one_process", _train_args(tmp_path / "assets1", one), _env(4))
         # Process 0 is configured by environment variables, process 1 by config keys: both paths.
-        procs.start("process_0", _train_args(tmp_path / "assets2", two, "--config.distributed.heartbeat_timeout=30"),
-                    _env(2, PR1_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                         JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="0"))
-        procs.start("process_1", _train_args(
-            tmp_path / "assets2", two, "--config.distributed.enabled=True",
-            f"--config.distributed.coordinator_address=localhost:{port}", "--config.distributed.num_processes=2",
-            "--config.distributed.process_id=1", "--config.distributed.heartbeat_timeout=30"), _env(2))
+        procs.start(
+            "process_0",
+            _train_args(tmp_path / "assets2", two, "--config.distributed.heartbeat_timeout=30"),
+            _env(
+                2,
+                PR1_DISTRIBUTED="1",
+                JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                JAX_NUM_PROCESSES="2",
+                JAX_PROCESS_ID="0",
+            ),
+        )
+        procs.start(
+            "process_1",
+            _train_args(
+                tmp_path / "assets2",
+                two,
+                "--config.distributed.enabled=True",
+                f"--config.distributed.coordinator_address=localhost:{port}",
+                "--config.distributed.num_processes=2",
+                "--config.distributed.process_id=1",
+                "--config.distributed.heartbeat_timeout=30",
+            ),
+            _env(2),
+        )
         procs.wait_all(TIMEOUT)
-        assert "step 3/3" in procs.log("process_0") and "step 3/3" not in procs.log("process_1")  # progress: process 0
+        assert "step 3/3" in procs.log("process_0") and "step 3/3" not in procs.log(
+            "process_1"
+        )  # progress: process 0
 
     rows_one, rows_two = _rows(one), _rows(two)
     assert [r["step"] for r in rows_one] == [r["step"] for r in rows_two] == [1, 2, 3]
-    assert rows_one[-1]["val/examples"] == rows_two[-1]["val/examples"] == 5.0   # 2 + 3 on two processes
+    assert rows_one[-1]["val/examples"] == rows_two[-1]["val/examples"] == 5.0  # 2 + 3 on two processes
     assert rows_one[-1]["data/examples"] == rows_two[-1]["data/examples"] == 12.0  # 3 steps x 4 prompts
-    assert any(r["rewards/total/mean"] != 0 for r in rows_one)       # the comparison has something to compare
+    assert any(r["rewards/total/mean"] != 0 for r in rows_one)  # the comparison has something to compare
     for ra, rb in zip(rows_one, rows_two):
         assert set(ra) == set(rb)
         for key in ra:
@@ -158,23 +198,33 @@ def test_two_processes_train_like_one_process(tmp_path):
     initial = nnx.state(hf.load(tmp_path / "assets1" / "tiny", dtype=np.float32), nnx.Param).to_pure_dict()
 
     def flat(tree):  # by parameter name (the model state has int layer keys, the checkpoint str ones)
-        leaves = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(x, np.float64)
-                  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+        leaves = {
+            "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(x, np.float64)
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+        }
         return np.concatenate([leaves[name].ravel() for name in sorted(leaves)]), sorted(leaves)
 
-    (final_one, names), (final_two, names_two), (start, names_start) = flat(params_one), flat(params_two), flat(initial)
+    (final_one, names), (final_two, names_two), (start, names_start) = (
+        flat(params_one),
+        flat(params_two),
+        flat(initial),
+    )
     assert names == names_two == names_start
     update_one, update_two = final_one - start, final_two - start
-    assert np.abs(update_one).mean() > 1e-3                    # the runs really trained
+    assert np.abs(update_one).mean() > 1e-3  # the runs really trained
     assert np.abs(update_two - update_one).max() <= 1e-3
     assert np.linalg.norm(update_two - update_one) <= 1e-4 * np.linalg.norm(update_one)
     # The checkpoint's data state holds both processes; together they consumed what one process did.
     assert [s["process_index"] for s in host_two["data"]["processes"]] == [0, 1]
-    assert sum(s["position"] for s in host_two["data"]["processes"]) == \
-        host_one["data"]["processes"][0]["position"] == 12
+    assert (
+        sum(s["position"] for s in host_two["data"]["processes"])
+        == host_one["data"]["processes"][0]["position"]
+        == 12
+    )
 
 
 # ---- the pieces ----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def processor(tmp_path_factory):
@@ -187,6 +237,7 @@ def _uids(batch):
 
 def test_train_split_gives_each_process_its_block_of_the_global_batch(tmp_path, processor):
     from pr1.data.synthetic import write_synthetic
+
     path = str(tmp_path / "ten.parquet")
     write_synthetic(path, n=10, seed=0, task="color", image_size=28)
     cfg = D.data_config()
@@ -205,7 +256,7 @@ def test_train_split_gives_each_process_its_block_of_the_global_batch(tmp_path, 
     cfg.shuffle = True
     one = D.train_iterator(cfg, processor, process_index=0, process_count=1)
     its = [D.train_iterator(cfg, processor, process_index=p, process_count=2) for p in range(2)]
-    for _ in range(5):   # 2.5 epochs
+    for _ in range(5):  # 2.5 epochs
         assert _uids(next(one)) == _uids(next(its[0])) + _uids(next(its[1]))
 
 
@@ -252,8 +303,16 @@ def test_distributed_helpers_in_a_two_process_cluster(tmp_path):
     script.write_text(_HELPERS)
     with _Processes(tmp_path) as procs:
         for p in range(2):
-            procs.start(f"helpers_{p}", [sys.executable, str(script)],
-                        _env(2, PR1_DISTRIBUTED="1", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                             JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(p)))
+            procs.start(
+                f"helpers_{p}",
+                [sys.executable, str(script)],
+                _env(
+                    2,
+                    PR1_DISTRIBUTED="1",
+                    JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                    JAX_NUM_PROCESSES="2",
+                    JAX_PROCESS_ID=str(p),
+                ),
+            )
         procs.wait_all(120)
         assert "helpers ok 0" in procs.log("helpers_0") and "helpers ok 1" in procs.log("helpers_1")

@@ -55,7 +55,9 @@ def setup(tiny, batch, mesh, param_dtype=jnp.float32, compute_dtype=jnp.bfloat16
     params = state_lib.load_params(path, model_def, mesh)
     cfg = step_lib.learner_config()
     cfg.update(learner or {})
-    old = step_lib.make_logprob_step(model_def, cfg, model_def.param_shardings(mesh), mesh, batch)(params, batch)
+    old = step_lib.make_logprob_step(model_def, cfg, model_def.param_shardings(mesh), mesh, batch)(
+        params, batch
+    )
     full = dict(batch, old_logprobs=np.asarray(old))
     tx = state_lib.make_optimizer(recipe_optim(), total_steps=275, params=params)
     state, shardings = state_lib.create_train_state(params, tx, model_def, mesh)
@@ -90,22 +92,38 @@ def test_one_recipe_update_moves_fp32_masters_as_optax_does(tiny, batch):
     def loss(p):
         model = model_def.bind(jax.tree.map(lambda x: x.astype(jnp.bfloat16), p))
         layout = {k: full[k] for k in LAYOUT_KEYS}
-        logits = model(ids, position_ids=jnp.swapaxes(full["position_ids"], 0, 1),
-                       attention_mask=full["attention_mask"], pixel_values=full["pixel_values"],
-                       vision_layout_arrays=layout)
+        logits = model(
+            ids,
+            position_ids=jnp.swapaxes(full["position_ids"], 0, 1),
+            attention_mask=full["attention_mask"],
+            pixel_values=full["pixel_values"],
+            vision_layout_arrays=layout,
+        )
         logp = jnp.pad(grpo.token_logprobs(logits[:, :-1], ids[:, 1:]), ((0, 0), (1, 0)))
-        return grpo.grpo_loss(logp, full["old_logprobs"], full["advantages"], full["loss_mask"], clip_low=0.2,
-                              clip_high=0.3, dual_clip=3.0, loss_agg="token-mean")[0]
+        return grpo.grpo_loss(
+            logp,
+            full["old_logprobs"],
+            full["advantages"],
+            full["loss_mask"],
+            clip_low=0.2,
+            clip_high=0.3,
+            dual_clip=3.0,
+            loss_agg="token-mean",
+        )[0]
 
     grads = jax.jit(jax.grad(loss))(params)
     o = recipe_optim()
-    ref_tx = optax.chain(optax.clip_by_global_norm(o.max_grad_norm),
-                         optax.adamw(o.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+    ref_tx = optax.chain(
+        optax.clip_by_global_norm(o.max_grad_norm),
+        optax.adamw(o.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay),
+    )
     ref = jax.device_get(optax.apply_updates(params, ref_tx.update(grads, ref_tx.init(params), params)[0]))
     # Adam's first step is lr * g / (|g| + eps) ~ +-1e-6 per element: compare the updates themselves.
     # Two bf16 forwards of different program structure round differently, so an element whose
     # gradient is ~eps may flip; allow 0.1% of elements to differ by up to the 2e-6 such a flip costs.
-    got = np.concatenate([(a - b).ravel() for a, b in zip(jax.tree.leaves(new_params), jax.tree.leaves(before))])
+    got = np.concatenate(
+        [(a - b).ravel() for a, b in zip(jax.tree.leaves(new_params), jax.tree.leaves(before))]
+    )
     want = np.concatenate([(a - b).ravel() for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(before))])
     close = np.abs(got - want) <= 1e-8 + 0.01 * np.abs(want)
     assert close.mean() > 0.999, f"{(~close).sum()} of {close.size} updates differ from optax's"
@@ -173,22 +191,30 @@ def test_old_bf16_checkpoint_is_upcast_and_fp32_into_bf16_is_refused(tmp_path):
     with Checkpointer(str(tmp_path / "old")) as ckpt:
         ckpt.save(3, old, {})
         ckpt.wait()
-    want = {"params": {"w": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=sh)},
-            "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=sh)}
+    want = {
+        "params": {"w": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=sh)},
+        "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=sh),
+    }
     with Checkpointer(str(tmp_path / "old")) as ckpt:
         state, _ = ckpt.restore(want)
         assert ckpt.upcast == ["params/w"]
     assert state["params"]["w"].dtype == jnp.float32
-    np.testing.assert_array_equal(np.asarray(state["params"]["w"]), np.asarray(old["params"]["w"], np.float32))
+    np.testing.assert_array_equal(
+        np.asarray(state["params"]["w"]), np.asarray(old["params"]["w"], np.float32)
+    )
 
     new = {"params": {"w": jax.device_put(jnp.asarray(values), sh)}, "step": jnp.int32(3)}
     with Checkpointer(str(tmp_path / "new")) as ckpt:
         ckpt.save(3, new, {})
         ckpt.wait()
-    narrow = {"params": {"w": jax.ShapeDtypeStruct((8,), jnp.bfloat16, sharding=sh)},
-              "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=sh)}
+    narrow = {
+        "params": {"w": jax.ShapeDtypeStruct((8,), jnp.bfloat16, sharding=sh)},
+        "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=sh),
+    }
     with Checkpointer(str(tmp_path / "new")) as ckpt:
-        with pytest.raises(ValueError, match=r"params/w is stored as float32 but this run keeps it as bfloat16"):
+        with pytest.raises(
+            ValueError, match=r"params/w is stored as float32 but this run keeps it as bfloat16"
+        ):
             ckpt.restore(narrow)
 
 
@@ -199,8 +225,11 @@ def _np_chunk_loss(new_logp, old_logp, adv, mask, chunk):
     tok = np.maximum(-a * r, -a * np.clip(r, 0.8, 1.3))
     tok = np.where(a < 0, np.minimum(tok, -a * 3.0), tok)
     m = mask.astype(bool)
-    means = [np.where(m[i:i + chunk], tok[i:i + chunk], 0).sum() / m[i:i + chunk].sum()
-             for i in range(0, len(m), chunk) if m[i:i + chunk].any()]
+    means = [
+        np.where(m[i : i + chunk], tok[i : i + chunk], 0).sum() / m[i : i + chunk].sum()
+        for i in range(0, len(m), chunk)
+        if m[i : i + chunk].any()
+    ]
     return np.mean(means)
 
 
@@ -212,7 +241,10 @@ def test_release_loss_scope_is_independent_of_mesh_and_micro_batches(tiny):
     learner = dict(loss_agg="chunk-token-mean", loss_chunk_responses=2)
     one = run_update(path, config, batch, single_mesh(), tx=SGD, **learner)
     params, metrics, old_clean = one
-    noisy = old_clean + np.random.default_rng(1).normal(0, 1.2, old_clean.shape).astype(np.float32) * batch["loss_mask"]
+    noisy = (
+        old_clean
+        + np.random.default_rng(1).normal(0, 1.2, old_clean.shape).astype(np.float32) * batch["loss_mask"]
+    )
     want = _np_chunk_loss(old_clean, noisy, batch["advantages"], batch["loss_mask"], 2)
     np.testing.assert_allclose(metrics["loss"], want, rtol=1e-5)
     token_mean = run_update(path, config, batch, single_mesh(), tx=SGD)[1]["loss"]

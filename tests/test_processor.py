@@ -12,9 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 import pytest
 import tokenizers
-from PIL import Image
-
 import transformers
+from PIL import Image
 from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as hf_pil
 
 from pr1.data.processor import Processor, preprocess_image, smart_resize
@@ -27,10 +26,10 @@ from tests.hf_reference import load_hf_processor
 MIN_PIXELS = 56 * 56
 MAX_PIXELS = 28 * 28 * 16
 SIZES = {
-    "in_range": (60, 90),      # rounds to 56x84, no rescale
+    "in_range": (60, 90),  # rounds to 56x84, no rescale
     "max_pixels": (300, 500),  # 308x504 is over MAX_PIXELS: scaled down
-    "min_pixels": (20, 30),    # 28x28 is under MIN_PIXELS: scaled up
-    "exact": (56, 112),        # already multiples of 28
+    "min_pixels": (20, 30),  # 28x28 is under MIN_PIXELS: scaled up
+    "exact": (56, 112),  # already multiples of 28
 }
 
 
@@ -84,8 +83,13 @@ def test_every_image_input_type_gives_the_same_pixels(tmp_path):
     (tmp_path / "x.png").write_bytes(png.getvalue())
     kw = dict(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
     want, grid = preprocess_image(image, **kw)
-    for source in (Image.fromarray(image), png.getvalue(), str(tmp_path / "x.png"), tmp_path / "x.png",
-                   Image.fromarray(image).convert("RGBA")):
+    for source in (
+        Image.fromarray(image),
+        png.getvalue(),
+        str(tmp_path / "x.png"),
+        tmp_path / "x.png",
+        Image.fromarray(image).convert("RGBA"),
+    ):
         got, got_grid = preprocess_image(source, **kw)
         np.testing.assert_array_equal(got, want)
         np.testing.assert_array_equal(got_grid, grid)
@@ -103,7 +107,11 @@ def test_transparent_and_gray_images_match_transformers():
 
 
 def test_smart_resize_matches_transformers():
-    cases = [(h, w) for h in (1, 13, 14, 27, 28, 41, 42, 43, 70, 99, 224, 1000, 3001) for w in (1, 28, 42, 56, 71, 640, 4000)]
+    cases = [
+        (h, w)
+        for h in (1, 13, 14, 27, 28, 41, 42, 43, 70, 99, 224, 1000, 3001)
+        for w in (1, 28, 42, 56, 71, 640, 4000)
+    ]
     cases += [(1, 200), (200, 1), (3, 600), (28, 5600)]  # aspect ratio exactly 200 is allowed
     limits = [(3136, 1806336), (56 * 56, 28 * 28 * 16), (28 * 28 * 4, 28 * 28 * 1280), (100, 100_000)]
     for height, width in cases:
@@ -138,9 +146,15 @@ def test_tokenizer_files_load_and_round_trip(tiny_dir):
     assert tok.convert_tokens_to_ids("<|image_pad|>") == cfg["image_token_id"]
     assert tok.convert_tokens_to_ids("<|vision_start|>") == cfg["vision_start_token_id"]
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
-    for text in ["Find the angle ABC if AB = 3 and BC = 4.", "<think> 2 + 2 = 4 </think><answer>\\boxed{4}</answer>",
-                 "  Mixed CASE,\ttabs\nand newlines\r\n", "unicode: 直角三角形 é ∠ ≤ 😀", "", "1234567890",
-                 "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>hi<|im_end|>"]:
+    for text in [
+        "Find the angle ABC if AB = 3 and BC = 4.",
+        "<think> 2 + 2 = 4 </think><answer>\\boxed{4}</answer>",
+        "  Mixed CASE,\ttabs\nand newlines\r\n",
+        "unicode: 直角三角形 é ∠ ≤ 😀",
+        "",
+        "1234567890",
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>hi<|im_end|>",
+    ]:
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert max(ids, default=0) < 507
         assert tok.decode(ids) == text
@@ -157,8 +171,10 @@ def test_tokenizer_files_load_and_round_trip(tiny_dir):
 def test_tokenizer_files_are_deterministic(tiny_dir, tmp_path):
     # Another process, thread count and hash seed than the fixture's files: BPE training must not
     # depend on any of them.
-    code = (f"from pr1.models.tiny_tokenizer import write_tokenizer_files; "
-            f"write_tokenizer_files({str(tmp_path)!r}, min_pixels={MIN_PIXELS}, max_pixels={MAX_PIXELS})")
+    code = (
+        f"from pr1.models.tiny_tokenizer import write_tokenizer_files; "
+        f"write_tokenizer_files({str(tmp_path)!r}, min_pixels={MIN_PIXELS}, max_pixels={MAX_PIXELS})"
+    )
     env = dict(os.environ, RAYON_NUM_THREADS="1", PYTHONHASHSEED="123")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=Path(__file__).resolve().parents[1])
     names = sorted(p for p in os.listdir(tmp_path))
@@ -187,13 +203,17 @@ def messages(question, num_images, system=None):
 def test_prompt_and_ids_match_auto_processor(processor, hf_processor, num_images):
     question = "In the figure, AB is a diameter. What is the angle ACB?"
     images = [random_image(*SIZES[k], seed=i) for i, k in enumerate(["in_range", "max_pixels"][:num_images])]
-    text = hf_processor.apply_chat_template(messages(question, num_images), tokenize=False, add_generation_prompt=True)
+    text = hf_processor.apply_chat_template(
+        messages(question, num_images), tokenize=False, add_generation_prompt=True
+    )
     assert processor.prompt_text(question, num_images) == text
     assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
     assert text.endswith(f"{question}<|im_end|>\n<|im_start|>assistant\n")
     assert text.count("<|vision_start|><|image_pad|><|vision_end|>") == num_images
 
-    want = hf_processor(text=[text], images=[Image.fromarray(im) for im in images] or None, return_tensors="np")
+    want = hf_processor(
+        text=[text], images=[Image.fromarray(im) for im in images] or None, return_tensors="np"
+    )
     got = processor([question], [images])
     np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
     assert got["input_ids"].dtype == np.int32 and got["attention_mask"].dtype == np.int32
@@ -208,20 +228,30 @@ def test_prompt_and_ids_match_auto_processor(processor, hf_processor, num_images
 
 
 def test_system_prompt_matches_auto_processor(processor, hf_processor):
-    want = hf_processor.apply_chat_template(messages("Count the cubes.", 1, system="Answer briefly."),
-                                            tokenize=False, add_generation_prompt=True)
+    want = hf_processor.apply_chat_template(
+        messages("Count the cubes.", 1, system="Answer briefly."), tokenize=False, add_generation_prompt=True
+    )
     assert processor.prompt_text("Count the cubes.", 1, system="Answer briefly.") == want
     assert "You are a helpful assistant." not in want
 
 
 def test_left_padded_batch_matches_auto_processor(processor, hf_processor):
     questions = ["Compare the two figures: which triangle is larger?", "What is x?"]
-    images = [[random_image(*SIZES["in_range"], seed=1), random_image(*SIZES["min_pixels"], seed=2)],
-              [random_image(*SIZES["exact"], seed=3)]]
-    texts = [hf_processor.apply_chat_template(messages(q, len(ims)), tokenize=False, add_generation_prompt=True)
-             for q, ims in zip(questions, images)]
-    want = hf_processor(text=texts, images=[Image.fromarray(im) for ims in images for im in ims],
-                        padding=True, padding_side="left", return_tensors="np")
+    images = [
+        [random_image(*SIZES["in_range"], seed=1), random_image(*SIZES["min_pixels"], seed=2)],
+        [random_image(*SIZES["exact"], seed=3)],
+    ]
+    texts = [
+        hf_processor.apply_chat_template(messages(q, len(ims)), tokenize=False, add_generation_prompt=True)
+        for q, ims in zip(questions, images)
+    ]
+    want = hf_processor(
+        text=texts,
+        images=[Image.fromarray(im) for ims in images for im in ims],
+        padding=True,
+        padding_side="left",
+        return_tensors="np",
+    )
     got = processor(questions, images)
     for key in ("input_ids", "attention_mask", "image_grid_thw"):
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
@@ -233,9 +263,11 @@ def test_left_padded_batch_matches_auto_processor(processor, hf_processor):
 
 def test_left_padding_and_position_ids(processor):
     questions = ["Short?", "A much longer question about the two circles and the tangent line?", "No image."]
-    images = [[random_image(*SIZES["in_range"], seed=4)],
-              [random_image(*SIZES["exact"], seed=5), random_image(*SIZES["min_pixels"], seed=6)],
-              None]
+    images = [
+        [random_image(*SIZES["in_range"], seed=4)],
+        [random_image(*SIZES["exact"], seed=5), random_image(*SIZES["min_pixels"], seed=6)],
+        None,
+    ]
     out = processor(questions, images, pad_to=96)
     ids, mask, pos = out["input_ids"], out["attention_mask"], out["position_ids"]
     assert ids.shape == mask.shape == (3, 96) and pos.shape == (3, 3, 96) and out["rope_deltas"].shape == (3,)
@@ -247,12 +279,12 @@ def test_left_padding_and_position_ids(processor):
         n = int(mask[b].sum())
         # padding is a prefix: zeros then ones, pad token id under the zeros
         np.testing.assert_array_equal(mask[b], np.r_[np.zeros(96 - n), np.ones(n)].astype(np.int32))
-        np.testing.assert_array_equal(ids[b, :96 - n], processor.pad_token_id)
+        np.testing.assert_array_equal(ids[b, : 96 - n], processor.pad_token_id)
         assert ids[b, 96 - n] == 505  # <|im_start|>
-        np.testing.assert_array_equal(pos[:, b, :96 - n], 0)
+        np.testing.assert_array_equal(pos[:, b, : 96 - n], 0)
         # positions of the real tokens do not depend on how much padding precedes them
-        want_pos, want_delta = rope_index(processor.config, ids[b:b + 1, 96 - n:], rows_grids[b])
-        np.testing.assert_array_equal(pos[:, b, 96 - n:], want_pos[:, 0])
+        want_pos, want_delta = rope_index(processor.config, ids[b : b + 1, 96 - n :], rows_grids[b])
+        np.testing.assert_array_equal(pos[:, b, 96 - n :], want_pos[:, 0])
         assert out["rope_deltas"][b] == want_delta[0]
     want_pos, want_deltas = rope_index(processor.config, ids, grids, mask)
     np.testing.assert_array_equal(pos, want_pos)
@@ -261,7 +293,7 @@ def test_left_padding_and_position_ids(processor):
 
     unpadded = processor(questions, images)
     assert unpadded["input_ids"].shape[1] == int(mask.sum(1).max())
-    np.testing.assert_array_equal(unpadded["input_ids"], ids[:, 96 - unpadded["input_ids"].shape[1]:])
+    np.testing.assert_array_equal(unpadded["input_ids"], ids[:, 96 - unpadded["input_ids"].shape[1] :])
 
 
 def test_errors_name_the_problem(processor, tiny_dir):

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pr1 import sharding
-from pr1.models.config import Qwen25VLConfig, qwen2_5_vl_7b_hf_config
 from pr1.models import vision
+from pr1.models.config import Qwen25VLConfig, qwen2_5_vl_7b_hf_config
 from pr1.train import state as state_lib
 from pr1.train import step as step_lib
 from pr1.train.config import validate_config
@@ -37,10 +37,13 @@ def test_perception_r1_7b_update_step_lowers_on_8_devices(tmp_path):
     config = Qwen25VLConfig.from_dir(tmp_path)
     mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
-    model_def = state_lib.ModelDef.create(config, dtype=jnp.dtype(c.model.param_dtype),
-                                          compute_dtype=jnp.dtype(c.model.compute_dtype))
+    model_def = state_lib.ModelDef.create(
+        config, dtype=jnp.dtype(c.model.param_dtype), compute_dtype=jnp.dtype(c.model.compute_dtype)
+    )
     tx = state_lib.make_optimizer(c.optim, c.train.steps, _pure(model_def.abstract_state))
-    params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, model_def.dtype), _pure(model_def.abstract_state))
+    params = jax.tree.map(
+        lambda v: jax.ShapeDtypeStruct(v.shape, model_def.dtype), _pure(model_def.abstract_state)
+    )
     shardings = state_lib.state_shardings(tx, params, model_def.param_shardings(mesh), mesh)
     state = _abstract_state(params, tx, shardings)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
@@ -48,10 +51,17 @@ def test_perception_r1_7b_update_step_lowers_on_8_devices(tmp_path):
 
     rows = c.data.prompts_per_step * c.rollout.n // c.train.mini_batches
     length = c.data.max_prompt_length + c.rollout.max_new_tokens
-    patches = vision.patch_bucket(vision.patch_slots(np.array([[1, 96, 96]]), config.vision), c.rollout.min_patch_bucket)
-    shapes = {"input_ids": ((rows, length), jnp.int32), "attention_mask": ((rows, length), jnp.int32),
-              "position_ids": ((rows, 3, length), jnp.int32), "loss_mask": ((rows, length), jnp.int32),
-              "old_logprobs": ((rows, length), jnp.float32), "advantages": ((rows,), jnp.float32)}
+    patches = vision.patch_bucket(
+        vision.patch_slots(np.array([[1, 96, 96]]), config.vision), c.rollout.min_patch_bucket
+    )
+    shapes = {
+        "input_ids": ((rows, length), jnp.int32),
+        "attention_mask": ((rows, length), jnp.int32),
+        "position_ids": ((rows, 3, length), jnp.int32),
+        "loss_mask": ((rows, length), jnp.int32),
+        "old_logprobs": ((rows, length), jnp.float32),
+        "advantages": ((rows,), jnp.float32),
+    }
     shapes.update(vision.layout_shapes(rows, patches, config.vision))
     shapes["pixel_values"] = ((rows, patches, 1176), jnp.bfloat16)
     example = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from pr1.bench.judge import StubJudgeServer, message_text, request_key
-from pr1.models.tiny import write_tiny_checkpoint
 from pr1.data.processor import Processor
+from pr1.models.tiny import write_tiny_checkpoint
 from pr1.rewards.combine import RewardStage, rewards_config
 from pr1.rollout.types import Completion, Prompt, SamplingParams, default_stop_token_ids
 from pr1.rollout.vllm import VLLMEngine
@@ -38,8 +38,10 @@ class Example:
 
 
 def _examples(k=3):
-    return [Example(Prompt(input_ids=np.arange(5, dtype=np.int32), text=f"q{p}"), str(p), [f"AB = {p}", "x = 3"])
-            for p in range(k)]
+    return [
+        Example(Prompt(input_ids=np.arange(5, dtype=np.int32), text=f"q{p}"), str(p), [f"AB = {p}", "x = 3"])
+        for p in range(k)
+    ]
 
 
 class OneByOneEngine:
@@ -57,8 +59,14 @@ class OneByOneEngine:
         total = len(prompts) * n
         for i in range(total):
             p, s = divmod(i, n)
-            c = Completion(p, s, np.array([1, 2], np.int32), np.array([-0.1, -0.2], np.float32),
-                           f"AB = {p} so x = {3 + s} \\boxed{{{p if s % 2 else 9}}}", "stop")
+            c = Completion(
+                p,
+                s,
+                np.array([1, 2], np.int32),
+                np.array([-0.1, -0.2], np.float32),
+                f"AB = {p} so x = {3 + s} \\boxed{{{p if s % 2 else 9}}}",
+                "stop",
+            )
             if i == total - 1:
                 deadline = time.monotonic() + 60
                 while self.judge.requests == 0 and time.monotonic() < deadline:
@@ -79,16 +87,28 @@ def test_rewards_are_requested_before_the_last_response_finishes():
         with RewardStage(cfg) as stage:
             engine = OneByOneEngine(judge)
             examples = _examples()
-            rollouts = Rollouts(engine, iter([examples]), lambda k: SamplingParams(seed=k), n=N, off_policy_steps=0,
-                                total_steps=1, synced=0, rewards=stage)
+            rollouts = Rollouts(
+                engine,
+                iter([examples]),
+                lambda k: SamplingParams(seed=k),
+                n=N,
+                off_policy_steps=0,
+                total_steps=1,
+                synced=0,
+                rewards=stage,
+            )
             got_examples, completions, future = rollouts.batch(1, None, StepTimer())
             streamed = future.result(timeout=120)
             assert got_examples is examples and len(completions) == len(examples) * N
             # The judge was asked while the batch's last response was still being generated.
             assert engine.judge_requests_before_last >= 1
             # Scoring response by response gives exactly what scoring the finished batch gives.
-            batch = stage.submit([c.text for c in completions], [examples[c.prompt_index].answer for c in completions],
-                                 [examples[c.prompt_index].annotations for c in completions], group_size=N).result()
+            batch = stage.submit(
+                [c.text for c in completions],
+                [examples[c.prompt_index].answer for c in completions],
+                [examples[c.prompt_index].annotations for c in completions],
+                group_size=N,
+            ).result()
     np.testing.assert_array_equal(streamed.totals, batch.totals)
     for name, values in batch.components.items():
         np.testing.assert_array_equal(streamed.components[name], values, err_msg=name)
@@ -122,8 +142,12 @@ def test_vllm_engine_hands_over_each_completion_as_it_finishes(tmp_path):
             threads.add(threading.current_thread().name)
 
     with VLLMStub(StubBackend(str(ckpt))) as stub:
-        engine = VLLMEngine([stub.url], stop_token_ids=default_stop_token_ids(processor.tokenizer, processor.config),
-                            request_timeout_s=120.0, concurrency=4)
+        engine = VLLMEngine(
+            [stub.url],
+            stop_token_ids=default_stop_token_ids(processor.tokenizer, processor.config),
+            request_timeout_s=120.0,
+            concurrency=4,
+        )
         out = engine.generate(prompts, SamplingParams(max_new_tokens=4, seed=1), n=3, on_complete=on_complete)
         engine.close()
     assert len(out) == 6 and sorted(id(c) for c in seen) == sorted(id(c) for c in out)

@@ -12,13 +12,13 @@ import signal
 import numpy as np
 import pytest
 
+from pr1.bench.judge import StubJudgeServer, message_text, request_key
 from pr1.models.tiny import write_tiny_checkpoint
 from pr1.rollout.types import Completion
 from pr1.train import checkpoint as checkpoint_lib
 from pr1.train import rollout_ahead
 from pr1.train.config import ConfigError, validate_config
 from pr1.train.loop import train
-from pr1.bench.judge import StubJudgeServer, message_text, request_key
 from tests.test_train import small_debug
 from tests.vllm_stub import StubBackend, VLLMStub
 
@@ -54,11 +54,20 @@ def judge():
 
 
 def _config(assets, url, off_policy, judge_url, **overrides):
-    return small_debug(assets, **{"rollout.engine": "vllm", "rollout.vllm.urls": [url],
-                                  "rewards.judge.url": judge_url,
-                                  "rollout.off_policy_steps": off_policy, "train.steps": STEPS,
-                                  "train.checkpoint_every": 100, "train.val_every": 0,
-                                  "train.log_samples_every": 0, **overrides})
+    return small_debug(
+        assets,
+        **{
+            "rollout.engine": "vllm",
+            "rollout.vllm.urls": [url],
+            "rewards.judge.url": judge_url,
+            "rollout.off_policy_steps": off_policy,
+            "train.steps": STEPS,
+            "train.checkpoint_every": 100,
+            "train.val_every": 0,
+            "train.log_samples_every": 0,
+            **overrides,
+        },
+    )
 
 
 def _rows(workdir):
@@ -87,7 +96,9 @@ def test_learner_trains_on_the_previous_weight_version(full_run):
     assert all(r["learner/grad_norm"] > 0 for r in rows)
 
 
-def test_stopped_and_resumed_run_equals_the_uninterrupted_one(assets, stub, judge, full_run, tmp_path, monkeypatch):
+def test_stopped_and_resumed_run_equals_the_uninterrupted_one(
+    assets, stub, judge, full_run, tmp_path, monkeypatch
+):
     workdir = str(tmp_path / "stopped")
     real = rollout_ahead.Rollouts.after_update
 
@@ -107,8 +118,15 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(assets, stub, judg
     a, b = _rows(full_run), _rows(workdir)
     assert [r["step"] for r in b] == list(range(1, STEPS + 1))
     for ra, rb in zip(a, b):
-        for key in ("rewards/total/mean", "learner/loss", "learner/grad_norm", "response/length_mean",
-                    "learner/sampler_trainer/logp_diff_max", "rollout/weight_version", "data/examples"):
+        for key in (
+            "rewards/total/mean",
+            "learner/loss",
+            "learner/grad_norm",
+            "response/length_mean",
+            "learner/sampler_trainer/logp_diff_max",
+            "rollout/weight_version",
+            "data/examples",
+        ):
             assert ra[key] == rb[key], (ra["step"], key)
     pa, ha, _ = checkpoint_lib.read_params(checkpoint_lib.checkpoint_directory(full_run), STEPS)
     pb, hb, _ = checkpoint_lib.read_params(checkpoint_lib.checkpoint_directory(workdir), STEPS)
@@ -119,6 +137,7 @@ def test_stopped_and_resumed_run_equals_the_uninterrupted_one(assets, stub, judg
 
 def jax_leaves(tree):
     import jax
+
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
@@ -126,21 +145,34 @@ def test_off_policy_needs_a_server_engine(assets):
     c = small_debug(assets, **{"rollout.off_policy_steps": 1})
     with pytest.raises(ConfigError, match="rollout.off_policy_steps"):
         validate_config(c, check_files=False)
-    c = small_debug(assets, **{"rollout.off_policy_steps": 2, "rollout.engine": "vllm",
-                               "rollout.vllm.urls": ["http://h:1"]})
+    c = small_debug(
+        assets,
+        **{"rollout.off_policy_steps": 2, "rollout.engine": "vllm", "rollout.vllm.urls": ["http://h:1"]},
+    )
     with pytest.raises(ConfigError, match="rollout.off_policy_steps: must be 0 or 1"):
         validate_config(c, check_files=False)
 
 
 def test_completion_store_round_trip_and_fingerprint(tmp_path):
-    cs = [Completion(0, 0, np.array([5, 6, 7], np.int32), np.array([-0.5, -1.0, -2.0], np.float32), "a b", "stop",
-                     "step-3"),
-          Completion(0, 1, np.zeros(0, np.int32), np.zeros(0, np.float32), "", "length", None)]
+    cs = [
+        Completion(
+            0,
+            0,
+            np.array([5, 6, 7], np.int32),
+            np.array([-0.5, -1.0, -2.0], np.float32),
+            "a b",
+            "stop",
+            "step-3",
+        ),
+        Completion(0, 1, np.zeros(0, np.int32), np.zeros(0, np.float32), "", "length", None),
+    ]
     path = str(tmp_path / "x" / "step-4.p0.npz")
     rollout_ahead.save_completions(path, cs, "abc")
     back = rollout_ahead.load_completions(path, "abc")
-    assert [(c.prompt_index, c.sample_index, c.text, c.finish_reason, c.weight_version) for c in back] == \
-        [(0, 0, "a b", "stop", "step-3"), (0, 1, "", "length", None)]
+    assert [(c.prompt_index, c.sample_index, c.text, c.finish_reason, c.weight_version) for c in back] == [
+        (0, 0, "a b", "stop", "step-3"),
+        (0, 1, "", "length", None),
+    ]
     np.testing.assert_array_equal(back[0].token_ids, cs[0].token_ids)
     np.testing.assert_array_equal(back[0].logprobs, cs[0].logprobs)
     assert back[1].token_ids.size == 0

@@ -6,14 +6,12 @@ inside a while-loop body; the parameter gathers are hoisted in front of the loop
 This is XLA's choice at this shape; at 7B the same check should be run on the real mesh, and the
 hoisted copy (the full weights per device for the rollout) counted by the memory planner."""
 
+import os
 import re
 import sys
-import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import pytest
 
 from pr1 import sharding
 from pr1.bench import memory
@@ -26,7 +24,9 @@ import debug as debug_config  # noqa: E402
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 _WHILE = re.compile(r"\bwhile\(.*?\bbody=%?([\w.\-]+)")
-_CALLS = re.compile(r"\b(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+(?:, %?[\w.\-]+)*)\}?")
+_CALLS = re.compile(
+    r"\b(?:calls|to_apply|body|condition|branch_computations)=\{?%?([\w.\-]+(?:, %?[\w.\-]+)*)\}?"
+)
 _ALL_GATHER = re.compile(r"=\s*(\w+)\[([\d,]*)\][^=]*?\ball-gather(?:-start)?\(")
 
 
@@ -67,7 +67,9 @@ def all_gathers(hlo: str) -> tuple[list, list, int]:
         for line in lines:
             m = _ALL_GATHER.search(line)
             if m:
-                (inside if c in in_loops else outside).append((c, tuple(int(x) for x in m.group(2).split(",") if x)))
+                (inside if c in in_loops else outside).append(
+                    (c, tuple(int(x) for x in m.group(2).split(",") if x))
+                )
     matmuls = sum(1 for c in in_loops for line in comps[c] if " dot(" in line or "convolution(" in line)
     return inside, outside, matmuls
 
@@ -91,6 +93,7 @@ def _control_loop(variant: bool):
                 w = jax.lax.with_sharding_constraint(w * 1.01, w_sh)
             full = jax.lax.with_sharding_constraint(w, x_sh)
             return w, jnp.tanh(x @ full)
+
         return jax.lax.fori_loop(0, 4, body, (w, x))[1]
 
     w = jax.ShapeDtypeStruct((64, 64), jnp.float32, sharding=w_sh)
@@ -112,13 +115,15 @@ def test_decode_loop_body_gathers_no_parameter(tmp_path):
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 8, 1
     model_config = Qwen25VLConfig.from_hf_dict(tiny_hf_config())
     mesh = sharding.make_mesh(1, 8, 1)
-    model_def = state_lib.ModelDef.create(model_config, dtype=jnp.dtype(c.model.param_dtype),
-                                          compute_dtype=jnp.dtype(c.model.compute_dtype))
+    model_def = state_lib.ModelDef.create(
+        model_config, dtype=jnp.dtype(c.model.param_dtype), compute_dtype=jnp.dtype(c.model.compute_dtype)
+    )
     state, _, _ = memory.abstract_train_state(c, model_def, mesh)
     lowered, _ = memory.lower_rollout(c, model_def, mesh, state.params, model_config)
     inside, outside, loop_matmuls = all_gathers(lowered.compile().as_text())
-    sharded = {tuple(x.shape) for x in jax.tree.leaves(state.params)
-               if any(ax is not None for ax in x.sharding.spec)}
+    sharded = {
+        tuple(x.shape) for x in jax.tree.leaves(state.params) if any(ax is not None for ax in x.sharding.spec)
+    }
     assert sharded, "nothing is fsdp-sharded: the check would be vacuous"
     assert loop_matmuls > 0, "no matmul inside a while loop: the decode loop was not found"
     in_loop = [(c_, s) for c_, s in inside if s in sharded]

@@ -35,9 +35,11 @@ def setup(tmp_path_factory):
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (56, 84, 3), np.uint8))
     image2 = Image.fromarray(rng.integers(0, 255, (84, 56, 3), np.uint8))
-    prompts = [Prompt.build(processor, "What is the value of x?", [image]),
-               Prompt.build(processor, "Hi"),
-               Prompt.build(processor, "Find the length of segment AB in the figure, please.", [image2])]
+    prompts = [
+        Prompt.build(processor, "What is the value of x?", [image]),
+        Prompt.build(processor, "Hi"),
+        Prompt.build(processor, "Find the length of segment AB in the figure, please.", [image2]),
+    ]
     return ref, path, config, processor, prompts
 
 
@@ -45,9 +47,15 @@ def engine_for(path, config, processor, mesh, **kwargs):
     model_def = state_lib.ModelDef.create(config, dtype=jnp.float32)
     params = state_lib.load_params(path, model_def, mesh)
     kwargs = {"min_prompt_bucket": 16, "min_patch_bucket": 16, **kwargs}
-    return EmbeddedEngine(model_def, params, mesh, processor.tokenizer,
-                          stop_token_ids=default_stop_token_ids(processor.tokenizer, config),
-                          pad_token_id=processor.pad_token_id, **kwargs)
+    return EmbeddedEngine(
+        model_def,
+        params,
+        mesh,
+        processor.tokenizer,
+        stop_token_ids=default_stop_token_ids(processor.tokenizer, config),
+        pad_token_id=processor.pad_token_id,
+        **kwargs,
+    )
 
 
 def one_device():
@@ -61,20 +69,28 @@ def hf_greedy(ref, processor, prompts, max_new):
     ids = np.full((len(prompts), length), processor.pad_token_id, np.int64)
     mask = np.zeros_like(ids)
     for b, p in enumerate(prompts):
-        ids[b, length - len(p.input_ids):] = p.input_ids
-        mask[b, length - len(p.input_ids):] = 1
+        ids[b, length - len(p.input_ids) :] = p.input_ids
+        mask[b, length - len(p.input_ids) :] = 1
     pixels = [p.pixel_values for p in prompts if p.pixel_values is not None]
     grids = [p.image_grid_thw for p in prompts if p.image_grid_thw is not None]
     kwargs = {}
     if pixels:
-        kwargs = dict(pixel_values=torch.as_tensor(np.concatenate(pixels)),
-                      image_grid_thw=torch.as_tensor(np.concatenate(grids)))
+        kwargs = dict(
+            pixel_values=torch.as_tensor(np.concatenate(pixels)),
+            image_grid_thw=torch.as_tensor(np.concatenate(grids)),
+        )
     input_ids = torch.as_tensor(ids)
     with torch.no_grad():
-        out = ref.generate(input_ids=input_ids, attention_mask=torch.as_tensor(mask),
-                           mm_token_type_ids=(input_ids == ref.config.image_token_id).to(torch.int32),
-                           max_new_tokens=max_new, do_sample=False, eos_token_id=None, pad_token_id=processor.pad_token_id,
-                           **kwargs)
+        out = ref.generate(
+            input_ids=input_ids,
+            attention_mask=torch.as_tensor(mask),
+            mm_token_type_ids=(input_ids == ref.config.image_token_id).to(torch.int32),
+            max_new_tokens=max_new,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=processor.pad_token_id,
+            **kwargs,
+        )
     return out[:, length:].numpy()
 
 
@@ -85,7 +101,9 @@ def test_greedy_equals_transformers_generate(setup, which):
     want = hf_greedy(ref, processor, chosen, MAX_NEW)
     engine = engine_for(path, config, processor, one_device())
     # No stop tokens that random weights would hit: compare all MAX_NEW tokens.
-    got = engine.generate(chosen, SamplingParams(temperature=0, max_new_tokens=MAX_NEW, stop_token_ids=(511,)))
+    got = engine.generate(
+        chosen, SamplingParams(temperature=0, max_new_tokens=MAX_NEW, stop_token_ids=(511,))
+    )
     assert [c.finish_reason for c in got] == ["length"] * len(chosen)
     np.testing.assert_array_equal(np.stack([c.token_ids for c in got]), want)
     # Rows are not all the same sequence (the comparison is not vacuous).
@@ -95,12 +113,16 @@ def test_greedy_equals_transformers_generate(setup, which):
 def test_greedy_equals_transformers_generate_with_prefill_chunks(setup):
     """Prefill one prompt at a time (chunks smaller than the batch), blockwise attention: still generate's tokens."""
     import dataclasses
+
     ref, path, config, processor, prompts = setup
     want = hf_greedy(ref, processor, prompts, MAX_NEW)
-    engine = engine_for(path, dataclasses.replace(config, attention="blockwise"), processor, one_device(),
-                        prefill_chunk=1)
+    engine = engine_for(
+        path, dataclasses.replace(config, attention="blockwise"), processor, one_device(), prefill_chunk=1
+    )
     assert engine.prefill_chunks(3) == 3
-    got = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=MAX_NEW, stop_token_ids=(511,)))
+    got = engine.generate(
+        prompts, SamplingParams(temperature=0, max_new_tokens=MAX_NEW, stop_token_ids=(511,))
+    )
     np.testing.assert_array_equal(np.stack([c.token_ids for c in got]), want)
 
 
@@ -111,11 +133,15 @@ def test_prompt_kv_is_held_once_for_n_samples(setup):
     engine = engine_for(path, config, processor, one_device(), min_prompt_bucket=1024)
     batch, _ = engine._prefill_inputs(prompts[:2])
     t = config.text
-    prompt_kv = 2 * t.num_hidden_layers * 2 * 1024 * t.num_key_value_heads * t.head_dim * 4  # k+v, 2 prompts, fp32
+    prompt_kv = (
+        2 * t.num_hidden_layers * 2 * 1024 * t.num_key_value_heads * t.head_dim * 4
+    )  # k+v, 2 prompts, fp32
     stop = jnp.asarray([511], jnp.int32)
 
     def temps(n):
-        lowered = engine.lower(engine._params, batch, stop, n=n, max_new_tokens=4, greedy=True, filtering=False)
+        lowered = engine.lower(
+            engine._params, batch, stop, n=n, max_new_tokens=4, greedy=True, filtering=False
+        )
         return lowered.compile().memory_analysis().temp_size_in_bytes
 
     one, eight = temps(1), temps(8)
@@ -133,22 +159,32 @@ def learner_logprobs(path, config, prompts, completions, n, temperature):
     loss_mask = np.zeros((b, length), np.int32)
     for i, (p, c) in enumerate(rows):
         seq = np.concatenate([p.input_ids, c.token_ids])
-        ids[i, length - len(seq):] = seq  # left-padded like the learner's batches may be
-        mask[i, length - len(seq):] = 1
-        loss_mask[i, length - len(c.token_ids):] = 1
+        ids[i, length - len(seq) :] = seq  # left-padded like the learner's batches may be
+        mask[i, length - len(seq) :] = 1
+        loss_mask[i, length - len(c.token_ids) :] = 1
     grids = [p.image_grid_thw for p, _ in rows if p.image_grid_thw is not None]
     pos, _ = rope_index(config, ids, np.concatenate(grids) if grids else None, mask)
-    vision = batched_vision_inputs([p.pixel_values for p, _ in rows], [p.image_grid_thw for p, _ in rows],
-                                   config.vision, num_patches=64)
-    batch = {"input_ids": ids, "attention_mask": mask, "position_ids": np.swapaxes(pos, 0, 1).astype(np.int32),
-             "loss_mask": loss_mask, **vision}
+    vision = batched_vision_inputs(
+        [p.pixel_values for p, _ in rows], [p.image_grid_thw for p, _ in rows], config.vision, num_patches=64
+    )
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": np.swapaxes(pos, 0, 1).astype(np.int32),
+        "loss_mask": loss_mask,
+        **vision,
+    }
     mesh = one_device()
     model_def = state_lib.ModelDef.create(config, dtype=jnp.float32)
     params = state_lib.load_params(path, model_def, mesh)
     cfg = step_lib.learner_config()
     cfg.temperature = temperature
-    lp = np.asarray(step_lib.make_logprob_step(model_def, cfg, model_def.param_shardings(mesh), mesh, batch)(params, batch))
-    return [lp[i, length - len(c.token_ids):] for i, (_, c) in enumerate(rows)]
+    lp = np.asarray(
+        step_lib.make_logprob_step(model_def, cfg, model_def.param_shardings(mesh), mesh, batch)(
+            params, batch
+        )
+    )
+    return [lp[i, length - len(c.token_ids) :] for i, (_, c) in enumerate(rows)]
 
 
 def test_sampled_logprobs_equal_learner_logprobs(setup):
@@ -177,16 +213,20 @@ def test_sharded_engine_matches_single_device(setup):
 def test_stop_tokens_end_sequences_with_the_right_reason(setup):
     _, path, config, processor, prompts = setup
     engine = engine_for(path, config, processor, one_device())
-    free = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=MAX_NEW, stop_token_ids=(511,)))
+    free = engine.generate(
+        prompts, SamplingParams(temperature=0, max_new_tokens=MAX_NEW, stop_token_ids=(511,))
+    )
     stop_id = int(free[0].token_ids[2])
-    got = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=MAX_NEW, stop_token_ids=(511, stop_id)))
+    got = engine.generate(
+        prompts, SamplingParams(temperature=0, max_new_tokens=MAX_NEW, stop_token_ids=(511, stop_id))
+    )
     for f, g in zip(free, got):
         hits = np.flatnonzero(f.token_ids == stop_id)
         if len(hits):
             # Ends at the first stop token, which is kept in the ids and left out of the text.
             assert g.finish_reason == "stop"
-            np.testing.assert_array_equal(g.token_ids, f.token_ids[:hits[0] + 1])
-            assert g.text == processor.tokenizer.decode(f.token_ids[:hits[0]].tolist())
+            np.testing.assert_array_equal(g.token_ids, f.token_ids[: hits[0] + 1])
+            assert g.text == processor.tokenizer.decode(f.token_ids[: hits[0]].tolist())
         else:
             assert g.finish_reason == "length"
             np.testing.assert_array_equal(g.token_ids, f.token_ids)
@@ -203,7 +243,9 @@ def test_deterministic_per_seed_and_bounded_compiles(setup):
     assert all(np.array_equal(x.token_ids, y.token_ids) for x, y in zip(a, b))
     assert any(not np.array_equal(x.token_ids, y.token_ids) for x, y in zip(a, c))
     # Another temperature and prompt set of the same buckets reuse the compiled rollout.
-    engine.generate([prompts[1], prompts[0]], SamplingParams(temperature=0.5, max_new_tokens=MAX_NEW, seed=1), n=2)
+    engine.generate(
+        [prompts[1], prompts[0]], SamplingParams(temperature=0.5, max_new_tokens=MAX_NEW, seed=1), n=2
+    )
     assert engine.compilations == 1
 
 
@@ -224,15 +266,23 @@ def _filtered_law(logits, temperature, top_p, top_k):
     return q / q.sum()
 
 
-@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, -1), (0.7, 0.8, -1), (1.3, 1.0, 3), (0.9, 0.9, 4)])
+@pytest.mark.parametrize(
+    "temperature,top_p,top_k", [(1.0, 1.0, -1), (0.7, 0.8, -1), (1.3, 1.0, 3), (0.9, 0.9, 4)]
+)
 def test_sampling_law_matches_expected_distribution(temperature, top_p, top_k):
     logits = np.array([2.0, 1.5, 1.2, 0.3, 0.0, -0.5, -1.0, -3.0], np.float32)
     want = _filtered_law(logits, temperature, top_p, top_k)
     draws = 40_000
     batch = jnp.broadcast_to(jnp.asarray(logits), (draws, len(logits)))
     token, logp = jax.jit(sample_tokens, static_argnames=("greedy", "filtering"))(
-        batch, jax.random.key(7), jnp.float32(temperature), jnp.float32(top_p), jnp.int32(top_k),
-        greedy=False, filtering=top_p < 1 or top_k > 0)
+        batch,
+        jax.random.key(7),
+        jnp.float32(temperature),
+        jnp.float32(top_p),
+        jnp.int32(top_k),
+        greedy=False,
+        filtering=top_p < 1 or top_k > 0,
+    )
     counts = np.bincount(np.asarray(token), minlength=len(logits))
     assert counts[want == 0].sum() == 0  # filtered tokens are never drawn
     support = want > 0
@@ -247,7 +297,14 @@ def test_sampling_law_matches_expected_distribution(temperature, top_p, top_k):
 def test_sampling_law_test_has_power():
     """The chi-square above would catch a temperature that is ignored."""
     logits = np.array([2.0, 1.5, 1.2, 0.3, 0.0, -0.5, -1.0, -3.0], np.float32)
-    token, _ = sample_tokens(jnp.broadcast_to(jnp.asarray(logits), (40_000, 8)), jax.random.key(7),
-                             jnp.float32(1.0), jnp.float32(1.0), jnp.int32(-1), greedy=False, filtering=False)
+    token, _ = sample_tokens(
+        jnp.broadcast_to(jnp.asarray(logits), (40_000, 8)),
+        jax.random.key(7),
+        jnp.float32(1.0),
+        jnp.float32(1.0),
+        jnp.int32(-1),
+        greedy=False,
+        filtering=False,
+    )
     counts = np.bincount(np.asarray(token), minlength=8)
     assert stats.chisquare(counts, 40_000 * _filtered_law(logits, 0.7, 1.0, -1)).pvalue < 1e-6

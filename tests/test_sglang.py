@@ -46,9 +46,11 @@ def prompts(processor):
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (56, 84, 3), np.uint8))
     image2 = rng.integers(0, 255, (84, 56, 3), np.uint8)  # an array, to cover that input kind
-    return [Prompt.build(processor, "What is the value of x?", [image]),
-            Prompt.build(processor, "Hi"),
-            Prompt.build(processor, "Find the length of AB.", [image2])]
+    return [
+        Prompt.build(processor, "What is the value of x?", [image]),
+        Prompt.build(processor, "Hi"),
+        Prompt.build(processor, "Find the length of AB.", [image2]),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +60,16 @@ def backend(ckpt):
 
 
 def make_engine(urls, processor, **kw):
-    options = dict(stop_token_ids=default_stop_token_ids(processor.tokenizer, processor.config),
-                   # Generous: a request that outlives it is retried, and a loaded machine can be slow.
-                   request_timeout_s=300.0, connect_timeout_s=2.0, health_timeout_s=2.0, backoff_base_s=0.01,
-                   backoff_cap_s=0.05, concurrency=4)
+    options = dict(
+        stop_token_ids=default_stop_token_ids(processor.tokenizer, processor.config),
+        # Generous: a request that outlives it is retried, and a loaded machine can be slow.
+        request_timeout_s=300.0,
+        connect_timeout_s=2.0,
+        health_timeout_s=2.0,
+        backoff_base_s=0.01,
+        backoff_cap_s=0.05,
+        concurrency=4,
+    )
     options.update(kw)
     return SGLangEngine(urls, **options)
 
@@ -70,16 +78,28 @@ def make_engine(urls, processor, **kw):
 def _response_logprobs(params, ids, pos, pixel_values, layout, temperature, *, model_def, start):
     model = model_def.bind(params)
     logits = model(ids, position_ids=pos, pixel_values=pixel_values, vision_layout_arrays=layout)
-    return grpo.token_logprobs(logits[:, start - 1:-1], ids[:, start:], temperature)
+    return grpo.token_logprobs(logits[:, start - 1 : -1], ids[:, start:], temperature)
 
 
 def teacher_forced(model_def, params, prompt: Prompt, tokens, temperature=1.0):
     """The learner's logprobs of `tokens` after `prompt`: one full forward, no cache."""
     ids = np.concatenate([prompt.input_ids, np.asarray(tokens, np.int32)])[None]
     pos, _ = rope_index(model_def.config, ids, prompt.image_grid_thw)
-    layout = None if prompt.image_grid_thw is None else vision_layout(prompt.image_grid_thw, model_def.config.vision)
-    lp = _response_logprobs(params, ids, pos.astype(np.int32), prompt.pixel_values, layout, np.float32(temperature),
-                            model_def=model_def, start=len(prompt.input_ids))
+    layout = (
+        None
+        if prompt.image_grid_thw is None
+        else vision_layout(prompt.image_grid_thw, model_def.config.vision)
+    )
+    lp = _response_logprobs(
+        params,
+        ids,
+        pos.astype(np.int32),
+        prompt.pixel_values,
+        layout,
+        np.float32(temperature),
+        model_def=model_def,
+        start=len(prompt.input_ids),
+    )
     return np.asarray(lp)[0]
 
 
@@ -111,7 +131,9 @@ def test_generate_protocol_and_order(backend, processor, prompts):
         for b in bodies:
             sp = b["sampling_params"]
             assert b["return_logprob"] is True and b["logprob_start_len"] == -1
-            assert sp["n"] == 1 and sp["top_k"] == -1 and sp["top_p"] == 0.9 and sp["max_new_tokens"] == MAX_NEW
+            assert (
+                sp["n"] == 1 and sp["top_k"] == -1 and sp["top_p"] == 0.9 and sp["max_new_tokens"] == MAX_NEW
+            )
             assert sp["stop_token_ids"] == list(engine.stop_token_ids) and sp["skip_special_tokens"] is False
         by_prompt = [[b for b in bodies if b["text"] == p.text] for p in prompts]
         assert sum(map(len, by_prompt)) == len(bodies) and all(len(group) >= 3 for group in by_prompt)
@@ -144,12 +166,17 @@ def _weight_sync(backend, ckpt, processor, prompts, tmp_path):
     model_def = state_lib.ModelDef.create(processor.config, dtype=jnp.float32)
     old = state_lib.load_params(ckpt, model_def, mesh)
     rng = np.random.default_rng(1)  # every tensor changes, so every tensor must travel
-    new = jax.tree.map(lambda x: jax.device_put(
-        np.asarray(x) * (1 + 0.5 * rng.standard_normal(x.shape)).astype(np.float32), x.sharding), old)
+    new = jax.tree.map(
+        lambda x: jax.device_put(
+            np.asarray(x) * (1 + 0.5 * rng.standard_normal(x.shape)).astype(np.float32), x.sharding
+        ),
+        old,
+    )
     workdir = tmp_path / "work"
     with SGLangStub(backend) as stub:
-        engine = make_engine([stub.url], processor, model_def=model_def, workdir=workdir, assets_from=ckpt,
-                             keep_versions=2)
+        engine = make_engine(
+            [stub.url], processor, model_def=model_def, workdir=workdir, assets_from=ckpt, keep_versions=2
+        )
         engine.sync_weights(new, step=1)
         assert stub.stats()["weight_version"] == "step-1" and engine.weight_version == "step-1"
         assert os.path.exists(workdir / "weights" / "step-1" / "tokenizer.json")
@@ -174,10 +201,16 @@ def _weight_sync(backend, ckpt, processor, prompts, tmp_path):
         s = stub.stats()
         assert not s["paused"] and s["weight_version"] == "step-3" and engine.weight_version == "step-3"
         assert s["requests"]["/continue_generation"] == s["requests"]["/pause_generation"] == 4
-        assert sorted(os.listdir(workdir / "weights")) == ["step-2", "step-3", "step-4"]  # no pruning on failure
+        assert sorted(os.listdir(workdir / "weights")) == [
+            "step-2",
+            "step-3",
+            "step-4",
+        ]  # no pruning on failure
         c = engine.generate(prompts[:1], GREEDY)[0]  # the server still serves, with the step-3 weights
         assert c.weight_version == "step-3"
-        np.testing.assert_allclose(c.logprobs, teacher_forced(model_def, new, prompts[0], c.token_ids), atol=1e-4)
+        np.testing.assert_allclose(
+            c.logprobs, teacher_forced(model_def, new, prompts[0], c.token_ids), atol=1e-4
+        )
 
         # The server restarts from its launch checkpoint: its samples would come from the old policy.
         # The engine notices the version, loads step-3 again (once) and samples again.
@@ -186,21 +219,36 @@ def _weight_sync(backend, ckpt, processor, prompts, tmp_path):
         out = engine.generate(prompts, GREEDY, n=2)
         assert {c.weight_version for c in out} == {"step-3"}
         for c in out:
-            np.testing.assert_allclose(c.logprobs, teacher_forced(model_def, new, prompts[c.prompt_index], c.token_ids),
-                                       atol=1e-4)
+            np.testing.assert_allclose(
+                c.logprobs, teacher_forced(model_def, new, prompts[c.prompt_index], c.token_ids), atol=1e-4
+            )
         after = engine.stats
-        assert after["resyncs"] - before["resyncs"] == 1 and after["retries/stale_weights"] > before["retries/stale_weights"]
+        assert (
+            after["resyncs"] - before["resyncs"] == 1
+            and after["retries/stale_weights"] > before["retries/stale_weights"]
+        )
         assert stub.stats()["weight_version"] == "step-3"
 
 
 def test_faults_are_retried_and_counted(backend, processor, prompts):
     """Every sample comes back exactly once, in prompt-major order, with the clean run's content."""
     with SGLangStub(backend) as clean:
-        reference = [c.token_ids.tolist() for c in make_engine([clean.url], processor).generate(prompts, GREEDY)]
+        reference = [
+            c.token_ids.tolist() for c in make_engine([clean.url], processor).generate(prompts, GREEDY)
+        ]
     assert len({tuple(r) for r in reference}) == 3  # distinct per prompt, so a mix-up would show
     script = ("5xx", "timeout", "drop", "truncate", "abort")
-    with SGLangStub(backend, script=script, p_5xx=0.06, p_timeout=0.03, p_drop=0.06, p_truncate=0.06, p_abort=0.06,
-                    hang_s=None, seed=3) as stub:
+    with SGLangStub(
+        backend,
+        script=script,
+        p_5xx=0.06,
+        p_timeout=0.03,
+        p_drop=0.06,
+        p_truncate=0.06,
+        p_abort=0.06,
+        hang_s=None,
+        seed=3,
+    ) as stub:
         # An injected timeout holds its answer until the engine aborts it, so the engine's timeout can
         # be generous (a loaded machine's slow answer is not mistaken for the fault).
         engine = make_engine([stub.url], processor, request_timeout_s=5.0, max_attempts=12)
@@ -266,7 +314,12 @@ def test_dead_url_fails_fast_naming_it(backend, processor):
 def test_config_knobs():
     cfg = sglang_config()
     assert list(cfg.urls) == [] and cfg.concurrency == 64 and cfg.request_timeout_s == 600
-    assert cfg.max_attempts == 5 and cfg.backoff_base_s == 0.5 and cfg.backoff_cap_s == 30 and cfg.keep_versions == 2
+    assert (
+        cfg.max_attempts == 5
+        and cfg.backoff_base_s == 0.5
+        and cfg.backoff_cap_s == 30
+        and cfg.keep_versions == 2
+    )
     with pytest.raises(ValueError, match="urls is empty"):
         SGLangEngine.from_config(cfg, stop_token_ids=(1,))
 
@@ -279,14 +332,25 @@ def test_live_server():
     url = os.environ.get("PR1_SGLANG_URL")
     model = os.environ.get("PR1_SGLANG_MODEL")
     if not url or not model:
-        pytest.skip("set PR1_SGLANG_URL and PR1_SGLANG_MODEL (the served checkpoint dir) to test a real SGLang server")
+        pytest.skip(
+            "set PR1_SGLANG_URL and PR1_SGLANG_MODEL (the served checkpoint dir) to test a real SGLang server"
+        )
     processor = Processor.from_dir(model)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (224, 336, 3), np.uint8))
-    prompts = [Prompt.build(processor, "Describe the image in one word.", [image]), Prompt.build(processor, "Hi")]
+    prompts = [
+        Prompt.build(processor, "Describe the image in one word.", [image]),
+        Prompt.build(processor, "Hi"),
+    ]
     workdir = os.environ.get("PR1_SGLANG_WORKDIR")
     model_def = state_lib.ModelDef.create(processor.config, dtype=jnp.bfloat16) if workdir else None
-    engine = SGLangEngine([url], tokenizer=processor.tokenizer, stop_token_ids=default_stop_token_ids(
-        processor.tokenizer, processor.config), model_def=model_def, workdir=workdir, assets_from=model)
+    engine = SGLangEngine(
+        [url],
+        tokenizer=processor.tokenizer,
+        stop_token_ids=default_stop_token_ids(processor.tokenizer, processor.config),
+        model_def=model_def,
+        workdir=workdir,
+        assets_from=model,
+    )
     out = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=16), n=2)
     assert [(c.prompt_index, c.sample_index) for c in out] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     for c in out:

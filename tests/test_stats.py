@@ -10,12 +10,15 @@ from scipy.stats import binomtest
 
 from pr1.stats import McNemarTable, contingency, mcnemar, mcnemar_fraction
 
-
 # (b, c) -> p by hand: n = b + c, p = 2 * sum_{k <= min(b,c)} C(n, k) / 2^n.
 #   (1, 5):  n = 6,  2 * (1 + 6) / 64             = 14/64     = 0.21875     (paper: ~0.22)
 #   (2, 4):  n = 6,  2 * (1 + 6 + 15) / 64        = 44/64     = 0.6875      (paper: ~0.69)
 #   (2, 10): n = 12, 2 * (1 + 12 + 66) / 4096     = 158/4096  = 0.03857...  (paper: ~0.04)
-PAPER = [((1, 5), Fraction(14, 64), 0.22), ((2, 4), Fraction(44, 64), 0.69), ((2, 10), Fraction(158, 4096), 0.04)]
+PAPER = [
+    ((1, 5), Fraction(14, 64), 0.22),
+    ((2, 4), Fraction(44, 64), 0.69),
+    ((2, 10), Fraction(158, 4096), 0.04),
+]
 
 
 @pytest.mark.parametrize("bc, exact, reported", PAPER)
@@ -53,16 +56,28 @@ def test_scipy_two_sided_is_the_doubled_tail_only_because_p_is_one_half():
     # For p = 1/2 the distribution is symmetric, so SciPy's "as or less likely" two-sided sum is
     # the doubled smaller tail; for another p it is not, which is why the paper's formula needs 1/2.
     for n, k in [(6, 1), (12, 2), (30, 9)]:
-        doubled = 2 * sum(math.comb(n, j) for j in range(k + 1)) / 2 ** n
+        doubled = 2 * sum(math.comb(n, j) for j in range(k + 1)) / 2**n
         assert binomtest(k, n, 0.5).pvalue == pytest.approx(min(1.0, doubled), rel=1e-12)
         assert mcnemar(k, n - k) == pytest.approx(doubled, rel=1e-12)
-        assert binomtest(k, n, 0.3).pvalue != pytest.approx(2 * sum(
-            math.comb(n, j) * 0.3 ** j * 0.7 ** (n - j) for j in range(k + 1)), rel=1e-3)
+        assert binomtest(k, n, 0.3).pvalue != pytest.approx(
+            2 * sum(math.comb(n, j) * 0.3**j * 0.7 ** (n - j) for j in range(k + 1)), rel=1e-3
+        )
 
 
-@pytest.mark.parametrize("b, c", [(300, 350), (350, 300), (5000, 5100), (24_990, 25_000),
-                                  # beyond the exact-integer limit: the log-space sum
-                                  (30_000, 30_500), (49_000, 50_000), (499_000, 500_000), (10, 200_000)])
+@pytest.mark.parametrize(
+    "b, c",
+    [
+        (300, 350),
+        (350, 300),
+        (5000, 5100),
+        (24_990, 25_000),
+        # beyond the exact-integer limit: the log-space sum
+        (30_000, 30_500),
+        (49_000, 50_000),
+        (499_000, 500_000),
+        (10, 200_000),
+    ],
+)
 def test_large_tables_match_scipy(b, c):
     n, k = b + c, min(b, c)
     want = binomtest(k, n, 0.5).pvalue
@@ -71,7 +86,7 @@ def test_large_tables_match_scipy(b, c):
 
 def test_large_exact_fraction_against_a_direct_sum():
     b, c = 300, 350
-    direct = Fraction(2 * sum(math.comb(650, j) for j in range(301)), 2 ** 650)
+    direct = Fraction(2 * sum(math.comb(650, j) for j in range(301)), 2**650)
     assert mcnemar_fraction(b, c) == direct
     assert mcnemar(b, c) == float(direct)
 

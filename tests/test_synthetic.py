@@ -33,12 +33,14 @@ def test_synthetic_file_loads_through_the_dataset(tmp_path, processor, task):
         assert NUMBER.fullmatch(e.answer), e.answer
         assert e.annotations and all(isinstance(a, str) and a for a in e.annotations)
         assert e.images[0].shape == (56, 56, 3)
-        assert e.prompt.image_grid_thw.tolist() == [[1, 4, 4]]          # 56 px: 4 visual tokens
-        assert len(e.prompt.input_ids) < 260           # the tiny tokenizer spends ~170 on the instruction
+        assert e.prompt.image_grid_thw.tolist() == [[1, 4, 4]]  # 56 px: 4 visual tokens
+        assert len(e.prompt.input_ids) < 260  # the tiny tokenizer spends ~170 on the instruction
 
 
 def test_answers_match_the_visual_facts():
-    for r in [S.make_row("mix", seed=0, index=i) for i in range(40)] + [S.make_row("dots", 0, i) for i in range(20)]:
+    for r in [S.make_row("mix", seed=0, index=i) for i in range(40)] + [
+        S.make_row("dots", 0, i) for i in range(20)
+    ]:
         facts = D.parse_annotations(r["visual_key_info"])
         answer = int(r["answer"])
         image = np.asarray(Image.open(io.BytesIO(r["images"][0]["bytes"])).convert("RGB"))
@@ -51,7 +53,7 @@ def test_answers_match_the_visual_facts():
             assert answer in (1, 2, 3) and re.match(rf"there (is|are) {answer} red circle", facts[0])
         elif r["task"] == "dots":
             red = (image[..., 0] > 150) & (image[..., 1] < 100)
-            quadrants = [red[y:y + 28, x:x + 28].any() for y in (0, 28) for x in (0, 28)]
+            quadrants = [red[y : y + 28, x : x + 28].any() for y in (0, 28) for x in (0, 28)]
             assert answer == sum(quadrants) and re.fullmatch(rf"there (is|are) {answer} dots?", facts[0])
         elif r["task"] == "length":
             length = int(re.fullmatch(r"AB = (\d+)", facts[0]).group(1))
@@ -65,6 +67,7 @@ def test_answers_match_the_visual_facts():
 def test_dots_fact_is_what_the_lexical_judge_checks():
     """The debug task's annotation is judged present exactly when the response states the count."""
     from pr1.rewards.judge import LexicalJudge
+
     for i in range(12):
         r = S.make_row("dots", 0, i)
         (fact,) = D.parse_annotations(r["visual_key_info"])
@@ -90,9 +93,16 @@ def test_deterministic_per_seed(tmp_path):
 
 def test_cli(tmp_path, capsys):
     out = tmp_path / "sub" / "cli.parquet"
-    assert S.main(["--out", str(out), "--n", "5", "--seed", "1", "--task", "count", "--image-size", "84"]) == 0
+    assert (
+        S.main(["--out", str(out), "--n", "5", "--seed", "1", "--task", "count", "--image-size", "84"]) == 0
+    )
     table = pq.read_table(out)
-    assert table.num_rows == 5 and table.column_names[:4] == ["problem", "answer", "images", "visual_key_info"]
+    assert table.num_rows == 5 and table.column_names[:4] == [
+        "problem",
+        "answer",
+        "images",
+        "visual_key_info",
+    ]
     assert set(table.column("task").to_pylist()) == {"count"}
     assert "wrote 5" in capsys.readouterr().out
     with pytest.raises(ValueError, match="unknown synthetic task"):

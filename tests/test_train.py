@@ -56,18 +56,36 @@ def _rows(workdir):
 def test_debug_steps_through_every_stage(assets, tmp_path):
     """Rollout, all reward terms (perception from a stub judge server), update, checkpoint, validation."""
     with StubJudgeServer(latency=0.01, p_500=0.2, seed=1) as judge:
-        config = small_debug(assets, **{"rewards.judge.url": judge.url, "rewards.judge.backoff": 0.01,
-                                        "rewards.judge.max_failure_rate": 1.0})
+        config = small_debug(
+            assets,
+            **{
+                "rewards.judge.url": judge.url,
+                "rewards.judge.backoff": 0.01,
+                "rewards.judge.max_failure_rate": 1.0,
+            },
+        )
         workdir = str(tmp_path / "run")
         last = train(config, workdir)
         judged = judge.requests
     rows = _rows(workdir)
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
-        for key in ("rewards/accuracy/mean", "rewards/format/mean", "rewards/perception/mean",
-                    "rewards/repetition/mean", "rewards/total/mean", "learner/loss", "learner/grad_norm",
-                    "learner/entropy", "response/length_mean", "time/rollout", "time/update", "time/judge_wait",
-                    "perf/tokens_per_s", "grpo/frac_reward_zero_std"):
+        for key in (
+            "rewards/accuracy/mean",
+            "rewards/format/mean",
+            "rewards/perception/mean",
+            "rewards/repetition/mean",
+            "rewards/total/mean",
+            "learner/loss",
+            "learner/grad_norm",
+            "learner/entropy",
+            "response/length_mean",
+            "time/rollout",
+            "time/update",
+            "time/judge_wait",
+            "perf/tokens_per_s",
+            "grpo/frac_reward_zero_std",
+        ):
             assert isinstance(r[key], float), key
         assert r["learner/finite"] == 1.0 and r["tokens/step"] > 0
     # The stub says 1 to every annotation: the perception term is really the judge's (retries hid the 500s).
@@ -85,11 +103,27 @@ def test_debug_steps_through_every_stage(assets, tmp_path):
 
 def _cli(assets, workdir, steps, extra=()):
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-    args = [sys.executable, "-m", "pr1.train", "--config", f"{REPO}/configs/debug.py:{assets}", "--workdir", workdir,
-            f"--config.train.steps={steps}", "--config.train.checkpoint_every=2", "--config.train.keep_checkpoints=10",
-            "--config.train.val_every=0", "--config.train.tensorboard=False", "--config.data.prompts_per_step=4",
-            "--config.rollout.n=4", "--config.rollout.max_new_tokens=4", "--config.data.synthetic.train_rows=64",
-            "--config.data.format_instruction=Put the answer in \\boxed{}.", "--config.data.synthetic.task=color", *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "pr1.train",
+        "--config",
+        f"{REPO}/configs/debug.py:{assets}",
+        "--workdir",
+        workdir,
+        f"--config.train.steps={steps}",
+        "--config.train.checkpoint_every=2",
+        "--config.train.keep_checkpoints=10",
+        "--config.train.val_every=0",
+        "--config.train.tensorboard=False",
+        "--config.data.prompts_per_step=4",
+        "--config.rollout.n=4",
+        "--config.rollout.max_new_tokens=4",
+        "--config.data.synthetic.train_rows=64",
+        "--config.data.format_instruction=Put the answer in \\boxed{}.",
+        "--config.data.synthetic.task=color",
+        *extra,
+    ]
     return args, env
 
 
@@ -110,8 +144,11 @@ def test_sigkill_then_resume_matches_uninterrupted_run(assets, tmp_path):
     # must be redone.
     committed = os.path.join(checkpoint_lib.checkpoint_directory(killed), "4")
     while time.time() < deadline and proc.poll() is None:
-        if os.path.isdir(committed) and os.path.exists(metrics) and \
-                any(json.loads(l)["step"] == 5 for l in open(metrics) if l.strip()):
+        if (
+            os.path.isdir(committed)
+            and os.path.exists(metrics)
+            and any(json.loads(l)["step"] == 5 for l in open(metrics) if l.strip())
+        ):
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed"
@@ -127,8 +164,14 @@ def test_sigkill_then_resume_matches_uninterrupted_run(assets, tmp_path):
     assert any(r["learner/grad_norm"] > 0 for r in a)  # the params move, so equality means something
     assert [r["step"] for r in b] == list(range(1, steps + 1))
     for ra, rb in zip(a, b):
-        for key in ("rewards/total/mean", "rewards/accuracy/mean", "learner/loss", "learner/grad_norm",
-                    "response/length_mean", "data/examples"):
+        for key in (
+            "rewards/total/mean",
+            "rewards/accuracy/mean",
+            "learner/loss",
+            "learner/grad_norm",
+            "response/length_mean",
+            "data/examples",
+        ):
             assert ra[key] == rb[key], (ra["step"], key)
     pa, ha, _ = checkpoint_lib.read_params(checkpoint_lib.checkpoint_directory(full), steps)
     pb, hb, _ = checkpoint_lib.read_params(checkpoint_lib.checkpoint_directory(killed), steps)
@@ -136,16 +179,19 @@ def test_sigkill_then_resume_matches_uninterrupted_run(assets, tmp_path):
     assert ha["data"] == hb["data"]
 
 
-@pytest.mark.parametrize("key,value,match", [
-    ("rollout.n", 1, "rollout.n: GRPO needs at least 2"),
-    ("learner.temperature", 0.7, "learner.temperature: must equal rollout.temperature"),
-    ("train.mini_batches", 3, "train.mini_batches"),
-    ("learner.loss_agg", "sum", "learner.loss_agg"),
-    ("rewards.judge.failure_policy", "ignore", "rewards.judge.failure_policy"),
-    ("data.prompts_per_step", 0, "data.prompts_per_step"),
-    ("optim.schedule", "linear", "optim.schedule"),
-    ("rollout.engine", "tensorrt", "rollout.engine"),
-])
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("rollout.n", 1, "rollout.n: GRPO needs at least 2"),
+        ("learner.temperature", 0.7, "learner.temperature: must equal rollout.temperature"),
+        ("train.mini_batches", 3, "train.mini_batches"),
+        ("learner.loss_agg", "sum", "learner.loss_agg"),
+        ("rewards.judge.failure_policy", "ignore", "rewards.judge.failure_policy"),
+        ("data.prompts_per_step", 0, "data.prompts_per_step"),
+        ("optim.schedule", "linear", "optim.schedule"),
+        ("rollout.engine", "tensorrt", "rollout.engine"),
+    ],
+)
 def test_bad_config_values_name_the_key(assets, key, value, match):
     config = small_debug(assets, **{key: value})
     with pytest.raises(ConfigError, match=match):
@@ -153,11 +199,15 @@ def test_bad_config_values_name_the_key(assets, key, value, match):
 
 
 def test_release_loss_scope_and_judge_budget_are_checked_up_front(assets):
-    config = small_debug(assets, **{"learner.loss_agg": "chunk-token-mean", "learner.loss_chunk_responses": 0})
+    config = small_debug(
+        assets, **{"learner.loss_agg": "chunk-token-mean", "learner.loss_chunk_responses": 0}
+    )
     with pytest.raises(ConfigError, match="learner.loss_chunk_responses"):
         validate_config(config)
     # The judge's concurrency is the service's total: 4 cannot be split over 16 processes.
-    config = small_debug(assets, **{"rewards.judge.url": "http://127.0.0.1:9/v1", "rewards.judge.max_concurrency": 4})
+    config = small_debug(
+        assets, **{"rewards.judge.url": "http://127.0.0.1:9/v1", "rewards.judge.max_concurrency": 4}
+    )
     validate_config(config, num_processes=4)
     with pytest.raises(ConfigError, match="rewards.judge.max_concurrency=4 is the judge service's total"):
         validate_config(config, num_processes=16)

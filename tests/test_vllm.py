@@ -27,8 +27,15 @@ from tests.vllm_stub import StubBackend, VLLMStub
 MAX_NEW = 6
 SAMPLE = SamplingParams(temperature=1.0, max_new_tokens=MAX_NEW, seed=7)
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW)
-SYNC_ROUTES = ["POST /pause", "POST /collective_rpc", "POST /reset_prefix_cache", "POST /reset_encoder_cache",
-               "POST /update_weight_version", "GET /weight_info", "POST /resume"]
+SYNC_ROUTES = [
+    "POST /pause",
+    "POST /collective_rpc",
+    "POST /reset_prefix_cache",
+    "POST /reset_encoder_cache",
+    "POST /update_weight_version",
+    "GET /weight_info",
+    "POST /resume",
+]
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +70,12 @@ def params(ckpt, model_def):
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     old = state_lib.load_params(ckpt, model_def, mesh)
     rng = np.random.default_rng(1)
-    new = jax.tree.map(lambda x: jax.device_put(
-        np.asarray(x) * (1 + 0.5 * rng.standard_normal(x.shape)).astype(np.float32), x.sharding), old)
+    new = jax.tree.map(
+        lambda x: jax.device_put(
+            np.asarray(x) * (1 + 0.5 * rng.standard_normal(x.shape)).astype(np.float32), x.sharding
+        ),
+        old,
+    )
     return old, new
 
 
@@ -77,9 +88,16 @@ def served(backend, ckpt):
 
 def make_engine(urls, processor, **kw):
     # Generous timeouts: nothing here may depend on how fast this machine is.
-    options = dict(stop_token_ids=default_stop_token_ids(processor.tokenizer, processor.config),
-                   request_timeout_s=120.0, connect_timeout_s=5.0, health_timeout_s=5.0, backoff_base_s=0.01,
-                   backoff_cap_s=0.05, concurrency=4, restart_timeout_s=0.0)
+    options = dict(
+        stop_token_ids=default_stop_token_ids(processor.tokenizer, processor.config),
+        request_timeout_s=120.0,
+        connect_timeout_s=5.0,
+        health_timeout_s=5.0,
+        backoff_base_s=0.01,
+        backoff_cap_s=0.05,
+        concurrency=4,
+        restart_timeout_s=0.0,
+    )
     options.update(kw)
     return VLLMEngine(urls, **options)
 
@@ -120,7 +138,9 @@ def test_request_carries_our_prompt_verbatim(backend, processor, prompts):
 
 def test_faults_are_retried_and_counted(backend, processor, prompts):
     with VLLMStub(backend) as clean:
-        reference = [c.token_ids.tolist() for c in make_engine([clean.url], processor).generate(prompts, GREEDY)]
+        reference = [
+            c.token_ids.tolist() for c in make_engine([clean.url], processor).generate(prompts, GREEDY)
+        ]
     script = ("5xx", "timeout", "drop", "truncate", "abort")
     with VLLMStub(backend, script=script, hang_s=3.0) as stub:
         engine = make_engine([stub.url], processor, request_timeout_s=1.0, max_attempts=8)
@@ -147,14 +167,18 @@ def test_weight_sync_through_a_checked_dir(served, ckpt, processor, prompts, mod
     with VLLMStub(served) as stub:
         engine = make_engine([stub.url], processor, model_def=model_def, workdir=workdir, assets_from=ckpt)
         engine.sync_weights(new, step=1)
-        assert stub.routes[-len(SYNC_ROUTES):] == SYNC_ROUTES
+        assert stub.routes[-len(SYNC_ROUTES) :] == SYNC_ROUTES
         assert served.weight_version == "step-1" and not stub.stats()["paused"]
         for c in engine.generate(prompts, GREEDY):
             assert c.weight_version == "step-1"
             mine = teacher_forced(model_def, new, prompts[c.prompt_index], c.token_ids)
             np.testing.assert_allclose(c.logprobs, mine, atol=1e-4, rtol=0)
-            assert np.max(np.abs(c.logprobs - teacher_forced(model_def, old, prompts[c.prompt_index],
-                                                             c.token_ids))) > 1e-2
+            assert (
+                np.max(
+                    np.abs(c.logprobs - teacher_forced(model_def, old, prompts[c.prompt_index], c.token_ids))
+                )
+                > 1e-2
+            )
 
         # A bad dir is refused before any request: the server keeps serving step-1.
         routes = len(stub.routes)
@@ -179,24 +203,30 @@ def test_weight_sync_through_a_checked_dir(served, ckpt, processor, prompts, mod
         before = engine.stats
         for c in engine.generate(prompts, GREEDY):
             assert c.weight_version == "step-1"
-            np.testing.assert_allclose(c.logprobs, teacher_forced(model_def, new, prompts[c.prompt_index],
-                                                                  c.token_ids), atol=1e-4)
+            np.testing.assert_allclose(
+                c.logprobs, teacher_forced(model_def, new, prompts[c.prompt_index], c.token_ids), atol=1e-4
+            )
         assert engine.stats["resyncs"] - before["resyncs"] == 1
 
 
-def test_a_silently_restarted_server_is_resynced(served, ckpt, processor, prompts, model_def, params, tmp_path):
+def test_a_silently_restarted_server_is_resynced(
+    served, ckpt, processor, prompts, model_def, params, tmp_path
+):
     """The server came back with its launch checkpoint between two requests: no connection error, only
     the served version tells. No sample of the launch weights may pass as the current version."""
     _, new = params
     with VLLMStub(served) as stub:
-        engine = make_engine([stub.url], processor, model_def=model_def, workdir=tmp_path / "work", assets_from=ckpt)
+        engine = make_engine(
+            [stub.url], processor, model_def=model_def, workdir=tmp_path / "work", assets_from=ckpt
+        )
         engine.sync_weights(new, step=3)
         served.load(ckpt, "default")
         out = engine.generate(prompts, GREEDY, n=2)
         assert {c.weight_version for c in out} == {"step-3"}
         for c in out:
-            np.testing.assert_allclose(c.logprobs, teacher_forced(model_def, new, prompts[c.prompt_index],
-                                                                  c.token_ids), atol=1e-4)
+            np.testing.assert_allclose(
+                c.logprobs, teacher_forced(model_def, new, prompts[c.prompt_index], c.token_ids), atol=1e-4
+            )
         stats = engine.stats
         assert stats["resyncs"] == 1 and stats["retries/stale_weights"] >= 1
 
@@ -204,16 +234,23 @@ def test_a_silently_restarted_server_is_resynced(served, ckpt, processor, prompt
 def test_a_lost_server_is_waited_for_or_named(served, ckpt, processor, prompts, model_def, params, tmp_path):
     _, new = params
     with VLLMStub(served) as stub:
-        engine = make_engine([stub.url], processor, model_def=model_def, workdir=tmp_path / "work", assets_from=ckpt,
-                             restart_timeout_s=120.0)
+        engine = make_engine(
+            [stub.url],
+            processor,
+            model_def=model_def,
+            workdir=tmp_path / "work",
+            assets_from=ckpt,
+            restart_timeout_s=120.0,
+        )
         engine.sync_weights(new, step=4)
         stub.go_down()
         threading.Timer(1.0, stub.come_back).start()  # restarted: launch weights, version "default"
         out = engine.generate(prompts, GREEDY, n=2)
         assert {c.weight_version for c in out} == {"step-4"}
         for c in out:
-            np.testing.assert_allclose(c.logprobs, teacher_forced(model_def, new, prompts[c.prompt_index],
-                                                                  c.token_ids), atol=1e-4)
+            np.testing.assert_allclose(
+                c.logprobs, teacher_forced(model_def, new, prompts[c.prompt_index], c.token_ids), atol=1e-4
+            )
         stats = engine.stats
         assert stats["restarts_waited"] == 1 and stats["resyncs"] == 1 and stats["retries/connection"] >= 1
 
@@ -227,8 +264,12 @@ def test_a_lost_server_is_waited_for_or_named(served, ckpt, processor, prompts, 
 def test_check_weights_dir(ckpt, tmp_path):
     check_weights_dir(ckpt)
     shard = next(n for n in os.listdir(ckpt) if n.endswith(".safetensors"))
-    cases = {"does not exist": None, "no readable config.json": "config.json", "truncated": shard,
-             "no .safetensors": "*"}
+    cases = {
+        "does not exist": None,
+        "no readable config.json": "config.json",
+        "truncated": shard,
+        "no .safetensors": "*",
+    }
     for why, victim in cases.items():
         path = tmp_path / why.replace(" ", "_").replace(".", "")
         if victim is not None:
@@ -251,7 +292,9 @@ def test_config_knobs_and_validation(ckpt):
     from pr1.train.config import ConfigError, default_config, validate_config
 
     cfg = vllm_config()
-    assert list(cfg.urls) == [] and cfg.model == "" and cfg.restart_timeout_s == 900 and cfg.keep_versions == 2
+    assert (
+        list(cfg.urls) == [] and cfg.model == "" and cfg.restart_timeout_s == 900 and cfg.keep_versions == 2
+    )
     with pytest.raises(ValueError, match="rollout.vllm.urls is empty"):
         VLLMEngine.from_config(cfg, stop_token_ids=(1,))
     c = default_config()

@@ -84,9 +84,14 @@ def launch_params(ckpt, model_def, mesh):
 
 @pytest.fixture(scope="module")
 def embedded(processor, model_def, launch_params, mesh):
-    return EmbeddedEngine(model_def, launch_params, mesh, processor.tokenizer,
-                          stop_token_ids=default_stop_token_ids(processor.tokenizer, processor.config),
-                          pad_token_id=processor.pad_token_id)
+    return EmbeddedEngine(
+        model_def,
+        launch_params,
+        mesh,
+        processor.tokenizer,
+        stop_token_ids=default_stop_token_ids(processor.tokenizer, processor.config),
+        pad_token_id=processor.pad_token_id,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,23 +99,35 @@ def prompts(processor):
     rng = np.random.default_rng(0)
     small = Image.fromarray(rng.integers(0, 255, (56, 84, 3), np.uint8))
     resized = Image.fromarray(rng.integers(0, 255, (300, 410, 3), np.uint8))  # not a multiple of 28: resized
-    return [Prompt.build(processor, "What is the value of x?", [small]),
-            Prompt.build(processor, "Hi"),
-            Prompt.build(processor, "Find the length of AB.", [resized], system="You are a helpful assistant.")]
+    return [
+        Prompt.build(processor, "What is the value of x?", [small]),
+        Prompt.build(processor, "Hi"),
+        Prompt.build(processor, "Find the length of AB.", [resized], system="You are a helpful assistant."),
+    ]
 
 
 def make_engine(server, processor, **kw):
-    options = dict(stop_token_ids=default_stop_token_ids(processor.tokenizer, processor.config),
-                   tokenizer=processor.tokenizer, request_timeout_s=300.0, health_timeout_s=10.0,
-                   backoff_base_s=0.1, backoff_cap_s=1.0, concurrency=4)
+    options = dict(
+        stop_token_ids=default_stop_token_ids(processor.tokenizer, processor.config),
+        tokenizer=processor.tokenizer,
+        request_timeout_s=300.0,
+        health_timeout_s=10.0,
+        backoff_base_s=0.1,
+        backoff_cap_s=1.0,
+        concurrency=4,
+    )
     options.update(kw)
     return VLLMEngine([server.url], **options)
 
 
 def perturbed(params, seed):
     rng = np.random.default_rng(seed)  # every tensor changes, so every tensor must travel
-    return jax.tree.map(lambda x: jax.device_put(
-        np.asarray(x) * (1 + 0.3 * rng.standard_normal(x.shape)).astype(np.float32), x.sharding), params)
+    return jax.tree.map(
+        lambda x: jax.device_put(
+            np.asarray(x) * (1 + 0.3 * rng.standard_normal(x.shape)).astype(np.float32), x.sharding
+        ),
+        params,
+    )
 
 
 def agreement(out, ref) -> tuple[int, int, float]:
@@ -142,8 +159,9 @@ def access_count(server, route: str) -> int:
         return sum(f'"{route}' in line for line in f)
 
 
-def test_greedy_ids_and_logprobs_equal_embedded_sampler(server, processor, prompts, embedded, model_def,
-                                                        launch_params):
+def test_greedy_ids_and_logprobs_equal_embedded_sampler(
+    server, processor, prompts, embedded, model_def, launch_params
+):
     engine = make_engine(server, processor)
     out = engine.generate(prompts, GREEDY)
     assert_same_as(out, embedded.generate(prompts, GREEDY), "launch weights")
@@ -160,10 +178,14 @@ def test_greedy_ids_and_logprobs_equal_embedded_sampler(server, processor, promp
     assert [(c.prompt_index, c.sample_index) for c in out] == [(p, s) for p in range(3) for s in range(2)]
     worst = [0.0] * len(prompts)
     for c in out:
-        mine = teacher_forced(model_def, launch_params, prompts[c.prompt_index], c.token_ids, SAMPLED.temperature)
+        mine = teacher_forced(
+            model_def, launch_params, prompts[c.prompt_index], c.token_ids, SAMPLED.temperature
+        )
         worst[c.prompt_index] = max(worst[c.prompt_index], float(np.max(np.abs(c.logprobs - mine))))
-    print(f"[T=0.7] {sum(len(c.token_ids) for c in out)} sampled tokens, max |logprob - learner's| per prompt "
-          + ", ".join(f"{w:.2e}" for w in worst))
+    print(
+        f"[T=0.7] {sum(len(c.token_ids) for c in out)} sampled tokens, max |logprob - learner's| per prompt "
+        + ", ".join(f"{w:.2e}" for w in worst)
+    )
     # The greedy bound (1e-4 on logprobs at T = 1) is a bound on logit differences; dividing logits by
     # T scales those differences by 1/T, so the same bound at T is 1e-4 / T (the resized image's
     # preprocessing differs in the last bits between vLLM's torchvision resize and ours).
@@ -193,8 +215,14 @@ def test_two_training_steps_sync_weights_exactly(server, ckpt, tmp_path, monkeyp
         original(self, params, step)
         processor = Processor.from_dir(self.assets_from)
         mesh = jax.tree.leaves(params)[0].sharding.mesh
-        embedded = EmbeddedEngine(self.model_def, params, mesh, processor.tokenizer,
-                                  stop_token_ids=self.stop_token_ids, pad_token_id=processor.pad_token_id)
+        embedded = EmbeddedEngine(
+            self.model_def,
+            params,
+            mesh,
+            processor.tokenizer,
+            stop_token_ids=self.stop_token_ids,
+            pad_token_id=processor.pad_token_id,
+        )
         image = Image.fromarray(np.random.default_rng(step).integers(0, 255, (84, 112, 3), np.uint8))
         prompts = [Prompt.build(processor, "Describe the figure.", [image]), Prompt.build(processor, "Hi")]
         sampling = SamplingParams(temperature=0.0, max_new_tokens=12)
@@ -214,9 +242,15 @@ def test_two_training_steps_sync_weights_exactly(server, ckpt, tmp_path, monkeyp
         c.train.checkpoint_every = 100
         c.train.val_every = 0
         c.train.tensorboard = False
-        c.update_from_flattened_dict({"rollout.engine": "vllm", "rollout.vllm.urls": (server.url,),
-                                      "rollout.vllm.request_timeout_s": 300.0, "rewards.judge.url": judge.url,
-                                      "rewards.judge.max_failure_rate": 1.0})
+        c.update_from_flattened_dict(
+            {
+                "rollout.engine": "vllm",
+                "rollout.vllm.urls": (server.url,),
+                "rollout.vllm.request_timeout_s": 300.0,
+                "rewards.judge.url": judge.url,
+                "rewards.judge.max_failure_rate": 1.0,
+            }
+        )
         last = train(c, str(tmp_path / "run"))
     assert checks == [0, 1, 2]
     assert np.isfinite(last["learner/loss"])
@@ -244,10 +278,16 @@ def test_chat_clients_against_the_real_server(server, ckpt):
     extractor = ChatClient(base, server.name, role="extractor", retries=1, timeout=300)
 
     async def stage1():
-        t = await teacher.complete(annotate_prompts.teacher_messages("What is x?", [png_data_url(image)]),
-                                   temperature=0.7, max_tokens=8)
-        e = await extractor.complete(annotate_prompts.extractor_messages("What is x?", "Since AB = 3, x = 3."),
-                                     temperature=0.0, max_tokens=8)
+        t = await teacher.complete(
+            annotate_prompts.teacher_messages("What is x?", [png_data_url(image)]),
+            temperature=0.7,
+            max_tokens=8,
+        )
+        e = await extractor.complete(
+            annotate_prompts.extractor_messages("What is x?", "Since AB = 3, x = 3."),
+            temperature=0.0,
+            max_tokens=8,
+        )
         return t, e
 
     t, e = asyncio.run(stage1())
@@ -256,13 +296,17 @@ def test_chat_clients_against_the_real_server(server, ckpt):
         assert reply.prompt_tokens > 20 and 1 <= reply.completion_tokens <= 8
         assert client.counters["prompt_tokens"] == reply.prompt_tokens
     # The image reached the model: it adds <|vision_start|>, one pad per merged patch and <|vision_end|>.
-    no_image = asyncio.run(teacher.complete(annotate_prompts.teacher_messages("What is x?", []), max_tokens=1))
+    no_image = asyncio.run(
+        teacher.complete(annotate_prompts.teacher_messages("What is x?", []), max_tokens=1)
+    )
     grid = Processor.from_dir(ckpt).preprocess_image(image)[1]
     assert t.prompt_tokens - no_image.prompt_tokens == int(np.prod(grid)) // 4 + 2
 
     checker_client = ChatClient(base, server.name, role="answer checker", retries=1, timeout=300)
     checker = LLMChecker(checker_client, max_tokens=8)
-    problem = types.SimpleNamespace(question="What is x?", unit="", answer="3", choices=(), answer_type="free")
+    problem = types.SimpleNamespace(
+        question="What is x?", unit="", answer="3", choices=(), answer_type="free"
+    )
     result = asyncio.run(checker.extract(problem, "x is 3"))
     assert result.ok or "reply not in the asked form" in result.error
     assert checker_client.counters["requests"] in (1, 2) and checker_client.counters["completion_tokens"] >= 1
@@ -282,10 +326,15 @@ def test_bad_weight_dir_never_reaches_the_server(server, processor, prompts, emb
     good = tmp_path / "good"
     write_tiny_checkpoint(good, seed=0, preset="vllm")
     shard = next(n for n in os.listdir(good) if n.endswith(".safetensors"))
-    bad_dirs = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "no config": tmp_path / "noconfig",
-                "truncated shard": tmp_path / "truncated"}
+    bad_dirs = {
+        "missing": tmp_path / "missing",
+        "empty": tmp_path / "empty",
+        "no config": tmp_path / "noconfig",
+        "truncated shard": tmp_path / "truncated",
+    }
     os.makedirs(bad_dirs["empty"])
     import shutil
+
     shutil.copytree(good, bad_dirs["no config"])
     os.remove(bad_dirs["no config"] / "config.json")
     shutil.copytree(good, bad_dirs["truncated shard"])
@@ -307,16 +356,25 @@ def test_eval_policy_over_vllm(server, ckpt, prompts, embedded):
 
     policy = run.load_policy(model=ckpt, engine="vllm", vllm_urls=[server.url])
     assert isinstance(policy.engine, VLLMEngine) and policy.engine.urls == [server.url]
-    assert_same_as(policy.engine.generate(prompts[:2], GREEDY), embedded.generate(prompts[:2], GREEDY), "eval policy")
+    assert_same_as(
+        policy.engine.generate(prompts[:2], GREEDY), embedded.generate(prompts[:2], GREEDY), "eval policy"
+    )
 
 
-def test_server_killed_mid_run_waits_resyncs_or_names_the_url(server, processor, prompts, model_def, mesh,
-                                                              launch_params, tmp_path):
+def test_server_killed_mid_run_waits_resyncs_or_names_the_url(
+    server, processor, prompts, model_def, mesh, launch_params, tmp_path
+):
     """Killed mid-rollout and restarted: the engine reports it, waits, loads the current weights into the
     fresh server (which came back with its launch checkpoint) and finishes with samples of the current
     weights only. Killed and not restarted: it stops with an error naming the URL."""
-    engine = make_engine(server, processor, model_def=model_def, workdir=tmp_path / "work",
-                         restart_timeout_s=START_TIMEOUT_S, concurrency=2)
+    engine = make_engine(
+        server,
+        processor,
+        model_def=model_def,
+        workdir=tmp_path / "work",
+        restart_timeout_s=START_TIMEOUT_S,
+        concurrency=2,
+    )
     new = perturbed(launch_params, seed=5)
     engine.sync_weights(new, step=1)
     sampling = SamplingParams(temperature=0.0, max_new_tokens=64)
@@ -343,8 +401,14 @@ def test_server_killed_mid_run_waits_resyncs_or_names_the_url(server, processor,
     out = result["out"]
     assert [(c.prompt_index, c.sample_index) for c in out] == [(p, s) for p in range(2) for s in range(4)]
     assert {c.weight_version for c in out} == {"step-1"}
-    reference = EmbeddedEngine(model_def, new, mesh, processor.tokenizer, stop_token_ids=engine.stop_token_ids,
-                               pad_token_id=processor.pad_token_id).generate(prompts, sampling, n=4)
+    reference = EmbeddedEngine(
+        model_def,
+        new,
+        mesh,
+        processor.tokenizer,
+        stop_token_ids=engine.stop_token_ids,
+        pad_token_id=processor.pad_token_id,
+    ).generate(prompts, sampling, n=4)
     assert_same_as(out, reference, "across a server restart")
     stats = engine.stats
     assert stats["restarts_waited"] >= 1 and stats["resyncs"] >= 1 and stats["retries/connection"] >= 1, stats

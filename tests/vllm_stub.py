@@ -66,8 +66,12 @@ class VLLMStub(SGLangStub):
         ok = lambda: self._reply(h, 200, {})  # noqa: E731
         routes = {
             ("GET", "/health"): lambda: self._reply(h, 200),
-            ("GET", "/v1/models"): lambda: self._reply(h, 200, {"object": "list", "data": [{"id": self.model}]}),
-            ("GET", "/weight_info"): lambda: self._reply(h, 200, {"weight_version": self.backend.weight_version}),
+            ("GET", "/v1/models"): lambda: self._reply(
+                h, 200, {"object": "list", "data": [{"id": self.model}]}
+            ),
+            ("GET", "/weight_info"): lambda: self._reply(
+                h, 200, {"weight_version": self.backend.weight_version}
+            ),
             ("POST", "/pause"): lambda: self._pause(h, True),
             ("POST", "/resume"): lambda: self._pause(h, False),
             ("POST", "/collective_rpc"): lambda: self._rpc(h, body),
@@ -107,8 +111,10 @@ class VLLMStub(SGLangStub):
         if fault:
             self._count(f"fault/{fault}")
         if fault == "5xx" or self.broken:
-            return (503 if fault else 500, {"error": {"message": "injected overload" if fault else "empty weights",
-                                                      "code": 500}})
+            return (
+                503 if fault else 500,
+                {"error": {"message": "injected overload" if fault else "empty weights", "code": 500}},
+            )
         if fault == "4xx":
             return (400, {"error": {"message": "injected bad request", "code": 400}})
         if fault == "drop":
@@ -116,21 +122,46 @@ class VLLMStub(SGLangStub):
         if fault == "timeout":
             self._closing.wait(self.hang_s)
         if body.get("model") != self.model:
-            return (404, {"error": {"message": f"The model `{body.get('model')}` does not exist.", "code": 404}})
+            return (
+                404,
+                {"error": {"message": f"The model `{body.get('model')}` does not exist.", "code": 404}},
+            )
         if fault == "abort":
-            return (200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": ""},
-                                       "finish_reason": "abort", "token_ids": [], "logprobs": {"content": []}}],
-                          "prompt_token_ids": [], "usage": {}})
+            return (
+                200,
+                {
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": ""},
+                            "finish_reason": "abort",
+                            "token_ids": [],
+                            "logprobs": {"content": []},
+                        }
+                    ],
+                    "prompt_token_ids": [],
+                    "usage": {},
+                },
+            )
         try:
             # vLLM's "openai" content format: image parts reach the template as {"type": "image"}.
-            messages = [dict(m, content=[p if p["type"] == "text" else {"type": "image"} for p in m["content"]])
-                        for m in body["messages"]]
-            images = [p["image_url"]["url"] for m in body["messages"] for p in m["content"] if p["type"] != "text"]
-            text = jinja2.Template(body["chat_template"]).render(messages=messages, add_generation_prompt=False)
+            messages = [
+                dict(m, content=[p if p["type"] == "text" else {"type": "image"} for p in m["content"]])
+                for m in body["messages"]
+            ]
+            images = [
+                p["image_url"]["url"] for m in body["messages"] for p in m["content"] if p["type"] != "text"
+            ]
+            text = jinja2.Template(body["chat_template"]).render(
+                messages=messages, add_generation_prompt=False
+            )
             prompt = self.backend.prompt(text, images)
-            sampling = SamplingParams(temperature=float(body["temperature"]), max_new_tokens=int(body["max_tokens"]),
-                                      stop_token_ids=tuple(body["stop_token_ids"]) or None,
-                                      seed=int(body.get("seed") or self.backend.next_seed()))
+            sampling = SamplingParams(
+                temperature=float(body["temperature"]),
+                max_new_tokens=int(body["max_tokens"]),
+                stop_token_ids=tuple(body["stop_token_ids"]) or None,
+                seed=int(body.get("seed") or self.backend.next_seed()),
+            )
         except (KeyError, TypeError, ValueError) as e:
             return (400, {"error": {"message": f"bad request: {e}", "code": 400}})
         if self.latency_s:
@@ -138,14 +169,32 @@ class VLLMStub(SGLangStub):
         with self.backend.lock:
             c = self.backend.engine.generate([prompt], sampling, n=1)[0]
         ids = [int(t) for t in c.token_ids]
-        choice = {"index": 0, "message": {"role": "assistant", "content": c.text},
-                  "finish_reason": c.finish_reason, "token_ids": ids,
-                  "logprobs": {"content": [{"token": f"token_id:{t}", "logprob": float(lp)}
-                                           for t, lp in zip(ids, np.asarray(c.logprobs))]}}
-        raw = json.dumps({"id": "chatcmpl-stub", "object": "chat.completion", "model": self.model,
-                          "choices": [choice], "prompt_token_ids": [int(t) for t in prompt.input_ids],
-                          "usage": {"prompt_tokens": len(prompt.input_ids), "completion_tokens": len(ids),
-                                    "total_tokens": len(prompt.input_ids) + len(ids)}}).encode()
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": c.text},
+            "finish_reason": c.finish_reason,
+            "token_ids": ids,
+            "logprobs": {
+                "content": [
+                    {"token": f"token_id:{t}", "logprob": float(lp)}
+                    for t, lp in zip(ids, np.asarray(c.logprobs))
+                ]
+            },
+        }
+        raw = json.dumps(
+            {
+                "id": "chatcmpl-stub",
+                "object": "chat.completion",
+                "model": self.model,
+                "choices": [choice],
+                "prompt_token_ids": [int(t) for t in prompt.input_ids],
+                "usage": {
+                    "prompt_tokens": len(prompt.input_ids),
+                    "completion_tokens": len(ids),
+                    "total_tokens": len(prompt.input_ids) + len(ids),
+                },
+            }
+        ).encode()
         if fault == "truncate":
             raw = raw[: len(raw) // 2]
         return 200, None, raw

@@ -48,8 +48,10 @@ def accuracy_labels(records: Sequence[Record]) -> dict[Key, bool]:
     for r in records:
         v = r.data.get("correct")
         if not (isinstance(v, bool) or (isinstance(v, int) and v in (0, 1))):
-            raise AnalysisError(f"{r.where}: {r.name} has correct={v!r}; --label accuracy needs true/false "
-                                f"(was the answer checked?)")
+            raise AnalysisError(
+                f"{r.where}: {r.name} has correct={v!r}; --label accuracy needs true/false "
+                f"(was the answer checked?)"
+            )
         out[r.key] = bool(v)
     return out
 
@@ -91,15 +93,18 @@ class LabelsFile:
                     line = self.labels[None, key[1]][1]
                     raise AnalysisError(
                         f"{self.path}:{line}: label for id {key[1]!r} has no benchmark, but the paired problems have "
-                        f"that id in {sorted(ids_seen[key[1]])}; add a benchmark column")
+                        f"that id in {sorted(ids_seen[key[1]])}; add a benchmark column"
+                    )
                 hit = self.labels[None, key[1]]
             if hit is None:
                 missing.append(key)
             else:
                 out[key] = hit[0]
         if missing:
-            raise AnalysisError(f"{self.path} has no perception_correct for {len(missing)} of {len(keys)} paired "
-                                f"problems: {_names(missing)}")
+            raise AnalysisError(
+                f"{self.path} has no perception_correct for {len(missing)} of {len(keys)} paired "
+                f"problems: {_names(missing)}"
+            )
         return out
 
 
@@ -141,8 +146,10 @@ def load_labels(path: str) -> LabelsFile:
         bench = row.get("benchmark")
         key = (str(bench) if bench not in (None, "") else None, str(row["id"]).strip())
         if key in labels:
-            raise AnalysisError(f"{where}: duplicate label for {key[0] or '(any benchmark)'}/{key[1]} (first at line "
-                                f"{labels[key][1]})")
+            raise AnalysisError(
+                f"{where}: duplicate label for {key[0] or '(any benchmark)'}/{key[1]} (first at line "
+                f"{labels[key][1]})"
+            )
         labels[key] = (_parse_label(row["perception_correct"], where), line_no)
     return LabelsFile(path, labels)
 
@@ -177,9 +184,15 @@ def record_annotations(record: Record, fallback: Mapping[str, Sequence[str]] | N
     return found
 
 
-def perception_labels(records: Sequence[Record], judge, *, annotations: Mapping[str, Sequence[str]] | None = None,
-                      skip_failed: bool = False, progress: Callable[[int, int], None] | None = None,
-                      chunk: int = 256) -> PerceptionLabels:
+def perception_labels(
+    records: Sequence[Record],
+    judge,
+    *,
+    annotations: Mapping[str, Sequence[str]] | None = None,
+    skip_failed: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+    chunk: int = 256,
+) -> PerceptionLabels:
     """Judges every record's `response` against its visual annotations (a `pr1.rewards.judge.Judge`).
 
     A record without annotations or response, or a failed judgement, is an error naming the
@@ -193,8 +206,10 @@ def perception_labels(records: Sequence[Record], judge, *, annotations: Mapping[
     for r in records:
         if not isinstance(r.data.get("response"), str):
             if not skip_failed:
-                raise AnalysisError(f"{r.where}: {r.name} has no 'response' text to judge; pass --skip-failed "
-                                    f"to drop such pairs")
+                raise AnalysisError(
+                    f"{r.where}: {r.name} has no 'response' text to judge; pass --skip-failed "
+                    f"to drop such pairs"
+                )
             skipped[r.key] = "no response"
             continue
         found = record_annotations(r, annotations)
@@ -206,7 +221,8 @@ def perception_labels(records: Sequence[Record], judge, *, annotations: Mapping[
         raise AnalysisError(
             f"{len(unannotated)} records have no visual_annotations to judge perception against, e.g. "
             f"{unannotated[0].where} ({_names([r.key for r in unannotated])}); supply them with --annotations "
-            f"FILE.parquet, or pass --skip-failed to drop these pairs")
+            f"FILE.parquet, or pass --skip-failed to drop these pairs"
+        )
     for r in unannotated:
         skipped[r.key] = "no visual annotations"
 
@@ -222,9 +238,11 @@ def perception_labels(records: Sequence[Record], judge, *, annotations: Mapping[
     if failed and not skip_failed:
         r, j = failed[0]
         names = _names([f[0].key for f in failed])
-        raise AnalysisError(f"the judge failed on {len(failed)} of {len(todo)} responses ({names}); first: "
-                            f"{r.name} ({r.where}): {j.error}. Fix the judge and rerun, or pass --skip-failed "
-                            f"to drop these pairs (they are counted)")
+        raise AnalysisError(
+            f"the judge failed on {len(failed)} of {len(todo)} responses ({names}); first: "
+            f"{r.name} ({r.where}): {j.error}. Fix the judge and rerun, or pass --skip-failed "
+            f"to drop these pairs (they are counted)"
+        )
     return PerceptionLabels(labels, skipped, details)
 
 
@@ -232,7 +250,7 @@ async def _judge_all(judge, todo, progress, chunk):
     # Chunks only so progress can be shown; each chunk still runs `chunk` requests concurrently.
     out = []
     for start in range(0, len(todo), chunk):
-        part = todo[start:start + chunk]
+        part = todo[start : start + chunk]
         out += await judge.judge_many([(r.data["response"], found) for r, found in part])
         if progress is not None:
             progress(len(out), len(todo))
@@ -240,8 +258,9 @@ async def _judge_all(judge, todo, progress, chunk):
     return out
 
 
-def load_annotations(path: str, *, id_column: str = "id",
-                     annotations_column: str = "visual_key_info") -> dict[str, list[str]]:
+def load_annotations(
+    path: str, *, id_column: str = "id", annotations_column: str = "visual_key_info"
+) -> dict[str, list[str]]:
     """id -> visual annotations from a parquet file (the training layout's `visual_key_info`)."""
     import pyarrow.parquet as pq
 
@@ -253,8 +272,9 @@ def load_annotations(path: str, *, id_column: str = "id",
             raise AnalysisError(f"--annotations {path}: no column {col!r} ({flag}); the file has {names}")
     table = pq.read_table(path, columns=[id_column, annotations_column])
     out: dict[str, list[str]] = {}
-    for row, (pid, value) in enumerate(zip(table.column(id_column).to_pylist(),
-                                           table.column(annotations_column).to_pylist())):
+    for row, (pid, value) in enumerate(
+        zip(table.column(id_column).to_pylist(), table.column(annotations_column).to_pylist())
+    ):
         pid = str(pid)
         if pid in out:
             raise AnalysisError(f"--annotations {path}: id {pid!r} appears twice (row {row})")
@@ -262,15 +282,26 @@ def load_annotations(path: str, *, id_column: str = "id",
     return out
 
 
-def save_labels(path: str, records: Sequence[Record], labels: Mapping[Key, bool], *, source: str,
-                details: Mapping[Key, dict] | None = None) -> None:
+def save_labels(
+    path: str,
+    records: Sequence[Record],
+    labels: Mapping[Key, bool],
+    *,
+    source: str,
+    details: Mapping[Key, dict] | None = None,
+) -> None:
     """Writes the labels used (one JSONL row per record), in the labels-file format plus audit fields."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
             if r.key not in labels:
                 continue
-            row = {"benchmark": r.benchmark, "id": r.id, "perception_correct": int(labels[r.key]),
-                   "source": source, "model": r.data.get("model")}
+            row = {
+                "benchmark": r.benchmark,
+                "id": r.id,
+                "perception_correct": int(labels[r.key]),
+                "source": source,
+                "model": r.data.get("model"),
+            }
             row.update((details or {}).get(r.key, {}))
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

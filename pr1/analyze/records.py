@@ -65,7 +65,9 @@ def load_records(path: str) -> list[Record]:
     try:
         f = open(path, encoding="utf-8")
     except FileNotFoundError:
-        raise AnalysisError(f"{path}: no such file (expected the JSONL records written by pr1.eval)") from None
+        raise AnalysisError(
+            f"{path}: no such file (expected the JSONL records written by pr1.eval)"
+        ) from None
     with f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -73,18 +75,23 @@ def load_records(path: str) -> list[Record]:
             try:
                 data = json.loads(line)
             except json.JSONDecodeError as e:
-                raise AnalysisError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise AnalysisError(
+                    f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})"
+                ) from None
             if not isinstance(data, dict):
                 raise AnalysisError(f"{path}:{line_no}: expected a JSON object, got {type(data).__name__}")
             for field in ("benchmark", "id"):
                 if data.get(field) in (None, ""):
-                    raise AnalysisError(f"{path}:{line_no}: record has no '{field}' (records are paired by "
-                                        f"benchmark and id)")
+                    raise AnalysisError(
+                        f"{path}:{line_no}: record has no '{field}' (records are paired by benchmark and id)"
+                    )
             # Ids may be written as numbers by some tools; "12" and 12 are the same problem.
             record = Record(str(data["benchmark"]), str(data["id"]), data, path, line_no)
             if record.key in first_line:
-                raise AnalysisError(f"{path}:{line_no}: duplicate record for {record.name} (first at line "
-                                    f"{first_line[record.key]}); one record per problem is expected")
+                raise AnalysisError(
+                    f"{path}:{line_no}: duplicate record for {record.name} (first at line "
+                    f"{first_line[record.key]}); one record per problem is expected"
+                )
             first_line[record.key] = line_no
             records.append(record)
     return records
@@ -114,8 +121,9 @@ def parse_subsets(items: Sequence[str]) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise AnalysisError(f"--subset {item!r}: expected key=value, e.g. --subset task=\"geometry problem "
-                                f"solving\"")
+            raise AnalysisError(
+                f'--subset {item!r}: expected key=value, e.g. --subset task="geometry problem solving"'
+            )
         out[key.strip()] = value.strip()
     return out
 
@@ -123,14 +131,21 @@ def parse_subsets(items: Sequence[str]) -> dict[str, str]:
 def _subsets(record: Record) -> dict:
     subsets = record.data.get("subsets") or {}
     if not isinstance(subsets, dict):
-        raise AnalysisError(f"{record.where}: 'subsets' of {record.name} is {type(subsets).__name__}, "
-                            f"expected an object")
+        raise AnalysisError(
+            f"{record.where}: 'subsets' of {record.name} is {type(subsets).__name__}, expected an object"
+        )
     return subsets
 
 
-def pair_records(a: Sequence[Record], b: Sequence[Record], *, benchmark: str | None = None,
-                 subsets: Mapping[str, str] | None = None, sample: int | None = None,
-                 seed: int = 0) -> Pairing:
+def pair_records(
+    a: Sequence[Record],
+    b: Sequence[Record],
+    *,
+    benchmark: str | None = None,
+    subsets: Mapping[str, str] | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+) -> Pairing:
     """Pairs A's and B's records by (benchmark, id), keeping problems of `benchmark` (if given)
     whose `subsets` have every key=value of `subsets`; then, with `sample`, draws that many paired
     problems at random.
@@ -148,15 +163,19 @@ def pair_records(a: Sequence[Record], b: Sequence[Record], *, benchmark: str | N
         values = {str(_subsets(r)[key]) for r in everything if key in _subsets(r)}
         if not values:
             seen = sorted({k for r in everything for k in _subsets(r)})
-            raise AnalysisError(f"--subset {key}={value!r}: no record has subset key {key!r}; keys present: {seen}")
+            raise AnalysisError(
+                f"--subset {key}={value!r}: no record has subset key {key!r}; keys present: {seen}"
+            )
         if value not in values:
-            raise AnalysisError(f"--subset {key}={value!r}: no record has that value; values present: "
-                                f"{sorted(values)[:20]}")
+            raise AnalysisError(
+                f"--subset {key}={value!r}: no record has that value; values present: {sorted(values)[:20]}"
+            )
 
     def keep(r: Record) -> bool:
         s = _subsets(r)
-        return ((benchmark is None or r.benchmark == benchmark)
-                and all(key in s and str(s[key]) == value for key, value in subsets.items()))
+        return (benchmark is None or r.benchmark == benchmark) and all(
+            key in s and str(s[key]) == value for key, value in subsets.items()
+        )
 
     by_key_b = {r.key: r for r in b}
     keys_a = {r.key for r in a}
@@ -167,8 +186,10 @@ def pair_records(a: Sequence[Record], b: Sequence[Record], *, benchmark: str | N
             continue
         if keep(ra) != keep(rb):
             diff = {k: (_subsets(ra).get(k), _subsets(rb).get(k)) for k in subsets}
-            raise AnalysisError(f"{ra.name}: A ({ra.where}) and B ({rb.where}) disagree on the filtered subsets "
-                                f"(A, B) = {diff}; were both evaluated on the same benchmark release?")
+            raise AnalysisError(
+                f"{ra.name}: A ({ra.where}) and B ({rb.where}) disagree on the filtered subsets "
+                f"(A, B) = {diff}; were both evaluated on the same benchmark release?"
+            )
         if keep(ra):
             pairs.append((ra, rb))
     pairs.sort(key=lambda p: problem_order(p[0].key))

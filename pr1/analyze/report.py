@@ -36,17 +36,30 @@ class McNemarReport:
     notes: list[str] = dataclasses.field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return dict(label=self.label, file_a=self.file_a, file_b=self.file_b, models_a=self.models_a,
-                    models_b=self.models_b, **self.table.as_dict(), population=self.population,
-                    sample=self.sample, seed=self.seed, problems=self.problems,
-                    unpaired=dict(only_a=self.only_a, only_b=self.only_b), skipped=self.skipped,
-                    notes=self.notes)
+        return dict(
+            label=self.label,
+            file_a=self.file_a,
+            file_b=self.file_b,
+            models_a=self.models_a,
+            models_b=self.models_b,
+            **self.table.as_dict(),
+            population=self.population,
+            sample=self.sample,
+            seed=self.seed,
+            problems=self.problems,
+            unpaired=dict(only_a=self.only_a, only_b=self.only_b),
+            skipped=self.skipped,
+            notes=self.notes,
+        )
 
     def format(self) -> str:
         t = self.table
         models = lambda ms: f" (model {', '.join(ms)})" if ms else ""  # noqa: E731
-        drawn = (f", a random sample of {self.sample} of {self.population} (seed {self.seed})"
-                 if self.sample is not None else "")
+        drawn = (
+            f", a random sample of {self.sample} of {self.population} (seed {self.seed})"
+            if self.sample is not None
+            else ""
+        )
         width = max(len(str(v)) for v in (t.a, t.b, t.c, t.d, "B correct"))
         lines = [
             f"McNemar exact test on {self.label} labels",
@@ -78,10 +91,18 @@ def _list(names: Sequence[str]) -> str:
     return f" ({', '.join(names[:_SHOW])}{more})"
 
 
-def mcnemar_report(pairing: Pairing, labels_a: Mapping[Key, bool], labels_b: Mapping[Key, bool], *,
-                   label: str, file_a: str = "A", file_b: str = "B",
-                   skipped_a: Mapping[Key, str] | None = None, skipped_b: Mapping[Key, str] | None = None,
-                   notes: Sequence[str] = ()) -> McNemarReport:
+def mcnemar_report(
+    pairing: Pairing,
+    labels_a: Mapping[Key, bool],
+    labels_b: Mapping[Key, bool],
+    *,
+    label: str,
+    file_a: str = "A",
+    file_b: str = "B",
+    skipped_a: Mapping[Key, str] | None = None,
+    skipped_b: Mapping[Key, str] | None = None,
+    notes: Sequence[str] = (),
+) -> McNemarReport:
     """The table over the paired problems labelled on both sides.
 
     A pair missing a label on a side is dropped only if that side's `skipped_*` says why (and is
@@ -102,20 +123,44 @@ def mcnemar_report(pairing: Pairing, labels_a: Mapping[Key, bool], labels_b: Map
     table = contingency([labels_a[k] for k in used], [labels_b[k] for k in used])
 
     def models(side: int) -> list[str]:
-        return sorted({str(p[side].data["model"]) for p in pairing.pairs if p[side].data.get("model") is not None})
+        return sorted(
+            {str(p[side].data["model"]) for p in pairing.pairs if p[side].data.get("model") is not None}
+        )
 
     return McNemarReport(
-        label=label, file_a=file_a, file_b=file_b, models_a=models(0), models_b=models(1), table=table,
-        problems=[problem_name(k) for k in used], population=pairing.population, sample=pairing.sample,
-        seed=pairing.seed, only_a=[r.name for r in pairing.only_a], only_b=[r.name for r in pairing.only_b],
-        skipped=skipped, notes=list(notes))
+        label=label,
+        file_a=file_a,
+        file_b=file_b,
+        models_a=models(0),
+        models_b=models(1),
+        table=table,
+        problems=[problem_name(k) for k in used],
+        population=pairing.population,
+        sample=pairing.sample,
+        seed=pairing.seed,
+        only_a=[r.name for r in pairing.only_a],
+        only_b=[r.name for r in pairing.only_b],
+        skipped=skipped,
+        notes=list(notes),
+    )
 
 
-def mcnemar_from_files(path_a: str, path_b: str, *, label: str, benchmark: str | None = None,
-                       subsets: Mapping[str, str] | None = None, sample: int | None = None, seed: int = 0,
-                       labels_files: Sequence[str] | None = None, judge=None,
-                       annotations: Mapping[str, Sequence[str]] | None = None, skip_failed: bool = False,
-                       save_labels: Sequence[str] | None = None, progress=None) -> McNemarReport:
+def mcnemar_from_files(
+    path_a: str,
+    path_b: str,
+    *,
+    label: str,
+    benchmark: str | None = None,
+    subsets: Mapping[str, str] | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+    labels_files: Sequence[str] | None = None,
+    judge=None,
+    annotations: Mapping[str, Sequence[str]] | None = None,
+    skip_failed: bool = False,
+    save_labels: Sequence[str] | None = None,
+    progress=None,
+) -> McNemarReport:
     """The whole analysis: load, pair and filter (and sample), label each side, count and test.
 
     label "accuracy" uses the records' `correct`; "perception" uses `labels_files` (A's, B's) or,
@@ -125,15 +170,21 @@ def mcnemar_from_files(path_a: str, path_b: str, *, label: str, benchmark: str |
     if label not in ("accuracy", "perception"):
         raise AnalysisError(f"--label must be accuracy or perception, got {label!r}")
     if label == "perception" and (labels_files is None) == (judge is None):
-        raise AnalysisError("--label perception needs exactly one of --labels LABELS_A LABELS_B, --judge-url URL "
-                            "or --judge lexical")
+        raise AnalysisError(
+            "--label perception needs exactly one of --labels LABELS_A LABELS_B, --judge-url URL "
+            "or --judge lexical"
+        )
     if label == "accuracy" and (labels_files or judge or save_labels):
         raise AnalysisError("--labels, --judge* and --save-labels apply to --label perception only")
     records_a, records_b = load_records(path_a), load_records(path_b)
-    pairing = pair_records(records_a, records_b, benchmark=benchmark, subsets=subsets, sample=sample, seed=seed)
+    pairing = pair_records(
+        records_a, records_b, benchmark=benchmark, subsets=subsets, sample=sample, seed=seed
+    )
     if not pairing.pairs:
-        raise AnalysisError(f"no problem is in both {path_a} ({len(records_a)} records) and {path_b} "
-                            f"({len(records_b)} records) after the filters; are they runs of the same benchmark?")
+        raise AnalysisError(
+            f"no problem is in both {path_a} ({len(records_a)} records) and {path_b} "
+            f"({len(records_b)} records) after the filters; are they runs of the same benchmark?"
+        )
     sides = ([a for a, _ in pairing.pairs], [b for _, b in pairing.pairs])
     skipped: list[dict] = [{}, {}]
     details: list[dict] = [{}, {}]
@@ -150,20 +201,38 @@ def mcnemar_from_files(path_a: str, path_b: str, *, label: str, benchmark: str |
         labels = []
         for i, (name, side) in enumerate(zip("AB", sides)):
             result = labels_lib.perception_labels(
-                side, judge, annotations=annotations, skip_failed=skip_failed,
-                progress=None if progress is None else (lambda done, total, name=name: progress(name, done, total)))
+                side,
+                judge,
+                annotations=annotations,
+                skip_failed=skip_failed,
+                progress=None
+                if progress is None
+                else (lambda done, total, name=name: progress(name, done, total)),
+            )
             labels.append(result.labels)
             skipped[i], details[i] = result.skipped, result.details
             if result.malformed:
-                notes.append(f"{name}: {result.malformed} malformed judge replies (missing verdicts count as 0)")
+                notes.append(
+                    f"{name}: {result.malformed} malformed judge replies (missing verdicts count as 0)"
+                )
         source = f"judge {judge!r}"
-    report = mcnemar_report(pairing, labels[0], labels[1], label=label, file_a=path_a, file_b=path_b,
-                            skipped_a=skipped[0], skipped_b=skipped[1], notes=notes)
+    report = mcnemar_report(
+        pairing,
+        labels[0],
+        labels[1],
+        label=label,
+        file_a=path_a,
+        file_b=path_b,
+        skipped_a=skipped[0],
+        skipped_b=skipped[1],
+        notes=notes,
+    )
     if save_labels:
         used = set(report.problems)  # the labels the table counts, not those of skipped pairs
         for path, side, side_labels, side_details in zip(save_labels, sides, labels, details):
-            labels_lib.save_labels(path, [r for r in side if r.name in used], side_labels, source=source,
-                                   details=side_details)
+            labels_lib.save_labels(
+                path, [r for r in side if r.name in used], side_labels, source=source, details=side_details
+            )
     return report
 
 
@@ -173,5 +242,7 @@ def _check_same_annotations(pairing: Pairing, annotations) -> None:
         found_a = labels_lib.record_annotations(ra, annotations)
         found_b = labels_lib.record_annotations(rb, annotations)
         if found_a and found_b and found_a != found_b:
-            raise AnalysisError(f"{ra.name}: visual_annotations differ between A ({ra.where}) and B ({rb.where}); "
-                                f"both models must be judged against the same annotations")
+            raise AnalysisError(
+                f"{ra.name}: visual_annotations differ between A ({ra.where}) and B ({rb.where}); "
+                f"both models must be judged against the same annotations"
+            )

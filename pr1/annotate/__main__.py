@@ -26,17 +26,23 @@ _CACHE = flags.DEFINE_string("cache", "", "resumable JSONL cache; default <outpu
 _SERVICES = {}
 for _role, _timeout, _max_tokens in (("teacher", 600.0, 4096), ("extractor", 180.0, 1024)):
     _SERVICES[_role] = (
-        flags.DEFINE_string(f"{_role}_url", None, f"{_role} OpenAI-compatible base URL, e.g. http://host:30000/v1"),
+        flags.DEFINE_string(
+            f"{_role}_url", None, f"{_role} OpenAI-compatible base URL, e.g. http://host:30000/v1"
+        ),
         flags.DEFINE_string(f"{_role}_model", None, f"{_role} model name as the server knows it"),
-        flags.DEFINE_string(f"{_role}_api_key_env", "", f"NAME of the environment variable with the {_role}'s "
-                            "API key (empty: no key)"),
+        flags.DEFINE_string(
+            f"{_role}_api_key_env",
+            "",
+            f"NAME of the environment variable with the {_role}'s API key (empty: no key)",
+        ),
         flags.DEFINE_float(f"{_role}_timeout", _timeout, f"seconds per {_role} request"),
         flags.DEFINE_integer(f"{_role}_max_tokens", _max_tokens, f"max_tokens of a {_role} reply"),
     )
 _ATTEMPTS = flags.DEFINE_integer("attempts", 4, "teacher CoTs per row at most, until one is correct")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "temperature of the first teacher attempt")
-_RETRY_TEMPERATURE = flags.DEFINE_float("retry_temperature", 0.7,
-                                        "temperature of later teacher attempts and of the extraction retry")
+_RETRY_TEMPERATURE = flags.DEFINE_float(
+    "retry_temperature", 0.7, "temperature of later teacher attempts and of the extraction retry"
+)
 _EXTRACT_ATTEMPTS = flags.DEFINE_integer("extract_attempts", 2, "extractor replies per row, until one parses")
 _CONCURRENCY = flags.DEFINE_integer("concurrency", 32, "rows in flight")
 _RETRIES = flags.DEFINE_integer("retries", 4, "retries per request (timeouts, 429, 5xx, dropped connections)")
@@ -50,11 +56,14 @@ _IMAGES_KEY = flags.DEFINE_string("images_key", "images", "images column; empty 
 _PLACEHOLDER = flags.DEFINE_string("image_placeholder", "<image>", "image placeholder in the problem text")
 _ANNOTATIONS_KEY = flags.DEFINE_string("annotations_key", "visual_key_info", "output annotations column")
 _COT_KEY = flags.DEFINE_string("cot_key", "teacher_cot", "output column holding the kept CoT")
-_SKIP_BAD_ROWS = flags.DEFINE_bool("skip_bad_rows", False, "leave out unusable input rows instead of stopping")
+_SKIP_BAD_ROWS = flags.DEFINE_bool(
+    "skip_bad_rows", False, "leave out unusable input rows instead of stopping"
+)
 _ACCURACY_WORKERS = flags.DEFINE_integer("accuracy_workers", 2, "math-verify worker processes")
 _PROGRESS_INTERVAL = flags.DEFINE_float("progress_interval", 5.0, "seconds between progress lines")
-flags.mark_flags_as_required(["input", "output", "teacher_url", "teacher_model", "extractor_url",
-                              "extractor_model"])
+flags.mark_flags_as_required(
+    ["input", "output", "teacher_url", "teacher_model", "extractor_url", "extractor_model"]
+)
 
 
 def main(argv) -> int:
@@ -64,28 +73,58 @@ def main(argv) -> int:
     from pr1.annotate.pipeline import AnnotateOptions, ServiceOptions, annotate
     from pr1.chat import ChatConfigError
 
-    services = {role: ServiceOptions(url=f[0].value, model=f[1].value, api_key_env=f[2].value,
-                                     timeout=f[3].value, max_tokens=f[4].value) for role, f in _SERVICES.items()}
+    services = {
+        role: ServiceOptions(
+            url=f[0].value,
+            model=f[1].value,
+            api_key_env=f[2].value,
+            timeout=f[3].value,
+            max_tokens=f[4].value,
+        )
+        for role, f in _SERVICES.items()
+    }
     try:
         opts = AnnotateOptions(
-            input=_INPUT.value, output=_OUTPUT.value, cache=_CACHE.value, **services,
-            attempts=_ATTEMPTS.value, temperature=_TEMPERATURE.value, retry_temperature=_RETRY_TEMPERATURE.value,
-            extract_attempts=_EXTRACT_ATTEMPTS.value, concurrency=_CONCURRENCY.value, retries=_RETRIES.value,
-            backoff=_BACKOFF.value, backoff_max=_BACKOFF_MAX.value, limit=_LIMIT.value, id_key=_ID_KEY.value,
-            problem_key=_PROBLEM_KEY.value, answer_key=_ANSWER_KEY.value, images_key=_IMAGES_KEY.value,
-            image_placeholder=_PLACEHOLDER.value, annotations_key=_ANNOTATIONS_KEY.value, cot_key=_COT_KEY.value,
-            skip_bad_rows=_SKIP_BAD_ROWS.value, accuracy_workers=_ACCURACY_WORKERS.value,
-            progress_interval=_PROGRESS_INTERVAL.value)
+            input=_INPUT.value,
+            output=_OUTPUT.value,
+            cache=_CACHE.value,
+            **services,
+            attempts=_ATTEMPTS.value,
+            temperature=_TEMPERATURE.value,
+            retry_temperature=_RETRY_TEMPERATURE.value,
+            extract_attempts=_EXTRACT_ATTEMPTS.value,
+            concurrency=_CONCURRENCY.value,
+            retries=_RETRIES.value,
+            backoff=_BACKOFF.value,
+            backoff_max=_BACKOFF_MAX.value,
+            limit=_LIMIT.value,
+            id_key=_ID_KEY.value,
+            problem_key=_PROBLEM_KEY.value,
+            answer_key=_ANSWER_KEY.value,
+            images_key=_IMAGES_KEY.value,
+            image_placeholder=_PLACEHOLDER.value,
+            annotations_key=_ANNOTATIONS_KEY.value,
+            cot_key=_COT_KEY.value,
+            skip_bad_rows=_SKIP_BAD_ROWS.value,
+            accuracy_workers=_ACCURACY_WORKERS.value,
+            progress_interval=_PROGRESS_INTERVAL.value,
+        )
         summary = annotate(opts)
     except (ChatConfigError, CacheError, ValueError, OSError) as e:  # DataError is a ValueError
         return cli.fail("pr1.annotate", f"error: {cli.one_line(e)}")
     shown = {k: v for k, v in summary.items() if k != "failed_rows"}
     print(json.dumps(shown, indent=2))
-    print(f"pr1.annotate: kept {summary['kept']} of {summary['rows']} rows → {opts.output} "
-          f"(summary {opts.summary_path})", file=sys.stderr)
+    print(
+        f"pr1.annotate: kept {summary['kept']} of {summary['rows']} rows → {opts.output} "
+        f"(summary {opts.summary_path})",
+        file=sys.stderr,
+    )
     if summary["failed"]:
-        print(f"pr1.annotate: {summary['failed']} rows failed (see failed_rows in {opts.summary_path}); run the "
-              "same command again to retry them", file=sys.stderr)
+        print(
+            f"pr1.annotate: {summary['failed']} rows failed (see failed_rows in {opts.summary_path}); run the "
+            "same command again to retry them",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

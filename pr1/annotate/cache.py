@@ -58,15 +58,20 @@ class RowCache:
                     raise ValueError("not a cache record")
             except ValueError as e:
                 if last:
-                    log.warning("%s: line %d is incomplete (the run was killed while writing it); ignoring it",
-                                self.path, number)
+                    log.warning(
+                        "%s: line %d is incomplete (the run was killed while writing it); ignoring it",
+                        self.path,
+                        number,
+                    )
                     self.torn_lines += 1
                     with open(self.path, "r+b") as f:
                         f.truncate(start)
                     break
-                raise CacheError(f"{self.path}: line {number} is not a stage-1 cache record ({e}); this file "
-                                 "was not written by pr1.annotate or was edited. Move it away or pass "
-                                 "--cache=OTHER") from None
+                raise CacheError(
+                    f"{self.path}: line {number} is not a stage-1 cache record ({e}); this file "
+                    "was not written by pr1.annotate or was edited. Move it away or pass "
+                    "--cache=OTHER"
+                ) from None
             if last:
                 # A complete record without its newline: keep it, and end the line before appending.
                 with open(self.path, "ab") as f:

@@ -61,7 +61,7 @@ class ServiceOptions:
     url: str
     model: str
     api_key_env: str = ""
-    timeout: float = 600.0       # seconds per request (a thinking teacher can take minutes)
+    timeout: float = 600.0  # seconds per request (a thinking teacher can take minutes)
     max_tokens: int = 4096
 
 
@@ -71,17 +71,17 @@ class AnnotateOptions:
     output: str
     teacher: ServiceOptions
     extractor: ServiceOptions
-    cache: str = ""              # "" = <output>.cache.jsonl
-    attempts: int = 4            # teacher CoTs per row at most, until one is correct
-    temperature: float = 0.0     # first teacher attempt
+    cache: str = ""  # "" = <output>.cache.jsonl
+    attempts: int = 4  # teacher CoTs per row at most, until one is correct
+    temperature: float = 0.0  # first teacher attempt
     retry_temperature: float = 0.7  # later teacher attempts, and the extraction retry
-    extract_attempts: int = 2    # extractor replies per row at most, until one parses
-    concurrency: int = 32        # rows in flight (each has at most one request in flight)
-    retries: int = 4             # per request, by ChatClient (timeouts, dropped connections, 429, 5xx)
+    extract_attempts: int = 2  # extractor replies per row at most, until one parses
+    concurrency: int = 32  # rows in flight (each has at most one request in flight)
+    retries: int = 4  # per request, by ChatClient (timeouts, dropped connections, 429, 5xx)
     backoff: float = 1.0
     backoff_max: float = 30.0
-    limit: int = 0               # the first N usable rows only; 0 = all
-    id_key: str = "id"           # row ids from this column when the input has it, else row indices
+    limit: int = 0  # the first N usable rows only; 0 = all
+    id_key: str = "id"  # row ids from this column when the input has it, else row indices
     problem_key: str = "problem"
     answer_key: str = "answer"
     images_key: str = "images"
@@ -119,8 +119,11 @@ class AnnotateOptions:
             if service.timeout <= 0:
                 fail(f"{role}_timeout", f"must be > 0, got {service.timeout}")
         if not self.annotations_key or not self.cot_key or self.annotations_key == self.cot_key:
-            fail("annotations_key", f"annotations_key and cot_key must be two column names, got "
-                 f"{self.annotations_key!r}, {self.cot_key!r}")
+            fail(
+                "annotations_key",
+                f"annotations_key and cot_key must be two column names, got "
+                f"{self.annotations_key!r}, {self.cot_key!r}",
+            )
         if os.path.abspath(self.input) == os.path.abspath(self.output):
             fail("output", f"must differ from --input ({self.input})")
 
@@ -155,9 +158,13 @@ class Progress:
         rate = processed / max(now - self.start, 1e-9)
         left = self.total - self.already - processed
         eta = _hms(left / rate) if rate > 0 else "?"
-        print(f"annotate: {self.already + processed}/{self.total} rows ({self.already} cached) | kept {kept} | "
-              f"filtered {filtered} | failed {failed} | {tokens / 1000:.1f}k tokens | {rate:.2f} rows/s | "
-              f"ETA {eta}", file=self.stream, flush=True)
+        print(
+            f"annotate: {self.already + processed}/{self.total} rows ({self.already} cached) | kept {kept} | "
+            f"filtered {filtered} | failed {failed} | {tokens / 1000:.1f}k tokens | {rate:.2f} rows/s | "
+            f"ETA {eta}",
+            file=self.stream,
+            flush=True,
+        )
 
 
 def _hms(seconds: float) -> str:
@@ -170,15 +177,32 @@ class Annotator:
 
     def __init__(self, opts: AnnotateOptions, *, progress_stream=None):
         self.opts = opts
-        self.source = AnnotateSource(opts.input, problem_key=opts.problem_key, answer_key=opts.answer_key,
-                                     images_key=opts.images_key, image_placeholder=opts.image_placeholder,
-                                     id_key=opts.id_key, skip_bad_rows=opts.skip_bad_rows, limit=opts.limit)
+        self.source = AnnotateSource(
+            opts.input,
+            problem_key=opts.problem_key,
+            answer_key=opts.answer_key,
+            images_key=opts.images_key,
+            image_placeholder=opts.image_placeholder,
+            id_key=opts.id_key,
+            skip_bad_rows=opts.skip_bad_rows,
+            limit=opts.limit,
+        )
         self.counters = {"teacher": collections.Counter(), "extractor": collections.Counter()}
-        self.clients = {role: ChatClient(s.url, s.model, role=role, api_key_env=s.api_key_env,
-                                         max_concurrency=opts.concurrency, timeout=s.timeout,
-                                         retries=opts.retries, backoff=opts.backoff, backoff_max=opts.backoff_max,
-                                         counters=self.counters[role])
-                        for role, s in (("teacher", opts.teacher), ("extractor", opts.extractor))}
+        self.clients = {
+            role: ChatClient(
+                s.url,
+                s.model,
+                role=role,
+                api_key_env=s.api_key_env,
+                max_concurrency=opts.concurrency,
+                timeout=s.timeout,
+                retries=opts.retries,
+                backoff=opts.backoff,
+                backoff_max=opts.backoff_max,
+                counters=self.counters[role],
+            )
+            for role, s in (("teacher", opts.teacher), ("extractor", opts.extractor))
+        }
         self.progress_stream = progress_stream
         self.outcomes: collections.Counter = collections.Counter()  # this run: kept, filtered/*, failed/*
         self.failed_rows: list[dict] = []
@@ -195,9 +219,15 @@ class Annotator:
             self._check_cache()
             todo = [r for r in self.source.rows if r.row_id not in self.cache.done]
             self.cached_outcomes = collections.Counter(rec["status"] for _, rec in self._done_records())
-            self.progress = Progress(len(self.source), len(self.source) - len(todo), self.opts.progress_interval,
-                                     self.progress_stream)
-            with AccuracyScorer(workers=self.opts.accuracy_workers, timeout=self.opts.accuracy_timeout) as scorer:
+            self.progress = Progress(
+                len(self.source),
+                len(self.source) - len(todo),
+                self.opts.progress_interval,
+                self.progress_stream,
+            )
+            with AccuracyScorer(
+                workers=self.opts.accuracy_workers, timeout=self.opts.accuracy_timeout
+            ) as scorer:
                 self.scorer = scorer
                 async with self.clients["teacher"].session(), self.clients["extractor"].session():
                     await self._run_rows(todo)
@@ -218,12 +248,17 @@ class Annotator:
                     raise CacheError(
                         f"{self.cache.path}: row {row.index} (id {row.row_id!r}) was cached for different "
                         f"content than {self.source.path} now has (its problem, answer or images changed). "
-                        "Delete the cache (or pass --cache=NEW) to annotate the new input from scratch")
+                        "Delete the cache (or pass --cache=NEW) to annotate the new input from scratch"
+                    )
                 if record.get("extract_prompt"):
                     versions.add(record["extract_prompt"])
         if versions - {prompts.PROMPT_VERSION}:
-            log.warning("%s holds rows extracted with prompt %s; this run uses %s", self.cache.path,
-                        sorted(versions - {prompts.PROMPT_VERSION}), prompts.PROMPT_VERSION)
+            log.warning(
+                "%s holds rows extracted with prompt %s; this run uses %s",
+                self.cache.path,
+                sorted(versions - {prompts.PROMPT_VERSION}),
+                prompts.PROMPT_VERSION,
+            )
 
     async def _run_rows(self, todo: list[SourceRow]) -> None:
         queue = iter(todo)
@@ -252,9 +287,17 @@ class Annotator:
             record = await self._annotate(row)
         except _RowFailed as e:
             self.outcomes[f"failed/{e.stage}"] += 1
-            self.failed_rows.append({"row": row.index, "row_id": row.row_id, "stage": e.stage, "error": e.error})
-            log.warning("%s: row %d (id %r) failed at %s: %s", self.source.path, row.index, row.row_id, e.stage,
-                        e.error)
+            self.failed_rows.append(
+                {"row": row.index, "row_id": row.row_id, "stage": e.stage, "error": e.error}
+            )
+            log.warning(
+                "%s: row %d (id %r) failed at %s: %s",
+                self.source.path,
+                row.index,
+                row.row_id,
+                e.stage,
+                e.error,
+            )
         else:
             self.cache.append(record)
             key = "kept" if record["status"] == "kept" else f"filtered/{record['reason']}"
@@ -281,27 +324,49 @@ class Annotator:
     async def _distil(self, row: SourceRow, images, base: dict) -> dict:
         """Teacher CoTs until one is correct: a "cot" record, or a "done" record filtered wrong_answer."""
         urls = await asyncio.to_thread(lambda: [png_data_url(im) for im in images])
-        messages = prompts.teacher_messages(with_instruction(row.question, self.opts.format_instruction), urls)
+        messages = prompts.teacher_messages(
+            with_instruction(row.question, self.opts.format_instruction), urls
+        )
         teacher, loop = self.clients["teacher"], asyncio.get_running_loop()
         tokens = [0, 0]
         for attempt in range(1, self.opts.attempts + 1):
             temperature = self.opts.temperature if attempt == 1 else self.opts.retry_temperature
-            reply = await teacher.complete(messages, temperature=temperature, max_tokens=self.opts.teacher.max_tokens)
+            reply = await teacher.complete(
+                messages, temperature=temperature, max_tokens=self.opts.teacher.max_tokens
+            )
             if reply.failed:
                 raise _RowFailed("teacher", reply.error)
             tokens[0] += reply.prompt_tokens
             tokens[1] += reply.completion_tokens
             score = await loop.run_in_executor(None, self.scorer.score, reply.text, row.answer)
             if score == 1.0:
-                return {"kind": "cot", **base, "teacher_attempts": attempt, "cot": reply.text,
-                        "tokens": {"teacher": tokens}}
-        return {"kind": "done", **base, "status": "filtered", "reason": "wrong_answer",
-                "teacher_attempts": self.opts.attempts, "extract_attempts": 0, "cot": None, "annotations": [],
-                "tokens": {"teacher": tokens, "extractor": [0, 0]}}
+                return {
+                    "kind": "cot",
+                    **base,
+                    "teacher_attempts": attempt,
+                    "cot": reply.text,
+                    "tokens": {"teacher": tokens},
+                }
+        return {
+            "kind": "done",
+            **base,
+            "status": "filtered",
+            "reason": "wrong_answer",
+            "teacher_attempts": self.opts.attempts,
+            "extract_attempts": 0,
+            "cot": None,
+            "annotations": [],
+            "tokens": {"teacher": tokens, "extractor": [0, 0]},
+        }
 
     async def _extract(self, row: SourceRow, cot_record: dict, base: dict) -> dict:
-        done = {"kind": "done", **base, "teacher_attempts": cot_record["teacher_attempts"], "cot": cot_record["cot"],
-                "extract_prompt": prompts.PROMPT_VERSION}
+        done = {
+            "kind": "done",
+            **base,
+            "teacher_attempts": cot_record["teacher_attempts"],
+            "cot": cot_record["cot"],
+            "extract_prompt": prompts.PROMPT_VERSION,
+        }
         tokens = [0, 0]
         reasoning = prompts.cot_reasoning(cot_record["cot"])
         extraction, attempt = None, 0
@@ -310,7 +375,8 @@ class Annotator:
             for attempt in range(1, self.opts.extract_attempts + 1):
                 temperature = 0.0 if attempt == 1 else self.opts.retry_temperature
                 reply = await self.clients["extractor"].complete(
-                    messages, temperature=temperature, max_tokens=self.opts.extractor.max_tokens)
+                    messages, temperature=temperature, max_tokens=self.opts.extractor.max_tokens
+                )
                 if reply.failed:
                     raise _RowFailed("extractor", reply.error)
                 tokens[0] += reply.prompt_tokens
@@ -320,13 +386,18 @@ class Annotator:
                     break
                 self.unparseable_replies += 1
             else:
-                raise _RowFailed("extractor_unparseable",
-                                 f"{self.opts.extract_attempts} extractor replies without a <facts> block or "
-                                 f"tagged line; the last began {reply.text[:120]!r}")
+                raise _RowFailed(
+                    "extractor_unparseable",
+                    f"{self.opts.extract_attempts} extractor replies without a <facts> block or "
+                    f"tagged line; the last began {reply.text[:120]!r}",
+                )
         facts = list(extraction.facts) if extraction else []
-        done.update(extract_attempts=attempt, annotations=facts,
-                    derived=list(extraction.derived) if extraction else [],
-                    tokens={"teacher": cot_record["tokens"]["teacher"], "extractor": tokens})
+        done.update(
+            extract_attempts=attempt,
+            annotations=facts,
+            derived=list(extraction.derived) if extraction else [],
+            tokens={"teacher": cot_record["tokens"]["teacher"], "extractor": tokens},
+        )
         if facts:
             done.update(status="kept", reason="")
         else:
@@ -336,9 +407,13 @@ class Annotator:
     def _report_progress(self, force: bool = False) -> None:
         c = self.outcomes
         kept = self.cached_outcomes["kept"] + c["kept"]
-        filtered = self.cached_outcomes["filtered"] + sum(v for k, v in c.items() if k.startswith("filtered/"))
+        filtered = self.cached_outcomes["filtered"] + sum(
+            v for k, v in c.items() if k.startswith("filtered/")
+        )
         failed = sum(v for k, v in c.items() if k.startswith("failed/"))
-        tokens = sum(self.counters[r][k] for r in self.counters for k in ("prompt_tokens", "completion_tokens"))
+        tokens = sum(
+            self.counters[r][k] for r in self.counters for k in ("prompt_tokens", "completion_tokens")
+        )
         self.progress.update(sum(c.values()), kept, filtered, failed, tokens, force=force)
 
     # ---- results
@@ -355,8 +430,10 @@ class Annotator:
             log.warning("%s already has column(s) %s; the output replaces them", self.source.path, replaced)
         table = table.select([c for c in table.column_names if c not in replaced])
         table = table.take(pa.array([row.index for row, _ in kept], pa.int64()))
-        table = table.append_column(self.opts.annotations_key, pa.array(
-            [prompts.to_info_string(rec["annotations"]) for _, rec in kept], pa.string()))
+        table = table.append_column(
+            self.opts.annotations_key,
+            pa.array([prompts.to_info_string(rec["annotations"]) for _, rec in kept], pa.string()),
+        )
         table = table.append_column(self.opts.cot_key, pa.array([rec["cot"] for _, rec in kept], pa.string()))
         out_dir = os.path.dirname(os.path.abspath(self.opts.output))
         os.makedirs(out_dir, exist_ok=True)
@@ -381,21 +458,33 @@ class Annotator:
                 tokens[role]["completion_tokens"] += c
         failed = {stage: self.outcomes[f"failed/{stage}"] for stage in FAILURE_STAGES}
         n_annotations = sum(len(rec["annotations"]) for rec in kept)
-        this_run = {role: {k: self.counters[role][k] for k in ("requests", "retries", "prompt_tokens",
-                                                               "completion_tokens")}
-                    for role in ("teacher", "extractor")}
-        this_run.update(seconds=round(seconds, 3), rows=sum(self.outcomes.values()),
-                        unparseable_extractor_replies=self.unparseable_replies)
+        this_run = {
+            role: {
+                k: self.counters[role][k]
+                for k in ("requests", "retries", "prompt_tokens", "completion_tokens")
+            }
+            for role in ("teacher", "extractor")
+        }
+        this_run.update(
+            seconds=round(seconds, 3),
+            rows=sum(self.outcomes.values()),
+            unparseable_extractor_replies=self.unparseable_replies,
+        )
         return {
-            "input": self.source.path, "output": self.opts.output, "cache": self.opts.cache_path,
-            "rows": len(self.source), "bad_input_rows_skipped": self.source.bad_rows,
+            "input": self.source.path,
+            "output": self.opts.output,
+            "cache": self.opts.cache_path,
+            "rows": len(self.source),
+            "bad_input_rows_skipped": self.source.bad_rows,
             "kept": len(kept),
             "filtered": {reason: filtered.get(reason, 0) for reason in FILTER_REASONS},
-            "failed": sum(failed.values()), "failed_by_stage": failed,
+            "failed": sum(failed.values()),
+            "failed_by_stage": failed,
             "unfinished": len(self.source) - len(records),
             "teacher_attempts": sum(rec["teacher_attempts"] for _, rec in records),
-            "kept_by_teacher_attempt": {str(k): v for k, v in
-                                        sorted(collections.Counter(r["teacher_attempts"] for r in kept).items())},
+            "kept_by_teacher_attempt": {
+                str(k): v for k, v in sorted(collections.Counter(r["teacher_attempts"] for r in kept).items())
+            },
             "extractor_attempts": sum(rec.get("extract_attempts", 0) for _, rec in records),
             "annotations": n_annotations,
             "annotations_per_kept_row": round(n_annotations / len(kept), 3) if kept else 0.0,

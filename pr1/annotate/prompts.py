@@ -58,27 +58,35 @@ DERIVED: ...
 
 # Worked examples as earlier conversation turns: (problem, solution, expected reply).
 FEW_SHOT = (
-    ("Find x.",
-     "Looking at the diagram, triangle ABC has a right-angle mark at C. Side AC is labelled 6 and side BC "
-     "is labelled 8, while the hypotenuse AB is labelled x. By the Pythagorean theorem, "
-     "x = sqrt(6^2 + 8^2) = sqrt(100) = 10.",
-     "<facts>\nFIGURE: angle ACB = 90 degrees\nFIGURE: AC = 6\nFIGURE: BC = 8\nFIGURE: AB = x\n"
-     "DERIVED: x = 10\n</facts>"),
-    ("Find the value of x.",
-     "The figure shows line QR parallel to line ST, cut by a transversal. The angle at Q is marked "
-     "(2x + 5) degrees and the angle at S is marked 75 degrees; they are alternate interior angles, so "
-     "they are equal: 2x + 5 = 75, which gives x = 35.",
-     "<facts>\nFIGURE: QR is parallel to ST\nFIGURE: angle Q = (2x + 5) degrees\n"
-     "FIGURE: angle S = 75 degrees\nDERIVED: angle Q = angle S\nDERIVED: x = 35\n</facts>"),
-    ("A rectangle has length 12 and width 5. Find its area.",
-     "The area of a rectangle is length times width, so the area is 12 * 5 = 60.",
-     "<facts>NONE</facts>"),
+    (
+        "Find x.",
+        "Looking at the diagram, triangle ABC has a right-angle mark at C. Side AC is labelled 6 and side BC "
+        "is labelled 8, while the hypotenuse AB is labelled x. By the Pythagorean theorem, "
+        "x = sqrt(6^2 + 8^2) = sqrt(100) = 10.",
+        "<facts>\nFIGURE: angle ACB = 90 degrees\nFIGURE: AC = 6\nFIGURE: BC = 8\nFIGURE: AB = x\n"
+        "DERIVED: x = 10\n</facts>",
+    ),
+    (
+        "Find the value of x.",
+        "The figure shows line QR parallel to line ST, cut by a transversal. The angle at Q is marked "
+        "(2x + 5) degrees and the angle at S is marked 75 degrees; they are alternate interior angles, so "
+        "they are equal: 2x + 5 = 75, which gives x = 35.",
+        "<facts>\nFIGURE: QR is parallel to ST\nFIGURE: angle Q = (2x + 5) degrees\n"
+        "FIGURE: angle S = 75 degrees\nDERIVED: angle Q = angle S\nDERIVED: x = 35\n</facts>",
+    ),
+    (
+        "A rectangle has length 12 and width 5. Find its area.",
+        "The area of a rectangle is length times width, so the area is 12 * 5 = 60.",
+        "<facts>NONE</facts>",
+    ),
 )
 
 
 def extractor_user_message(question: str, reasoning: str) -> str:
-    return (f"Problem:\n{question.strip()}\n\nSolution:\n{SOLUTION_OPEN}\n{reasoning.strip()}\n{SOLUTION_CLOSE}\n\n"
-            "List the facts about the diagram in the <facts> block.")
+    return (
+        f"Problem:\n{question.strip()}\n\nSolution:\n{SOLUTION_OPEN}\n{reasoning.strip()}\n{SOLUTION_CLOSE}\n\n"
+        "List the facts about the diagram in the <facts> block."
+    )
 
 
 def extractor_messages(question: str, reasoning: str) -> list[dict]:

@@ -27,10 +27,10 @@ from pr1.data.dataset import DataError, ParquetRows, data_config
 
 @dataclasses.dataclass(frozen=True)
 class SourceRow:
-    index: int        # row index in the input parquet
-    row_id: str       # the id column's value, else str(index): the cache key
-    question: str     # the problem with its image placeholders removed
-    answer: str       # ground truth, as the accuracy reward reads it
+    index: int  # row index in the input parquet
+    row_id: str  # the id column's value, else str(index): the cache key
+    question: str  # the problem with its image placeholders removed
+    answer: str  # ground truth, as the accuracy reward reads it
 
 
 class AnnotateSource:
@@ -42,9 +42,18 @@ class AnnotateSource:
     skip_bad_rows are left out and counted in `bad_rows`.
     """
 
-    def __init__(self, path: str, *, problem_key: str = "problem", answer_key: str = "answer",
-                 images_key: str = "images", image_placeholder: str = "<image>", id_key: str = "id",
-                 skip_bad_rows: bool = False, limit: int = 0):
+    def __init__(
+        self,
+        path: str,
+        *,
+        problem_key: str = "problem",
+        answer_key: str = "answer",
+        images_key: str = "images",
+        image_placeholder: str = "<image>",
+        id_key: str = "id",
+        skip_bad_rows: bool = False,
+        limit: int = 0,
+    ):
         cfg = data_config()
         cfg.problem_key, cfg.answer_key, cfg.images_key = problem_key, answer_key, images_key
         cfg.annotations_key = ""  # the input has none yet (an existing column is replaced on output)
@@ -54,8 +63,11 @@ class AnnotateSource:
         self._rows = ParquetRows([path], cfg)
         f = self._rows.files[0]
         self.id_key = id_key if id_key and id_key in pq.read_schema(path).names else ""
-        ids = (pq.read_table(path, columns=[self.id_key]).column(self.id_key).to_pylist() if self.id_key
-               else None)
+        ids = (
+            pq.read_table(path, columns=[self.id_key]).column(self.id_key).to_pylist()
+            if self.id_key
+            else None
+        )
         self.bad_rows = int(self._rows.stats["skipped_bad_rows"])
         self.rows: list[SourceRow] = []
         first_of: dict[str, int] = {}
@@ -65,13 +77,24 @@ class AnnotateSource:
             row_id = str(index) if ids is None else ids[index]
             if ids is not None:
                 if row_id is None or str(row_id).strip() == "":
-                    raise DataError(f"{path}: row {index}: field '{self.id_key}': empty row id", path=path,
-                                    row=index, field=self.id_key, reason="bad_id")
+                    raise DataError(
+                        f"{path}: row {index}: field '{self.id_key}': empty row id",
+                        path=path,
+                        row=index,
+                        field=self.id_key,
+                        reason="bad_id",
+                    )
                 row_id = str(row_id)
                 if row_id in first_of:
-                    raise DataError(f"{path}: rows {first_of[row_id]} and {index} share the id {row_id!r} in "
-                                    f"column '{self.id_key}'; ids must be unique (or pass --id_key=\"\" to use "
-                                    "row indices)", path=path, row=index, field=self.id_key, reason="bad_id")
+                    raise DataError(
+                        f"{path}: rows {first_of[row_id]} and {index} share the id {row_id!r} in "
+                        f"column '{self.id_key}'; ids must be unique (or pass --id_key=\"\" to use "
+                        "row indices)",
+                        path=path,
+                        row=index,
+                        field=self.id_key,
+                        reason="bad_id",
+                    )
                 first_of[row_id] = index
             self.rows.append(SourceRow(index, row_id, f.questions[index], f.answers[index]))
 

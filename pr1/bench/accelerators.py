@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
-GiB = 1024 ** 3
+GiB = 1024**3
 
 # HBM per JAX device, in GiB.
 HBM_GIB: dict[str, float] = {
@@ -74,4 +74,10 @@ def format_bytes(n: int | float) -> str:
         i += 1
     if i == 0:
         return f"{int(n)} B"
-    return f"{n:.2f} {units[i]}" if abs(n) < 10 else f"{n:.1f} {units[i]}" if abs(n) < 100 else f"{n:.0f} {units[i]}"
+    return (
+        f"{n:.2f} {units[i]}"
+        if abs(n) < 10
+        else f"{n:.1f} {units[i]}"
+        if abs(n) < 100
+        else f"{n:.0f} {units[i]}"
+    )

@@ -58,14 +58,41 @@ def _row(benchmark, measure, ours, ours_unit, peer, peer_unit, meaning, stats=No
 
     if stats is None:
         r = float(ours) / float(peer)
-        return Row(benchmark, measure, float(ours), ours_unit, float(peer), peer_unit, r, meaning, None, r, r, 1,
-                   load_now())
-    return Row(benchmark, measure, float(ours), ours_unit, float(peer), peer_unit, stats.median, meaning, None,
-               stats.lo, stats.hi, stats.repeats, load_now())
+        return Row(
+            benchmark,
+            measure,
+            float(ours),
+            ours_unit,
+            float(peer),
+            peer_unit,
+            r,
+            meaning,
+            None,
+            r,
+            r,
+            1,
+            load_now(),
+        )
+    return Row(
+        benchmark,
+        measure,
+        float(ours),
+        ours_unit,
+        float(peer),
+        peer_unit,
+        stats.median,
+        meaning,
+        None,
+        stats.lo,
+        stats.hi,
+        stats.repeats,
+        load_now(),
+    )
 
 
 # -- one function per benchmark: (quick, options) -> rows; each imports its module lazily so a
 # missing dependency only skips that benchmark.
+
 
 def train_step_rows(quick: bool, opts) -> list[Row]:
     from pr1.bench import train_step
@@ -73,23 +100,48 @@ def train_step_rows(quick: bool, opts) -> list[Row]:
     batch, seq, steps = (1, 128, 3) if quick else (2, 256, 5)
     argv = ["--batch", str(batch), "--seq", str(seq), "--steps", str(steps)]
     r = train_step.run(argv)
-    return [_row("train_step", f"MFU, {r['params'] / 1e6:.0f}M model, {r['tokens']} tokens/step",
-                 r["achieved_flops"] / 1e9, "GFLOP/s", r["peak_flops"] / 1e9, "GFLOP/s peak",
-                 f"share of the matmul peak measured now ({r['devices']} {r['platform']} {r['dtype']})",
-                 r["mfu_ratio"])]
+    return [
+        _row(
+            "train_step",
+            f"MFU, {r['params'] / 1e6:.0f}M model, {r['tokens']} tokens/step",
+            r["achieved_flops"] / 1e9,
+            "GFLOP/s",
+            r["peak_flops"] / 1e9,
+            "GFLOP/s peak",
+            f"share of the matmul peak measured now ({r['devices']} {r['platform']} {r['dtype']})",
+            r["mfu_ratio"],
+        )
+    ]
 
 
 def sampler_rows(quick: bool, opts) -> list[Row]:
     from pr1.bench import sampler
 
     # decode = extra tokens / (t(new) - t(1)): too few new tokens and that difference drowns in noise.
-    argv = (["--model", "tiny", "--batch", "4", "--prompt", "32", "--new", "32", "--repeats", "3"] if quick else
-            ["--model", "small", "--batch", "4", "--prompt", "64", "--new", "32", "--image", "--repeats", "5"])
+    argv = (
+        ["--model", "tiny", "--batch", "4", "--prompt", "32", "--new", "32", "--repeats", "3"]
+        if quick
+        else [
+            "--model",
+            "small",
+            "--batch",
+            "4",
+            "--prompt",
+            "64",
+            "--new",
+            "32",
+            "--image",
+            "--repeats",
+            "5",
+        ]
+    )
     r = sampler.run(argv)
     ours, ref = r["pr1"], r["transformers"]
     meaning = ">1: pr1 faster than transformers generate (CPU), same model and batch"
-    return [_row("sampler", k, ours[k], "tok/s", ref[k], "tok/s", meaning, r["ratios"][k])
-            for k in ("prefill", "decode")]
+    return [
+        _row("sampler", k, ours[k], "tok/s", ref[k], "tok/s", meaning, r["ratios"][k])
+        for k in ("prefill", "decode")
+    ]
 
 
 def judge_rows(quick: bool, opts) -> list[Row]:
@@ -97,25 +149,62 @@ def judge_rows(quick: bool, opts) -> list[Row]:
 
     latency = 0.05
     concurrencies, min_requests, repeats = ([16], 64, 3) if quick else ([64, 512], 256, 5)
-    rows = judge.run_bench(latency, concurrencies, requests_per_slot=4, min_requests=min_requests,
-                           repeats=repeats, warmup=1)
-    return [_row("judge", f"{r['requests']} requests, concurrency {r['concurrency']}, {latency * 1000:.0f} ms stub",
-                 r["achieved"], "req/s", r["ideal"], "req/s ideal",
-                 f"1: every client slot kept busy; <1: client/host overhead ({r['failed']} failed)", r["ratio_stats"])
-            for r in rows]
+    rows = judge.run_bench(
+        latency, concurrencies, requests_per_slot=4, min_requests=min_requests, repeats=repeats, warmup=1
+    )
+    return [
+        _row(
+            "judge",
+            f"{r['requests']} requests, concurrency {r['concurrency']}, {latency * 1000:.0f} ms stub",
+            r["achieved"],
+            "req/s",
+            r["ideal"],
+            "req/s ideal",
+            f"1: every client slot kept busy; <1: client/host overhead ({r['failed']} failed)",
+            r["ratio_stats"],
+        )
+        for r in rows
+    ]
 
 
 def export_rows(quick: bool, opts) -> list[Row]:
     from pr1.bench import export
 
-    argv = ["--model", "tiny" if quick else "small", "--dir", opts.export_dir, "--repeats", "3" if quick else "5"]
+    argv = [
+        "--model",
+        "tiny" if quick else "small",
+        "--dir",
+        opts.export_dir,
+        "--repeats",
+        "3" if quick else "5",
+    ]
     r = export.run(argv)
     where = f"{r['model']} model, {r['bytes'] / 1e6:.0f} MB fp32"
-    rows = [_row("export", f"hf.save + fsync, {where}", r["export_MBps"], "MB/s", r["raw_MBps"], "MB/s raw write",
-                 "1: export at raw disk-write speed (both fsynced, same filesystem)", r["write_ratio"])]
+    rows = [
+        _row(
+            "export",
+            f"hf.save + fsync, {where}",
+            r["export_MBps"],
+            "MB/s",
+            r["raw_MBps"],
+            "MB/s raw write",
+            "1: export at raw disk-write speed (both fsynced, same filesystem)",
+            r["write_ratio"],
+        )
+    ]
     if "load_MBps" in r:
-        rows.append(_row("export", f"hf.load, {where}", r["load_MBps"], "MB/s", r["raw_read_MBps"], "MB/s raw read",
-                         "1: load at raw read speed (both from the page cache)", r["read_stats"]))
+        rows.append(
+            _row(
+                "export",
+                f"hf.load, {where}",
+                r["load_MBps"],
+                "MB/s",
+                r["raw_read_MBps"],
+                "MB/s raw read",
+                "1: load at raw read speed (both from the page cache)",
+                r["read_stats"],
+            )
+        )
     return rows
 
 
@@ -124,16 +213,37 @@ def step_breakdown_rows(quick: bool, opts) -> list[Row]:
 
     latency = 0.5
     r = step_breakdown.run(["--steps", "3" if quick else "6", "--judge-latency", str(latency)])
-    shares = ", ".join(f"{k.removeprefix('time/')} {v:.0%}" for k, v in
-                       sorted(r["fractions"].items(), key=lambda kv: -kv[1]) if v >= 0.005)
+    shares = ", ".join(
+        f"{k.removeprefix('time/')} {v:.0%}"
+        for k, v in sorted(r["fractions"].items(), key=lambda kv: -kv[1])
+        if v >= 0.005
+    )
     where = f"configs/debug.py, judge stub {latency * 1000:.0f} ms, {r['steps']} steps after the first"
     exposed = r["reward_exposed_stats"]
-    return [_row("step_breakdown", where, r["compute_stats"].ours_median, "s compute", r["compute_stats"].peer_median,
-                 "s/step", f"share of the step in device compute (per step); mean shares: {shares}, "
-                 f"other {r['other_fraction']:.0%}", r["compute_stats"]),
-            _row("step_breakdown", f"reward stage exposed, {where}", exposed.ours_median, "s judge_wait",
-                 exposed.peer_median, "s/step", "share of the step waiting for rewards after the logprob pass "
-                 "(goal <= 0.05; embedded engine: batch handed over at once)", exposed)]
+    return [
+        _row(
+            "step_breakdown",
+            where,
+            r["compute_stats"].ours_median,
+            "s compute",
+            r["compute_stats"].peer_median,
+            "s/step",
+            f"share of the step in device compute (per step); mean shares: {shares}, "
+            f"other {r['other_fraction']:.0%}",
+            r["compute_stats"],
+        ),
+        _row(
+            "step_breakdown",
+            f"reward stage exposed, {where}",
+            exposed.ours_median,
+            "s judge_wait",
+            exposed.peer_median,
+            "s/step",
+            "share of the step waiting for rewards after the logprob pass "
+            "(goal <= 0.05; embedded engine: batch handed over at once)",
+            exposed,
+        ),
+    ]
 
 
 def trl_grpo_rows(quick: bool, opts) -> list[Row]:
@@ -143,9 +253,18 @@ def trl_grpo_rows(quick: bool, opts) -> list[Row]:
     if opts.trl_site:
         argv += ["--trl-site", opts.trl_site]
     r = trl_grpo.run(argv)
-    return [_row("trl_grpo", f"GRPO step, {r['prompts']} prompts x {r['group']}, <= {r['max_new_tokens']} tokens",
-                 1 / r["pr1_step_s"], "steps/s", 1 / r["trl_step_s"], "steps/s TRL",
-                 ">1: pr1 faster than TRL GRPOTrainer (CPU), same tiny model and batch", r["ratio_stats"])]
+    return [
+        _row(
+            "trl_grpo",
+            f"GRPO step, {r['prompts']} prompts x {r['group']}, <= {r['max_new_tokens']} tokens",
+            1 / r["pr1_step_s"],
+            "steps/s",
+            1 / r["trl_step_s"],
+            "steps/s TRL",
+            ">1: pr1 faster than TRL GRPOTrainer (CPU), same tiny model and batch",
+            r["ratio_stats"],
+        )
+    ]
 
 
 BENCHMARKS: dict[str, Callable] = {
@@ -183,17 +302,36 @@ def _num(value: float | None, unit: str) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    header = ("benchmark", "measure", "ours", "peer / bound", "ratio", "min-max (pairs)", "what the ratio means")
+    header = (
+        "benchmark",
+        "measure",
+        "ours",
+        "peer / bound",
+        "ratio",
+        "min-max (pairs)",
+        "what the ratio means",
+    )
     lines = []
     for r in rows:
         if r.skipped is not None:
             lines.append((r.benchmark, r.measure, "", "", "", "", f"skipped: {r.skipped}"))
         else:
-            lines.append((r.benchmark, r.measure, _num(r.ours, r.ours_unit), _num(r.peer, r.peer_unit),
-                          f"{r.ratio:.3g}", f"{r.ratio_min:.3g}-{r.ratio_max:.3g} ({r.repeats})", r.meaning))
+            lines.append(
+                (
+                    r.benchmark,
+                    r.measure,
+                    _num(r.ours, r.ours_unit),
+                    _num(r.peer, r.peer_unit),
+                    f"{r.ratio:.3g}",
+                    f"{r.ratio_min:.3g}-{r.ratio_max:.3g} ({r.repeats})",
+                    r.meaning,
+                )
+            )
     widths = [max(len(str(x[i])) for x in [header] + lines) for i in range(len(header) - 1)]
     fmt = lambda cells: " | ".join([str(c).ljust(w) for c, w in zip(cells, widths)] + [str(cells[-1])])
-    return "\n".join([fmt(header), "-+-".join("-" * w for w in widths) + "-+-" + "-" * 20] + [fmt(x) for x in lines])
+    return "\n".join(
+        [fmt(header), "-+-".join("-" * w for w in widths) + "-+-" + "-" * 20] + [fmt(x) for x in lines]
+    )
 
 
 def main(argv=None) -> int:
@@ -201,17 +339,26 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller sizes (tiny models, fewer steps)")
     parser.add_argument("--only", default="", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
-    parser.add_argument("--trl-site", default=os.environ.get("PR1_TRL_SITE"),
-                        help="site-packages dir holding trl for trl_grpo (default: $PR1_TRL_SITE)")
-    parser.add_argument("--export-dir", default=tempfile.gettempdir(),
-                        help="directory on the filesystem the export benchmark writes to")
+    parser.add_argument(
+        "--trl-site",
+        default=os.environ.get("PR1_TRL_SITE"),
+        help="site-packages dir holding trl for trl_grpo (default: $PR1_TRL_SITE)",
+    )
+    parser.add_argument(
+        "--export-dir",
+        default=tempfile.gettempdir(),
+        help="directory on the filesystem the export benchmark writes to",
+    )
     opts = parser.parse_args(argv)
     names = [n.strip() for n in opts.only.split(",") if n.strip()] or list(BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
-        parser.error(f"--only: unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+        parser.error(
+            f"--only: unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}"
+        )
     if opts.trl_site and "trl_grpo" in names:
         from pr1.bench.trl_grpo import import_trl
+
         try:  # on the path before another benchmark imports transformers
             import_trl(opts.trl_site)
         except ImportError:
@@ -227,8 +374,11 @@ def main(argv=None) -> int:
     print(f"\nmachine: {json.dumps(after)}")
     if opts.json:
         with open(opts.json, "w") as f:
-            json.dump({"machine": after, "quick": opts.quick, "rows": [dataclasses.asdict(r) for r in rows]}, f,
-                      indent=2)
+            json.dump(
+                {"machine": after, "quick": opts.quick, "rows": [dataclasses.asdict(r) for r in rows]},
+                f,
+                indent=2,
+            )
     return 0
 
 

@@ -87,8 +87,15 @@ def raw_read(path: str) -> tuple[int, float]:
     return total, time.perf_counter() - start
 
 
-def measure(config: Qwen25VLConfig, directory: str, *, read_back: bool = True, seed: int = 0,
-            repeats: int = ratio_lib.MIN_REPEATS, log=print) -> dict:
+def measure(
+    config: Qwen25VLConfig,
+    directory: str,
+    *,
+    read_back: bool = True,
+    seed: int = 0,
+    repeats: int = ratio_lib.MIN_REPEATS,
+    log=print,
+) -> dict:
     """Export a random-init `config` model (float32) under `directory` and measure the raw bound there.
 
     One unrecorded warm-up round, then `repeats` interleaved pairs (`pr1.bench.ratio`): hf.save +
@@ -135,18 +142,32 @@ def measure(config: Qwen25VLConfig, directory: str, *, read_back: bool = True, s
             rounds["raw_read"].append(seconds)
             return read_bytes / MB / seconds
 
-        (write,) = ratio_lib.interleaved(export_once, raw_once, repeats=repeats, label="export/raw write",
-                                         log=log).values()
+        (write,) = ratio_lib.interleaved(
+            export_once, raw_once, repeats=repeats, label="export/raw write", log=log
+        ).values()
         med = lambda key: statistics.median(rounds[key][-repeats:])  # noqa: E731  (warm-up left out)
         r = dict(bytes=nbytes, export_s=med("export"), raw_s=med("raw"), repeats=repeats)
-        r.update(export_MBps=nbytes / MB / r["export_s"], raw_MBps=nbytes / MB / r["raw_s"], ratio=write.median,
-                 ratio_min=write.lo, ratio_max=write.hi, write_ratio=write)
+        r.update(
+            export_MBps=nbytes / MB / r["export_s"],
+            raw_MBps=nbytes / MB / r["raw_s"],
+            ratio=write.median,
+            ratio_min=write.lo,
+            ratio_max=write.hi,
+            write_ratio=write,
+        )
         if read_back:
-            (read,) = ratio_lib.interleaved(load_once, raw_read_once, repeats=repeats, label="hf.load/raw read",
-                                            log=log).values()
+            (read,) = ratio_lib.interleaved(
+                load_once, raw_read_once, repeats=repeats, label="hf.load/raw read", log=log
+            ).values()
             r.update(load_s=med("load"), raw_read_s=med("raw_read"))
-            r.update(load_MBps=nbytes / MB / r["load_s"], raw_read_MBps=nbytes / MB / r["raw_read_s"],
-                     read_ratio=read.median, read_ratio_min=read.lo, read_ratio_max=read.hi, read_stats=read)
+            r.update(
+                load_MBps=nbytes / MB / r["load_s"],
+                raw_read_MBps=nbytes / MB / r["raw_read_s"],
+                read_ratio=read.median,
+                read_ratio_min=read.lo,
+                read_ratio_max=read.hi,
+                read_stats=read,
+            )
         return r
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -155,12 +176,21 @@ def measure(config: Qwen25VLConfig, directory: str, *, read_back: bool = True, s
 def run(argv=None) -> dict:
     """Parses the CLI flags in `argv`, runs `measure` and returns its numbers (plus params, model)."""
     parser = argparse.ArgumentParser(prog="python -m pr1.bench.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=["small", "tiny"], default="small",
-                        help="small: the 97M bench_config model; tiny: the test model")
-    parser.add_argument("--dir", default=tempfile.gettempdir(),
-                        help="an existing directory on the filesystem to measure (a temp dir is made inside)")
+    parser.add_argument(
+        "--model",
+        choices=["small", "tiny"],
+        default="small",
+        help="small: the 97M bench_config model; tiny: the test model",
+    )
+    parser.add_argument(
+        "--dir",
+        default=tempfile.gettempdir(),
+        help="an existing directory on the filesystem to measure (a temp dir is made inside)",
+    )
     parser.add_argument("--no-read", dest="read", action="store_false", help="skip the hf.load read-back")
-    parser.add_argument("--repeats", type=int, default=ratio_lib.MIN_REPEATS, help="interleaved pairs per ratio")
+    parser.add_argument(
+        "--repeats", type=int, default=ratio_lib.MIN_REPEATS, help="interleaved pairs per ratio"
+    )
     args = parser.parse_args(argv)
     if not os.path.isdir(args.dir):
         raise FileNotFoundError(f"--dir {args.dir} is not an existing directory")

@@ -31,14 +31,16 @@ def text_matmul_params(config: Qwen25VLConfig) -> int:
 def vision_matmul_params_per_patch(config: Qwen25VLConfig) -> float:
     """Weight-matmul parameters per input patch: patch embed, blocks, and the merger's share."""
     v = config.vision
-    patch_in = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
-    block = 4 * v.hidden_size ** 2 + 3 * v.hidden_size * v.intermediate_size
-    merged = v.hidden_size * v.spatial_merge_size ** 2
-    merger = (merged * merged + merged * v.out_hidden_size) / v.spatial_merge_size ** 2
+    patch_in = v.in_channels * v.temporal_patch_size * v.patch_size**2
+    block = 4 * v.hidden_size**2 + 3 * v.hidden_size * v.intermediate_size
+    merged = v.hidden_size * v.spatial_merge_size**2
+    merger = (merged * merged + merged * v.out_hidden_size) / v.spatial_merge_size**2
     return patch_in * v.hidden_size + v.depth * block + merger
 
 
-def forward_flops(config: Qwen25VLConfig, seq_lengths, image_patches=(), window_patches: int | None = None) -> float:
+def forward_flops(
+    config: Qwen25VLConfig, seq_lengths, image_patches=(), window_patches: int | None = None
+) -> float:
     """Forward FLOPs of sequences of `seq_lengths` tokens and images of `image_patches` patches each."""
     t, v = config.text, config.vision
     flops = 0.0
@@ -71,14 +73,16 @@ def matmul_peak_probe(devices, dtype, n: int = 2048, repeats: int = 8):
     sharding = NamedSharding(mesh, PartitionSpec("d"))
     key = jax.random.key(0)
     a = jax.device_put(jax.random.normal(key, (len(devices), n, n), dtype) / np.sqrt(n), sharding)
-    b = jax.device_put(jax.random.normal(jax.random.fold_in(key, 1), (len(devices), n, n), dtype) / np.sqrt(n), sharding)
+    b = jax.device_put(
+        jax.random.normal(jax.random.fold_in(key, 1), (len(devices), n, n), dtype) / np.sqrt(n), sharding
+    )
 
     @jax.jit
     def chain(a, b):
         return jax.lax.fori_loop(0, repeats, lambda _, x: jnp.einsum("dij,djk->dik", x, b), a)
 
     chain(a, b).block_until_ready()
-    work = 2 * n ** 3 * repeats * len(devices)
+    work = 2 * n**3 * repeats * len(devices)
 
     def probe() -> float:
         start = time.perf_counter()

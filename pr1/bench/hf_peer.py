@@ -36,8 +36,10 @@ def load_hf_processor(path):
         patch_size = 14
 
         def preprocess(self, videos, **kwargs):
-            raise NotImplementedError("video inputs need torchvision (Qwen2VLVideoProcessor); this processor was "
-                                      "loaded by tests.hf_reference.load_hf_processor without it")
+            raise NotImplementedError(
+                "video inputs need torchvision (Qwen2VLVideoProcessor); this processor was "
+                "loaded by tests.hf_reference.load_hf_processor without it"
+            )
 
     class ImagesOnlyAutoVideoProcessor:
         @classmethod

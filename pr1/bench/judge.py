@@ -34,7 +34,9 @@ def message_text(message: dict) -> str:
     """A message's text: its content string, or the joined text parts of a multimodal content list."""
     content = message.get("content")
     if isinstance(content, list):
-        return "\n".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text")
+        return "\n".join(
+            str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text"
+        )
     return content if isinstance(content, str) else ""
 
 
@@ -78,11 +80,20 @@ class StubJudgeServer:
     has closed the connection (a hung request stays in flight until the client gives up).
     """
 
-    def __init__(self, reply: Callable[[list[dict]], str] = default_reply, *, latency: float = 0.0,
-                 p_500: float = 0.0, p_hang: float = 0.0, p_truncate: float = 0.0, seed: int = 0,
-                 require_key: str | None = None, hang_max: float = 60.0,
-                 usage: Callable[[list[dict], str], tuple[int, int]] = word_usage,
-                 schedule: Callable[[str, int], str | None] | None = None):
+    def __init__(
+        self,
+        reply: Callable[[list[dict]], str] = default_reply,
+        *,
+        latency: float = 0.0,
+        p_500: float = 0.0,
+        p_hang: float = 0.0,
+        p_truncate: float = 0.0,
+        seed: int = 0,
+        require_key: str | None = None,
+        hang_max: float = 60.0,
+        usage: Callable[[list[dict], str], tuple[int, int]] = word_usage,
+        schedule: Callable[[str, int], str | None] | None = None,
+    ):
         self.reply = reply
         self.schedule = schedule
         self.usage = usage
@@ -113,8 +124,13 @@ class StubJudgeServer:
 
     def stats(self) -> dict:
         with self._lock:
-            return dict(requests=self.requests, max_in_flight=self.max_in_flight, faults=dict(self.faults),
-                        attempts=dict(self.attempts), successes=dict(self.successes))
+            return dict(
+                requests=self.requests,
+                max_in_flight=self.max_in_flight,
+                faults=dict(self.faults),
+                attempts=dict(self.attempts),
+                successes=dict(self.successes),
+            )
 
     # -- lifecycle
 
@@ -125,7 +141,8 @@ class StubJudgeServer:
             self._loop = asyncio.new_event_loop()
             asyncio.set_event_loop(self._loop)
             server = self._loop.run_until_complete(
-                asyncio.start_server(self._handle, "127.0.0.1", 0, backlog=4096))
+                asyncio.start_server(self._handle, "127.0.0.1", 0, backlog=4096)
+            )
             self.port = server.sockets[0].getsockname()[1]
             ready.set()
             self._loop.run_forever()
@@ -169,7 +186,9 @@ class StubJudgeServer:
                     return
                 lines = head.decode("latin-1").split("\r\n")
                 path = lines[0].split(" ")[1] if len(lines[0].split(" ")) > 1 else ""
-                headers = {k.strip().lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:] if l)}
+                headers = {
+                    k.strip().lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:] if l)
+                }
                 body = await reader.readexactly(int(headers.get("content-length", 0)))
                 with self._lock:
                     self.requests += 1
@@ -202,9 +221,17 @@ class StubJudgeServer:
         if self.latency:
             await asyncio.sleep(self.latency)
         p_500, p_hang, p_trunc = self.p
-        fault = (self.schedule(key, attempt) if self.schedule is not None else
-                 "500" if u < p_500 else "hang" if u < p_500 + p_hang else
-                 "truncate" if u < p_500 + p_hang + p_trunc else None)
+        fault = (
+            self.schedule(key, attempt)
+            if self.schedule is not None
+            else "500"
+            if u < p_500
+            else "hang"
+            if u < p_500 + p_hang
+            else "truncate"
+            if u < p_500 + p_hang + p_trunc
+            else None
+        )
         if fault == "500":
             self._fault("500")
             return await _send(writer, 500, {"error": "injected"})
@@ -217,11 +244,19 @@ class StubJudgeServer:
             return False
         text = self.reply(messages)
         prompt_tokens, completion_tokens = self.usage(messages, text)
-        payload = {"id": "stub", "object": "chat.completion", "model": "stub",
-                   "choices": [{"index": 0, "finish_reason": "stop",
-                                "message": {"role": "assistant", "content": text}}],
-                   "usage": {"prompt_tokens": int(prompt_tokens), "completion_tokens": int(completion_tokens),
-                             "total_tokens": int(prompt_tokens) + int(completion_tokens)}}
+        payload = {
+            "id": "stub",
+            "object": "chat.completion",
+            "model": "stub",
+            "choices": [
+                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
+            ],
+            "usage": {
+                "prompt_tokens": int(prompt_tokens),
+                "completion_tokens": int(completion_tokens),
+                "total_tokens": int(prompt_tokens) + int(completion_tokens),
+            },
+        }
         if fault in ("huge", "binary"):
             self._fault(fault)
             data = b"\xff\xfe\x80 not utf-8 \xc3\x28" * 16 if fault == "binary" else b" " * (20 << 20)
@@ -244,8 +279,10 @@ class StubJudgeServer:
 
 
 def _head(status: int, length: int) -> bytes:
-    return (f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n"
-            "Connection: keep-alive\r\n\r\n").encode()
+    return (
+        f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n"
+        "Connection: keep-alive\r\n\r\n"
+    ).encode()
 
 
 async def _send(writer, status: int, payload: dict) -> bool:
@@ -287,8 +324,14 @@ class StubJudgeProcess:
         self._proc.join(10)
 
 
-def run_bench(latency: float, concurrencies: list[int], requests_per_slot: int, min_requests: int,
-              repeats: int = 1, warmup: int = 0) -> list[dict]:
+def run_bench(
+    latency: float,
+    concurrencies: list[int],
+    requests_per_slot: int,
+    min_requests: int,
+    repeats: int = 1,
+    warmup: int = 0,
+) -> list[dict]:
     """Per concurrency c: `warmup` unrecorded rounds, then `repeats` rounds of max(min_requests,
     requests_per_slot * c) requests; each round's achieved req/s is paired with the ideal c / latency
     (`pr1.bench.ratio`). Returns one row per c with the medians and the Ratio under "ratio_stats"."""
@@ -304,13 +347,21 @@ def run_bench(latency: float, concurrencies: list[int], requests_per_slot: int, 
     try:
         for c in concurrencies:
             n = max(min_requests, requests_per_slot * c)
-            judge = OpenAIJudge(f"http://127.0.0.1:{port}/v1", "stub", max_concurrency=c, cache_size=0,
-                                retries=0, timeout=60.0)
+            judge = OpenAIJudge(
+                f"http://127.0.0.1:{port}/v1",
+                "stub",
+                max_concurrency=c,
+                cache_size=0,
+                retries=0,
+                timeout=60.0,
+            )
             rounds = []
 
             def one_round() -> float:
                 k = len(rounds)
-                pairs = [(f"bench response {c}-{k}-{i}: AB = 5 and x = 3", ["AB = 5", "x = 3"]) for i in range(n)]
+                pairs = [
+                    (f"bench response {c}-{k}-{i}: AB = 5 and x = 3", ["AB = 5", "x = 3"]) for i in range(n)
+                ]
 
                 async def go():
                     out = await judge.judge_many(pairs)
@@ -321,18 +372,32 @@ def run_bench(latency: float, concurrencies: list[int], requests_per_slot: int, 
                 results = asyncio.run(go())
                 dt = time.perf_counter() - t0
                 parent.send("reset")
-                rounds.append(dict(seconds=dt, max_in_flight=parent.recv(), failed=sum(r.failed for r in results)))
+                rounds.append(
+                    dict(seconds=dt, max_in_flight=parent.recv(), failed=sum(r.failed for r in results))
+                )
                 return n / dt
 
             ideal = c / latency
-            (stats,) = ratio_lib.interleaved(one_round, lambda: ideal, repeats=repeats, warmup=warmup,
-                                             label=f"judge c={c}", log=None).values()
+            (stats,) = ratio_lib.interleaved(
+                one_round, lambda: ideal, repeats=repeats, warmup=warmup, label=f"judge c={c}", log=None
+            ).values()
             recorded = rounds[warmup:]
-            rows.append(dict(concurrency=c, requests=n, seconds=statistics.median(r["seconds"] for r in recorded),
-                             achieved=stats.ours_median, ideal=ideal, ratio=stats.median, ratio_min=stats.lo,
-                             ratio_max=stats.hi, repeats=stats.repeats, ratio_stats=stats,
-                             max_in_flight=max(r["max_in_flight"] for r in recorded),
-                             failed=sum(r["failed"] for r in recorded)))
+            rows.append(
+                dict(
+                    concurrency=c,
+                    requests=n,
+                    seconds=statistics.median(r["seconds"] for r in recorded),
+                    achieved=stats.ours_median,
+                    ideal=ideal,
+                    ratio=stats.median,
+                    ratio_min=stats.lo,
+                    ratio_max=stats.hi,
+                    repeats=stats.repeats,
+                    ratio_stats=stats,
+                    max_in_flight=max(r["max_in_flight"] for r in recorded),
+                    failed=sum(r["failed"] for r in recorded),
+                )
+            )
     finally:
         parent.send("stop")
         server.join(10)
@@ -344,16 +409,28 @@ def main(argv) -> None:
     from absl import flags
 
     f = flags.FLAGS
-    rows = run_bench(f.latency, [int(c) for c in f.concurrency], f.requests_per_slot, f.min_requests,
-                     repeats=f.repeats, warmup=1)
-    print(f"judge client vs loopback stub, latency {f.latency * 1000:.0f} ms per request, medians of "
-          f"{f.repeats} rounds after one warm-up")
-    print(f"{'concurrency':>11} {'requests':>8} {'seconds':>8} {'req/s':>9} {'ideal':>9} {'ratio':>6} "
-          f"{'min-max':>11} {'max in flight':>13} {'failed':>6}")
+    rows = run_bench(
+        f.latency,
+        [int(c) for c in f.concurrency],
+        f.requests_per_slot,
+        f.min_requests,
+        repeats=f.repeats,
+        warmup=1,
+    )
+    print(
+        f"judge client vs loopback stub, latency {f.latency * 1000:.0f} ms per request, medians of "
+        f"{f.repeats} rounds after one warm-up"
+    )
+    print(
+        f"{'concurrency':>11} {'requests':>8} {'seconds':>8} {'req/s':>9} {'ideal':>9} {'ratio':>6} "
+        f"{'min-max':>11} {'max in flight':>13} {'failed':>6}"
+    )
     for r in rows:
-        print(f"{r['concurrency']:>11} {r['requests']:>8} {r['seconds']:>8.2f} {r['achieved']:>9.1f} "
-              f"{r['ideal']:>9.1f} {r['ratio']:>6.3f} {r['ratio_min']:>5.3f}-{r['ratio_max']:<5.3f} "
-              f"{r['max_in_flight']:>13} {r['failed']:>6}")
+        print(
+            f"{r['concurrency']:>11} {r['requests']:>8} {r['seconds']:>8.2f} {r['achieved']:>9.1f} "
+            f"{r['ideal']:>9.1f} {r['ratio']:>6.3f} {r['ratio_min']:>5.3f}-{r['ratio_max']:<5.3f} "
+            f"{r['max_in_flight']:>13} {r['failed']:>6}"
+        )
 
 
 if __name__ == "__main__":

@@ -55,8 +55,8 @@ from ml_collections import config_flags
 
 from pr1 import sharding
 from pr1.bench import accelerators
-from pr1.models import config as model_config_lib
 from pr1.models import attention as attention_lib
+from pr1.models import config as model_config_lib
 from pr1.models import vision as vision_lib
 from pr1.models.config import Qwen25VLConfig
 from pr1.rollout.sampler import BATCH_AXES, EmbeddedEngine, bucket
@@ -83,14 +83,17 @@ class PlanError(ValueError):
 
 # -- devices -------------------------------------------------------------------------------------
 
+
 def parse_mesh(text: str) -> dict[str, int]:
     """'data=1,fsdp=32,tensor=1' -> {'data': 1, 'fsdp': 32, 'tensor': 1}; an axis left out is 1."""
     sizes = dict.fromkeys(MESH_AXES, 1)
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, value = part.partition("=")
         if name not in sizes or not value.isdigit() or int(value) < 1:
-            raise PlanError(f"--mesh {text!r}: each entry must be AXIS=N with AXIS in {MESH_AXES} and N >= 1 "
-                            f"(e.g. data=1,fsdp=32,tensor=1); got {part!r}")
+            raise PlanError(
+                f"--mesh {text!r}: each entry must be AXIS=N with AXIS in {MESH_AXES} and N >= 1 "
+                f"(e.g. data=1,fsdp=32,tensor=1); got {part!r}"
+            )
         sizes[name] = int(value)
     return sizes
 
@@ -110,9 +113,11 @@ def use_fake_cpu_devices(count: int) -> None:
     if xla_bridge.backends_are_initialized():
         have = jax.device_count()
         if have < count or jax.default_backend() != "cpu":
-            raise PlanError(f"the mesh needs {count} fake CPU devices but jax was already initialised with {have} "
-                            f"{jax.default_backend()} device(s) in this process; run `python -m pr1.bench.memory` "
-                            "in a fresh process (it sets XLA_FLAGS and JAX_PLATFORMS itself)")
+            raise PlanError(
+                f"the mesh needs {count} fake CPU devices but jax was already initialised with {have} "
+                f"{jax.default_backend()} device(s) in this process; run `python -m pr1.bench.memory` "
+                "in a fresh process (it sets XLA_FLAGS and JAX_PLATFORMS itself)"
+            )
         return
     xla_flags = re.sub(rf"{_DEVICE_FLAG}=\S+", "", os.environ.get("XLA_FLAGS", "")).split()
     xla_flags.append(f"{_DEVICE_FLAG}={count}")
@@ -133,9 +138,11 @@ def tpu_topology_devices(topology: str) -> list:
     try:
         return list(topologies.get_topology_desc(topology_name=topology, platform="tpu").devices)
     except Exception as e:  # no libtpu, or a name it does not know
-        raise PlanError(f"--tpu_topology {topology}: cannot describe this TPU slice ({str(e).splitlines()[0]}); it "
-                        "needs libtpu installed (the version jax[tpu] pins) and a name like v5p:2x4x4, v5e:4x4 "
-                        "or v6e:4x4") from None
+        raise PlanError(
+            f"--tpu_topology {topology}: cannot describe this TPU slice ({str(e).splitlines()[0]}); it "
+            "needs libtpu installed (the version jax[tpu] pins) and a name like v5p:2x4x4, v5e:4x4 "
+            "or v6e:4x4"
+        ) from None
 
 
 def plan_mesh(c: ml_collections.ConfigDict, devices: Sequence | None = None) -> Mesh:
@@ -145,12 +152,15 @@ def plan_mesh(c: ml_collections.ConfigDict, devices: Sequence | None = None) -> 
     devices = list(jax.devices() if devices is None else devices)
     # A TPU slice's chips all take part; fake CPU devices can be more than the mesh uses.
     if n > len(devices) or (n != len(devices) and devices[0].platform != "cpu"):
-        raise PlanError(f"mesh {dict(c.mesh)} needs {n} devices; {len(devices)} {devices[0].device_kind} "
-                        "devices are available")
+        raise PlanError(
+            f"mesh {dict(c.mesh)} needs {n} devices; {len(devices)} {devices[0].device_kind} "
+            "devices are available"
+        )
     return sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor, devices=devices[:n])
 
 
 # -- config --------------------------------------------------------------------------------------
+
 
 def model_hf_config(c: ml_collections.ConfigDict, model_config: str | None = None) -> dict:
     """The config.json dict to plan for: `model_config` (a config.json, a checkpoint dir, or one of
@@ -160,8 +170,10 @@ def model_hf_config(c: ml_collections.ConfigDict, model_config: str | None = Non
     if model_config:
         path = os.path.join(model_config, "config.json") if os.path.isdir(model_config) else model_config
         if not os.path.isfile(path):
-            raise PlanError(f"--model_config {model_config}: no such file (give a config.json, a checkpoint dir, "
-                            f"or one of {sorted(_BUILTIN_MODELS)})")
+            raise PlanError(
+                f"--model_config {model_config}: no such file (give a config.json, a checkpoint dir, "
+                f"or one of {sorted(_BUILTIN_MODELS)})"
+            )
         with open(path) as f:
             return json.load(f)
     path = os.path.join(c.model.path, "config.json")
@@ -170,8 +182,10 @@ def model_hf_config(c: ml_collections.ConfigDict, model_config: str | None = Non
             return json.load(f)
     if c.model.make_tiny_if_missing:
         return model_config_lib.tiny_hf_config()  # what pr1.models.tiny writes there on first use
-    raise PlanError(f"model.path {c.model.path} has no config.json; pass --model_config PATH/config.json "
-                    f"(or --model_config=qwen2_5_vl_7b for Qwen2.5-VL-7B's shapes)")
+    raise PlanError(
+        f"model.path {c.model.path} has no config.json; pass --model_config PATH/config.json "
+        f"(or --model_config=qwen2_5_vl_7b for Qwen2.5-VL-7B's shapes)"
+    )
 
 
 def prepare_config(c: ml_collections.ConfigDict, hf_config: dict, model_dir: str, mesh: dict[str, int]):
@@ -187,12 +201,15 @@ def prepare_config(c: ml_collections.ConfigDict, hf_config: dict, model_dir: str
     # Includes the micro-batch rows over data x fsdp check, for this mesh's device count.
     validate_config(c, num_devices=math.prod(mesh.values()), check_files=False)
     if c.data.max_pixels is None:
-        raise ConfigError("data.max_pixels: unset; the planner sizes the image bucket from it (the trainer would "
-                          "use the processor's default): set --config.data.max_pixels")
+        raise ConfigError(
+            "data.max_pixels: unset; the planner sizes the image bucket from it (the trainer would "
+            "use the processor's default): set --config.data.max_pixels"
+        )
     return Qwen25VLConfig.from_dir(model_dir)
 
 
 # -- abstract state and batches ------------------------------------------------------------------
+
 
 def bytes_per_device(tree) -> int:
     """Bytes one device holds of a tree of sharded ShapeDtypeStructs (or arrays)."""
@@ -220,7 +237,9 @@ def image_patches(c: ml_collections.ConfigDict, model_config) -> int:
     v = model_config.vision
     unit = v.patch_size * v.spatial_merge_size
     side = int(math.isqrt(int(c.data.max_pixels)) // unit) * v.spatial_merge_size
-    return vision_lib.patch_bucket(vision_lib.patch_slots(np.array([[1, side, side]]), v), c.rollout.min_patch_bucket)
+    return vision_lib.patch_bucket(
+        vision_lib.patch_slots(np.array([[1, side, side]]), v), c.rollout.min_patch_bucket
+    )
 
 
 def pixel_dtype(c: ml_collections.ConfigDict):
@@ -239,9 +258,13 @@ def learner_batch_shapes(c: ml_collections.ConfigDict, model_config, rows: int, 
     length = prompt_bucket(c) + c.rollout.max_new_tokens
     patches = image_patches(c, model_config)
     f32, i32 = jnp.float32, jnp.int32
-    shapes = {"input_ids": ((rows, length), i32), "attention_mask": ((rows, length), i32),
-              "position_ids": ((rows, 3, length), i32), "loss_mask": ((rows, length), i32),
-              "rollout_logprobs": ((rows, length), f32)}
+    shapes = {
+        "input_ids": ((rows, length), i32),
+        "attention_mask": ((rows, length), i32),
+        "position_ids": ((rows, 3, length), i32),
+        "loss_mask": ((rows, length), i32),
+        "rollout_logprobs": ((rows, length), f32),
+    }
     shapes.update(vision_lib.layout_shapes(rows, patches, model_config.vision))
     shapes["pixel_values"] = (shapes["pixel_values"][0], pixel_dtype(c))
     if update:
@@ -263,8 +286,12 @@ def rollout_batch_shapes(c: ml_collections.ConfigDict, model_config, mesh: Mesh)
         rows = -(-rows // chunk) * chunk
     length, patches = prompt_bucket(c), image_patches(c, model_config)
     f32, i32 = jnp.float32, jnp.int32
-    shapes = {"input_ids": ((rows, length), i32), "attention_mask": ((rows, length), i32),
-              "position_ids": ((3, rows, length), i32), "deltas": ((rows,), i32)}
+    shapes = {
+        "input_ids": ((rows, length), i32),
+        "attention_mask": ((rows, length), i32),
+        "position_ids": ((3, rows, length), i32),
+        "deltas": ((rows,), i32),
+    }
     shapes.update(vision_lib.layout_shapes(rows, patches, model_config.vision))
     shapes["pixel_values"] = (shapes["pixel_values"][0], pixel_dtype(c))
     out = {}
@@ -282,8 +309,10 @@ def kv_cache_shapes(c: ml_collections.ConfigDict, model_config, mesh: Mesh, prom
     heads = "tensor" if t.num_key_value_heads % mesh.shape["tensor"] == 0 else None
     sh = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, None, heads, None))
     out = {}
-    for name, rows, slots in (("prompt", prompts, prompt_bucket(c)), ("response", prompts * c.rollout.n,
-                                                                        c.rollout.max_new_tokens)):
+    for name, rows, slots in (
+        ("prompt", prompts, prompt_bucket(c)),
+        ("response", prompts * c.rollout.n, c.rollout.max_new_tokens),
+    ):
         shape = (t.num_hidden_layers, rows, slots, t.num_key_value_heads, t.head_dim)
         for k in ("k", "v"):
             out[f"{name}_{k}"] = jax.ShapeDtypeStruct(shape, jnp.dtype(c.model.compute_dtype), sharding=sh)
@@ -291,6 +320,7 @@ def kv_cache_shapes(c: ml_collections.ConfigDict, model_config, mesh: Mesh, prom
 
 
 # -- the three programs --------------------------------------------------------------------------
+
 
 def lower_update_step(c, model_def, tx, shardings, mesh: Mesh, state, model_config):
     """(lowered, batch): the learner update of one mini-batch, lowered for abstract `state`."""
@@ -308,10 +338,14 @@ def steady_state(lowered, state):
     one to plan for. Returns (state, {path: (dtype before, dtype after)})."""
     out_state = lowered.out_info[0]
     changed = {}
-    for (path, before), after in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(out_state)):
+    for (path, before), after in zip(
+        jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(out_state)
+    ):
         if before.dtype != after.dtype:
             changed[jax.tree_util.keystr(path)] = (str(before.dtype), str(after.dtype))
-    new = jax.tree.map(lambda s, o: jax.ShapeDtypeStruct(s.shape, o.dtype, sharding=s.sharding), state, out_state)
+    new = jax.tree.map(
+        lambda s, o: jax.ShapeDtypeStruct(s.shape, o.dtype, sharding=s.sharding), state, out_state
+    )
     return new, changed
 
 
@@ -333,21 +367,51 @@ def lower_rollout(c, model_def, mesh: Mesh, params, model_config):
     """
     r = c.rollout
     # Token ids are values, not shapes: any id compiles the same program.
-    engine = EmbeddedEngine(model_def, params, mesh, tokenizer=None, stop_token_ids=(0,), pad_token_id=0,
-                            min_prompt_bucket=r.min_prompt_bucket, min_patch_bucket=r.min_patch_bucket,
-                            prefill_chunk=r.prefill_chunk)
+    engine = EmbeddedEngine(
+        model_def,
+        params,
+        mesh,
+        tokenizer=None,
+        stop_token_ids=(0,),
+        pad_token_id=0,
+        min_prompt_bucket=r.min_prompt_bucket,
+        min_patch_bucket=r.min_patch_bucket,
+        prefill_chunk=r.prefill_chunk,
+    )
     batch = rollout_batch_shapes(c, model_config, mesh)
     # generate() passes EOS and <|im_end|>: two stop ids.
     stop_ids = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
-    lowered = engine.lower(params, batch, stop_ids, n=r.n, max_new_tokens=r.max_new_tokens,
-                           greedy=r.temperature == 0, filtering=r.top_p < 1 or r.top_k > 0)
+    lowered = engine.lower(
+        params,
+        batch,
+        stop_ids,
+        n=r.n,
+        max_new_tokens=r.max_new_tokens,
+        greedy=r.temperature == 0,
+        filtering=r.top_p < 1 or r.top_k > 0,
+    )
     return lowered, batch
 
 
 # -- what the temporaries are -------------------------------------------------------------------
 
-_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-             "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_ITEMSIZE = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+}
 # Results that name an existing buffer (or live in the arguments) rather than allocate one.
 _NOT_ALLOCATING = {"parameter", "get-tuple-element", "bitcast", "tuple", "constant"}
 _INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%\S+ = (\w+)\[([\d,]*)\]\S* ([\w-]+)\(")
@@ -357,6 +421,7 @@ _FRAME = re.compile(r"stack_frame_id=(\d+)")
 def _source_frames(hlo: str) -> Callable[[int], str]:
     """stack_frame_id -> 'file:line function < caller ...' over pr1's model/train files, from the
     FileNames / FunctionNames / FileLocations / StackFrames tables XLA prints with the module."""
+
     def table(name):
         m = re.search(rf"^{name}\n(.*?)(?:\n\n|\Z)", hlo, re.S | re.M)
         return [line.split(None, 1) for line in m.group(1).splitlines()] if m else []
@@ -366,8 +431,11 @@ def _source_frames(hlo: str) -> Callable[[int], str]:
     locations, frames = {}, {}
     for i, v in table("FileLocations"):
         d = dict(re.findall(r"(\w+)=(\d+)", v))
-        locations[int(i)] = (files.get(int(d["file_name_id"]), "?"), functions.get(int(d["function_name_id"]), "?"),
-                             d["line"])
+        locations[int(i)] = (
+            files.get(int(d["file_name_id"]), "?"),
+            functions.get(int(d["function_name_id"]), "?"),
+            d["line"],
+        )
     for i, v in table("StackFrames"):
         d = dict(re.findall(r"(\w+)=(\d+)", v))
         # A frame's parent is printed as its id + 1 (0: none).
@@ -417,17 +485,18 @@ def largest_temporaries(hlo: str, k: int = 3) -> list[tuple[int, str, str]]:
 
 # -- the plan ------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class PhaseMemory:
     """Per-device bytes of one phase: exact state/batch sizes and XLA's accounting of its program."""
 
     name: str
-    shapes: str                  # what was compiled, in words
+    shapes: str  # what was compiled, in words
     params: int
     optimizer: int
     batch: int
-    kv_cache: int                # part of `temp` (created inside the program)
-    resident: int                # train state that is not an argument of the program
+    kv_cache: int  # part of `temp` (created inside the program)
+    resident: int  # train state that is not an argument of the program
     arguments: int
     outputs: int
     aliased: int
@@ -435,7 +504,7 @@ class PhaseMemory:
     code: int
     compile_s: float
     largest: list = dataclasses.field(default_factory=list)  # largest_temporaries()
-    refused: str = ""            # the compiler's out-of-memory message, when it would not compile
+    refused: str = ""  # the compiler's out-of-memory message, when it would not compile
 
     @property
     def peak(self) -> int:
@@ -470,8 +539,15 @@ def _compiled_memory(lowered, argument_bytes: int) -> dict:
         if "RESOURCE_EXHAUSTED" not in str(e) or not m:
             raise
         temp = int(float(m.group(1)) * 1024 ** (" KMGT".index(m.group(2) or " ")))
-        return {"arguments": argument_bytes, "outputs": 0, "aliased": 0, "temp": temp, "code": 0,
-                "compile_s": time.perf_counter() - t0, "refused": str(e).splitlines()[0]}
+        return {
+            "arguments": argument_bytes,
+            "outputs": 0,
+            "aliased": 0,
+            "temp": temp,
+            "code": 0,
+            "compile_s": time.perf_counter() - t0,
+            "refused": str(e).splitlines()[0],
+        }
     seconds = time.perf_counter() - t0
     m = compiled.memory_analysis()
     if m is None:
@@ -480,13 +556,25 @@ def _compiled_memory(lowered, argument_bytes: int) -> dict:
         largest = largest_temporaries(compiled.as_text())
     except jax.errors.JaxRuntimeError:  # a libtpu whose HLO protos this jaxlib cannot print back
         largest = []
-    return {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
-            "aliased": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes,
-            "code": m.generated_code_size_in_bytes, "compile_s": seconds, "largest": largest}
+    return {
+        "arguments": m.argument_size_in_bytes,
+        "outputs": m.output_size_in_bytes,
+        "aliased": m.alias_size_in_bytes,
+        "temp": m.temp_size_in_bytes,
+        "code": m.generated_code_size_in_bytes,
+        "compile_s": seconds,
+        "largest": largest,
+    }
 
 
-def plan_memory(c: ml_collections.ConfigDict, model_config, mesh: Mesh, *, phases: Sequence[str] = PHASES,
-                log: Callable[[str], None] = lambda s: None) -> MemoryPlan:
+def plan_memory(
+    c: ml_collections.ConfigDict,
+    model_config,
+    mesh: Mesh,
+    *,
+    phases: Sequence[str] = PHASES,
+    log: Callable[[str], None] = lambda s: None,
+) -> MemoryPlan:
     """Lower and compile `phases` of one training step of config `c` on `mesh`; per-device bytes."""
     unknown = set(phases) - set(PHASES)
     if unknown:
@@ -494,32 +582,44 @@ def plan_memory(c: ml_collections.ConfigDict, model_config, mesh: Mesh, *, phase
     r, lc = c.rollout, c.learner
     notes = []
     if "rollout" in phases and r.engine != "embedded":
-        notes.append(f"rollout.engine={r.engine}: rollouts run on the {r.engine} servers, not on this mesh; not planned")
+        notes.append(
+            f"rollout.engine={r.engine}: rollouts run on the {r.engine} servers, not on this mesh; not planned"
+        )
         phases = [p for p in phases if p != "rollout"]
     if mesh.devices.flat[0].platform == "cpu" and not memory_scheduler_on():
-        notes.append(f"XLA_FLAGS lacks {_SCHEDULER_FLAG}=false (the CLI sets it): the CPU compiler's concurrency "
-                     "scheduler overstates the temporaries and hides what remat saves")
+        notes.append(
+            f"XLA_FLAGS lacks {_SCHEDULER_FLAG}=false (the CLI sets it): the CPU compiler's concurrency "
+            "scheduler overstates the temporaries and hides what remat saves"
+        )
     # The attention the target runs ('auto': splash on a TPU topology, blockwise on the CPU compiler).
     platform = mesh.devices.flat[0].platform
-    model_config = dataclasses.replace(model_config, attention=attention_lib.resolve(c.model.attention, platform))
+    model_config = dataclasses.replace(
+        model_config, attention=attention_lib.resolve(c.model.attention, platform)
+    )
     notes.append(f"model.attention={c.model.attention}: {model_config.attention} on {platform}")
-    model_def = state_lib.ModelDef.create(model_config, dtype=jnp.dtype(c.model.param_dtype),
-                                          compute_dtype=jnp.dtype(c.model.compute_dtype))
+    model_def = state_lib.ModelDef.create(
+        model_config, dtype=jnp.dtype(c.model.param_dtype), compute_dtype=jnp.dtype(c.model.compute_dtype)
+    )
     state, shardings, tx = abstract_train_state(c, model_def, mesh)
     length = prompt_bucket(c) + r.max_new_tokens
     mini_rows = c.data.prompts_per_step * r.n // c.train.mini_batches
 
     # The update is lowered first: its output decides the optimizer state every phase carries.
-    update_shapes = (f"{mini_rows} responses of {length} tokens in "
-                     f"{step_lib.micro_batch_count(lc, mini_rows, mesh)} micro-batches")
+    update_shapes = (
+        f"{mini_rows} responses of {length} tokens in "
+        f"{step_lib.micro_batch_count(lc, mini_rows, mesh)} micro-batches"
+    )
     log(f"lowering update ({update_shapes}, remat={lc.remat}, logprob_chunk={lc.logprob_chunk})")
     update = lower_update_step(c, model_def, tx, shardings, mesh, state, model_config)
     state, changed = steady_state(update[0], state)
     if changed:
         moves = sorted(set(changed.values()))
-        notes.append(f"the first update changes the dtype of {len(changed)} optimizer-state leaves ("
-                     + ", ".join(f"{a} -> {b}" for a, b in moves) + "): AdamW's first moment takes the dtype of the "
-                     "fp32 accumulated gradients; planned for the state of every later step")
+        notes.append(
+            f"the first update changes the dtype of {len(changed)} optimizer-state leaves ("
+            + ", ".join(f"{a} -> {b}" for a, b in moves)
+            + "): AdamW's first moment takes the dtype of the "
+            "fp32 accumulated gradients; planned for the state of every later step"
+        )
         update = lower_update_step(c, model_def, tx, shardings, mesh, state, model_config)
     params_b, opt_b = bytes_per_device(state.params), bytes_per_device(state.opt_state)
     # Phases that take only the params leave the optimizer state (and step) resident beside them.
@@ -537,22 +637,46 @@ def plan_memory(c: ml_collections.ConfigDict, model_config, mesh: Mesh, *, phase
             lowered, batch = lower_logprob_step(c, model_def, shardings, mesh, state.params, model_config)
             outside = resident
         else:
-            log(f"lowering rollout ({c.data.prompts_per_step} prompts x n={r.n}, prompt bucket {prompt_bucket(c)}, "
-                f"{r.max_new_tokens} new tokens, {image_patches(c, model_config)} image patches per prompt)")
+            log(
+                f"lowering rollout ({c.data.prompts_per_step} prompts x n={r.n}, prompt bucket {prompt_bucket(c)}, "
+                f"{r.max_new_tokens} new tokens, {image_patches(c, model_config)} image patches per prompt)"
+            )
             lowered, batch = lower_rollout(c, model_def, mesh, state.params, model_config)
             prompts = batch["input_ids"].shape[0]
             kv = bytes_per_device(kv_cache_shapes(c, model_config, mesh, prompts))
-            shapes = (f"{prompts} prompts x n={r.n} = {prompts * r.n} sequences, {prompt_bucket(c)} prompt KV slots "
-                      f"(once per prompt) + {r.max_new_tokens} response slots, prefill chunk {r.prefill_chunk or prompts}")
+            shapes = (
+                f"{prompts} prompts x n={r.n} = {prompts * r.n} sequences, {prompt_bucket(c)} prompt KV slots "
+                f"(once per prompt) + {r.max_new_tokens} response slots, prefill chunk {r.prefill_chunk or prompts}"
+            )
             outside = resident
         log(f"compiling {name} ...")
-        args = bytes_per_device(batch) + params_b + (opt_b + bytes_per_device(state.step) if name == "update" else 0)
+        args = (
+            bytes_per_device(batch)
+            + params_b
+            + (opt_b + bytes_per_device(state.step) if name == "update" else 0)
+        )
         stats = _compiled_memory(lowered, args)
-        log(f"  {name}: " + ("the compiler refused it: out of memory" if stats.get("refused") else
-                             f"compiled in {stats['compile_s']:.0f} s, lowered in "
-                             f"{time.perf_counter() - t0 - stats['compile_s']:.0f} s"))
-        out.append(PhaseMemory(name=name, shapes=shapes, params=params_b, optimizer=opt_b,
-                               batch=bytes_per_device(batch), kv_cache=kv, resident=outside, **stats))
+        log(
+            f"  {name}: "
+            + (
+                "the compiler refused it: out of memory"
+                if stats.get("refused")
+                else f"compiled in {stats['compile_s']:.0f} s, lowered in "
+                f"{time.perf_counter() - t0 - stats['compile_s']:.0f} s"
+            )
+        )
+        out.append(
+            PhaseMemory(
+                name=name,
+                shapes=shapes,
+                params=params_b,
+                optimizer=opt_b,
+                batch=bytes_per_device(batch),
+                kv_cache=kv,
+                resident=outside,
+                **stats,
+            )
+        )
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state.params))
     return MemoryPlan(mesh=dict(mesh.shape), devices=mesh.size, param_count=n_params, phases=out, notes=notes)
 
@@ -562,15 +686,25 @@ def format_plan(plan: MemoryPlan, accelerator_names: Sequence[str], title: str =
     cols = plan.phases
     width = 14
     head = lambda label: f"  {label:<36}"
-    lines = [f"{title}mesh {' x '.join(f'{k}={v}' for k, v in plan.mesh.items())} ({plan.devices} devices), "
-             f"{plan.param_count:,} parameters; bytes per device", ""]
+    lines = [
+        f"{title}mesh {' x '.join(f'{k}={v}' for k, v in plan.mesh.items())} ({plan.devices} devices), "
+        f"{plan.param_count:,} parameters; bytes per device",
+        "",
+    ]
     lines.append(head("") + "".join(f"{p.name:>{width}}" for p in cols))
-    rows = [("params", "params"), ("optimizer state (AdamW moments)", "optimizer"),
-            ("batch inputs", "batch"), ("KV cache (inside XLA temp)", "kv_cache"),
-            ("XLA arguments", "arguments"), ("XLA outputs", "outputs"),
-            ("XLA aliased (donated state)", "aliased"), ("XLA temp (activations, grads...)", "temp"),
-            ("XLA generated code", "code"), ("resident state outside the program", "resident"),
-            ("peak estimate", "peak")]
+    rows = [
+        ("params", "params"),
+        ("optimizer state (AdamW moments)", "optimizer"),
+        ("batch inputs", "batch"),
+        ("KV cache (inside XLA temp)", "kv_cache"),
+        ("XLA arguments", "arguments"),
+        ("XLA outputs", "outputs"),
+        ("XLA aliased (donated state)", "aliased"),
+        ("XLA temp (activations, grads...)", "temp"),
+        ("XLA generated code", "code"),
+        ("resident state outside the program", "resident"),
+        ("peak estimate", "peak"),
+    ]
     for label, attr in rows:
         lines.append(head(label) + "".join(f"{fb(getattr(p, attr)):>{width}}" for p in cols))
     lines.append("")
@@ -587,26 +721,47 @@ def format_plan(plan: MemoryPlan, accelerator_names: Sequence[str], title: str =
     for name in accelerator_names:
         verdicts = [(p.name, accelerators.verdict(p.peak, name)) for p in cols]
         overall = "fits" if all(v.fits for _, v in verdicts) else "does not fit"
-        lines.append(f"  {name:<5} {accelerators.format_bytes(accelerators.hbm_bytes(name)):>9}: {overall:<12} | "
-                     + " | ".join(f"{n} {v}" for n, v in verdicts))
+        lines.append(
+            f"  {name:<5} {accelerators.format_bytes(accelerators.hbm_bytes(name)):>9}: {overall:<12} | "
+            + " | ".join(f"{n} {v}" for n, v in verdicts)
+        )
     return "\n".join(lines)
 
 
 # -- command line --------------------------------------------------------------------------------
 
+
 def _define_flags() -> dict:
     """The CLI's flags, defined only when run as a program: `pr1.train` defines --config too."""
     f = dict(
-        config=config_flags.DEFINE_config_file("config", None, "path to a configs/*.py file", lock_config=True),
-        mesh=flags.DEFINE_string("mesh", None, "device mesh to plan for, e.g. data=1,fsdp=32,tensor=1 (fake CPU "
-                                 "devices; XLA_FLAGS and JAX_PLATFORMS are set from it)"),
-        accelerator=flags.DEFINE_enum("accelerator", None, list(accelerators.HBM_GIB),
-                                      "judge the fit against this accelerator's HBM (default: all of them)"),
-        model_config=flags.DEFINE_string("model_config", None, "config.json or checkpoint dir to plan for, or "
-                                         f"{' / '.join(_BUILTIN_MODELS)} (default: model.path's config.json)"),
+        config=config_flags.DEFINE_config_file(
+            "config", None, "path to a configs/*.py file", lock_config=True
+        ),
+        mesh=flags.DEFINE_string(
+            "mesh",
+            None,
+            "device mesh to plan for, e.g. data=1,fsdp=32,tensor=1 (fake CPU "
+            "devices; XLA_FLAGS and JAX_PLATFORMS are set from it)",
+        ),
+        accelerator=flags.DEFINE_enum(
+            "accelerator",
+            None,
+            list(accelerators.HBM_GIB),
+            "judge the fit against this accelerator's HBM (default: all of them)",
+        ),
+        model_config=flags.DEFINE_string(
+            "model_config",
+            None,
+            "config.json or checkpoint dir to plan for, or "
+            f"{' / '.join(_BUILTIN_MODELS)} (default: model.path's config.json)",
+        ),
         phase=flags.DEFINE_multi_enum("phase", list(PHASES), list(PHASES), "phases to compile (repeatable)"),
-        tpu_topology=flags.DEFINE_string("tpu_topology", None, "compile with libtpu's compiler for this TPU slice "
-                                         "(e.g. v5p:2x4x4) instead of for fake CPU devices"),
+        tpu_topology=flags.DEFINE_string(
+            "tpu_topology",
+            None,
+            "compile with libtpu's compiler for this TPU slice "
+            "(e.g. v5p:2x4x4) instead of for fake CPU devices",
+        ),
     )
     flags.mark_flags_as_required(["config", "mesh"])
     return f
@@ -621,11 +776,15 @@ def main(argv, f: dict) -> int:
         use_fake_cpu_devices(math.prod(mesh_sizes.values()))
         c = f["config"].value
         with tempfile.TemporaryDirectory(prefix="pr1-memory-") as model_dir:
-            model_config = prepare_config(c, model_hf_config(c, f["model_config"].value), model_dir, mesh_sizes)
+            model_config = prepare_config(
+                c, model_hf_config(c, f["model_config"].value), model_dir, mesh_sizes
+            )
             topology = f["tpu_topology"].value
             mesh = plan_mesh(c, tpu_topology_devices(topology) if topology else None)
-            say(f"compiling for {mesh.size} {mesh.devices.flat[0].device_kind} devices"
-                + (f" (TPU slice {topology})" if topology else " (fake, XLA's CPU compiler)"))
+            say(
+                f"compiling for {mesh.size} {mesh.devices.flat[0].device_kind} devices"
+                + (f" (TPU slice {topology})" if topology else " (fake, XLA's CPU compiler)")
+            )
             t0 = time.perf_counter()
             plan = plan_memory(c, model_config, mesh, phases=f["phase"].value, log=say)
             say(f"done in {time.perf_counter() - t0:.0f} s")
@@ -650,9 +809,18 @@ def _parse_flags(argv):
     except (AttributeError, KeyError) as e:  # what ml_collections raises for a missing key / section
         detail = str(e).strip("'\"").replace("\\'", "'").replace("\\n", " ").replace("\n", " ")
         key = re.search(r"\w+", detail).group(0) if re.search(r"\w+", detail) else ""
-        culprit = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
-                        and key in a.split("=")[0].split(".")), "--config.*")
-        print(f"pr1.bench.memory: bad config override {culprit}: the config has no key {detail}", file=sys.stderr)
+        culprit = next(
+            (
+                a.split("=")[0]
+                for a in argv[1:]
+                if a.startswith("--config.") and key in a.split("=")[0].split(".")
+            ),
+            "--config.*",
+        )
+        print(
+            f"pr1.bench.memory: bad config override {culprit}: the config has no key {detail}",
+            file=sys.stderr,
+        )
         sys.exit(2)
 
 

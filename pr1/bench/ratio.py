@@ -65,9 +65,17 @@ class Ratio:
         return len(self.ours)
 
     def summary(self) -> dict:
-        return dict(ratio=self.median, ratio_min=self.lo, ratio_max=self.hi, ours=self.ours_median,
-                    peer=self.peer_median, repeats=self.repeats, ratios=self.ratios, ours_all=list(self.ours),
-                    peer_all=list(self.peer))
+        return dict(
+            ratio=self.median,
+            ratio_min=self.lo,
+            ratio_max=self.hi,
+            ours=self.ours_median,
+            peer=self.peer_median,
+            repeats=self.repeats,
+            ratios=self.ratios,
+            ours_all=list(self.ours),
+            peer_all=list(self.peer),
+        )
 
     def __str__(self) -> str:
         return f"{self.median:.3g} (min {self.lo:.3g}, max {self.hi:.3g}, {self.repeats} pairs)"
@@ -79,8 +87,15 @@ def _as_dict(value) -> dict[str, float]:
     return {"": float(value)}
 
 
-def interleaved(ours: Measure, peer: Measure, *, repeats: int = MIN_REPEATS, warmup: int = 1,
-                label: str = "", log: Callable[[str], None] | None = print) -> dict[str, Ratio]:
+def interleaved(
+    ours: Measure,
+    peer: Measure,
+    *,
+    repeats: int = MIN_REPEATS,
+    warmup: int = 1,
+    label: str = "",
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Ratio]:
     """Runs `warmup` unrecorded rounds of ours then peer, then `repeats` recorded pairs; the order
     within a pair alternates (A B, B A, A B, ...) so neither side always runs on the other's heels.
 
@@ -115,7 +130,9 @@ def interleaved(ours: Measure, peer: Measure, *, repeats: int = MIN_REPEATS, war
 def from_pairs(ours: list[float], peer: list[float]) -> Ratio:
     """A Ratio from pairs measured elsewhere (e.g. per training step), in order."""
     if len(ours) != len(peer) or not ours:
-        raise ValueError(f"need equally many (>= 1) measurements of both sides, got {len(ours)} and {len(peer)}")
+        raise ValueError(
+            f"need equally many (>= 1) measurements of both sides, got {len(ours)} and {len(peer)}"
+        )
     return Ratio([float(x) for x in ours], [float(x) for x in peer])
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 import tempfile
 import time
@@ -57,13 +56,15 @@ def run(argv=None) -> dict:
         import torch
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     except ImportError as e:
-        raise ImportError(f"pr1.bench.sampler needs torch and transformers (pip install -r requirements-test.txt): "
-                          f"{e}") from e
+        raise ImportError(
+            f"pr1.bench.sampler needs torch and transformers (pip install -r requirements-test.txt): {e}"
+        ) from e
 
     hf_dict = bench_config().hf_config if args.model == "small" else copy.deepcopy(tiny_hf_config())
     torch.manual_seed(0)
-    ref = Qwen2_5_VLForConditionalGeneration._from_config(Qwen2_5_VLConfig(**hf_dict), attn_implementation="sdpa",
-                                                         dtype=torch.float32).eval()
+    ref = Qwen2_5_VLForConditionalGeneration._from_config(
+        Qwen2_5_VLConfig(**hf_dict), attn_implementation="sdpa", dtype=torch.float32
+    ).eval()
     config = Qwen25VLConfig.from_hf_dict(hf_dict)
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     model_def = state_lib.ModelDef.create(config, dtype=jnp.float32)
@@ -79,37 +80,65 @@ def run(argv=None) -> dict:
         ids = rng.integers(0, min(t.vocab_size, 32000) - 100, args.prompt).astype(np.int32)
         pixels = grid = None
         if args.image:
-            ids[:image_tokens + 2] = [config.vision_start_token_id] + [config.image_token_id] * image_tokens + [
-                config.vision_end_token_id]
+            ids[: image_tokens + 2] = (
+                [config.vision_start_token_id]
+                + [config.image_token_id] * image_tokens
+                + [config.vision_end_token_id]
+            )
             grid = np.array([[1, 8, 8]])
-            pixels = rng.standard_normal((64, v.in_channels * v.temporal_patch_size * v.patch_size ** 2)).astype(np.float32)
+            pixels = rng.standard_normal(
+                (64, v.in_channels * v.temporal_patch_size * v.patch_size**2)
+            ).astype(np.float32)
         prompts.append(Prompt(input_ids=ids, text="", pixel_values=pixels, image_grid_thw=grid))
     unused = t.vocab_size - 1  # a stop id random ids never produce, so every row runs to --new
-    engine = EmbeddedEngine(model_def, params, mesh, _Decoder(), stop_token_ids=(unused,), pad_token_id=0,
-                            min_prompt_bucket=args.prompt, min_patch_bucket=64)
+    engine = EmbeddedEngine(
+        model_def,
+        params,
+        mesh,
+        _Decoder(),
+        stop_token_ids=(unused,),
+        pad_token_id=0,
+        min_prompt_bucket=args.prompt,
+        min_patch_bucket=64,
+    )
 
     def ours(new):
-        out = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=new, stop_token_ids=(unused,)))
+        out = engine.generate(
+            prompts, SamplingParams(temperature=0, max_new_tokens=new, stop_token_ids=(unused,))
+        )
         assert all(len(c.token_ids) == new for c in out)
 
     input_ids = torch.as_tensor(np.stack([p.input_ids for p in prompts]), dtype=torch.long)
     extra = {}
     if args.image:
-        extra = dict(pixel_values=torch.as_tensor(np.concatenate([p.pixel_values for p in prompts])),
-                     image_grid_thw=torch.as_tensor(np.concatenate([p.image_grid_thw for p in prompts])))
+        extra = dict(
+            pixel_values=torch.as_tensor(np.concatenate([p.pixel_values for p in prompts])),
+            image_grid_thw=torch.as_tensor(np.concatenate([p.image_grid_thw for p in prompts])),
+        )
 
     def theirs(new):
         with torch.no_grad():
-            out = ref.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                               mm_token_type_ids=(input_ids == config.image_token_id).to(torch.int32),
-                               max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None,
-                               pad_token_id=0, **extra)
+            out = ref.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                mm_token_type_ids=(input_ids == config.image_token_id).to(torch.int32),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+                **extra,
+            )
         assert out.shape[1] == args.prompt + new
 
-    print(f"model: {args.model} ({sum(p.numel() for p in ref.parameters()) / 1e6:.1f}M params, fp32); batch "
-          f"{args.batch} x {args.prompt} prompt tokens{' with one image each' if args.image else ''}, {args.new} new "
-          f"tokens, greedy; pr1 on {jax.devices()[0].platform}, transformers {torch.__version__} on CPU "
-          f"({torch.get_num_threads()} threads)", flush=True)
+    print(
+        f"model: {args.model} ({sum(p.numel() for p in ref.parameters()) / 1e6:.1f}M params, fp32); batch "
+        f"{args.batch} x {args.prompt} prompt tokens{' with one image each' if args.image else ''}, {args.new} new "
+        f"tokens, greedy; pr1 on {jax.devices()[0].platform}, transformers {torch.__version__} on CPU "
+        f"({torch.get_num_threads()} threads)",
+        flush=True,
+    )
+
     def measure(run):
         def one() -> dict:
             start = time.perf_counter()
@@ -118,20 +147,35 @@ def run(argv=None) -> dict:
             start = time.perf_counter()
             run(args.new)
             tn = time.perf_counter() - start
-            return {"prefill": args.batch * args.prompt / t1, "decode": args.batch * (args.new - 1) / max(tn - t1, 1e-9)}
+            return {
+                "prefill": args.batch * args.prompt / t1,
+                "decode": args.batch * (args.new - 1) / max(tn - t1, 1e-9),
+            }
+
         return one
 
     for run in (ours, theirs):
         run(args.new)  # compile / warm up the long shape; the warm-up round below does both
-    ratios = ratio_lib.interleaved(measure(ours), measure(theirs), repeats=args.repeats, label="pr1/transformers",
-                                   log=lambda line: print(line, flush=True))
+    ratios = ratio_lib.interleaved(
+        measure(ours),
+        measure(theirs),
+        repeats=args.repeats,
+        label="pr1/transformers",
+        log=lambda line: print(line, flush=True),
+    )
     for name, side in (("pr1", "ours_median"), ("transformers", "peer_median")):
-        print(f"{name:13s} prefill {getattr(ratios['prefill'], side):10.1f} tokens/s   decode "
-              f"{getattr(ratios['decode'], side):8.1f} tokens/s   (medians)", flush=True)
-    return {"pr1": {k: r.ours_median for k, r in ratios.items()},
-            "transformers": {k: r.peer_median for k, r in ratios.items()},
-            "prefill_ratio": ratios["prefill"].median, "decode_ratio": ratios["decode"].median,
-            "ratios": ratios}
+        print(
+            f"{name:13s} prefill {getattr(ratios['prefill'], side):10.1f} tokens/s   decode "
+            f"{getattr(ratios['decode'], side):8.1f} tokens/s   (medians)",
+            flush=True,
+        )
+    return {
+        "pr1": {k: r.ours_median for k, r in ratios.items()},
+        "transformers": {k: r.peer_median for k, r in ratios.items()},
+        "prefill_ratio": ratios["prefill"].median,
+        "decode_ratio": ratios["decode"].median,
+        "ratios": ratios,
+    }
 
 
 def main(argv=None) -> int:

@@ -48,7 +48,7 @@ def debug_config(assets: str, steps: int):
     spec.loader.exec_module(module)
     c = module.get_config(assets)
     c.train.steps = steps
-    c.train.val_every = 0          # validation is not part of a training step
+    c.train.val_every = 0  # validation is not part of a training step
     c.train.log_samples_every = 0
     c.train.tensorboard = False
     return c
@@ -81,12 +81,24 @@ def breakdown(rows: list[dict]) -> dict:
     compute_s = sum(phases.get(k, 0.0) for k in COMPUTE_PHASES)
     other_s = step_s - sum(phases.values())
     # Per step: device compute against the step it was part of, for a median and min-max.
-    per_step = ratio_lib.from_pairs([sum(r.get(k, 0.0) for k in COMPUTE_PHASES) for r in rows],
-                                    [r["time/step"] for r in rows])
-    exposed = ratio_lib.from_pairs([r.get("time/judge_wait", 0.0) for r in rows], [r["time/step"] for r in rows])
-    return dict(steps=n, step_s=step_s, phases=phases, fractions={k: v / step_s for k, v in phases.items()},
-                other_s=other_s, other_fraction=other_s / step_s, compute_s=compute_s,
-                compute_fraction=compute_s / step_s, compute_stats=per_step, reward_exposed_stats=exposed)
+    per_step = ratio_lib.from_pairs(
+        [sum(r.get(k, 0.0) for k in COMPUTE_PHASES) for r in rows], [r["time/step"] for r in rows]
+    )
+    exposed = ratio_lib.from_pairs(
+        [r.get("time/judge_wait", 0.0) for r in rows], [r["time/step"] for r in rows]
+    )
+    return dict(
+        steps=n,
+        step_s=step_s,
+        phases=phases,
+        fractions={k: v / step_s for k, v in phases.items()},
+        other_s=other_s,
+        other_fraction=other_s / step_s,
+        compute_s=compute_s,
+        compute_fraction=compute_s / step_s,
+        compute_stats=per_step,
+        reward_exposed_stats=exposed,
+    )
 
 
 def read_rows(workdir: str) -> list[dict]:
@@ -95,11 +107,13 @@ def read_rows(workdir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def measure(steps: int = 6, *, assets: str | None = None, workdir: str | None = None,
-            judge_latency: float = 0.0) -> dict:
+def measure(
+    steps: int = 6, *, assets: str | None = None, workdir: str | None = None, judge_latency: float = 0.0
+) -> dict:
     """Train `steps` debug-config steps and return `breakdown` of their metrics (plus `devices`,
     judge_latency). judge_latency > 0: the judge is a loopback stub answering after that long."""
     import contextlib
+
     import jax
 
     from pr1.train.loop import train
@@ -115,7 +129,7 @@ def measure(steps: int = 6, *, assets: str | None = None, workdir: str | None = 
             workdir = os.path.join(tempfile.mkdtemp(prefix="pr1-bench-breakdown-"), "run")
             made.append(os.path.dirname(workdir))
         config = debug_config(assets, steps)
-        with (StubJudgeProcess(judge_latency) if judge_latency > 0 else contextlib.nullcontext()) as url:
+        with StubJudgeProcess(judge_latency) if judge_latency > 0 else contextlib.nullcontext() as url:
             if url:
                 config.rewards.judge.url = url
                 config.rewards.judge.retries = 0
@@ -131,31 +145,52 @@ def measure(steps: int = 6, *, assets: str | None = None, workdir: str | None = 
 
 def run(argv=None) -> dict:
     """Parses the CLI flags in `argv` and returns `measure`'s numbers."""
-    parser = argparse.ArgumentParser(prog="python -m pr1.bench.step_breakdown", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=6, help="training steps (the first is left out of the mean)")
-    parser.add_argument("--judge-latency", type=float, default=0.0,
-                        help="seconds per judge request of a loopback judge stub (0: the offline lexical judge)")
-    parser.add_argument("--assets", default=None,
-                        help="debug assets dir (tiny checkpoint, parquet); default: temporary")
-    parser.add_argument("--workdir", default=None, help="training workdir, kept afterwards; default: temporary")
+    parser = argparse.ArgumentParser(
+        prog="python -m pr1.bench.step_breakdown", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--steps", type=int, default=6, help="training steps (the first is left out of the mean)"
+    )
+    parser.add_argument(
+        "--judge-latency",
+        type=float,
+        default=0.0,
+        help="seconds per judge request of a loopback judge stub (0: the offline lexical judge)",
+    )
+    parser.add_argument(
+        "--assets", default=None, help="debug assets dir (tiny checkpoint, parquet); default: temporary"
+    )
+    parser.add_argument(
+        "--workdir", default=None, help="training workdir, kept afterwards; default: temporary"
+    )
     args = parser.parse_args(argv)
     if args.workdir and os.path.exists(os.path.join(args.workdir, METRICS_FILE)):
         # train() would resume there and measure nothing new.
-        raise FileExistsError(f"--workdir {args.workdir} already holds a run ({METRICS_FILE}); give a fresh one")
+        raise FileExistsError(
+            f"--workdir {args.workdir} already holds a run ({METRICS_FILE}); give a fresh one"
+        )
     return measure(args.steps, assets=args.assets, workdir=args.workdir, judge_latency=args.judge_latency)
 
 
 def main(argv=None) -> int:
     r = run(argv)
-    print(f"debug config, mean of steps 2..{r['steps'] + 1} on {r['devices']} device(s): "
-          f"{r['step_s']:.3f} s/step")
+    print(
+        f"debug config, mean of steps 2..{r['steps'] + 1} on {r['devices']} device(s): "
+        f"{r['step_s']:.3f} s/step"
+    )
     for name, seconds in r["phases"].items():
         print(f"  {name:18s} {seconds:8.3f} s  {r['fractions'][name]:6.1%}")
     print(f"  {'other':18s} {r['other_s']:8.3f} s  {r['other_fraction']:6.1%}")
-    print(f"device compute (rollout + logprobs + update): {r['compute_fraction']:.1%} of the step; per step "
-          f"{r['compute_stats']}")
-    judge = f"judge stub at {r['judge_latency'] * 1000:.0f} ms" if r["judge_latency"] else "offline lexical judge"
-    print(f"reward stage exposed (time/judge_wait, {judge}): per step {r['reward_exposed_stats']} of the step")
+    print(
+        f"device compute (rollout + logprobs + update): {r['compute_fraction']:.1%} of the step; per step "
+        f"{r['compute_stats']}"
+    )
+    judge = (
+        f"judge stub at {r['judge_latency'] * 1000:.0f} ms" if r["judge_latency"] else "offline lexical judge"
+    )
+    print(
+        f"reward stage exposed (time/judge_wait, {judge}): per step {r['reward_exposed_stats']} of the step"
+    )
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import statistics
 import sys
 import time
 
@@ -39,57 +38,93 @@ IMAGE_GRID = (1, 8, 8)  # a 112x112 image: 64 patches, 16 image tokens after the
 def bench_config() -> Qwen25VLConfig:
     """Qwen2.5-VL's shape scaled down: GQA 10/2 heads of 64, SwiGLU x2.8, untied head, window+full ViT."""
     d = copy.deepcopy(tiny_hf_config())
-    d["text_config"].update(vocab_size=32768, hidden_size=640, intermediate_size=1792, num_hidden_layers=10,
-                            num_attention_heads=10, num_key_value_heads=2, bos_token_id=32760,
-                            eos_token_id=32762, pad_token_id=32760)
+    d["text_config"].update(
+        vocab_size=32768,
+        hidden_size=640,
+        intermediate_size=1792,
+        num_hidden_layers=10,
+        num_attention_heads=10,
+        num_key_value_heads=2,
+        bos_token_id=32760,
+        eos_token_id=32762,
+        pad_token_id=32760,
+    )
     d["text_config"]["rope_parameters"] = dict(d["text_config"]["rope_parameters"], mrope_section=[8, 12, 12])
-    d.update(image_token_id=32750, video_token_id=32751, vision_start_token_id=32752, vision_end_token_id=32753)
-    d["vision_config"].update(depth=4, hidden_size=384, intermediate_size=1024, num_heads=6, out_hidden_size=640,
-                              fullatt_block_indexes=[3])
+    d.update(
+        image_token_id=32750, video_token_id=32751, vision_start_token_id=32752, vision_end_token_id=32753
+    )
+    d["vision_config"].update(
+        depth=4,
+        hidden_size=384,
+        intermediate_size=1024,
+        num_heads=6,
+        out_hidden_size=640,
+        fullatt_block_indexes=[3],
+    )
     return Qwen25VLConfig.from_hf_dict(d, source="bench_config")
 
 
 def make_batch(config: Qwen25VLConfig, batch: int, seq: int, seed: int = 0) -> dict:
     """`batch` sequences of exactly `seq` tokens: an image, a prompt, and a response (the loss half)."""
     rng = np.random.default_rng(seed)
-    image_tokens = int(np.prod(IMAGE_GRID)) // config.vision.spatial_merge_size ** 2
+    image_tokens = int(np.prod(IMAGE_GRID)) // config.vision.spatial_merge_size**2
     if seq < image_tokens + 8:
         raise ValueError(f"--seq {seq} is too short for a {image_tokens}-token image plus text")
     ids = rng.integers(0, 32000, (batch, seq)).astype(np.int32)
     ids[:, 0] = config.vision_start_token_id
-    ids[:, 1:1 + image_tokens] = config.image_token_id
+    ids[:, 1 : 1 + image_tokens] = config.image_token_id
     ids[:, 1 + image_tokens] = config.vision_end_token_id
     mask = np.ones_like(ids)
     grids = np.array([IMAGE_GRID] * batch)
     pos, _ = rope_index(config, ids, grids, mask)
     v = config.vision
-    patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+    patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size**2
     patches = int(np.prod(IMAGE_GRID))
     pixels = [rng.standard_normal((patches, patch_dim)).astype(np.float32) for _ in range(batch)]
-    vision = batched_vision_inputs(pixels, [grids[i:i + 1] for i in range(batch)], v, num_patches=patches)
+    vision = batched_vision_inputs(pixels, [grids[i : i + 1] for i in range(batch)], v, num_patches=patches)
     loss_mask = np.zeros_like(ids)
-    loss_mask[:, seq // 2:] = 1
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": np.swapaxes(pos, 0, 1).astype(np.int32),
-            "loss_mask": loss_mask, "advantages": rng.standard_normal(batch).astype(np.float32), **vision}
+    loss_mask[:, seq // 2 :] = 1
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": np.swapaxes(pos, 0, 1).astype(np.int32),
+        "loss_mask": loss_mask,
+        "advantages": rng.standard_normal(batch).astype(np.float32),
+        **vision,
+    }
 
 
 def run(argv=None) -> dict:
     """Parses the CLI flags in `argv`, runs the benchmark (printing progress) and returns its numbers:
     params, tokens, step_s (median timed step), tokens_per_s, model_flops, achieved_flops,
     peak_flops, mfu, devices, platform, dtype."""
-    parser = argparse.ArgumentParser(prog="python -m pr1.bench.train_step", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pr1.bench.train_step", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--batch", type=int, default=4, help="sequences per update step")
     parser.add_argument("--seq", type=int, default=512, help="tokens per sequence (no padding)")
-    parser.add_argument("--steps", type=int, default=5,
-                        help="timed steps after the compiling one, each paired with a matmul-peak probe")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                        help="params/activations dtype (auto: float32 on CPU, bfloat16 on accelerators)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=5,
+        help="timed steps after the compiling one, each paired with a matmul-peak probe",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="params/activations dtype (auto: float32 on CPU, bfloat16 on accelerators)",
+    )
     parser.add_argument("--remat", default="none", choices=["none", "dots", "full"])
     parser.add_argument("--micro-batches", type=int, default=1)
     parser.add_argument("--logprob-chunk", type=int, default=0)
     parser.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor over all local devices")
-    parser.add_argument("--attention", default="auto", choices=["auto", "xla", "blockwise", "cudnn", "splash"],
-                        help="pr1.models.attention implementation (model.attention)")
+    parser.add_argument(
+        "--attention",
+        default="auto",
+        choices=["auto", "xla", "blockwise", "cudnn", "splash"],
+        help="pr1.models.attention implementation (model.attention)",
+    )
     args = parser.parse_args(argv)
 
     devices = jax.local_devices()
@@ -109,17 +144,22 @@ def run(argv=None) -> dict:
     logprob_step = step_lib.make_logprob_step(model_def, cfg, shardings.params, mesh, batch)
     batch["old_logprobs"] = np.asarray(logprob_step(state.params, batch))
     update = step_lib.make_update_step(model_def, tx, cfg, shardings, mesh, batch)
-    print(f"model: {n_params / 1e6:.1f}M params ({dtype.name}); batch {args.batch} x {args.seq} tokens, one "
-          f"{IMAGE_GRID[1] * 14}x{IMAGE_GRID[2] * 14} image each; mesh {dict(mesh.shape)} on "
-          f"{len(devices)} {platform} device(s); remat={args.remat}, micro_batches={args.micro_batches}, "
-          f"attention={args.attention}", flush=True)
+    print(
+        f"model: {n_params / 1e6:.1f}M params ({dtype.name}); batch {args.batch} x {args.seq} tokens, one "
+        f"{IMAGE_GRID[1] * 14}x{IMAGE_GRID[2] * 14} image each; mesh {dict(mesh.shape)} on "
+        f"{len(devices)} {platform} device(s); remat={args.remat}, micro_batches={args.micro_batches}, "
+        f"attention={args.attention}",
+        flush=True,
+    )
 
     start = time.perf_counter()
     state, metrics = update(state, batch)
     jax.block_until_ready(metrics)
     print(f"compile + first step: {time.perf_counter() - start:.1f} s", flush=True)
     tokens = args.batch * args.seq
-    model_flops = flops_lib.train_flops(config, [args.seq] * args.batch, [int(np.prod(IMAGE_GRID))] * args.batch)
+    model_flops = flops_lib.train_flops(
+        config, [args.seq] * args.batch, [int(np.prod(IMAGE_GRID))] * args.batch
+    )
     probe = flops_lib.matmul_peak_probe(devices, dtype)
     holder = {"state": state}
 
@@ -129,13 +169,30 @@ def run(argv=None) -> dict:
         jax.block_until_ready(m)
         return model_flops / (time.perf_counter() - start)
 
-    (mfu,) = ratio_lib.interleaved(one_step, probe, repeats=args.steps, warmup=0, label="update/peak",
-                                   log=lambda line: print(line, flush=True)).values()
+    (mfu,) = ratio_lib.interleaved(
+        one_step,
+        probe,
+        repeats=args.steps,
+        warmup=0,
+        label="update/peak",
+        log=lambda line: print(line, flush=True),
+    ).values()
     achieved, peak = mfu.ours_median, mfu.peer_median
     step_time = model_flops / achieved
-    return dict(params=n_params, tokens=tokens, step_s=step_time, tokens_per_s=tokens / step_time,
-                model_flops=model_flops, achieved_flops=achieved, peak_flops=peak, mfu=mfu.median,
-                mfu_ratio=mfu, devices=len(devices), platform=platform, dtype=dtype.name)
+    return dict(
+        params=n_params,
+        tokens=tokens,
+        step_s=step_time,
+        tokens_per_s=tokens / step_time,
+        model_flops=model_flops,
+        achieved_flops=achieved,
+        peak_flops=peak,
+        mfu=mfu.median,
+        mfu_ratio=mfu,
+        devices=len(devices),
+        platform=platform,
+        dtype=dtype.name,
+    )
 
 
 def main(argv=None) -> int:
@@ -143,7 +200,9 @@ def main(argv=None) -> int:
     print(f"tokens/s            {r['tokens_per_s']:12.1f}")
     print(f"model FLOP/step     {r['model_flops']:12.4g}")
     print(f"achieved FLOP/s     {r['achieved_flops']:12.4g}")
-    print(f"peak matmul FLOP/s  {r['peak_flops']:12.4g}  (measured now: {r['devices']} x {r['dtype']} 2048^3 matmuls)")
+    print(
+        f"peak matmul FLOP/s  {r['peak_flops']:12.4g}  (measured now: {r['devices']} x {r['dtype']} 2048^3 matmuls)"
+    )
     print(f"MFU                 {r['mfu']:12.3f}  (median of per-pair ratios; {r['mfu_ratio']})")
     return 0
 

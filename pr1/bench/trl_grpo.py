@@ -61,8 +61,10 @@ def import_trl(site: str | None = None):
     try:
         import trl
     except ImportError as e:
-        raise ImportError(f"TRL not installed (pip install trl=={TRL_VERSION} into a venv with "
-                          f"--system-site-packages, then --trl-site DIR): {e}") from None
+        raise ImportError(
+            f"TRL not installed (pip install trl=={TRL_VERSION} into a venv with "
+            f"--system-site-packages, then --trl-site DIR): {e}"
+        ) from None
     return trl
 
 
@@ -82,20 +84,45 @@ def synthetic_problems(n: int) -> list[dict]:
     for i in range(n):
         row = make_row("color", 0, i, IMAGE_SIZE)
         image = Image.open(io.BytesIO(row["images"][0]["bytes"])).convert("RGB")
-        out.append({"question": f"{row['problem'].replace('<image>', '')} {FORMAT_INSTRUCTION}", "image": image})
+        out.append(
+            {"question": f"{row['problem'].replace('<image>', '')} {FORMAT_INSTRUCTION}", "image": image}
+        )
     return out
 
 
-def pr1_step_times(checkpoint: str, problems: list[dict], *, group: int, max_new_tokens: int, steps: int,
-                   learning_rate: float = 1e-2, seed: int = 0) -> list[float]:
+def pr1_step_times(
+    checkpoint: str,
+    problems: list[dict],
+    *,
+    group: int,
+    max_new_tokens: int,
+    steps: int,
+    learning_rate: float = 1e-2,
+    seed: int = 0,
+) -> list[float]:
     """Seconds of each of `steps` pr1 GRPO steps (rollout, reward, logprobs, update, weight sync)."""
-    stepper = pr1_steps(checkpoint, problems, group=group, max_new_tokens=max_new_tokens, steps=steps,
-                        learning_rate=learning_rate, seed=seed)
+    stepper = pr1_steps(
+        checkpoint,
+        problems,
+        group=group,
+        max_new_tokens=max_new_tokens,
+        steps=steps,
+        learning_rate=learning_rate,
+        seed=seed,
+    )
     return [next(stepper) for _ in range(steps)]
 
 
-def pr1_steps(checkpoint: str, problems: list[dict], *, group: int, max_new_tokens: int, steps: int,
-              learning_rate: float = 1e-2, seed: int = 0):
+def pr1_steps(
+    checkpoint: str,
+    problems: list[dict],
+    *,
+    group: int,
+    max_new_tokens: int,
+    steps: int,
+    learning_rate: float = 1e-2,
+    seed: int = 0,
+):
     """A generator: each next() runs one pr1 GRPO step (rollout, reward, logprobs, update, weight
     sync) and yields its seconds; `steps` in all (the learning-rate schedule's length)."""
     import jax
@@ -120,9 +147,16 @@ def pr1_steps(checkpoint: str, problems: list[dict], *, group: int, max_new_toke
     tx = state_lib.make_optimizer(optim, total_steps=steps)
     params = state_lib.load_params(checkpoint, model_def, mesh)
     state, shardings = state_lib.create_train_state(params, tx, model_def, mesh)
-    engine = EmbeddedEngine(model_def, state.params, mesh, processor.tokenizer,
-                            stop_token_ids=default_stop_token_ids(processor.tokenizer, config),
-                            pad_token_id=processor.pad_token_id, min_prompt_bucket=64, min_patch_bucket=16)
+    engine = EmbeddedEngine(
+        model_def,
+        state.params,
+        mesh,
+        processor.tokenizer,
+        stop_token_ids=default_stop_token_ids(processor.tokenizer, config),
+        pad_token_id=processor.pad_token_id,
+        min_prompt_bucket=64,
+        min_patch_bucket=16,
+    )
     learner = step_lib.learner_config()
     jitted: dict = {}  # (kind, batch signature) -> jitted step; shapes repeat, so one compile each
 
@@ -134,17 +168,31 @@ def pr1_steps(checkpoint: str, problems: list[dict], *, group: int, max_new_toke
 
     for step in range(1, steps + 1):
         start = time.perf_counter()
-        completions = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens,
-                                                              seed=seed * 1_000_003 + step), n=group)
+        completions = engine.generate(
+            prompts,
+            SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, seed=seed * 1_000_003 + step),
+            n=group,
+        )
         rewards = np.array([bench_reward(c.text) for c in completions], np.float32)
-        batch = learner_batch(config, prompts, completions, max_new_tokens=max_new_tokens,
-                              pad_token_id=processor.pad_token_id, min_prompt_bucket=64, min_patch_bucket=16)
-        logprobs = cached("logprobs", batch, lambda: step_lib.make_logprob_step(
-            model_def, learner, shardings.params, mesh, batch))
+        batch = learner_batch(
+            config,
+            prompts,
+            completions,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=processor.pad_token_id,
+            min_prompt_bucket=64,
+            min_patch_bucket=16,
+        )
+        logprobs = cached(
+            "logprobs",
+            batch,
+            lambda: step_lib.make_logprob_step(model_def, learner, shardings.params, mesh, batch),
+        )
         batch["old_logprobs"] = np.asarray(logprobs(state.params, batch))
         batch["advantages"] = np.asarray(grpo.group_advantages(rewards, group), np.float32)
-        update = cached("update", batch, lambda: step_lib.make_update_step(
-            model_def, tx, learner, shardings, mesh, batch))
+        update = cached(
+            "update", batch, lambda: step_lib.make_update_step(model_def, tx, learner, shardings, mesh, batch)
+        )
         state, metrics = update(state, batch)
         step_lib.check_finite(jax.device_get(metrics), step)
         engine.sync_weights(state.params, step)
@@ -158,16 +206,35 @@ def _hf_processor(checkpoint: str):
 
     if is_torchvision_available():
         from transformers import AutoProcessor
+
         return AutoProcessor.from_pretrained(checkpoint, local_files_only=True)
     from pr1.bench.hf_peer import load_hf_processor
+
     return load_hf_processor(checkpoint)
 
 
-def trl_step_times(checkpoint: str, problems: list[dict], *, group: int, max_new_tokens: int, steps: int,
-                   learning_rate: float = 1e-2, seed: int = 0, site: str | None = None) -> list[float]:
+def trl_step_times(
+    checkpoint: str,
+    problems: list[dict],
+    *,
+    group: int,
+    max_new_tokens: int,
+    steps: int,
+    learning_rate: float = 1e-2,
+    seed: int = 0,
+    site: str | None = None,
+) -> list[float]:
     """Seconds of each of `steps` optimizer steps of TRL's GRPOTrainer on the same problems."""
-    stepper = TRLSteps(checkpoint, problems, group=group, max_new_tokens=max_new_tokens, steps=steps,
-                       learning_rate=learning_rate, seed=seed, site=site)
+    stepper = TRLSteps(
+        checkpoint,
+        problems,
+        group=group,
+        max_new_tokens=max_new_tokens,
+        steps=steps,
+        learning_rate=learning_rate,
+        seed=seed,
+        site=site,
+    )
     try:
         return [stepper.step() for _ in range(steps)]
     finally:
@@ -179,8 +246,18 @@ class TRLSteps:
     callback holds it before each step until `step()` lets one through, so TRL's steps can be
     interleaved with pr1's (A B A B ...) in one process. Only one side computes at any moment."""
 
-    def __init__(self, checkpoint: str, problems: list[dict], *, group: int, max_new_tokens: int, steps: int,
-                 learning_rate: float = 1e-2, seed: int = 0, site: str | None = None):
+    def __init__(
+        self,
+        checkpoint: str,
+        problems: list[dict],
+        *,
+        group: int,
+        max_new_tokens: int,
+        steps: int,
+        learning_rate: float = 1e-2,
+        seed: int = 0,
+        site: str | None = None,
+    ):
         import_trl(site)
         import torch
         from datasets import Dataset
@@ -210,18 +287,52 @@ class TRLSteps:
 
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
-        data = Dataset.from_list([{"prompt": [{"role": "user", "content": [{"type": "image"},
-                                                                         {"type": "text", "text": p["question"]}]}],
-                                   "image": p["image"]} for p in problems])
+        data = Dataset.from_list(
+            [
+                {
+                    "prompt": [
+                        {
+                            "role": "user",
+                            "content": [{"type": "image"}, {"type": "text", "text": p["question"]}],
+                        }
+                    ],
+                    "image": p["image"],
+                }
+                for p in problems
+            ]
+        )
         self._out = tempfile.mkdtemp(prefix="pr1-bench-trl-")
-        args = GRPOConfig(output_dir=self._out, use_cpu=True, bf16=False, report_to="none", save_strategy="no",
-                          logging_strategy="no", disable_tqdm=True, seed=seed, dataloader_num_workers=0,
-                          per_device_train_batch_size=len(problems) * group, num_generations=group,
-                          max_completion_length=max_new_tokens, temperature=1.0, max_steps=steps,
-                          learning_rate=learning_rate, lr_scheduler_type="constant", max_grad_norm=1.0,
-                          beta=0.0, epsilon=0.2, epsilon_high=0.3, loss_type="dapo")
-        trainer = GRPOTrainer(model=model, reward_funcs=[reward], args=args, train_dataset=data,
-                              processing_class=_hf_processor(checkpoint), callbacks=[Gate()])
+        args = GRPOConfig(
+            output_dir=self._out,
+            use_cpu=True,
+            bf16=False,
+            report_to="none",
+            save_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+            seed=seed,
+            dataloader_num_workers=0,
+            per_device_train_batch_size=len(problems) * group,
+            num_generations=group,
+            max_completion_length=max_new_tokens,
+            temperature=1.0,
+            max_steps=steps,
+            learning_rate=learning_rate,
+            lr_scheduler_type="constant",
+            max_grad_norm=1.0,
+            beta=0.0,
+            epsilon=0.2,
+            epsilon_high=0.3,
+            loss_type="dapo",
+        )
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=[reward],
+            args=args,
+            train_dataset=data,
+            processing_class=_hf_processor(checkpoint),
+            callbacks=[Gate()],
+        )
 
         def train():
             try:
@@ -241,7 +352,9 @@ class TRLSteps:
         self._go.release()
         self._done.acquire()
         if self._error is not None:
-            raise RuntimeError(f"TRL GRPOTrainer failed: {type(self._error).__name__}: {self._error}") from self._error
+            raise RuntimeError(
+                f"TRL GRPOTrainer failed: {type(self._error).__name__}: {self._error}"
+            ) from self._error
         if not self._thread.is_alive() and self.done_steps + 1 < self.steps:
             raise RuntimeError("TRL GRPOTrainer stopped early")
         self.done_steps += 1
@@ -255,8 +368,15 @@ class TRLSteps:
         shutil.rmtree(self._out, ignore_errors=True)
 
 
-def measure(*, prompts: int = 4, group: int = 4, max_new_tokens: int = 16, steps: int = 5, seed: int = 0,
-            site: str | None = None) -> dict:
+def measure(
+    *,
+    prompts: int = 4,
+    group: int = 4,
+    max_new_tokens: int = 16,
+    steps: int = 5,
+    seed: int = 0,
+    site: str | None = None,
+) -> dict:
     """After one warm-up step of each (compilation), `steps` interleaved pairs of pr1 and TRL steps
     (`pr1.bench.ratio`). Returns median step seconds pr1_step_s / trl_step_s, ratio (median of the
     per-pair TRL s / pr1 s: pr1 steps per second over TRL's) with ratio_min / ratio_max and
@@ -271,12 +391,15 @@ def measure(*, prompts: int = 4, group: int = 4, max_new_tokens: int = 16, steps
     work = tempfile.mkdtemp(prefix="pr1-bench-trl-grpo-")
     ours, theirs = [], []
     try:
-        checkpoint = write_tiny_checkpoint(os.path.join(work, "tiny"), seed=seed, max_pixels=IMAGE_SIZE * IMAGE_SIZE)
+        checkpoint = write_tiny_checkpoint(
+            os.path.join(work, "tiny"), seed=seed, max_pixels=IMAGE_SIZE * IMAGE_SIZE
+        )
         problems = synthetic_problems(prompts)
         kw = dict(group=group, max_new_tokens=max_new_tokens, steps=steps + 1, seed=seed)
         pr1_gen = pr1_steps(checkpoint, problems, **kw)
         trl = TRLSteps(checkpoint, problems, site=site, **kw)
         try:
+
             def pr1_rate():
                 ours.append(next(pr1_gen))
                 return 1 / ours[-1]
@@ -285,30 +408,53 @@ def measure(*, prompts: int = 4, group: int = 4, max_new_tokens: int = 16, steps
                 theirs.append(trl.step())
                 return 1 / theirs[-1]
 
-            (stats,) = ratio_lib.interleaved(pr1_rate, trl_rate, repeats=steps, warmup=1, label="pr1/TRL",
-                                             log=lambda line: print(line, flush=True)).values()
+            (stats,) = ratio_lib.interleaved(
+                pr1_rate,
+                trl_rate,
+                repeats=steps,
+                warmup=1,
+                label="pr1/TRL",
+                log=lambda line: print(line, flush=True),
+            ).values()
         finally:
             trl.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return dict(prompts=prompts, group=group, max_new_tokens=max_new_tokens, pr1_step_s=1 / stats.ours_median,
-                trl_step_s=1 / stats.peer_median, ratio=stats.median, ratio_min=stats.lo, ratio_max=stats.hi,
-                ratio_stats=stats, pr1_times=ours, trl_times=theirs)
+    return dict(
+        prompts=prompts,
+        group=group,
+        max_new_tokens=max_new_tokens,
+        pr1_step_s=1 / stats.ours_median,
+        trl_step_s=1 / stats.peer_median,
+        ratio=stats.median,
+        ratio_min=stats.lo,
+        ratio_max=stats.hi,
+        ratio_stats=stats,
+        pr1_times=ours,
+        trl_times=theirs,
+    )
 
 
 def run(argv=None) -> dict:
     """Parses the CLI flags in `argv` and returns `measure`'s numbers."""
-    parser = argparse.ArgumentParser(prog="python -m pr1.bench.trl_grpo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pr1.bench.trl_grpo", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
     parser.add_argument("--group", type=int, default=4, help="responses per prompt (the GRPO group)")
     parser.add_argument("--new", type=int, default=16, help="max new tokens per response")
-    parser.add_argument("--steps", type=int, default=5,
-                        help="interleaved pr1/TRL step pairs after one warm-up step of each")
-    parser.add_argument("--trl-site", default=os.environ.get("PR1_TRL_SITE"),
-                        help="site-packages dir holding trl (default: $PR1_TRL_SITE)")
+    parser.add_argument(
+        "--steps", type=int, default=5, help="interleaved pr1/TRL step pairs after one warm-up step of each"
+    )
+    parser.add_argument(
+        "--trl-site",
+        default=os.environ.get("PR1_TRL_SITE"),
+        help="site-packages dir holding trl (default: $PR1_TRL_SITE)",
+    )
     args = parser.parse_args(argv)
-    return measure(prompts=args.prompts, group=args.group, max_new_tokens=args.new, steps=args.steps,
-                   site=args.trl_site)
+    return measure(
+        prompts=args.prompts, group=args.group, max_new_tokens=args.new, steps=args.steps, site=args.trl_site
+    )
 
 
 def main(argv=None) -> int:
@@ -317,8 +463,10 @@ def main(argv=None) -> int:
     except ImportError as e:
         print(f"pr1.bench.trl_grpo skipped: {e}", file=sys.stderr)
         return 1
-    print(f"GRPO step, {r['prompts']} prompts x {r['group']} responses, <= {r['max_new_tokens']} new tokens, "
-          f"one {IMAGE_SIZE}x{IMAGE_SIZE} image each")
+    print(
+        f"GRPO step, {r['prompts']} prompts x {r['group']} responses, <= {r['max_new_tokens']} new tokens, "
+        f"one {IMAGE_SIZE}x{IMAGE_SIZE} image each"
+    )
     print(f"pr1  {r['pr1_step_s']:8.3f} s/step")
     print(f"TRL  {r['trl_step_s']:8.3f} s/step")
     print(f"ratio pr1/TRL (steps per second): {r['ratio_stats']}")

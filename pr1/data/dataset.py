@@ -62,45 +62,55 @@ FORMAT_INSTRUCTION = (
 
 STATE_VERSION = 1
 # Per-reason counter keys in `PromptIterator.stats` are "bad_rows/<reason>".
-BAD_ROW_REASONS = ("empty_problem", "bad_answer", "bad_annotations", "bad_images", "image_count_mismatch",
-                   "missing_image", "undecodable_image", "unprocessable")
+BAD_ROW_REASONS = (
+    "empty_problem",
+    "bad_answer",
+    "bad_annotations",
+    "bad_images",
+    "image_count_mismatch",
+    "missing_image",
+    "undecodable_image",
+    "unprocessable",
+)
 
 
 class DataError(ValueError):
     """A row or file that cannot become a prompt; the message names the file, row and field."""
 
-    def __init__(self, message: str, *, path: str = "", row: int | None = None, field: str = "",
-                 reason: str = ""):
+    def __init__(
+        self, message: str, *, path: str = "", row: int | None = None, field: str = "", reason: str = ""
+    ):
         super().__init__(message)
         self.path, self.row, self.field, self.reason = path, row, field, reason
 
 
 def _row_error(path: str, row: int, field: str, reason: str, detail: str) -> DataError:
-    return DataError(f"{path}: row {row}: field '{field}': {detail}", path=path, row=row, field=field,
-                     reason=reason)
+    return DataError(
+        f"{path}: row {row}: field '{field}': {detail}", path=path, row=row, field=field, reason=reason
+    )
 
 
 def data_config() -> ml_collections.ConfigDict:
     """The `data` section of a training config."""
     c = ml_collections.ConfigDict()
     # Tuples, not lists: `--config.data.train_files='("a.parquet",)'` can override a tuple.
-    c.train_files = ()                   # parquet paths
-    c.val_files = ()                     # held-out split; empty = no validation
+    c.train_files = ()  # parquet paths
+    c.val_files = ()  # held-out split; empty = no validation
     c.problem_key = "problem"
     c.answer_key = "answer"
-    c.images_key = "images"              # "" = text-only data
+    c.images_key = "images"  # "" = text-only data
     c.annotations_key = "visual_key_info"  # "" = no visual annotations (the GRPO baseline's data)
     c.image_placeholder = "<image>"
     # Joined as `question.strip() + " " + format_instruction`, which is EasyR1's
     # `{{ content | trim }} <instruction>` format prompt; "" leaves the question alone.
     c.format_instruction = FORMAT_INSTRUCTION
     c.system_prompt = ml_collections.config_dict.placeholder(str)  # None: the chat template's default
-    c.max_prompt_length = 4096           # tokens, image tokens included; longer prompts are filtered
+    c.max_prompt_length = 4096  # tokens, image tokens included; longer prompts are filtered
     # A row with more visual annotations is a bad row (named at open): each is one numbered item of
     # the judge's prompt and one verdict it must write, so hundreds would overflow the judge's context
     # (rewards.judge.max_prompt_tokens guards each request too). The paper's rows have a handful.
     c.max_annotations = 64
-    c.min_pixels = ml_collections.config_dict.placeholder(int)     # None: the processor's value
+    c.min_pixels = ml_collections.config_dict.placeholder(int)  # None: the processor's value
     c.max_pixels = ml_collections.config_dict.placeholder(int)
     c.shuffle = True
     c.seed = 0
@@ -110,18 +120,19 @@ def data_config() -> ml_collections.ConfigDict:
     # open (bad fields, image headers) or later.
     c.max_bad_rows = 10
     c.skip_bad_rows = False
-    c.prompts_per_step = 128             # prompts per step over all processes (each gets an equal share)
+    c.prompts_per_step = 128  # prompts per step over all processes (each gets an equal share)
     # Training batches never straddle epochs; the last partial batch of an epoch is dropped (its
     # prompts come back in later epochs, reshuffled), as verl/EasyR1's drop_last does. Validation
     # always keeps its last partial batch.
     c.drop_remainder = True
-    c.num_threads = 2                    # grain threads that decode images and build prompts
+    c.num_threads = 2  # grain threads that decode images and build prompts
     c.prefetch_prompts = ml_collections.config_dict.placeholder(int)  # None: prompts_per_step
     return c
 
 
 def check_data_config(cfg, prefix: str = "data") -> None:
     """Raise ValueError naming the key for a value that cannot work (before anything is opened)."""
+
     def fail(key, msg):
         raise ValueError(f"config {prefix}.{key}: {msg}")
 
@@ -193,7 +204,9 @@ def parse_annotations(value: Any) -> list[str]:
         items = [m.group(2).strip() for m in _INFO_TAG.finditer(text)]
         leftover = _INFO_TAG.sub("", text)
         if re.sub(r"[\s,;]", "", leftover):
-            raise ValueError(f"text outside <infoK>..</infoK> items (or an unclosed tag): {leftover.strip()[:80]!r}")
+            raise ValueError(
+                f"text outside <infoK>..</infoK> items (or an unclosed tag): {leftover.strip()[:80]!r}"
+            )
         return [item for item in items if item]
     return [text]
 
@@ -246,7 +259,9 @@ def _image_items(value: Any) -> list:
         elif isinstance(item, str) and item:
             out.append(item)
         else:
-            raise ValueError(f"image {k} is a {type(item).__name__}; expected {{bytes, path}}, bytes or a path")
+            raise ValueError(
+                f"image {k} is a {type(item).__name__}; expected {{bytes, path}}, bytes or a path"
+            )
     return out
 
 
@@ -255,8 +270,13 @@ def _image_column_ok(t: pa.DataType) -> bool:
         t = t.value_type
     if pa.types.is_struct(t):
         return any(t.field(i).name in ("bytes", "path") for i in range(t.num_fields))
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) or \
-        pa.types.is_large_binary(t) or pa.types.is_null(t)
+    return (
+        pa.types.is_string(t)
+        or pa.types.is_large_string(t)
+        or pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+        or pa.types.is_null(t)
+    )
 
 
 def _resolve(parquet_path: str, item):
@@ -276,8 +296,11 @@ def image_header_size(item) -> tuple[int, int]:
     is lazy and decodes no pixels. FileNotFoundError; ValueError when it is not an image PIL knows."""
     if isinstance(item, str) and not os.path.isfile(item):
         raise FileNotFoundError(f"image file {item} not found")
-    sources = [item] if isinstance(item, str) else [io.BytesIO(item[:_HEADER_PREFIX])] + (
-        [io.BytesIO(item)] if len(item) > _HEADER_PREFIX else [])
+    sources = (
+        [item]
+        if isinstance(item, str)
+        else [io.BytesIO(item[:_HEADER_PREFIX])] + ([io.BytesIO(item)] if len(item) > _HEADER_PREFIX else [])
+    )
     for k, source in enumerate(sources):
         try:
             with Image.open(source) as image:
@@ -300,11 +323,12 @@ def _iter_cells(column: pa.ChunkedArray, block: int = 256):
 
 # ---- files -------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(eq=False)
 class _File:
     path: str
-    name: str                 # used in uids: the basename, or the path where basenames collide
-    questions: list           # problem without placeholders (None for rows skipped at open)
+    name: str  # used in uids: the basename, or the path where basenames collide
+    questions: list  # problem without placeholders (None for rows skipped at open)
     answers: list
     annotations: list
     images: pa.ChunkedArray | None
@@ -348,57 +372,93 @@ class ParquetRows:
             schema = pq.read_schema(path)
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"{path}: not a readable parquet file: {e}", path=path) from None
-        wanted = {"problem_key": cfg.problem_key, "answer_key": cfg.answer_key,
-                  "images_key": cfg.images_key or None, "annotations_key": cfg.annotations_key or None}
+        wanted = {
+            "problem_key": cfg.problem_key,
+            "answer_key": cfg.answer_key,
+            "images_key": cfg.images_key or None,
+            "annotations_key": cfg.annotations_key or None,
+        }
         for key, column in wanted.items():
             if column is not None and column not in schema.names:
-                raise DataError(f"{path}: no column '{column}' (config data.{key}); the file has columns "
-                                f"{schema.names}", path=path, field=column)
+                raise DataError(
+                    f"{path}: no column '{column}' (config data.{key}); the file has columns {schema.names}",
+                    path=path,
+                    field=column,
+                )
         images_key = wanted["images_key"]
         if images_key is not None and not _image_column_ok(schema.field(images_key).type):
-            raise DataError(f"{path}: column '{images_key}' has type {schema.field(images_key).type}; expected "
-                            "a list of {bytes, path} structs, of paths, or one such item", path=path,
-                            field=images_key)
+            raise DataError(
+                f"{path}: column '{images_key}' has type {schema.field(images_key).type}; expected "
+                "a list of {bytes, path} structs, of paths, or one such item",
+                path=path,
+                field=images_key,
+            )
         columns = [c for c in wanted.values() if c is not None]
         # memory_map: the images column stays in (mapped) Arrow memory until a row asks for it.
         table = pq.read_table(path, columns=list(dict.fromkeys(columns)), memory_map=True)
         problems = table.column(cfg.problem_key).to_pylist()
         answers = table.column(cfg.answer_key).to_pylist()
-        annotations = (table.column(wanted["annotations_key"]).to_pylist() if wanted["annotations_key"]
-                       else [None] * table.num_rows)
+        annotations = (
+            table.column(wanted["annotations_key"]).to_pylist()
+            if wanted["annotations_key"]
+            else [None] * table.num_rows
+        )
         images = table.column(images_key) if images_key else None
         counts = self._image_counts(images, table.num_rows)
         cells = _iter_cells(images) if images is not None else None
 
-        f = _File(path, name, [None] * table.num_rows, [None] * table.num_rows, [None] * table.num_rows, images)
+        f = _File(
+            path, name, [None] * table.num_rows, [None] * table.num_rows, [None] * table.num_rows, images
+        )
         placeholder = cfg.image_placeholder
         for row in range(table.num_rows):
             cell = next(cells) if cells is not None else None
             try:
                 problem = problems[row]
                 if not isinstance(problem, str):
-                    raise _row_error(path, row, cfg.problem_key, "empty_problem",
-                                     f"expected text, got {type(problem).__name__}")
+                    raise _row_error(
+                        path,
+                        row,
+                        cfg.problem_key,
+                        "empty_problem",
+                        f"expected text, got {type(problem).__name__}",
+                    )
                 question = remove_image_placeholders(problem, placeholder)
                 if not question:
                     raise _row_error(path, row, cfg.problem_key, "empty_problem", "empty problem")
                 n_slots = problem.count(placeholder) if placeholder else 0
                 if n_slots and n_slots != counts[row]:
-                    raise _row_error(path, row, cfg.problem_key, "image_count_mismatch",
-                                     f"{n_slots} {placeholder} placeholders but {counts[row]} images in "
-                                     f"'{images_key}'")
+                    raise _row_error(
+                        path,
+                        row,
+                        cfg.problem_key,
+                        "image_count_mismatch",
+                        f"{n_slots} {placeholder} placeholders but {counts[row]} images in '{images_key}'",
+                    )
                 answer = _answer_text(answers[row])
                 if answer is None:
-                    raise _row_error(path, row, cfg.answer_key, "bad_answer",
-                                     f"expected a non-empty string or a number, got {answers[row]!r:.80}")
+                    raise _row_error(
+                        path,
+                        row,
+                        cfg.answer_key,
+                        "bad_answer",
+                        f"expected a non-empty string or a number, got {answers[row]!r:.80}",
+                    )
                 try:
                     notes = parse_annotations(annotations[row])
                 except ValueError as e:
-                    raise _row_error(path, row, wanted["annotations_key"], "bad_annotations", str(e)) from None
+                    raise _row_error(
+                        path, row, wanted["annotations_key"], "bad_annotations", str(e)
+                    ) from None
                 if len(notes) > int(cfg.max_annotations):
-                    raise _row_error(path, row, wanted["annotations_key"], "bad_annotations",
-                                     f"{len(notes)} visual annotations, more than data.max_annotations="
-                                     f"{cfg.max_annotations} (the judge prompt lists every one)")
+                    raise _row_error(
+                        path,
+                        row,
+                        wanted["annotations_key"],
+                        "bad_annotations",
+                        f"{len(notes)} visual annotations, more than data.max_annotations="
+                        f"{cfg.max_annotations} (the judge prompt lists every one)",
+                    )
                 if cell is not None:
                     self._check_headers(path, row, cell)
             except DataError as e:
@@ -421,9 +481,13 @@ class ParquetRows:
             try:
                 height, width = image_header_size(item)
             except FileNotFoundError:
-                raise _row_error(path, row, f"{field}[{k}]", "missing_image", f"image file {item} not found") from None
+                raise _row_error(
+                    path, row, f"{field}[{k}]", "missing_image", f"image file {item} not found"
+                ) from None
             except ValueError as e:
-                raise _row_error(path, row, f"{field}[{k}]", "undecodable_image", f"cannot decode: {e}") from None
+                raise _row_error(
+                    path, row, f"{field}[{k}]", "undecodable_image", f"cannot decode: {e}"
+                ) from None
             try:
                 check_image_size(height, width)
             except ValueError as e:
@@ -454,9 +518,13 @@ class ParquetRows:
             try:
                 out.append(load_rgb(item))
             except FileNotFoundError:
-                raise _row_error(f.path, row, f"{field}[{k}]", "missing_image", f"image file {item} not found") from None
+                raise _row_error(
+                    f.path, row, f"{field}[{k}]", "missing_image", f"image file {item} not found"
+                ) from None
             except (ValueError, OSError, SyntaxError, Image.DecompressionBombError) as e:
-                raise _row_error(f.path, row, f"{field}[{k}]", "undecodable_image", f"cannot decode: {e}") from None
+                raise _row_error(
+                    f.path, row, f"{field}[{k}]", "undecodable_image", f"cannot decode: {e}"
+                ) from None
         return out
 
 
@@ -466,23 +534,24 @@ def open_parquet(files: Sequence[str] | str, cfg) -> ParquetRows:
 
 # ---- examples and the iterator -----------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Example:
     """One prompt ready for rollout, with what the rewards need."""
 
-    uid: str                    # "<file>:<row>", stable across runs and epochs
-    question: str               # the problem without image placeholders
-    prompt_question: str        # the user text the model sees: question + format instruction
-    answer: str                 # ground truth for the accuracy reward
-    annotations: list[str]      # visual annotations for the perception reward
-    images: list[np.ndarray]    # decoded HxWx3 uint8
-    prompt: Prompt              # tokenized, images preprocessed
+    uid: str  # "<file>:<row>", stable across runs and epochs
+    question: str  # the problem without image placeholders
+    prompt_question: str  # the user text the model sees: question + format instruction
+    answer: str  # ground truth for the accuracy reward
+    annotations: list[str]  # visual annotations for the perception reward
+    images: list[np.ndarray]  # decoded HxWx3 uint8
+    prompt: Prompt  # tokenized, images preprocessed
     epoch: int
 
 
 @dataclasses.dataclass(frozen=True)
 class _Skipped:
-    reason: str                 # a BAD_ROW_REASONS entry, or "too_long"
+    reason: str  # a BAD_ROW_REASONS entry, or "too_long"
     message: str
     uid: str = ""
     error: DataError | None = None  # a bad row met while reading (not a filtered long prompt)
@@ -491,7 +560,13 @@ class _Skipped:
 def _zero_stats() -> dict:
     # bad_rows: distinct rows left out as bad (at open and while reading); skipped_bad_rows and
     # bad_rows/<reason> count every meeting (a bad image once per epoch).
-    stats = {"bad_rows": 0, "skipped_bad_rows": 0, "filtered_too_long": 0, "dropped_remainder": 0, "examples": 0}
+    stats = {
+        "bad_rows": 0,
+        "skipped_bad_rows": 0,
+        "filtered_too_long": 0,
+        "dropped_remainder": 0,
+        "examples": 0,
+    }
     stats.update({f"bad_rows/{r}": 0 for r in BAD_ROW_REASONS})
     return stats
 
@@ -534,12 +609,21 @@ class PromptIterator:
     are met (once per epoch). `epoch` is the epoch of the last batch returned.
     """
 
-    def __init__(self, files: Sequence[str] | str, processor, cfg, *, train: bool = True,
-                 shuffle: bool | None = None, process_index: int | None = None,
-                 process_count: int | None = None):
+    def __init__(
+        self,
+        files: Sequence[str] | str,
+        processor,
+        cfg,
+        *,
+        train: bool = True,
+        shuffle: bool | None = None,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
         check_data_config(cfg)
         if process_index is None or process_count is None:
             import jax
+
             process_index = jax.process_index() if process_index is None else process_index
             process_count = jax.process_count() if process_count is None else process_count
         if not 0 <= process_index < process_count:
@@ -549,9 +633,11 @@ class PromptIterator:
         self.shuffle = bool(cfg.shuffle if shuffle is None else shuffle)
         self.seed = int(cfg.seed)
         if int(cfg.prompts_per_step) % int(process_count):
-            raise ValueError(f"config data.prompts_per_step={cfg.prompts_per_step} does not split evenly over "
-                             f"{process_count} processes")
-        self.batch_size = int(cfg.prompts_per_step) // int(process_count)   # this process's prompts per step
+            raise ValueError(
+                f"config data.prompts_per_step={cfg.prompts_per_step} does not split evenly over "
+                f"{process_count} processes"
+            )
+        self.batch_size = int(cfg.prompts_per_step) // int(process_count)  # this process's prompts per step
         self.drop_remainder = bool(cfg.drop_remainder) and self.train
         self.max_prompt_length = int(cfg.max_prompt_length)
         self.process_index, self.process_count = int(process_index), int(process_count)
@@ -559,27 +645,37 @@ class PromptIterator:
         self.source = ParquetRows(files, cfg)
         n = len(self.source)
         if n == 0:
-            raise DataError(f"no usable rows in {[f.path for f in self.source.files]} (stats {self.source.stats})")
+            raise DataError(
+                f"no usable rows in {[f.path for f in self.source.files]} (stats {self.source.stats})"
+            )
         # Training splits every global batch into per-process blocks; the other split is round-robin.
         self._block = self.batch_size if self.train else 1
-        whole = n // (self._block * self.process_count)    # global batches (or rounds) per epoch
-        self._blocked = whole * self._block                # this process's positions inside them
+        whole = n // (self._block * self.process_count)  # global batches (or rounds) per epoch
+        self._blocked = whole * self._block  # this process's positions inside them
         self._tail_start = whole * self._block * self.process_count
-        self.per_epoch = self._blocked + len(range(self._tail_start + self.process_index, n, self.process_count))
+        self.per_epoch = self._blocked + len(
+            range(self._tail_start + self.process_index, n, self.process_count)
+        )
         if self.per_epoch == 0:
-            raise DataError(f"{n} rows cannot be shared by {self.process_count} processes: process "
-                            f"{self.process_index} gets none")
+            raise DataError(
+                f"{n} rows cannot be shared by {self.process_count} processes: process "
+                f"{self.process_index} gets none"
+            )
         if self.train and self.drop_remainder and self.per_epoch < self.batch_size:
-            raise ValueError(f"config data.prompts_per_step={cfg.prompts_per_step} asks {self.batch_size} prompts of "
-                             f"process {self.process_index} per step but it gets {self.per_epoch} per epoch: no "
-                             "batch would ever be full")
+            raise ValueError(
+                f"config data.prompts_per_step={cfg.prompts_per_step} asks {self.batch_size} prompts of "
+                f"process {self.process_index} per step but it gets {self.per_epoch} per epoch: no "
+                "batch would ever be full"
+            )
         if self.train and not self.drop_remainder and self.process_count > 1:
-            raise ValueError("config data.drop_remainder=False with several processes would give them batches "
-                             "of different sizes at epoch ends; set it True")
+            raise ValueError(
+                "config data.drop_remainder=False with several processes would give them batches "
+                "of different sizes at epoch ends; set it True"
+            )
 
         rows = grain.MapDataset.source(self.source)
         if self.shuffle:
-            rows = rows.shuffle(seed=self.seed)     # reshuffled every epoch by repeat()
+            rows = rows.shuffle(seed=self.seed)  # reshuffled every epoch by repeat()
         if self.train:
             rows = rows.repeat(None)
         self._rows = rows
@@ -587,16 +683,19 @@ class PromptIterator:
         self._elements = grain.MapDataset.range(total).map(self._element)
         self._read = grain.ReadOptions(
             num_threads=int(cfg.num_threads),
-            prefetch_buffer_size=int(self.batch_size if cfg.prefetch_prompts is None else cfg.prefetch_prompts))
+            prefetch_buffer_size=int(
+                self.batch_size if cfg.prefetch_prompts is None else cfg.prefetch_prompts
+            ),
+        )
         self._lock = threading.Lock()
         self._start(0)
         self.max_bad_rows = int(cfg.max_bad_rows)
-        self._bad: dict[str, dict] = {}   # uid -> the error of a row found bad while reading
+        self._bad: dict[str, dict] = {}  # uid -> the error of a row found bad while reading
         self.stats = dict(self.source.stats)
         self.stats["bad_rows"] = self.source.stats["skipped_bad_rows"]
-        self.epoch = 0          # epoch of the last batch returned
-        self.batches = 0        # batches returned so far
-        self._epoch_yield = 0   # examples returned in the current epoch (to catch an all-filtered epoch)
+        self.epoch = 0  # epoch of the last batch returned
+        self.batches = 0  # batches returned so far
+        self._epoch_yield = 0  # examples returned in the current epoch (to catch an all-filtered epoch)
 
     # An element j of this process's stream: epoch j // per_epoch, and in that epoch's shuffled order
     # the position of its k-th element (one process: position k).
@@ -616,9 +715,18 @@ class PromptIterator:
         uid = f"{f.name}:{row}"
         known = self._bad.get(uid)
         if known is not None:  # found bad before (this run or the one it resumes): not read again
-            return _Skipped(known["reason"], known["message"], uid,
-                            DataError(known["message"], path=known["path"], row=known["row"],
-                                      field=known["field"], reason=known["reason"]))
+            return _Skipped(
+                known["reason"],
+                known["message"],
+                uid,
+                DataError(
+                    known["message"],
+                    path=known["path"],
+                    row=known["row"],
+                    field=known["field"],
+                    reason=known["reason"],
+                ),
+            )
         question, instruction = f.questions[row], self.cfg.format_instruction
         try:
             images = self.source.images(fi, row)
@@ -632,8 +740,16 @@ class PromptIterator:
             return _Skipped(e.reason, str(e), uid, e)
         if len(prompt.input_ids) > self.max_prompt_length:
             return _Skipped("too_long", f"{f.path}: row {row}: {len(prompt.input_ids)} prompt tokens")
-        return Example(uid=uid, question=question, prompt_question=full, answer=f.answers[row],
-                       annotations=list(f.annotations[row]), images=images, prompt=prompt, epoch=epoch)
+        return Example(
+            uid=uid,
+            question=question,
+            prompt_question=full,
+            answer=f.answers[row],
+            annotations=list(f.annotations[row]),
+            images=images,
+            prompt=prompt,
+            epoch=epoch,
+        )
 
     def _start(self, position: int) -> None:
         # The grain iterator (and its prefetch threads) starts on the first batch, so that a resumed
@@ -651,7 +767,7 @@ class PromptIterator:
                 if not self.train and self._position >= self.per_epoch:
                     break
                 if self._it is None:
-                    self._it = iter(self._elements[self._position:].to_iter_dataset(self._read))
+                    self._it = iter(self._elements[self._position :].to_iter_dataset(self._read))
                 j = self._position
                 item = next(self._it)
                 self._position += 1
@@ -662,10 +778,12 @@ class PromptIterator:
                 else:
                     batch.append(item)
                     self._epoch_yield += 1
-                if (j + 1) % self.per_epoch == 0:           # the epoch ends with element j
+                if (j + 1) % self.per_epoch == 0:  # the epoch ends with element j
                     if self.train and self._epoch_yield == 0:
-                        raise DataError(f"a whole epoch of process {self.process_index} gave no prompt: every row "
-                                        f"was filtered or skipped (stats {self.stats})")
+                        raise DataError(
+                            f"a whole epoch of process {self.process_index} gave no prompt: every row "
+                            f"was filtered or skipped (stats {self.stats})"
+                        )
                     self._epoch_yield = 0
                     if len(batch) == self.batch_size or not batch:
                         continue
@@ -684,12 +802,23 @@ class PromptIterator:
     def _bad_row(self, item: _Skipped) -> None:
         e = item.error
         if item.uid not in self._bad:
-            self._bad[item.uid] = {"uid": item.uid, "path": e.path, "row": e.row, "field": e.field,
-                                   "reason": e.reason, "message": str(e)}
+            self._bad[item.uid] = {
+                "uid": item.uid,
+                "path": e.path,
+                "row": e.row,
+                "field": e.field,
+                "reason": e.reason,
+                "message": str(e),
+            }
             self.stats["bad_rows"] += 1
             if self.cfg.skip_bad_rows or len(self._bad) <= self.max_bad_rows:
-                log.warning("skipping bad row %s (%d bad rows found while reading, data.max_bad_rows=%d): %s",
-                            item.uid, len(self._bad), self.max_bad_rows, e)
+                log.warning(
+                    "skipping bad row %s (%d bad rows found while reading, data.max_bad_rows=%d): %s",
+                    item.uid,
+                    len(self._bad),
+                    self.max_bad_rows,
+                    e,
+                )
         if self.cfg.skip_bad_rows or len(self._bad) <= self.max_bad_rows:
             return
         if len(self._bad) == 1:
@@ -697,44 +826,72 @@ class PromptIterator:
         by_file: dict[str, list[int]] = {}
         for bad in self._bad.values():
             by_file.setdefault(bad["path"], []).append(bad["row"])
-        where = "; ".join(f"{path}: rows {', '.join(map(str, sorted(rows)))}" for path, rows in by_file.items())
-        raise DataError(f"{len(self._bad)} rows cannot be used, more than data.max_bad_rows={self.max_bad_rows}: "
-                        f"{where}. The last one: {e}. Fix or remove them, or raise data.max_bad_rows "
-                        "(data.skip_bad_rows=True skips any number)", path=e.path, row=e.row, field=e.field,
-                        reason=e.reason)
+        where = "; ".join(
+            f"{path}: rows {', '.join(map(str, sorted(rows)))}" for path, rows in by_file.items()
+        )
+        raise DataError(
+            f"{len(self._bad)} rows cannot be used, more than data.max_bad_rows={self.max_bad_rows}: "
+            f"{where}. The last one: {e}. Fix or remove them, or raise data.max_bad_rows "
+            "(data.skip_bad_rows=True skips any number)",
+            path=e.path,
+            row=e.row,
+            field=e.field,
+            reason=e.reason,
+        )
 
     # ---- checkpointing ----
 
     def _fingerprint(self) -> dict:
-        return {"num_rows": len(self.source), "files": [f.name for f in self.source.files], "seed": self.seed,
-                "shuffle": self.shuffle, "train": self.train, "process_count": self.process_count}
+        return {
+            "num_rows": len(self.source),
+            "files": [f.name for f in self.source.files],
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "train": self.train,
+            "process_count": self.process_count,
+        }
 
     def get_state(self) -> dict:
         """This process's position as plain JSON (store it in the checkpoint's host_state)."""
         with self._lock:
-            return {"version": STATE_VERSION, **self._fingerprint(), "process_index": self.process_index,
-                    "position": self._position, "epoch": self.epoch, "batches": self.batches,
-                    "epoch_yield": self._epoch_yield, "stats": dict(self.stats),
-                    "bad_rows": list(self._bad.values())}
+            return {
+                "version": STATE_VERSION,
+                **self._fingerprint(),
+                "process_index": self.process_index,
+                "position": self._position,
+                "epoch": self.epoch,
+                "batches": self.batches,
+                "epoch_yield": self._epoch_yield,
+                "stats": dict(self.stats),
+                "bad_rows": list(self._bad.values()),
+            }
 
     def set_state(self, state: dict) -> None:
         """Resume from `get_state()` (or from `gather_states`'s {"processes": [...]}, picking ours)."""
         if "processes" in state:
             states = state["processes"]
             if len(states) != self.process_count:
-                raise ValueError(f"data iterator state holds {len(states)} processes but this run has "
-                                 f"{self.process_count}; the data order cannot be resumed")
+                raise ValueError(
+                    f"data iterator state holds {len(states)} processes but this run has "
+                    f"{self.process_count}; the data order cannot be resumed"
+                )
             state = states[self.process_index]
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data iterator state version {state.get('version')!r}, expected {STATE_VERSION}")
+            raise ValueError(
+                f"data iterator state version {state.get('version')!r}, expected {STATE_VERSION}"
+            )
         mine = self._fingerprint()
         for key, value in mine.items():
             if state.get(key) != value:
-                raise ValueError(f"data iterator state was saved with {key}={state.get(key)!r} but this iterator "
-                                 f"has {key}={value!r}; the data order cannot be resumed")
+                raise ValueError(
+                    f"data iterator state was saved with {key}={state.get(key)!r} but this iterator "
+                    f"has {key}={value!r}; the data order cannot be resumed"
+                )
         if state.get("process_index") != self.process_index:
-            raise ValueError(f"data iterator state belongs to process {state.get('process_index')}, this is "
-                             f"process {self.process_index}")
+            raise ValueError(
+                f"data iterator state belongs to process {state.get('process_index')}, this is "
+                f"process {self.process_index}"
+            )
         with self._lock:
             self._start(int(state["position"]))
             self.epoch, self.batches = int(state["epoch"]), int(state["batches"])
@@ -753,12 +910,13 @@ def gather_states(iterator: PromptIterator) -> dict:
     if iterator.process_count == 1:
         return {"processes": [state]}
     from jax.experimental import multihost_utils
+
     data = np.frombuffer(json.dumps(state).encode(), np.uint8)
     lengths = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64))).reshape(-1)
     buf = np.zeros(int(lengths.max()), np.uint8)
-    buf[:data.size] = data
+    buf[: data.size] = data
     every = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(lengths), -1)
-    return {"processes": [json.loads(every[p, :lengths[p]].tobytes()) for p in range(len(lengths))]}
+    return {"processes": [json.loads(every[p, : lengths[p]].tobytes()) for p in range(len(lengths))]}
 
 
 def train_iterator(cfg, processor, **kwargs) -> PromptIterator:

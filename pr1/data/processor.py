@@ -45,12 +45,15 @@ def check_image_size(height: int, width: int) -> None:
         raise ValueError(f"image size must be positive, got height={height}, width={width}")
     ratio = max(height, width) / min(height, width)
     if ratio > MAX_ASPECT_RATIO:
-        raise ValueError(f"image aspect ratio {ratio:.1f} (height={height}, width={width}) exceeds "
-                         f"{MAX_ASPECT_RATIO}; crop or pad the image first")
+        raise ValueError(
+            f"image aspect ratio {ratio:.1f} (height={height}, width={width}) exceeds "
+            f"{MAX_ASPECT_RATIO}; crop or pad the image first"
+        )
 
 
-def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 3136,
-                 max_pixels: int = 1806336) -> tuple[int, int]:
+def smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = 3136, max_pixels: int = 1806336
+) -> tuple[int, int]:
     """Target (height, width): multiples of `factor`, area within [min_pixels, max_pixels], aspect kept.
 
     Each side is rounded to the nearest multiple; if the area is then too large both sides shrink by
@@ -115,8 +118,10 @@ def load_rgb(image: ImageLike) -> np.ndarray:
             raise FileNotFoundError(f"image file {source} not found")
         opener = lambda: Image.open(source)  # noqa: E731
     else:
-        raise TypeError(f"unsupported image type {type(image).__name__}; pass a PIL image, an HxWx3 uint8 "
-                        "array, encoded bytes or a file path")
+        raise TypeError(
+            f"unsupported image type {type(image).__name__}; pass a PIL image, an HxWx3 uint8 "
+            "array, encoded bytes or a file path"
+        )
     try:
         with opener() as opened:
             return np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
@@ -124,8 +129,15 @@ def load_rgb(image: ImageLike) -> np.ndarray:
         raise ValueError(f"cannot decode {source}: {e}") from None
 
 
-def preprocess_image(image: ImageLike, *, min_pixels: int, max_pixels: int, patch_size: int = 14,
-                     merge_size: int = 2, temporal_patch_size: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def preprocess_image(
+    image: ImageLike,
+    *,
+    min_pixels: int,
+    max_pixels: int,
+    patch_size: int = 14,
+    merge_size: int = 2,
+    temporal_patch_size: int = 2,
+) -> tuple[np.ndarray, np.ndarray]:
     """One image → (pixel_values float32 [N, 3·T·P·P], grid_thw int64 [1, H/P, W/P]).
 
     The image is bicubic-resized to `smart_resize`, scaled to [0, 1], CLIP-normalized and repeated over
@@ -155,8 +167,15 @@ def preprocess_image(image: ImageLike, *, min_pixels: int, max_pixels: int, patc
 class Processor:
     """Tokenizer + image preprocessing + position ids for one checkpoint directory."""
 
-    def __init__(self, tokenizer: Any, config: Qwen25VLConfig, *, min_pixels: int, max_pixels: int,
-                 source: str = "<in memory>"):
+    def __init__(
+        self,
+        tokenizer: Any,
+        config: Qwen25VLConfig,
+        *,
+        min_pixels: int,
+        max_pixels: int,
+        source: str = "<in memory>",
+    ):
         if not 0 < min_pixels <= max_pixels:
             raise ValueError(f"{source}: need 0 < min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
         self.tokenizer = tokenizer
@@ -170,7 +189,9 @@ class Processor:
             if tid is None or tid == tokenizer.unk_token_id:
                 raise ValueError(f"{source}: the tokenizer has no {token} token")
             if expected is not None and tid != expected:
-                raise ValueError(f"{source}: the tokenizer maps {token} to id {tid} but config.json {key} is {expected}")
+                raise ValueError(
+                    f"{source}: the tokenizer maps {token} to id {tid} but config.json {key} is {expected}"
+                )
             return tid
 
         self.image_token_id = token_id(IMAGE_PAD, config.image_token_id, "image_token_id")
@@ -183,8 +204,9 @@ class Processor:
             raise ValueError(f"{source}: the tokenizer has no chat template (chat_template.jinja)")
 
     @classmethod
-    def from_dir(cls, path: str | os.PathLike, *, min_pixels: int | None = None,
-                 max_pixels: int | None = None) -> "Processor":
+    def from_dir(
+        cls, path: str | os.PathLike, *, min_pixels: int | None = None, max_pixels: int | None = None
+    ) -> "Processor":
         """Load tokenizer, preprocessor_config.json and config.json from a local checkpoint directory.
 
         `min_pixels` / `max_pixels` override the file's image area limits (e.g. to cap memory).
@@ -193,7 +215,9 @@ class Processor:
 
         path = os.fspath(path)
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"{path} is not a directory; Processor.from_dir needs a local checkpoint dir")
+            raise FileNotFoundError(
+                f"{path} is not a directory; Processor.from_dir needs a local checkpoint dir"
+            )
         config = Qwen25VLConfig.from_dir(path)
         pre_file = os.path.join(path, "preprocessor_config.json")
         pre: dict = {}
@@ -207,16 +231,25 @@ class Processor:
         min_pixels = file_min if min_pixels is None else min_pixels
         max_pixels = file_max if max_pixels is None else max_pixels
         if min_pixels is None or max_pixels is None:
-            raise ValueError(f"{pre_file}: no size.shortest_edge/longest_edge (or min_pixels/max_pixels); "
-                             "pass min_pixels= and max_pixels= to Processor.from_dir")
+            raise ValueError(
+                f"{pre_file}: no size.shortest_edge/longest_edge (or min_pixels/max_pixels); "
+                "pass min_pixels= and max_pixels= to Processor.from_dir"
+            )
         vision = config.vision
-        for key, expected in (("patch_size", vision.patch_size), ("merge_size", vision.spatial_merge_size),
-                              ("temporal_patch_size", vision.temporal_patch_size)):
+        for key, expected in (
+            ("patch_size", vision.patch_size),
+            ("merge_size", vision.spatial_merge_size),
+            ("temporal_patch_size", vision.temporal_patch_size),
+        ):
             if key in pre and int(pre[key]) != expected:
-                raise ValueError(f"{pre_file}: {key} is {pre[key]} but config.json's vision_config says {expected}")
+                raise ValueError(
+                    f"{pre_file}: {key} is {pre[key]} but config.json's vision_config says {expected}"
+                )
         for key, expected in (("image_mean", OPENAI_CLIP_MEAN), ("image_std", OPENAI_CLIP_STD)):
             if key in pre and not np.allclose(pre[key], expected):
-                raise ValueError(f"{pre_file}: {key} is {pre[key]}; only the CLIP values {list(expected)} are supported")
+                raise ValueError(
+                    f"{pre_file}: {key} is {pre[key]}; only the CLIP values {list(expected)} are supported"
+                )
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
         return cls(tokenizer, config, min_pixels=int(min_pixels), max_pixels=int(max_pixels), source=path)
 
@@ -230,12 +263,23 @@ class Processor:
 
     def preprocess_image(self, image: ImageLike) -> tuple[np.ndarray, np.ndarray]:
         vision = self.config.vision
-        return preprocess_image(image, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
-                                patch_size=vision.patch_size, merge_size=vision.spatial_merge_size,
-                                temporal_patch_size=vision.temporal_patch_size)
+        return preprocess_image(
+            image,
+            min_pixels=self.min_pixels,
+            max_pixels=self.max_pixels,
+            patch_size=vision.patch_size,
+            merge_size=vision.spatial_merge_size,
+            temporal_patch_size=vision.temporal_patch_size,
+        )
 
-    def __call__(self, questions: Sequence[str], images: Sequence[Sequence[ImageLike] | None] | None = None, *,
-                 pad_to: int | None = None, system: str | None = None) -> dict[str, np.ndarray | None]:
+    def __call__(
+        self,
+        questions: Sequence[str],
+        images: Sequence[Sequence[ImageLike] | None] | None = None,
+        *,
+        pad_to: int | None = None,
+        system: str | None = None,
+    ) -> dict[str, np.ndarray | None]:
         """Tokenize a batch of questions with their images into left-padded model inputs.
 
         `images[i]` are the images of `questions[i]` (placed before the question), or None / [] for none.
@@ -253,20 +297,25 @@ class Processor:
             images = [None] * len(questions)
         if len(images) != len(questions):
             raise ValueError(f"got {len(questions)} questions but {len(images)} image lists")
-        merge_area = self.config.vision.spatial_merge_size ** 2
+        merge_area = self.config.vision.spatial_merge_size**2
 
         rows, all_pixels, all_grids = [], [], []
         for i, (question, row_images) in enumerate(zip(questions, images)):
             if isinstance(row_images, (str, bytes, Image.Image, np.ndarray)):
-                raise TypeError(f"images[{i}] must be a list of images for question {i}, got a single "
-                                f"{type(row_images).__name__}")
+                raise TypeError(
+                    f"images[{i}] must be a list of images for question {i}, got a single "
+                    f"{type(row_images).__name__}"
+                )
             row_images = list(row_images or [])
-            ids = self.tokenizer(self.prompt_text(question, len(row_images), system),
-                                 add_special_tokens=False)["input_ids"]
+            ids = self.tokenizer(
+                self.prompt_text(question, len(row_images), system), add_special_tokens=False
+            )["input_ids"]
             slots = [k for k, t in enumerate(ids) if t == self.image_token_id]
             if len(slots) != len(row_images):
-                raise ValueError(f"question {i} has {len(slots)} {IMAGE_PAD} placeholders but {len(row_images)} "
-                                 f"images (does the question text itself contain {IMAGE_PAD}?)")
+                raise ValueError(
+                    f"question {i} has {len(slots)} {IMAGE_PAD} placeholders but {len(row_images)} "
+                    f"images (does the question text itself contain {IMAGE_PAD}?)"
+                )
             counts = []
             for j, image in enumerate(row_images):
                 try:
@@ -290,8 +339,8 @@ class Processor:
         input_ids = np.full((len(rows), length), self.pad_token_id, np.int32)
         attention_mask = np.zeros((len(rows), length), np.int32)
         for b, row in enumerate(rows):
-            input_ids[b, length - len(row):] = row
-            attention_mask[b, length - len(row):] = 1
+            input_ids[b, length - len(row) :] = row
+            attention_mask[b, length - len(row) :] = 1
 
         pixel_values = np.concatenate(all_pixels, axis=0) if all_pixels else None
         image_grid_thw = np.stack(all_grids).astype(np.int64) if all_grids else None

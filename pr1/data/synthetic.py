@@ -55,9 +55,11 @@ def _place(rng: np.random.Generator, size: int, r: float, n: int) -> list[tuple[
     """n centres at least 2r + 2 px apart inside the image (rejection sampling, deterministic per rng)."""
     for _ in range(200):
         pts = [tuple(rng.uniform(r + 1, size - r - 1, 2)) for _ in range(n)]
-        if all(math.dist(a, b) >= 2 * r + 2 for i, a in enumerate(pts) for b in pts[i + 1:]):
+        if all(math.dist(a, b) >= 2 * r + 2 for i, a in enumerate(pts) for b in pts[i + 1 :]):
             return pts
-    raise ValueError(f"cannot place {n} shapes of radius {r:.1f} in a {size}px image; use a larger --image-size")
+    raise ValueError(
+        f"cannot place {n} shapes of radius {r:.1f} in a {size}px image; use a larger --image-size"
+    )
 
 
 def _font(size: int):
@@ -77,7 +79,7 @@ def _color(rng, size):
     color = list(COLORS)[rng.integers(3)]
     kind = KINDS[rng.integers(3)]
     r = rng.uniform(0.2, 0.35) * size
-    (cx, cy), = _place(rng, size, r, 1)
+    ((cx, cy),) = _place(rng, size, r, 1)
     _draw_shape(ImageDraw.Draw(image), kind, cx, cy, r, COLORS[color])
     question = "What color is the shape? Answer 1 for red, 2 for green, 3 for blue."
     return image, question, str(COLOR_ANSWERS[color]), [f"the shape is {color}", f"the shape is a {kind}"]
@@ -108,8 +110,11 @@ def _length(rng, size):
     draw.text((x1, y + 2), "B", fill="black", font=font)
     draw.text((size * 0.38, y - size * 0.3), str(length), fill="black", font=font)
     ask = int(rng.integers(3))
-    question, answer = [("What is the length of AB?", length), ("What is twice the length of AB?", 2 * length),
-                        ("What is the length of AB plus 3?", length + 3)][ask]
+    question, answer = [
+        ("What is the length of AB?", length),
+        ("What is twice the length of AB?", 2 * length),
+        ("What is the length of AB plus 3?", length + 3),
+    ][ask]
     return image, question, str(answer), [f"AB = {length}"]
 
 
@@ -119,7 +124,7 @@ def _angle(rng, size):
     degrees = int(rng.integers(2, 17)) * 10  # 20..160
     bx, by = size * 0.2, size * 0.75
     arm = size * 0.65
-    ax, ay = bx + arm, by                                    # BA along the x axis
+    ax, ay = bx + arm, by  # BA along the x axis
     cx = bx + arm * math.cos(math.radians(degrees))
     cy = by - arm * math.sin(math.radians(degrees))
     if cx < 2:  # obtuse angles: move the vertex right so C stays inside
@@ -135,8 +140,12 @@ def _angle(rng, size):
     draw.text((min(ax, size - size * 0.1), by + 2), "A", fill="black", font=font)
     draw.text((cx, max(0, cy - size * 0.12)), "C", fill="black", font=font)
     mid = math.radians(degrees / 2)
-    draw.text((bx + ar * 1.3 * math.cos(mid), by - ar * 1.3 * math.sin(mid) - size * 0.1), str(degrees),
-              fill="black", font=font)
+    draw.text(
+        (bx + ar * 1.3 * math.cos(mid), by - ar * 1.3 * math.sin(mid) - size * 0.1),
+        str(degrees),
+        fill="black",
+        font=font,
+    )
     question = "Angle ABC is labelled in degrees. What is the measure of its supplement, in degrees?"
     return image, question, str(180 - degrees), [f"angle ABC is {degrees} degrees"]
 
@@ -151,7 +160,10 @@ def _dots(rng, size):
     r = cell * 0.3
     draw = ImageDraw.Draw(image)
     for q in rng.permutation(4)[:n]:
-        cx, cy = (q % 2) * cell + rng.uniform(r + 1, cell - r - 1), (q // 2) * cell + rng.uniform(r + 1, cell - r - 1)
+        cx, cy = (
+            (q % 2) * cell + rng.uniform(r + 1, cell - r - 1),
+            (q // 2) * cell + rng.uniform(r + 1, cell - r - 1),
+        )
         _draw_shape(draw, "circle", cx, cy, r, COLORS["red"])
     # Worded so the lexical judge checks the number only ("circle" would also demand that word).
     fact = "there is 1 dot" if n == 1 else f"there are {n} dots"
@@ -171,22 +183,29 @@ def make_row(task: str, seed: int, index: int, image_size: int = 56) -> dict:
     image, question, answer, facts = _MAKERS[task](rng, int(image_size))
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    return {"problem": "<image>" + question, "answer": answer,
-            "images": [{"bytes": buf.getvalue(), "path": f"{task}_{index:06d}.png"}],
-            "visual_key_info": _info(facts), "task": task}
+    return {
+        "problem": "<image>" + question,
+        "answer": answer,
+        "images": [{"bytes": buf.getvalue(), "path": f"{task}_{index:06d}.png"}],
+        "visual_key_info": _info(facts),
+        "task": task,
+    }
 
 
-SCHEMA = pa.schema([
-    ("problem", pa.string()),
-    ("answer", pa.string()),
-    ("images", pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))),
-    ("visual_key_info", pa.string()),
-    ("task", pa.string()),
-])
+SCHEMA = pa.schema(
+    [
+        ("problem", pa.string()),
+        ("answer", pa.string()),
+        ("images", pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))),
+        ("visual_key_info", pa.string()),
+        ("task", pa.string()),
+    ]
+)
 
 
-def write_synthetic(out: str | os.PathLike, n: int = 256, seed: int = 0, task: str = "color",
-                    image_size: int = 56) -> str:
+def write_synthetic(
+    out: str | os.PathLike, n: int = 256, seed: int = 0, task: str = "color", image_size: int = 56
+) -> str:
     """Write n rows of `task` to the parquet file `out` (parent dirs created) and return its path."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")

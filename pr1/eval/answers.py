@@ -41,10 +41,10 @@ if TYPE_CHECKING:
     from pr1.eval.problems import EvalProblem
     from pr1.rewards.accuracy import AccuracyScorer
 
-MathEqual = Callable[[str, str], "bool | None"]   # (prediction, gold) -> equal? None: undecided
+MathEqual = Callable[[str, str], "bool | None"]  # (prediction, gold) -> equal? None: undecided
 MATH_TIMEOUT_S = 5.0
 
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"   # as problems.LETTERS; not imported: this module stays light
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # as problems.LETTERS; not imported: this module stays light
 _ANSWER = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
@@ -66,7 +66,7 @@ def boxed_contents(text: str) -> list[str]:
         if depth:
             pos = m.end()
             continue
-        out.append(text[m.end():j - 1])
+        out.append(text[m.end() : j - 1])
         pos = j
     return out
 
@@ -77,8 +77,11 @@ def _last_box(text: str) -> str | None:
     if not boxes:
         return None
     inner = boxes[-1]
-    while (m := _BOX.match(inner)) and (nested := boxed_contents(inner)) and \
-            len(m.group(0)) + len(nested[0]) + 1 == len(inner):
+    while (
+        (m := _BOX.match(inner))
+        and (nested := boxed_contents(inner))
+        and len(m.group(0)) + len(nested[0]) + 1 == len(inner)
+    ):
         inner = nested[0].strip()
     return inner or None
 
@@ -92,7 +95,9 @@ def extract_answer(response: str | None) -> tuple[str | None, str]:
         box = _last_box(content)
         if box:
             return box, "answer_tag"
-        content = re.sub(r"\\(?:boxed|fbox)\s*\{\s*\}", "", content).strip()  # an empty \\boxed{} says nothing
+        content = re.sub(
+            r"\\(?:boxed|fbox)\s*\{\s*\}", "", content
+        ).strip()  # an empty \\boxed{} says nothing
         if content:
             return content, "answer_tag"
     box = _last_box(response)
@@ -105,12 +110,16 @@ def extract_answer(response: str | None) -> tuple[str | None, str]:
 
 _WRAPPERS = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
 _DEGREE = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree|°|º")
-_UNITS = (r"cm|mm|km|dm|m|meters?|metres?|centimeters?|centimetres?|millimeters?|kilometers?|inches|inch|"
-          r"feet|foot|ft|yards?|miles?|units?|degrees?|deg|°|seconds?|sec|s|minutes?|min|hours?|h|kg|g|"
-          r"grams?|liters?|litres?|l|ml|years?|days?|dollars?|cents?|\\?%")
+_UNITS = (
+    r"cm|mm|km|dm|m|meters?|metres?|centimeters?|centimetres?|millimeters?|kilometers?|inches|inch|"
+    r"feet|foot|ft|yards?|miles?|units?|degrees?|deg|°|seconds?|sec|s|minutes?|min|hours?|h|kg|g|"
+    r"grams?|liters?|litres?|l|ml|years?|days?|dollars?|cents?|\\?%"
+)
 _UNIT_TAIL = re.compile(
     rf"(?<=[\d}}).])(?:\s|\\,|\\;|\\ |~)*(?:\\(?:text|mathrm|mbox)\s*\{{)?(?:\s|\\,|\\;|\\ |~)*(?:{_UNITS})\s*\}}?\s*"
-    rf"(?:\^\s*\{{?\s*[23]\s*\}}?|[²³])?\s*\}}?\s*\.?$", re.IGNORECASE)
+    rf"(?:\^\s*\{{?\s*[23]\s*\}}?|[²³])?\s*\}}?\s*\.?$",
+    re.IGNORECASE,
+)
 
 
 def normalize(text: str) -> str:
@@ -144,7 +153,9 @@ def _has_variables(text: str) -> bool:
     return bool(re.search(r"[A-Za-z]", re.sub(r"\\[A-Za-z]+", "", text)))
 
 
-_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+(?:[eE][-+]?\d+)?")
+_NUMBER = re.compile(
+    r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+(?:[eE][-+]?\d+)?"
+)
 
 
 def plain_number(text: str) -> Fraction | None:
@@ -224,15 +235,20 @@ def inline_math_equal(pred: str, gold: str, *, timeout: float = MATH_TIMEOUT_S) 
 def scorer_math_equal(scorer: "AccuracyScorer") -> MathEqual:
     """A `math_equal` that runs math-verify in the accuracy reward's worker pool (timeouts there
     score 0, so a timeout reads as "not equal" here)."""
+
     def equal(pred: str, gold: str) -> bool | None:
         return scorer.score(_boxed(pred), gold) > 0.5
+
     return equal
 
 
 # ---- checking -------------------------------------------------------------------------------
 
-_FILLER = re.compile(r"\b(?:the|final|correct|right|answer|answers|option|options|choice|choices|is|are|"
-                     r"and|or|should|be|would|letter)\b", re.IGNORECASE)
+_FILLER = re.compile(
+    r"\b(?:the|final|correct|right|answer|answers|option|options|choice|choices|is|are|"
+    r"and|or|should|be|would|letter)\b",
+    re.IGNORECASE,
+)
 _LEADING_LETTER = re.compile(r"\(?([A-Z])\)?\s*[.:：)]\s*\S.*|\(([A-Z])\)\s*\S.*", re.DOTALL)
 
 
@@ -252,8 +268,9 @@ def named_letters(text: str) -> list[str] | None:
     return None
 
 
-def check_answer(problem: "EvalProblem", extracted: str | None, *,
-                 math_equal: MathEqual | None = None) -> bool | None:
+def check_answer(
+    problem: "EvalProblem", extracted: str | None, *, math_equal: MathEqual | None = None
+) -> bool | None:
     """Is `extracted` (from `extract_answer`) the problem's answer? None: the rules cannot decide."""
     if extracted is None or not str(extracted).strip():
         return False

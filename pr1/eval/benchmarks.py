@@ -27,10 +27,10 @@ from pr1.eval.problems import as_text, row_error
 class Row:
     """One record of a release file with field access that fails with an actionable message."""
 
-    path: str           # the release file
-    index: int          # 0-based position in the file
+    path: str  # the release file
+    index: int  # 0-based position in the file
     data: dict
-    rid: str | None = None   # the release's id, once read (named in messages)
+    rid: str | None = None  # the release's id, once read (named in messages)
 
     def error(self, field: str, detail: str) -> DataError:
         return row_error(self.path, self.index, field, detail, rid=self.rid)
@@ -46,8 +46,10 @@ class Row:
             raise self.error(field, f"expected text, got a {type(value).__name__}")
         text = as_text(value)
         if text is None and required:
-            raise self.error(field, "empty" if field in self.data else
-                             f"missing; the record has fields {sorted(self.data)}")
+            raise self.error(
+                field,
+                "empty" if field in self.data else f"missing; the record has fields {sorted(self.data)}",
+            )
         return text
 
     def record(self, field: str) -> dict:
@@ -82,8 +84,9 @@ class Row:
         return image_from_cell(self.path, self.index, field, value, roots, rid=self.rid)
 
 
-def image_from_cell(path: str, row: int, field: str, value: Any, roots: list[str], *,
-                    rid: str | None = None) -> bytes:
+def image_from_cell(
+    path: str, row: int, field: str, value: Any, roots: list[str], *, rid: str | None = None
+) -> bytes:
     """Encoded image bytes from a parquet/JSON image cell; a path is looked up under `roots`."""
     r = Row(path, row, {}, rid)
     if isinstance(value, dict):
@@ -107,7 +110,9 @@ def iter_rows(path: str, *, limit: int | None = None) -> Iterator[Row]:
         yield from _parquet_rows(path, limit)
         return
     if ext not in (".json", ".jsonl"):
-        raise DataError(f"{path}: unsupported file type {ext!r}; expected .json, .jsonl or .parquet", path=path)
+        raise DataError(
+            f"{path}: unsupported file type {ext!r}; expected .json, .jsonl or .parquet", path=path
+        )
     try:
         with open(path, encoding="utf-8") as f:
             if ext == ".jsonl":
@@ -117,7 +122,9 @@ def iter_rows(path: str, *, limit: int | None = None) -> Iterator[Row]:
                     try:
                         items.append(json.loads(line))
                     except json.JSONDecodeError as e:
-                        raise DataError(f"{path}: line {i + 1}: not valid JSON: {e}", path=path, row=i) from None
+                        raise DataError(
+                            f"{path}: line {i + 1}: not valid JSON: {e}", path=path, row=i
+                        ) from None
             else:
                 items = json.load(f)
     except json.JSONDecodeError as e:
@@ -131,7 +138,9 @@ def iter_rows(path: str, *, limit: int | None = None) -> Iterator[Row]:
         raise DataError(f"{path}: expected a list of records, got {type(items).__name__}", path=path)
     for i, item in enumerate(items[:limit] if limit is not None else items):
         if not isinstance(item, dict):
-            raise DataError(f"{path}: row {i}: expected a record, got {type(item).__name__}", path=path, row=i)
+            raise DataError(
+                f"{path}: row {i}: expected a record, got {type(item).__name__}", path=path, row=i
+            )
         yield Row(path, i, item)
 
 

@@ -28,11 +28,20 @@ EXTRACTOR_SYSTEM = (
 )
 
 EXTRACTOR_EXAMPLES = [
-    ("Question: What is the area of the square?\n\nSolution: Each side is 4, so the area is 4 x 4 = 16 "
-     "square units.", "ANSWER: 16"),
-    ("Question: Which angle is largest?\nChoices:\n(A) angle 1\n(B) angle 2\n(C) angle 3\n\n"
-     "Solution: Angle 2 faces the longest side, so option B is the one.", "ANSWER: B"),
-    ("Question: Find x.\n\nSolution: We know that the triangle is isosceles, so the base angles", "ANSWER: NONE"),
+    (
+        "Question: What is the area of the square?\n\nSolution: Each side is 4, so the area is 4 x 4 = 16 "
+        "square units.",
+        "ANSWER: 16",
+    ),
+    (
+        "Question: Which angle is largest?\nChoices:\n(A) angle 1\n(B) angle 2\n(C) angle 3\n\n"
+        "Solution: Angle 2 faces the longest side, so option B is the one.",
+        "ANSWER: B",
+    ),
+    (
+        "Question: Find x.\n\nSolution: We know that the triangle is isosceles, so the base angles",
+        "ANSWER: NONE",
+    ),
 ]
 
 JUDGE_SYSTEM = (
@@ -46,9 +55,15 @@ JUDGE_SYSTEM = (
 )
 
 JUDGE_EXAMPLES = [
-    ("Question: What is the value of y?\nReference answer: 1.5\nStudent answer: \\frac{3}{2}", "VERDICT: CORRECT"),
-    ("Question: Which option is right?\nChoices:\n(A) 12\n(B) 15\n(C) 18\nReference answer: B\n"
-     "Student answer: 18", "VERDICT: INCORRECT"),
+    (
+        "Question: What is the value of y?\nReference answer: 1.5\nStudent answer: \\frac{3}{2}",
+        "VERDICT: CORRECT",
+    ),
+    (
+        "Question: Which option is right?\nChoices:\n(A) 12\n(B) 15\n(C) 18\nReference answer: B\n"
+        "Student answer: 18",
+        "VERDICT: INCORRECT",
+    ),
     ("Question: How long is AB? (Unit: cm)\nReference answer: 7\nStudent answer: 7 cm", "VERDICT: CORRECT"),
 ]
 
@@ -73,8 +88,9 @@ def _question_block(problem) -> str:
 
 
 def extraction_messages(problem, response: str) -> list[dict]:
-    return _few_shot(EXTRACTOR_SYSTEM, EXTRACTOR_EXAMPLES,
-                     f"{_question_block(problem)}\n\nSolution: {response.strip()}")
+    return _few_shot(
+        EXTRACTOR_SYSTEM, EXTRACTOR_EXAMPLES, f"{_question_block(problem)}\n\nSolution: {response.strip()}"
+    )
 
 
 def verdict_messages(problem, answer: str) -> list[dict]:
@@ -84,8 +100,11 @@ def verdict_messages(problem, answer: str) -> list[dict]:
         index = ord(letter) - ord("A") if len(letter) == 1 and letter.isalpha() else -1
         if 0 <= index < len(problem.choices):
             reference = f"{letter} ({problem.choices[index]})"
-    return _few_shot(JUDGE_SYSTEM, JUDGE_EXAMPLES,
-                     f"{_question_block(problem)}\nReference answer: {reference}\nStudent answer: {answer}")
+    return _few_shot(
+        JUDGE_SYSTEM,
+        JUDGE_EXAMPLES,
+        f"{_question_block(problem)}\nReference answer: {reference}\nStudent answer: {answer}",
+    )
 
 
 def parse_extraction(text: str) -> tuple[bool, str | None]:
@@ -105,8 +124,8 @@ def parse_verdict(text: str) -> bool | None:
 
 @dataclasses.dataclass
 class LLMResult:
-    value: object = None   # the extracted answer (str | None) or the verdict (bool)
-    ok: bool = False       # False: the server failed or never replied in the asked form
+    value: object = None  # the extracted answer (str | None) or the verdict (bool)
+    ok: bool = False  # False: the server failed or never replied in the asked form
     raw: str = ""
     error: str = ""
 
@@ -146,4 +165,5 @@ class LLMChecker:
         def parse(text):
             v = parse_verdict(text)
             return v is not None, v
+
         return await self._ask(verdict_messages(problem, answer), parse)

@@ -35,8 +35,13 @@ from pr1.eval.benchmarks import Row, collect, file_roots
 from pr1.eval.problems import IMAGE_ONLY_QUESTION, LETTERS, EvalProblem, check_limit, locate
 
 NAME = "mathverse"
-PATTERNS = ["testmini.parquet", "testmini-*.parquet", "data/testmini-*.parquet", "testmini.json",
-            "data/testmini.json"]
+PATTERNS = [
+    "testmini.parquet",
+    "testmini-*.parquet",
+    "data/testmini-*.parquet",
+    "testmini.json",
+    "data/testmini.json",
+]
 EXPECTED = """\
   testmini.parquet  (Hugging Face AI4Math/MathVerse, images embedded), or
   testmini.json with the unpacked images.zip beside it or in images/
@@ -94,13 +99,17 @@ def _problem(row: Row) -> EvalProblem:
     meta = row.record("metadata")
 
     value = row.data.get("image")
-    empty = value in (None, "") or (isinstance(value, dict) and not value.get("bytes") and not value.get("path"))
+    empty = value in (None, "") or (
+        isinstance(value, dict) and not value.get("bytes") and not value.get("path")
+    )
     if empty and version != TEXT_ONLY:
         raise row.error("image", f"missing; only {TEXT_ONLY} problems come without an image")
     images = () if empty else (row.image_cell("image", value, file_roots(row.path, "images")),)
 
     if qtype == "multi-choice":
-        choices = parse_choices(question) or parse_choices(row.text("question_for_eval", required=False) or "")
+        choices = parse_choices(question) or parse_choices(
+            row.text("question_for_eval", required=False) or ""
+        )
         gold, answer_type = gold_answer(answer, choices), "choice"
     elif qtype == "free-form":
         choices, gold, answer_type = None, answer.replace("掳", "°"), "free"
@@ -112,6 +121,13 @@ def _problem(row: Row) -> EvalProblem:
         if not isinstance(meta.get(key), str) or not meta[key].strip():
             raise row.error(f"metadata.{key}", f"expected text, got {meta.get(key)!r}")
         subsets[key] = meta[key].strip()
-    return EvalProblem(benchmark=NAME, id=sid if version != TEXT_ONLY else f"text_only-{sid}",
-                       question=question or VISION_ONLY_QUESTION, images=images, answer=gold,
-                       choices=tuple(choices) if choices else None, answer_type=answer_type, subsets=subsets)
+    return EvalProblem(
+        benchmark=NAME,
+        id=sid if version != TEXT_ONLY else f"text_only-{sid}",
+        question=question or VISION_ONLY_QUESTION,
+        images=images,
+        answer=gold,
+        choices=tuple(choices) if choices else None,
+        answer_type=answer_type,
+        subsets=subsets,
+    )

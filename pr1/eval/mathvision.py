@@ -48,8 +48,10 @@ def load(path: str, *, limit: int | None = None) -> list[EvalProblem]:
 def clean_question(text: str) -> str:
     """The question without `<imageK>` placeholders; whitespace left by them collapsed."""
     text = _PLACEHOLDER.sub(" ", text)
-    lines = [re.sub(r" ([.,;:?!])", r"\1", re.sub(r"[ \t]+", " ", line)).strip()
-             for line in text.replace("\r\n", "\n").split("\n")]
+    lines = [
+        re.sub(r" ([.,;:?!])", r"\1", re.sub(r"[ \t]+", " ", line)).strip()
+        for line in text.replace("\r\n", "\n").split("\n")
+    ]
     return "\n".join(line for line in lines if line)
 
 
@@ -60,9 +62,14 @@ def _unescape(text: str) -> str:
 
 def _problem(row: Row) -> EvalProblem:
     # Before any stripping: the form feed is whitespace and would vanish with the "\\f".
-    row.data = {k: _unescape(v) if isinstance(v, str) else
-                [_unescape(x) if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
-                for k, v in row.data.items()}
+    row.data = {
+        k: _unescape(v)
+        if isinstance(v, str)
+        else [_unescape(x) if isinstance(x, str) else x for x in v]
+        if isinstance(v, list)
+        else v
+        for k, v in row.data.items()
+    }
     row.rid = row.text("id")
     question = clean_question(row.text("question")) or IMAGE_ONLY_QUESTION  # id 528 is only "<image1>"
     answer = row.text("answer")
@@ -70,8 +77,10 @@ def _problem(row: Row) -> EvalProblem:
 
     if options:
         if not re.fullmatch(r"[A-Z]", answer) or LETTERS.index(answer) >= len(options):
-            raise row.error("answer", f"{answer!r} is not one of the option letters A-{LETTERS[len(options) - 1]}")
-        if options == list(LETTERS[:len(options)]):
+            raise row.error(
+                "answer", f"{answer!r} is not one of the option letters A-{LETTERS[len(options) - 1]}"
+            )
+        if options == list(LETTERS[: len(options)]):
             question += "\nChoices: " + " ".join(f"({x})" for x in options)
         else:
             question += format_choices(options)
@@ -85,5 +94,13 @@ def _problem(row: Row) -> EvalProblem:
     else:
         image = row.image_file("image", row.text("image"), roots)
     subsets = {"subject": row.text("subject"), "level": row.text("level")}
-    return EvalProblem(benchmark=NAME, id=row.rid, question=question, images=(image,), answer=answer,
-                       choices=choices, answer_type=answer_type, subsets=subsets)
+    return EvalProblem(
+        benchmark=NAME,
+        id=row.rid,
+        question=question,
+        images=(image,),
+        answer=answer,
+        choices=choices,
+        answer_type=answer_type,
+        subsets=subsets,
+    )

@@ -61,9 +61,18 @@ def _problem(row: Row) -> EvalProblem:
         raise row.error("question_type", f"expected multi_choice or free_form, got {qtype!r}")
 
     text = question + (f" (Unit: {unit})" if unit else "") + (format_choices(choices) if choices else "")
-    return EvalProblem(benchmark=NAME, id=row.rid, question=text, images=(_image(row),), answer=gold,
-                       choices=tuple(choices) if choices else None, answer_type=answer_type,
-                       unit=unit, precision=_precision(row), subsets=_subsets(row, qtype))
+    return EvalProblem(
+        benchmark=NAME,
+        id=row.rid,
+        question=text,
+        images=(_image(row),),
+        answer=gold,
+        choices=tuple(choices) if choices else None,
+        answer_type=answer_type,
+        unit=unit,
+        precision=_precision(row),
+        subsets=_subsets(row, qtype),
+    )
 
 
 def _image(row: Row) -> bytes:

@@ -51,22 +51,24 @@ IDENTIFIER_SUBSETS = frozenset({"problem_id", "question_number"})
 class EvalProblem:
     """One benchmark problem as the model sees it and as the answer check needs it."""
 
-    benchmark: str          # "mathvista" | "mathverse" | "mathvision" | "wemath" | "parquet:<name>"
-    id: str                 # unique within the benchmark (the release's own id)
-    question: str           # shown to the model, choices included, no format instruction
-    images: tuple[bytes, ...]   # encoded image files in order; usually one (none for MathVerse Text Only)
-    answer: str             # gold answer; for multiple choice the letter ("B")
-    choices: tuple[str, ...] | None = None   # option texts in letter order, multiple choice only
-    answer_type: str = "free"     # "choice" | "free"
-    unit: str | None = None       # MathVista free-form unit, e.g. "cm"
+    benchmark: str  # "mathvista" | "mathverse" | "mathvision" | "wemath" | "parquet:<name>"
+    id: str  # unique within the benchmark (the release's own id)
+    question: str  # shown to the model, choices included, no format instruction
+    images: tuple[bytes, ...]  # encoded image files in order; usually one (none for MathVerse Text Only)
+    answer: str  # gold answer; for multiple choice the letter ("B")
+    choices: tuple[str, ...] | None = None  # option texts in letter order, multiple choice only
+    answer_type: str = "free"  # "choice" | "free"
+    unit: str | None = None  # MathVista free-form unit, e.g. "cm"
     precision: int | None = None  # MathVista float answers: decimals to round to
     subsets: dict[str, str] = dataclasses.field(default_factory=dict)
     visual_annotations: tuple[str, ...] = ()  # our own parquet layout, from visual_key_info
 
     def __post_init__(self):
         if self.answer_type not in ("choice", "free"):
-            raise ValueError(f"problem {self.benchmark}/{self.id}: answer_type must be 'choice' or 'free', "
-                             f"got {self.answer_type!r}")
+            raise ValueError(
+                f"problem {self.benchmark}/{self.id}: answer_type must be 'choice' or 'free', "
+                f"got {self.answer_type!r}"
+            )
 
 
 def subset_values(problem: EvalProblem, key: str) -> list[str]:
@@ -87,8 +89,9 @@ def format_choices(choices) -> str:
 def row_error(path: str, row: int, field: str, detail: str, *, rid: str | None = None) -> DataError:
     """A DataError naming file, row (0-based position in the file), the release id and the field."""
     where = f"row {row}" + (f" (id {rid})" if rid is not None else "")
-    return DataError(f"{path}: {where}: field '{field}': {detail}", path=path, row=row, field=field,
-                     reason="bad_row")
+    return DataError(
+        f"{path}: {where}: field '{field}': {detail}", path=path, row=row, field=field, reason="bad_row"
+    )
 
 
 def check_limit(limit: int | None) -> int | None:
@@ -123,23 +126,32 @@ def load_benchmark(name: str, path: str, *, limit: int | None = None) -> list[Ev
     check_limit(limit)
     key = name.strip().lower()
     if key == PARQUET or key.startswith(PARQUET + ":"):
-        label = name.strip()[len(PARQUET) + 1:] or None
+        label = name.strip()[len(PARQUET) + 1 :] or None
         return load_parquet_problems(path, label, limit=limit)
     if key not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}, "
-                         f"{PARQUET} or {PARQUET}:<name> (our own parquet layout)")
+        raise ValueError(
+            f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}, "
+            f"{PARQUET} or {PARQUET}:<name> (our own parquet layout)"
+        )
     module = importlib.import_module(BENCHMARKS[key])
     return module.load(path, limit=limit)
 
 
 # ---- our own layout --------------------------------------------------------------------------
 
-_PARQUET_EXPECTED = ("  *.parquet in the training layout (problem, answer, images; optional visual_key_info, "
-                     "choices, id)")
+_PARQUET_EXPECTED = (
+    "  *.parquet in the training layout (problem, answer, images; optional visual_key_info, choices, id)"
+)
 
 
-def load_parquet_problems(path: str, name: str | None = None, *, limit: int | None = None,
-                          id_key: str = "id", choices_key: str = "choices") -> list[EvalProblem]:
+def load_parquet_problems(
+    path: str,
+    name: str | None = None,
+    *,
+    limit: int | None = None,
+    id_key: str = "id",
+    choices_key: str = "choices",
+) -> list[EvalProblem]:
     """Problems from parquet files in the training layout (see pr1.data.dataset).
 
     Rows are read and checked by the training pipeline's `ParquetRows` (problem text with `<image>`
@@ -153,18 +165,22 @@ def load_parquet_problems(path: str, name: str | None = None, *, limit: int | No
     out: list[EvalProblem] = []
     for f in files:
         prefix = "" if len(files) == 1 else os.path.basename(f) + ":"
-        out += _parquet_file(f, f"{PARQUET}:{label}", prefix, id_key, choices_key,
-                             None if limit is None else limit - len(out))
+        out += _parquet_file(
+            f, f"{PARQUET}:{label}", prefix, id_key, choices_key, None if limit is None else limit - len(out)
+        )
         if limit is not None and len(out) >= limit:
             break
     counts = collections.Counter(p.id for p in out)
     if dup := sorted(i for i, n in counts.items() if n > 1)[:5]:
-        raise DataError(f"{path}: column '{id_key}' repeats ids {dup}; ids must be unique", path=path, field=id_key)
+        raise DataError(
+            f"{path}: column '{id_key}' repeats ids {dup}; ids must be unique", path=path, field=id_key
+        )
     return out
 
 
-def _parquet_file(path: str, benchmark: str, prefix: str, id_key: str, choices_key: str,
-                  limit: int | None) -> list[EvalProblem]:
+def _parquet_file(
+    path: str, benchmark: str, prefix: str, id_key: str, choices_key: str, limit: int | None
+) -> list[EvalProblem]:
     from pr1.eval.benchmarks import image_from_cell  # the release loaders read image cells the same way
 
     schema = pq.read_schema(path)
@@ -183,16 +199,27 @@ def _parquet_file(path: str, benchmark: str, prefix: str, id_key: str, choices_k
         if parsed.images is not None:
             cell = parsed.images[r].as_py()
             items = [x for x in (cell if isinstance(cell, list) else [cell]) if x is not None]
-            images = tuple(image_from_cell(path, r, f"images[{k}]", x, roots, rid=rid) for k, x in enumerate(items))
+            images = tuple(
+                image_from_cell(path, r, f"images[{k}]", x, roots, rid=rid) for k, x in enumerate(items)
+            )
         question, answer, answer_type = parsed.questions[r], parsed.answers[r], "free"
         choices = side[choices_key][r] if choices_key in side else None
         if choices:
             choices = tuple(str(c).strip() for c in choices)
             answer, answer_type = _choice_letter(path, r, rid, answer, choices), "choice"
             question += format_choices(choices)
-        out.append(EvalProblem(benchmark=benchmark, id=rid, question=question, images=images, answer=answer,
-                               choices=choices or None, answer_type=answer_type,
-                               visual_annotations=tuple(parsed.annotations[r])))
+        out.append(
+            EvalProblem(
+                benchmark=benchmark,
+                id=rid,
+                question=question,
+                images=images,
+                answer=answer,
+                choices=choices or None,
+                answer_type=answer_type,
+                visual_annotations=tuple(parsed.annotations[r]),
+            )
+        )
     return out
 
 
@@ -202,8 +229,14 @@ def _choice_letter(path: str, row: int, rid: str, answer: str, choices: tuple[st
         return m.group(1)
     if answer.strip() in choices:
         return LETTERS[choices.index(answer.strip())]
-    raise row_error(path, row, "answer", f"{answer!r} is neither an option letter A-{LETTERS[len(choices) - 1]} "
-                    f"nor one of the choices {list(choices)}", rid=rid)
+    raise row_error(
+        path,
+        row,
+        "answer",
+        f"{answer!r} is neither an option letter A-{LETTERS[len(choices) - 1]} "
+        f"nor one of the choices {list(choices)}",
+        rid=rid,
+    )
 
 
 def as_text(value: Any) -> str | None:

@@ -40,8 +40,19 @@ def _tally(records: Iterable[dict]) -> dict:
         c["llm_checked"] += r.get("checked_by") == "llm"
         c["no_answer"] += r.get("extracted") is None and r.get("correct") is not None
         c["truncated"] += r.get("finish_reason") == "length"
-    out = {k: int(c[k]) for k in ("n", "correct", "checked", "unchecked", "rule_undecided", "llm_checked",
-                                  "no_answer", "truncated")}
+    out = {
+        k: int(c[k])
+        for k in (
+            "n",
+            "correct",
+            "checked",
+            "unchecked",
+            "rule_undecided",
+            "llm_checked",
+            "no_answer",
+            "truncated",
+        )
+    }
     out["accuracy"] = round(100.0 * c["correct"] / c["checked"], 2) if c["checked"] else None
     return out
 
@@ -62,8 +73,9 @@ def summarize(records_by_benchmark: dict[str, list[dict]]) -> dict:
                     values = [v for x in values for v in str(x).split(SUBSET_SEP) if v]
                 for v in values:
                     groups[key][str(v)].append(r)
-        entry["subsets"] = {key: {v: _tally(rs) for v, rs in sorted(values.items())}
-                            for key, values in sorted(groups.items())}
+        entry["subsets"] = {
+            key: {v: _tally(rs) for v, rs in sorted(values.items())} for key, values in sorted(groups.items())
+        }
         benchmarks[name] = entry
     return {"model": models[0] if len(models) == 1 else models, "benchmarks": benchmarks}
 
@@ -74,24 +86,44 @@ def _pct(value) -> str:
 
 def markdown(summary: dict, *, subsets: bool = True) -> str:
     """The summary as Markdown: one overview table, then one table per subset key."""
-    lines = [f"# Evaluation of {summary['model']}", "",
-             "| benchmark | accuracy % | correct / checked | unchecked | rule-undecided | LLM-checked | no answer | truncated |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Evaluation of {summary['model']}",
+        "",
+        "| benchmark | accuracy % | correct / checked | unchecked | rule-undecided | LLM-checked | no answer | truncated |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, b in summary["benchmarks"].items():
-        lines.append(f"| {name} | {_pct(b['accuracy'])} | {b['correct']} / {b['checked']} | {b['unchecked']} | "
-                     f"{b['rule_undecided']} | {b['llm_checked']} | {b['no_answer']} | {b['truncated']} |")
+        lines.append(
+            f"| {name} | {_pct(b['accuracy'])} | {b['correct']} / {b['checked']} | {b['unchecked']} | "
+            f"{b['rule_undecided']} | {b['llm_checked']} | {b['no_answer']} | {b['truncated']} |"
+        )
     known = [n for n in summary["benchmarks"] if any(n in row for row in PAPER.values())]
     if known:
-        lines += ["", "Paper (accuracy %): " + "; ".join(
-            f"{model}: " + ", ".join(f"{n} {row[n]}" for n in known if n in row) for model, row in PAPER.items())]
+        lines += [
+            "",
+            "Paper (accuracy %): "
+            + "; ".join(
+                f"{model}: " + ", ".join(f"{n} {row[n]}" for n in known if n in row)
+                for model, row in PAPER.items()
+            ),
+        ]
     unchecked = sum(b["unchecked"] for b in summary["benchmarks"].values())
     if unchecked:
-        lines += ["", f"**{unchecked} problems are unchecked** (the LLM checker failed on them): accuracy is over "
-                      "the checked ones; re-run pr1.eval with the same --out to re-check them."]
+        lines += [
+            "",
+            f"**{unchecked} problems are unchecked** (the LLM checker failed on them): accuracy is over "
+            "the checked ones; re-run pr1.eval with the same --out to re-check them.",
+        ]
     if subsets:
         for name, b in summary["benchmarks"].items():
             for key, values in b["subsets"].items():
-                lines += ["", f"## {name} by {key}", "", "| value | accuracy % | correct / checked |", "|---|---|---|"]
+                lines += [
+                    "",
+                    f"## {name} by {key}",
+                    "",
+                    "| value | accuracy % | correct / checked |",
+                    "|---|---|---|",
+                ]
                 for value, t in values.items():
                     lines.append(f"| {value} | {_pct(t['accuracy'])} | {t['correct']} / {t['checked']} |")
     return "\n".join(lines) + "\n"
@@ -100,8 +132,10 @@ def markdown(summary: dict, *, subsets: bool = True) -> str:
 def write_report(out_dir: str, records_by_benchmark: dict[str, list[dict]]) -> dict:
     """Writes summary.json and results.md into out_dir (atomically) and returns the summary."""
     summary = summarize(records_by_benchmark)
-    for name, text in (("summary.json", json.dumps(summary, indent=1, ensure_ascii=False) + "\n"),
-                       ("results.md", markdown(summary))):
+    for name, text in (
+        ("summary.json", json.dumps(summary, indent=1, ensure_ascii=False) + "\n"),
+        ("results.md", markdown(summary)),
+    ):
         path = os.path.join(out_dir, name)
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             f.write(text)

@@ -45,12 +45,21 @@ class Policy:
     label: str
 
 
-def load_policy(*, model: str | None = None, workdir: str | None = None, step: int | None = None,
-                assets_from: str | None = None, engine: str = "embedded", sglang_urls: Sequence[str] = (),
-                vllm_urls: Sequence[str] = (),
-                dtype: str = "bfloat16", mesh: tuple[int, int, int] = (1, -1, 1),
-                min_pixels: int | None = None, max_pixels: int | None = None,
-                label: str | None = None) -> Policy:
+def load_policy(
+    *,
+    model: str | None = None,
+    workdir: str | None = None,
+    step: int | None = None,
+    assets_from: str | None = None,
+    engine: str = "embedded",
+    sglang_urls: Sequence[str] = (),
+    vllm_urls: Sequence[str] = (),
+    dtype: str = "bfloat16",
+    mesh: tuple[int, int, int] = (1, -1, 1),
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    label: str | None = None,
+) -> Policy:
     """A policy from an HF checkpoint dir (`model`) or a training workdir (`workdir`, `step`).
 
     The tokenizer and processor files come from `model`, else `assets_from`, else the model path the
@@ -62,7 +71,9 @@ def load_policy(*, model: str | None = None, workdir: str | None = None, step: i
     from pr1.train import state as state_lib
 
     if (model is None) == (workdir is None):
-        raise ValueError("give exactly one of --model (an HF checkpoint dir) or --workdir (a pr1 training run)")
+        raise ValueError(
+            "give exactly one of --model (an HF checkpoint dir) or --workdir (a pr1 training run)"
+        )
     record, params_source = None, None
     if workdir is not None:
         directory = checkpoint_lib.checkpoint_directory(workdir)
@@ -70,8 +81,10 @@ def load_policy(*, model: str | None = None, workdir: str | None = None, step: i
         record, step = _model_record(directory, step)
         assets = assets_from or record.get("path")
         if not assets or not os.path.isdir(assets):
-            raise FileNotFoundError(f"no tokenizer/processor files for {workdir}: the recorded model path "
-                                    f"{record.get('path')!r} is gone; pass --assets_from DIR")
+            raise FileNotFoundError(
+                f"no tokenizer/processor files for {workdir}: the recorded model path "
+                f"{record.get('path')!r} is gone; pass --assets_from DIR"
+            )
         label = label or f"{os.path.basename(os.path.normpath(workdir))}@{step}"
     else:
         assets = model
@@ -85,40 +98,61 @@ def load_policy(*, model: str | None = None, workdir: str | None = None, step: i
 
     if engine == "sglang":
         from pr1.rollout.sglang import SGLangEngine
+
         if not sglang_urls:
             raise ValueError("--engine sglang needs --sglang_url (a server from launch/serve_rollout.sh)")
-        return Policy(SGLangEngine(list(sglang_urls), tokenizer=processor.tokenizer, stop_token_ids=stop),
-                      processor, label)
+        return Policy(
+            SGLangEngine(list(sglang_urls), tokenizer=processor.tokenizer, stop_token_ids=stop),
+            processor,
+            label,
+        )
     if engine == "vllm":
         from pr1.rollout.vllm import VLLMEngine
+
         if not vllm_urls:
             raise ValueError("--engine vllm needs --vllm_url (a server from launch/serve_vllm.sh rollout)")
-        return Policy(VLLMEngine(list(vllm_urls), tokenizer=processor.tokenizer, stop_token_ids=stop),
-                      processor, label)
+        return Policy(
+            VLLMEngine(list(vllm_urls), tokenizer=processor.tokenizer, stop_token_ids=stop), processor, label
+        )
     if engine != "embedded":
         raise ValueError(f"--engine must be 'embedded', 'sglang' or 'vllm', got {engine!r}")
 
     from pr1.rollout.sampler import EmbeddedEngine
+
     mesh_ = sharding_lib.make_mesh(*mesh)
     model_def = state_lib.ModelDef.create(config, dtype=jnp.dtype(dtype))
     if workdir is not None:
-        params, _, _ = checkpoint_lib.read_params(params_source, step, sharding=model_def.param_shardings(mesh_))
+        params, _, _ = checkpoint_lib.read_params(
+            params_source, step, sharding=model_def.param_shardings(mesh_)
+        )
         params = _cast(params, model_def.dtype)
     else:
         params = state_lib.load_params(model, model_def, mesh_)
-    return Policy(EmbeddedEngine(model_def, params, mesh_, processor.tokenizer, stop_token_ids=stop,
-                                 pad_token_id=processor.pad_token_id), processor, label)
+    return Policy(
+        EmbeddedEngine(
+            model_def,
+            params,
+            mesh_,
+            processor.tokenizer,
+            stop_token_ids=stop,
+            pad_token_id=processor.pad_token_id,
+        ),
+        processor,
+        label,
+    )
 
 
 def _model_record(directory: str, step: int | None) -> tuple[dict, int]:
-    from pr1.train import checkpoint as checkpoint_lib
     from pr1.export import recorded_model
+    from pr1.train import checkpoint as checkpoint_lib
+
     host, step = checkpoint_lib.read_host_state(directory, step)
     return recorded_model(host, f"{directory}/{step}"), step
 
 
 def _cast(params, dtype):
     import jax
+
     return jax.tree.map(lambda x: x.astype(dtype) if x.dtype != dtype else x, params)
 
 
@@ -159,6 +193,7 @@ async def check_response(problem, response: str, llm: LLMChecker | None) -> dict
 async def _check_all(items, llm: LLMChecker | None) -> list[dict]:
     async def run():
         return await asyncio.gather(*(check_response(p, r, llm) for p, r in items))
+
     if llm is None:
         return await run()
     async with llm.client.session():
@@ -199,11 +234,17 @@ def _write_records(path: str, records: Sequence[dict], mode: str = "a") -> None:
 
 
 def _base_record(problem, label: str) -> dict:
-    return {"benchmark": problem.benchmark, "id": problem.id, "subsets": dict(problem.subsets),
-            "question": problem.question, "answer": problem.answer,
-            "choices": None if problem.choices is None else list(problem.choices),
-            "answer_type": problem.answer_type, "visual_annotations": list(problem.visual_annotations),
-            "model": label}
+    return {
+        "benchmark": problem.benchmark,
+        "id": problem.id,
+        "subsets": dict(problem.subsets),
+        "question": problem.question,
+        "answer": problem.answer,
+        "choices": None if problem.choices is None else list(problem.choices),
+        "answer_type": problem.answer_type,
+        "visual_annotations": list(problem.visual_annotations),
+        "model": label,
+    }
 
 
 # sys.stderr looked up at each call: a default bound at import would keep whatever stream was
@@ -211,9 +252,17 @@ def _base_record(problem, label: str) -> dict:
 _STDERR = object()
 
 
-def evaluate(problems: Sequence, policy: Policy, out_path: str, *, max_new_tokens: int = 4096,
-             batch_size: int = 32, llm: LLMChecker | None = None, instruction: str = FORMAT_INSTRUCTION,
-             progress=_STDERR) -> list[dict]:
+def evaluate(
+    problems: Sequence,
+    policy: Policy,
+    out_path: str,
+    *,
+    max_new_tokens: int = 4096,
+    batch_size: int = 32,
+    llm: LLMChecker | None = None,
+    instruction: str = FORMAT_INSTRUCTION,
+    progress=_STDERR,
+) -> list[dict]:
     """Records of `problems` (one benchmark) in problem order, generating only what is missing.
     progress: a stream for progress lines (default: sys.stderr as it is at the call), None for none."""
     if progress is _STDERR:
@@ -225,8 +274,10 @@ def evaluate(problems: Sequence, policy: Policy, out_path: str, *, max_new_token
     existing = read_records(out_path)
     for rec in existing.values():
         if rec.get("model") != policy.label:
-            raise ValueError(f"{out_path} holds records of model {rec.get('model')!r}, not {policy.label!r}: "
-                             "use another --out (or --label) per model")
+            raise ValueError(
+                f"{out_path} holds records of model {rec.get('model')!r}, not {policy.label!r}: "
+                "use another --out (or --label) per model"
+            )
     by_id = {p.id: p for p in problems}
     recheck = [existing[i] for i in ids if i in existing and existing[i].get("correct") is None]
     if recheck:
@@ -239,14 +290,22 @@ def evaluate(problems: Sequence, policy: Policy, out_path: str, *, max_new_token
     start, done, tokens = time.monotonic(), 0, 0
     bench = problems[0].benchmark if problems else "?"
     for b in range(0, len(todo), batch_size):
-        chunk = todo[b:b + batch_size]
-        prompts = [Prompt.build(policy.processor, with_instruction(p.question, instruction), p.images)
-                   for p in chunk]
+        chunk = todo[b : b + batch_size]
+        prompts = [
+            Prompt.build(policy.processor, with_instruction(p.question, instruction), p.images) for p in chunk
+        ]
         completions = policy.engine.generate(prompts, sampling, n=1)
         checked = asyncio.run(_check_all([(p, c.text) for p, c in zip(chunk, completions)], llm))
-        records = [dict(_base_record(p, policy.label), response=c.text, finish_reason=c.finish_reason,
-                        response_tokens=int(len(c.token_ids)), **k)
-                   for p, c, k in zip(chunk, completions, checked)]
+        records = [
+            dict(
+                _base_record(p, policy.label),
+                response=c.text,
+                finish_reason=c.finish_reason,
+                response_tokens=int(len(c.token_ids)),
+                **k,
+            )
+            for p, c, k in zip(chunk, completions, checked)
+        ]
         _write_records(out_path, records)
         existing.update({r["id"]: r for r in records})
         done += len(chunk)
@@ -255,6 +314,10 @@ def evaluate(problems: Sequence, policy: Policy, out_path: str, *, max_new_token
             elapsed = time.monotonic() - start
             acc = sum(bool(r.get("correct")) for r in existing.values()) / max(len(existing), 1)
             eta = elapsed / done * (len(todo) - done)
-            print(f"pr1.eval {bench}: {len(existing)}/{len(problems)} problems, accuracy so far {acc:.1%}, "
-                  f"{tokens / max(elapsed, 1e-9):.0f} tok/s, ETA {eta:.0f}s", file=progress, flush=True)
+            print(
+                f"pr1.eval {bench}: {len(existing)}/{len(problems)} problems, accuracy so far {acc:.1%}, "
+                f"{tokens / max(elapsed, 1e-9):.0f} tok/s, ETA {eta:.0f}s",
+                file=progress,
+                flush=True,
+            )
     return [existing[i] for i in ids]

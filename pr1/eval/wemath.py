@@ -67,10 +67,10 @@ def split_options(text: str) -> list[str] | None:
             break
         marks.append(m)
         pos = m.end()
-    if len(marks) < 2 or text[:marks[0].start()].strip():
+    if len(marks) < 2 or text[: marks[0].start()].strip():
         return None
     ends = [m.start() for m in marks[1:]] + [len(text)]
-    options = [_clean_option(text[m.end():end]) for m, end in zip(marks, ends)]
+    options = [_clean_option(text[m.end() : end]) for m, end in zip(marks, ends)]
     return options if all(options) else None
 
 
@@ -105,10 +105,23 @@ def _problem(row: Row) -> EvalProblem:
         choices = None
         question += "\nOptions: " + option
 
-    subsets = {"knowledge": row.text("knowledge concept"), "steps": steps, "key": key,
-               "problem_id": problem_id, "question_number": row.rid}
-    return EvalProblem(benchmark=NAME, id=row.rid, question=question, images=(_image(row),), answer=answer,
-                       choices=tuple(choices) if choices else None, answer_type="choice", subsets=subsets)
+    subsets = {
+        "knowledge": row.text("knowledge concept"),
+        "steps": steps,
+        "key": key,
+        "problem_id": problem_id,
+        "question_number": row.rid,
+    }
+    return EvalProblem(
+        benchmark=NAME,
+        id=row.rid,
+        question=question,
+        images=(_image(row),),
+        answer=answer,
+        choices=tuple(choices) if choices else None,
+        answer_type="choice",
+        subsets=subsets,
+    )
 
 
 def _image(row: Row) -> bytes:

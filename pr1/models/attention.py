@@ -57,8 +57,10 @@ def check_implementation(name: str, backend: str | None = None) -> None:
     if name not in IMPLEMENTATIONS:
         raise AttentionConfigError(f"model.attention: must be one of {IMPLEMENTATIONS}, got {name!r}")
     if backend is not None and name in _BACKENDS and backend not in _BACKENDS[name]:
-        raise AttentionConfigError(f"model.attention: {name!r} needs a {'/'.join(_BACKENDS[name])} backend, this one "
-                                   f"is {backend!r}; use 'auto', 'blockwise' or 'xla'")
+        raise AttentionConfigError(
+            f"model.attention: {name!r} needs a {'/'.join(_BACKENDS[name])} backend, this one "
+            f"is {backend!r}; use 'auto', 'blockwise' or 'xla'"
+        )
 
 
 def resolve(name: str, backend: str | None = None) -> str:
@@ -77,8 +79,20 @@ def resolve(name: str, backend: str | None = None) -> str:
     return "blockwise"
 
 
-def attention(q, k, v, *, causal: bool, q_segment_ids=None, kv_segment_ids=None, segment_ids=None, q_offset=0,
-              implementation: str = "xla", block_q: int | None = None, block_k: int | None = None):
+def attention(
+    q,
+    k,
+    v,
+    *,
+    causal: bool,
+    q_segment_ids=None,
+    kv_segment_ids=None,
+    segment_ids=None,
+    q_offset=0,
+    implementation: str = "xla",
+    block_q: int | None = None,
+    block_k: int | None = None,
+):
     """Softmax attention [B, Tq, H, D]; see the module docstring for the mask and the implementations.
 
     `segment_ids` sets both q_ and kv_segment_ids (self-attention). Softmax and accumulation run in
@@ -101,11 +115,21 @@ def attention(q, k, v, *, causal: bool, q_segment_ids=None, kv_segment_ids=None,
     q_segment_ids = jnp.asarray(q_segment_ids, jnp.int32)
     kv_segment_ids = jnp.asarray(kv_segment_ids, jnp.int32)
     if impl == "xla":
-        return dot_product_attention(q, k, v, _allowed(q_segment_ids, kv_segment_ids, causal, q_offset, tq, tk))
+        return dot_product_attention(
+            q, k, v, _allowed(q_segment_ids, kv_segment_ids, causal, q_offset, tq, tk)
+        )
     if impl == "blockwise":
-        return blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, jnp.asarray(q_offset, jnp.int32),
-                                   causal=causal, block_q=min(block_q or BLOCK_Q, _round_up(tq, 8)),
-                                   block_k=min(block_k or BLOCK_K, _round_up(tk, 8)))
+        return blockwise_attention(
+            q,
+            k,
+            v,
+            q_segment_ids,
+            kv_segment_ids,
+            jnp.asarray(q_offset, jnp.int32),
+            causal=causal,
+            block_q=min(block_q or BLOCK_Q, _round_up(tq, 8)),
+            block_k=min(block_k or BLOCK_K, _round_up(tk, 8)),
+        )
     if impl == "cudnn":
         return _cudnn(q, k, v, q_segment_ids, kv_segment_ids, causal, q_offset)
     return _splash(q, k, v, q_segment_ids, kv_segment_ids, causal, q_offset)
@@ -126,7 +150,9 @@ def _allowed(q_seg, kv_seg, causal, q_offset, tq, tk):
 # -- blockwise (flash) attention in pure JAX -------------------------------------------------------
 
 
-def blockwise_attention(q, k, v, q_seg, kv_seg, q_offset, *, causal: bool, block_q: int = 512, block_k: int = 512):
+def blockwise_attention(
+    q, k, v, q_seg, kv_seg, q_offset, *, causal: bool, block_q: int = 512, block_k: int = 512
+):
     """Flash attention without a [Tq, Tk] array (see the module docstring); arguments as `attention`'s,
     segment ids required, q_offset an int32 scalar (may be traced)."""
     b, tq, h, d = q.shape
@@ -187,7 +213,7 @@ def _flash_fwd(q, k, v, q_seg, kv_seg, q_offset, causal, block_q, block_k):
     tk, kvh = k.shape[1], k.shape[2]
     g = h // kvh
     nq, nk = tq // block_q, tk // block_k
-    scale = d ** -0.5
+    scale = d**-0.5
     qb = _blocks(q.reshape(b, tq, kvh, g, d), nq, block_q)
     kb, vb = _blocks(k, nk, block_k), _blocks(v, nk, block_k)
     qsb, ksb = _blocks(q_seg, nq, block_q), _blocks(kv_seg, nk, block_k)
@@ -206,12 +232,16 @@ def _flash_fwd(q, k, v, q_seg, kv_seg, q_offset, causal, block_q, block_k):
             p = jnp.exp(s - shift[..., None])
             corr = jnp.exp(jnp.where(jnp.isfinite(m_prev), m_prev, 0.0) - shift)
             l_new = l_prev * corr + p.sum(-1)
-            acc = acc * corr[..., None] + jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(v_blk.dtype), v_blk,
-                                                     preferred_element_type=jnp.float32)
+            acc = acc * corr[..., None] + jnp.einsum(
+                "bhgqk,bkhd->bhgqd", p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32
+            )
             return m_new, l_new, acc
 
-        init = (jnp.full((b, kvh, g, block_q), -jnp.inf, jnp.float32), jnp.zeros((b, kvh, g, block_q), jnp.float32),
-                jnp.zeros((b, kvh, g, block_q, d), jnp.float32))
+        init = (
+            jnp.full((b, kvh, g, block_q), -jnp.inf, jnp.float32),
+            jnp.zeros((b, kvh, g, block_q), jnp.float32),
+            jnp.zeros((b, kvh, g, block_q, d), jnp.float32),
+        )
         hi = _key_block_range(i, causal, q_offset, block_q, block_k, nk)
         m, l, acc = jax.lax.fori_loop(0, hi, step, init)
         out = acc / jnp.where(l > 0, l, 1.0)[..., None]
@@ -232,11 +262,13 @@ def _flash_bwd(causal, block_q, block_k, res, dout):
     tk, kvh = k.shape[1], k.shape[2]
     g = h // kvh
     nq, nk = tq // block_q, tk // block_k
-    scale = d ** -0.5
+    scale = d**-0.5
     q5 = q.reshape(b, tq, kvh, g, d)
     do5 = dout.reshape(b, tq, kvh, g, d)
     # delta_i = sum_d dout·out: the softmax backward's row term, [B, KVH, G, Tq] in fp32.
-    delta = jnp.einsum("bqhgd,bqhgd->bhgq", do5.astype(jnp.float32), out.reshape(b, tq, kvh, g, d).astype(jnp.float32))
+    delta = jnp.einsum(
+        "bqhgd,bqhgd->bhgq", do5.astype(jnp.float32), out.reshape(b, tq, kvh, g, d).astype(jnp.float32)
+    )
     qb, dob = _blocks(q5, nq, block_q), _blocks(do5, nq, block_q)
     kb, vb = _blocks(k, nk, block_k), _blocks(v, nk, block_k)
     qsb, ksb = _blocks(q_seg, nq, block_q), _blocks(kv_seg, nk, block_k)
@@ -257,8 +289,13 @@ def _flash_bwd(causal, block_q, block_k, res, dout):
             p = probs(i, j, q_blk, k_blk, qs_blk, ksb[j])
             dp = jnp.einsum("bqhgd,bkhd->bhgqk", do_blk, v_blk, preferred_element_type=jnp.float32)
             ds = p * (dp - deltab[i][..., None])
-            return dq + jnp.einsum("bhgqk,bkhd->bqhgd", ds.astype(k_blk.dtype), k_blk,
-                                   preferred_element_type=jnp.float32) * scale
+            return (
+                dq
+                + jnp.einsum(
+                    "bhgqk,bkhd->bqhgd", ds.astype(k_blk.dtype), k_blk, preferred_element_type=jnp.float32
+                )
+                * scale
+            )
 
         hi = _key_block_range(i, causal, q_offset, block_q, block_k, nk)
         return jax.lax.fori_loop(0, hi, step, jnp.zeros((b, block_q, kvh, g, d), jnp.float32))
@@ -273,11 +310,18 @@ def _flash_bwd(causal, block_q, block_k, res, dout):
             dk, dv = carry
             q_blk, do_blk = qb[i], dob[i]
             p = probs(i, j, q_blk, k_blk, qsb[i], ks_blk)
-            dv = dv + jnp.einsum("bhgqk,bqhgd->bkhd", p.astype(do_blk.dtype), do_blk, preferred_element_type=jnp.float32)
+            dv = dv + jnp.einsum(
+                "bhgqk,bqhgd->bkhd", p.astype(do_blk.dtype), do_blk, preferred_element_type=jnp.float32
+            )
             dp = jnp.einsum("bqhgd,bkhd->bhgqk", do_blk, v_blk, preferred_element_type=jnp.float32)
             ds = p * (dp - deltab[i][..., None])
-            dk = dk + jnp.einsum("bhgqk,bqhgd->bkhd", ds.astype(q_blk.dtype), q_blk,
-                                 preferred_element_type=jnp.float32) * scale
+            dk = (
+                dk
+                + jnp.einsum(
+                    "bhgqk,bqhgd->bkhd", ds.astype(q_blk.dtype), q_blk, preferred_element_type=jnp.float32
+                )
+                * scale
+            )
             return dk, dv
 
         lo = 0 if not causal else jnp.clip((j * block_k - q_offset) // block_q, 0, nq)
@@ -309,9 +353,13 @@ def _splash(q, k, v, q_seg, kv_seg, causal, q_offset):
     jitted steps and the sampler set) it runs in a shard_map over the batch axes: every device
     attends its own rows."""
     if isinstance(q_offset, jax.core.Tracer):
-        raise ValueError("model.attention='splash' needs a static q_offset (use xla/blockwise for cached steps)")
+        raise ValueError(
+            "model.attention='splash' needs a static q_offset (use xla/blockwise for cached steps)"
+        )
     if q.shape[1] % 128 or k.shape[1] % 128:
-        raise ValueError(f"model.attention='splash' needs lengths that are multiples of 128, got {q.shape[1]} x {k.shape[1]}")
+        raise ValueError(
+            f"model.attention='splash' needs lengths that are multiples of 128, got {q.shape[1]} x {k.shape[1]}"
+        )
     local = functools.partial(_splash_local, causal=causal, q_offset=int(q_offset))
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty or mesh.size == 1:
@@ -320,7 +368,9 @@ def _splash(q, k, v, q_seg, kv_seg, causal, q_offset):
     if q.shape[0] % max(1, int(np.prod([mesh.shape[a] for a in axes]))):
         raise ValueError(f"model.attention='splash': {q.shape[0]} rows do not divide over mesh axes {axes}")
     spec = jax.sharding.PartitionSpec(axes or None)
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec, check_vma=False)(q, k, v, q_seg, kv_seg)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec, check_vma=False)(
+        q, k, v, q_seg, kv_seg
+    )
 
 
 def _splash_local(q, k, v, q_seg, kv_seg, *, causal, q_offset):
@@ -332,7 +382,9 @@ def _splash_local(q, k, v, q_seg, kv_seg, *, causal, q_offset):
     g = h // kvh
     mask = sm.CausalMask((tq, tk), offset=q_offset) if causal else sm.FullMask((tq, tk))
     kernel = sk.make_splash_mqa_single_device(sm.MultiHeadMask([mask] * g))
-    qh = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, tq, kvh, g, d).transpose(0, 2, 3, 1, 4)  # [B, KVH, G, Tq, D]
+    qh = (
+        (q * jnp.asarray(d**-0.5, q.dtype)).reshape(b, tq, kvh, g, d).transpose(0, 2, 3, 1, 4)
+    )  # [B, KVH, G, Tq, D]
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KVH, Tk, D]
 
     def one(qr, kr, vr, qs, ks):
@@ -347,18 +399,21 @@ def _splash_local(q, k, v, q_seg, kv_seg, *, causal, q_offset):
 def in_mesh(fn, mesh):
     """`fn` traced with `mesh` as the abstract mesh, so kernels that must run per device (splash) can
     shard_map themselves over its batch axes."""
+
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return fn(*args, **kwargs)
+
     return wrapped
 
 
 # -- decoding with a prompt shared by n samples ----------------------------------------------------
 
 
-def shared_prefix_attention(q, prompt_k, prompt_v, prompt_segment_ids, response_k, response_v, response_valid, *,
-                            n: int):
+def shared_prefix_attention(
+    q, prompt_k, prompt_v, prompt_segment_ids, response_k, response_v, response_valid, *, n: int
+):
     """One decode query per sample against its prompt's keys (shared by the prompt's n samples, never
     repeated) and its own response keys, under a single fp32 softmax.
 
@@ -369,11 +424,21 @@ def shared_prefix_attention(q, prompt_k, prompt_v, prompt_segment_ids, response_
     rows, _, h, d = q.shape
     p, tp, kvh = prompt_k.shape[0], prompt_k.shape[1], prompt_k.shape[2]
     g = h // kvh
-    scale = d ** -0.5
+    scale = d**-0.5
     qg = q.reshape(p, n, kvh, g, d)
-    s_p = jnp.einsum("pnhgd,pkhd->pnhgk", qg, prompt_k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
-    s_r = jnp.einsum("pnhgd,pnkhd->pnhgk", qg, response_k.astype(q.dtype).reshape(p, n, -1, kvh, d),
-                     preferred_element_type=jnp.float32) * scale
+    s_p = (
+        jnp.einsum("pnhgd,pkhd->pnhgk", qg, prompt_k.astype(q.dtype), preferred_element_type=jnp.float32)
+        * scale
+    )
+    s_r = (
+        jnp.einsum(
+            "pnhgd,pnkhd->pnhgk",
+            qg,
+            response_k.astype(q.dtype).reshape(p, n, -1, kvh, d),
+            preferred_element_type=jnp.float32,
+        )
+        * scale
+    )
     mask_p = (prompt_segment_ids >= 0)[:, None, None, None, :]
     mask_r = jnp.broadcast_to(response_valid, (rows, response_k.shape[1])).reshape(p, n, 1, 1, -1)
     s_p = jnp.where(mask_p, s_p, -jnp.inf)
@@ -382,9 +447,13 @@ def shared_prefix_attention(q, prompt_k, prompt_v, prompt_segment_ids, response_
     m = jnp.where(jnp.isfinite(m), m, 0.0)[..., None]
     e_p, e_r = jnp.exp(s_p - m), jnp.exp(s_r - m)
     denom = e_p.sum(-1) + e_r.sum(-1)
-    out = (jnp.einsum("pnhgk,pkhd->pnhgd", e_p.astype(q.dtype), prompt_v.astype(q.dtype),
-                      preferred_element_type=jnp.float32)
-           + jnp.einsum("pnhgk,pnkhd->pnhgd", e_r.astype(q.dtype), response_v.astype(q.dtype).reshape(p, n, -1, kvh, d),
-                        preferred_element_type=jnp.float32))
+    out = jnp.einsum(
+        "pnhgk,pkhd->pnhgd", e_p.astype(q.dtype), prompt_v.astype(q.dtype), preferred_element_type=jnp.float32
+    ) + jnp.einsum(
+        "pnhgk,pnkhd->pnhgd",
+        e_r.astype(q.dtype),
+        response_v.astype(q.dtype).reshape(p, n, -1, kvh, d),
+        preferred_element_type=jnp.float32,
+    )
     out = out / jnp.where(denom > 0, denom, 1.0)[..., None]
     return out.reshape(rows, 1, h, d).astype(q.dtype)

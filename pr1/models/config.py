@@ -82,23 +82,37 @@ class Qwen25VLConfig:
     def __post_init__(self):
         t, v = self.text, self.vision
         if t.hidden_size % t.num_attention_heads:
-            raise ConfigError(f"text hidden_size {t.hidden_size} is not divisible by num_attention_heads {t.num_attention_heads}")
+            raise ConfigError(
+                f"text hidden_size {t.hidden_size} is not divisible by num_attention_heads {t.num_attention_heads}"
+            )
         if t.num_attention_heads % t.num_key_value_heads:
-            raise ConfigError(f"num_attention_heads {t.num_attention_heads} is not a multiple of num_key_value_heads {t.num_key_value_heads}")
+            raise ConfigError(
+                f"num_attention_heads {t.num_attention_heads} is not a multiple of num_key_value_heads {t.num_key_value_heads}"
+            )
         if sum(t.mrope_section) * 2 != t.head_dim:
-            raise ConfigError(f"mrope_section {list(t.mrope_section)} must sum to head_dim/2 = {t.head_dim // 2}")
+            raise ConfigError(
+                f"mrope_section {list(t.mrope_section)} must sum to head_dim/2 = {t.head_dim // 2}"
+            )
         if v.hidden_size % v.num_heads:
-            raise ConfigError(f"vision hidden_size {v.hidden_size} is not divisible by num_heads {v.num_heads}")
+            raise ConfigError(
+                f"vision hidden_size {v.hidden_size} is not divisible by num_heads {v.num_heads}"
+            )
         if v.head_dim % 4:
-            raise ConfigError(f"vision head_dim {v.head_dim} must be a multiple of 4 for the 2D rotary embedding")
+            raise ConfigError(
+                f"vision head_dim {v.head_dim} must be a multiple of 4 for the 2D rotary embedding"
+            )
         if v.window_size % (v.patch_size * v.spatial_merge_size):
-            raise ConfigError(f"vision window_size {v.window_size} must be a multiple of patch_size*spatial_merge_size")
+            raise ConfigError(
+                f"vision window_size {v.window_size} must be a multiple of patch_size*spatial_merge_size"
+            )
         for i in v.fullatt_block_indexes:
             if not 0 <= i < v.depth:
                 raise ConfigError(f"vision fullatt_block_indexes has {i}, outside depth {v.depth}")
         for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
             if not 0 <= getattr(self, name) < t.vocab_size:
-                raise ConfigError(f"{name} {getattr(self, name)} is outside the vocabulary (size {t.vocab_size})")
+                raise ConfigError(
+                    f"{name} {getattr(self, name)} is outside the vocabulary (size {t.vocab_size})"
+                )
 
     @classmethod
     def from_hf_dict(cls, d: dict, source: str = "config.json") -> "Qwen25VLConfig":
@@ -121,7 +135,9 @@ class Qwen25VLConfig:
 
         rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
         if "mrope_section" not in rope:
-            raise ConfigError(f"{source}: missing 'rope_scaling.mrope_section' (or 'text_config.rope_parameters.mrope_section')")
+            raise ConfigError(
+                f"{source}: missing 'rope_scaling.mrope_section' (or 'text_config.rope_parameters.mrope_section')"
+            )
         rope_theta = rope.get("rope_theta", text.get("rope_theta"))
         if rope_theta is None:
             raise ConfigError(f"{source}: missing 'rope_theta'")
@@ -131,7 +147,9 @@ class Qwen25VLConfig:
             intermediate_size=int(need(text, "intermediate_size", "text_config.")),
             num_hidden_layers=int(need(text, "num_hidden_layers", "text_config.")),
             num_attention_heads=int(need(text, "num_attention_heads", "text_config.")),
-            num_key_value_heads=int(text.get("num_key_value_heads") or need(text, "num_attention_heads", "text_config.")),
+            num_key_value_heads=int(
+                text.get("num_key_value_heads") or need(text, "num_attention_heads", "text_config.")
+            ),
             rms_norm_eps=float(need(text, "rms_norm_eps", "text_config.")),
             rope_theta=float(rope_theta),
             mrope_section=tuple(int(x) for x in rope["mrope_section"]),
@@ -145,7 +163,9 @@ class Qwen25VLConfig:
             intermediate_size=int(need(vision, "intermediate_size", "vision_config.")),
             num_heads=int(need(vision, "num_heads", "vision_config.")),
             out_hidden_size=int(need(vision, "out_hidden_size", "vision_config.")),
-            fullatt_block_indexes=tuple(int(i) for i in need(vision, "fullatt_block_indexes", "vision_config.")),
+            fullatt_block_indexes=tuple(
+                int(i) for i in need(vision, "fullatt_block_indexes", "vision_config.")
+            ),
             window_size=int(vision.get("window_size", 112)),
             patch_size=int(vision.get("patch_size", 14)),
             temporal_patch_size=int(vision.get("temporal_patch_size", 2)),
@@ -155,7 +175,10 @@ class Qwen25VLConfig:
             rope_theta=float(vrope.get("rope_theta", 10000.0)),
         )
         # transformers < 5 kept tie_word_embeddings inside text_config; either place means tied.
-        tie = bool(d.get("tie_word_embeddings", False) or (d.get("text_config") or {}).get("tie_word_embeddings", False))
+        tie = bool(
+            d.get("tie_word_embeddings", False)
+            or (d.get("text_config") or {}).get("tie_word_embeddings", False)
+        )
         return cls(
             text=text_cfg,
             vision=vision_cfg,
@@ -205,7 +228,12 @@ def tiny_hf_config(**overrides: Any) -> dict:
             "hidden_act": "silu",
             "max_position_embeddings": 4096,
             "rms_norm_eps": 1e-6,
-            "rope_parameters": {"rope_type": "default", "type": "mrope", "mrope_section": [2, 3, 3], "rope_theta": 1000000.0},
+            "rope_parameters": {
+                "rope_type": "default",
+                "type": "mrope",
+                "mrope_section": [2, 3, 3],
+                "rope_theta": 1000000.0,
+            },
             "bos_token_id": 504,
             "eos_token_id": 506,
             "pad_token_id": 504,
@@ -236,14 +264,41 @@ def qwen2_5_vl_7b_hf_config() -> dict:
     """config.json of Qwen2.5-VL-7B-Instruct (shapes only; weights are never needed), for lowering the
     7B recipe on a fake mesh and for memory planning without the checkpoint at hand."""
     d = tiny_hf_config()
-    d.update(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
-             vision_end_token_id=151653, tie_word_embeddings=False, dtype="bfloat16")
-    d["text_config"] = dict(d["text_config"], vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                            num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                            max_position_embeddings=128000, bos_token_id=151643, eos_token_id=151645,
-                            pad_token_id=151643,
-                            rope_parameters={"rope_type": "default", "type": "mrope", "mrope_section": [16, 24, 24],
-                                             "rope_theta": 1000000.0})
-    d["vision_config"] = dict(d["vision_config"], depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
-                              out_hidden_size=3584, fullatt_block_indexes=[7, 15, 23, 31], window_size=112)
+    d.update(
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    )
+    d["text_config"] = dict(
+        d["text_config"],
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        max_position_embeddings=128000,
+        bos_token_id=151643,
+        eos_token_id=151645,
+        pad_token_id=151643,
+        rope_parameters={
+            "rope_type": "default",
+            "type": "mrope",
+            "mrope_section": [16, 24, 24],
+            "rope_theta": 1000000.0,
+        },
+    )
+    d["vision_config"] = dict(
+        d["vision_config"],
+        depth=32,
+        hidden_size=1280,
+        intermediate_size=3420,
+        num_heads=16,
+        out_hidden_size=3584,
+        fullatt_block_indexes=[7, 15, 23, 31],
+        window_size=112,
+    )
     return d

@@ -20,8 +20,9 @@ from pr1.models.attention import shared_prefix_attention
 from pr1.models.rope import mrope_cos_sin
 
 
-def decode_step(model, tokens, position_ids, prompt_cache: dict, prompt_segment_ids, response_cache: dict,
-                step, n: int):
+def decode_step(
+    model, tokens, position_ids, prompt_cache: dict, prompt_segment_ids, response_cache: dict, step, n: int
+):
     """One decode step of every sample: final hidden states [P·n, hidden] and the response cache with
     this step's keys/values written at slot `step`.
 
@@ -41,8 +42,16 @@ def decode_step(model, tokens, position_ids, prompt_cache: dict, prompt_segment_
         q, k, v = attn.project(h, cos, sin)
         k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], (i, 0, step, 0, 0))
         v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], (i, 0, step, 0, 0))
-        out = shared_prefix_attention(q, prompt_cache["k"][i], prompt_cache["v"][i], prompt_segment_ids,
-                                      k_all[i], v_all[i], response_valid, n=n)
+        out = shared_prefix_attention(
+            q,
+            prompt_cache["k"][i],
+            prompt_cache["v"][i],
+            prompt_segment_ids,
+            k_all[i],
+            v_all[i],
+            response_valid,
+            n=n,
+        )
         x = x + attn.o_proj(out.reshape(out.shape[0], 1, -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return model.norm(x)[:, 0], {"k": k_all, "v": v_all}

@@ -29,9 +29,19 @@ from pr1.models.safetensors_io import LazyTensor, SafetensorsFile, empty_aligned
 
 INDEX_FILE = "model.safetensors.index.json"
 # Extra files of a checkpoint dir that `save(..., assets_from=dir)` carries along.
-ASSET_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-               "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
-               "processor_config.json", "video_preprocessor_config.json", "generation_config.json")
+ASSET_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "generation_config.json",
+)
 
 
 class CheckpointError(ValueError):
@@ -54,9 +64,9 @@ def hf_name(path: tuple) -> str:
 def canonical_name(name: str) -> str:
     """Map the in-memory naming of transformers >= 4.52 onto hub names."""
     if name.startswith("model.visual."):
-        return name[len("model."):]
+        return name[len("model.") :]
     if name.startswith("model.language_model."):
-        return "model." + name[len("model.language_model."):]
+        return "model." + name[len("model.language_model.") :]
     return name
 
 
@@ -85,7 +95,7 @@ def transposed(a: np.ndarray, dtype=None) -> np.ndarray:
     out = empty_aligned((cols, rows), dtype)
     for i in range(0, rows, _BLOCK):
         for j in range(0, cols, _BLOCK):
-            out[j:j + _BLOCK, i:i + _BLOCK] = a[i:i + _BLOCK, j:j + _BLOCK].T
+            out[j : j + _BLOCK, i : i + _BLOCK] = a[i : i + _BLOCK, j : j + _BLOCK].T
     return out
 
 
@@ -100,7 +110,7 @@ def _read_ours(path: tuple, src: SafetensorsFile, stored: str, dtype) -> np.ndar
         out = empty_aligned((cols, rows), dtype)
         for r, block in src.row_blocks(stored):
             for j in range(0, cols, _BLOCK):
-                out[j:j + _BLOCK, r:r + block.shape[0]] = block[:, j:j + _BLOCK].T
+                out[j : j + _BLOCK, r : r + block.shape[0]] = block[:, j : j + _BLOCK].T
         return out
     tensor = src.read(stored)
     if tensor.dtype == dtype:
@@ -121,7 +131,7 @@ def _hf_writer(value: np.ndarray, shape) -> LazyTensor:
         for j in range(0, cols_out, k):
             n = min(k, cols_out - j)
             for i in range(0, rows_in, _BLOCK):
-                scratch[:n, i:i + _BLOCK] = value[i:i + _BLOCK, j:j + n].T
+                scratch[:n, i : i + _BLOCK] = value[i : i + _BLOCK, j : j + n].T
             f.write(memoryview(scratch[:n].reshape(-1).view(np.uint8)))
 
     return LazyTensor(shape, value.dtype, write)
@@ -130,8 +140,9 @@ def _hf_writer(value: np.ndarray, shape) -> LazyTensor:
 def to_hf(path: tuple, value: np.ndarray, config: Qwen25VLConfig) -> np.ndarray:
     if _is_conv(path):
         v = config.vision
-        return transposed(value).reshape(v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size,
-                                         v.patch_size)
+        return transposed(value).reshape(
+            v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size
+        )
     if str(path[-1]) == "kernel":
         return transposed(value)
     return value
@@ -153,7 +164,11 @@ def _tensor_index(path: str) -> dict[str, tuple[str, str]]:
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
         if not files:
             raise CheckpointError(f"{path}: no *.safetensors files and no {INDEX_FILE}")
-        entries = [(name, os.path.join(path, f)) for f in files for name in SafetensorsFile(os.path.join(path, f)).keys()]
+        entries = [
+            (name, os.path.join(path, f))
+            for f in files
+            for name in SafetensorsFile(os.path.join(path, f)).keys()
+        ]
     out: dict[str, tuple[str, str]] = {}
     for name, file in entries:
         canon = canonical_name(name)
@@ -176,7 +191,9 @@ def _abstract_model(config: Qwen25VLConfig, dtype):
     return _ABSTRACT[key]
 
 
-def load(path: str | os.PathLike, *, dtype=jnp.bfloat16, mesh=None, rules=sharding_lib.DEFAULT_RULES) -> Qwen25VL:
+def load(
+    path: str | os.PathLike, *, dtype=jnp.bfloat16, mesh=None, rules=sharding_lib.DEFAULT_RULES
+) -> Qwen25VL:
     """Load a Hugging Face Qwen2.5-VL checkpoint dir into a `Qwen25VL` with parameters in `dtype`.
 
     With a `mesh`, every tensor is placed directly in its sharded layout (per-device slices are read
@@ -209,18 +226,28 @@ def load(path: str | os.PathLike, *, dtype=jnp.bfloat16, mesh=None, rules=shardi
             raise CheckpointError(
                 f"tensor {stored} in {file} has shape {list(src.shape(stored))}, "
                 f"which does not fit parameter {'.'.join(map(str, p))} of shape {list(var.shape)} "
-                f"(after layout conversion: {list(layout)})")
-        sh = None if mesh is None else sharding_lib.named_sharding(
-            var.get_metadata().get("logical_axes"), var.shape, mesh, rules, name=name)
+                f"(after layout conversion: {list(layout)})"
+            )
+        sh = (
+            None
+            if mesh is None
+            else sharding_lib.named_sharding(
+                var.get_metadata().get("logical_axes"), var.shape, mesh, rules, name=name
+            )
+        )
         if sh is not None and not sh.is_fully_addressable:
             # Several hosts: each reads only the slices its devices hold, through the memory map.
             tensor = to_ours(p, src.get(stored), config)
             value = jax.make_array_from_callback(
-                tuple(var.shape), sh, lambda idx, t=tensor: np.asarray(t[idx]).astype(dtype))
+                tuple(var.shape), sh, lambda idx, t=tensor: np.asarray(t[idx]).astype(dtype)
+            )
         else:
             host = _read_ours(p, src, stored, dtype)  # aligned: JAX's CPU backend adopts it without a copy
-            value = jax.device_put(host) if sh is None else jax.make_array_from_callback(
-                tuple(var.shape), sh, lambda idx, h=host: h[idx])
+            value = (
+                jax.device_put(host)
+                if sh is None
+                else jax.make_array_from_callback(tuple(var.shape), sh, lambda idx, h=host: h[idx])
+            )
         new_flat.append((p, var.replace(value)))
 
     for name, (file, stored) in index.items():
@@ -237,12 +264,19 @@ def load(path: str | os.PathLike, *, dtype=jnp.bfloat16, mesh=None, rules=shardi
 def _host_value(value) -> np.ndarray:
     if isinstance(value, jax.Array) and not value.is_fully_addressable:
         from jax.experimental import multihost_utils
+
         value = multihost_utils.process_allgather(value, tiled=True)
     return np.asarray(jax.device_get(value))
 
 
-def save(model: Qwen25VL, path: str | os.PathLike, *, max_shard_bytes: int = 4 << 30,
-         assets_from: str | os.PathLike | None = None, dtype=None) -> None:
+def save(
+    model: Qwen25VL,
+    path: str | os.PathLike,
+    *,
+    max_shard_bytes: int = 4 << 30,
+    assets_from: str | os.PathLike | None = None,
+    dtype=None,
+) -> None:
     """Write `model` as a Hugging Face checkpoint dir: config.json, sharded safetensors and the index.
 
     The dir is assembled under a temporary name and renamed into place, so a crash never leaves a
@@ -278,8 +312,17 @@ def save(model: Qwen25VL, path: str | os.PathLike, *, max_shard_bytes: int = 4 <
             host = _host_value(v[...]).astype(store_dtype(v), copy=False)
             if _is_conv(p) or str(p[-1]) == "kernel":
                 vis = config.vision
-                shape = ((vis.hidden_size, vis.in_channels, vis.temporal_patch_size, vis.patch_size, vis.patch_size)
-                         if _is_conv(p) else host.shape[::-1])
+                shape = (
+                    (
+                        vis.hidden_size,
+                        vis.in_channels,
+                        vis.temporal_patch_size,
+                        vis.patch_size,
+                        vis.patch_size,
+                    )
+                    if _is_conv(p)
+                    else host.shape[::-1]
+                )
                 tensors[name] = _hf_writer(np.ascontiguousarray(host), shape)
             else:
                 tensors[name] = host
@@ -289,7 +332,9 @@ def save(model: Qwen25VL, path: str | os.PathLike, *, max_shard_bytes: int = 4 <
     if jax.process_index() != 0:
         return
     with open(os.path.join(tmp, INDEX_FILE), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+        json.dump(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2
+        )
     hf_config = dict(config.hf_config)
     stored = np.dtype(dtype) if dtype is not None else np.dtype(model.dtype)
     # transformers 5 reads "dtype", the 4.x releases that SGLang pins read "torch_dtype": write both.

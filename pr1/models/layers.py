@@ -24,10 +24,20 @@ def _normal(rngs: nnx.Rngs, shape, dtype):
 class Linear(nnx.Module):
     """y = x @ kernel + bias, kernel stored [in, out] (the transpose of torch's weight)."""
 
-    def __init__(self, in_features: int, out_features: int, *, use_bias: bool, axes: tuple[str, str],
-                 dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool,
+        axes: tuple[str, str],
+        dtype,
+        rngs: nnx.Rngs,
+    ):
         self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), dtype), logical_axes=axes)
-        self.bias = nnx.Param(jnp.zeros((out_features,), dtype), logical_axes=(axes[1],)) if use_bias else None
+        self.bias = (
+            nnx.Param(jnp.zeros((out_features,), dtype), logical_axes=(axes[1],)) if use_bias else None
+        )
 
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         y = x @ self.kernel[...]
@@ -92,7 +102,9 @@ def apply_rotary(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndar
     return x * cos + rotate_half(x) * sin
 
 
-def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, allowed: jnp.ndarray) -> jnp.ndarray:
+def dot_product_attention(
+    q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, allowed: jnp.ndarray
+) -> jnp.ndarray:
     """Softmax attention as the reference's eager path computes it.
 
     q [B, Tq, H, D], k/v [B, Tk, KVH, D] (grouped-query: H is a multiple of KVH), allowed
@@ -104,7 +116,7 @@ def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, allowe
     kvh = k.shape[2]
     groups = h // kvh
     q = q.reshape(b, tq, kvh, groups, d)
-    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k) * jnp.asarray(d ** -0.5, q.dtype)
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k) * jnp.asarray(d**-0.5, q.dtype)
     scores = scores.astype(jnp.float32)
     mask = allowed[:, None, None, :, :]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pr1.models.config import Qwen25VLConfig, TextConfig
 from pr1.models.attention import attention
+from pr1.models.config import Qwen25VLConfig, TextConfig
 from pr1.models.layers import Embed, Linear, RMSNorm, activation, apply_rotary, rematerialized
 from pr1.models.rope import mrope_cos_sin
 from pr1.models.vision import VisionTower, vision_layout
@@ -36,10 +36,18 @@ class Attention(nnx.Module):
         d, h, kvh = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
         self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, d
         self.attention = attention
-        self.q_proj = Linear(cfg.hidden_size, h * d, use_bias=True, axes=("embed", "q_heads"), dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(cfg.hidden_size, kvh * d, use_bias=True, axes=("embed", "kv_heads"), dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(cfg.hidden_size, kvh * d, use_bias=True, axes=("embed", "kv_heads"), dtype=dtype, rngs=rngs)
-        self.o_proj = Linear(h * d, cfg.hidden_size, use_bias=False, axes=("q_heads", "embed"), dtype=dtype, rngs=rngs)
+        self.q_proj = Linear(
+            cfg.hidden_size, h * d, use_bias=True, axes=("embed", "q_heads"), dtype=dtype, rngs=rngs
+        )
+        self.k_proj = Linear(
+            cfg.hidden_size, kvh * d, use_bias=True, axes=("embed", "kv_heads"), dtype=dtype, rngs=rngs
+        )
+        self.v_proj = Linear(
+            cfg.hidden_size, kvh * d, use_bias=True, axes=("embed", "kv_heads"), dtype=dtype, rngs=rngs
+        )
+        self.o_proj = Linear(
+            h * d, cfg.hidden_size, use_bias=False, axes=("q_heads", "embed"), dtype=dtype, rngs=rngs
+        )
 
     def project(self, x, cos, sin):
         """Rotated q [B, T, H, D] and k, v [B, T, KVH, D] of x."""
@@ -60,19 +68,52 @@ class Attention(nnx.Module):
         new_cache, offset = None, 0
         if layer_cache is not None:
             k_all, v_all, i = layer_cache
-            k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], (i, 0, cache_index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], (i, 0, cache_index, 0, 0))
+            k_all = jax.lax.dynamic_update_slice(
+                k_all, k.astype(k_all.dtype)[None], (i, 0, cache_index, 0, 0)
+            )
+            v_all = jax.lax.dynamic_update_slice(
+                v_all, v.astype(v_all.dtype)[None], (i, 0, cache_index, 0, 0)
+            )
             k, v, new_cache, offset = k_all[i], v_all[i], (k_all, v_all), cache_index
-        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), causal=True, q_segment_ids=q_seg,
-                        kv_segment_ids=kv_seg, q_offset=offset, implementation=self.attention)
+        out = attention(
+            q,
+            k.astype(q.dtype),
+            v.astype(q.dtype),
+            causal=True,
+            q_segment_ids=q_seg,
+            kv_segment_ids=kv_seg,
+            q_offset=offset,
+            implementation=self.attention,
+        )
         return self.o_proj(out.reshape(b, t, -1)), new_cache
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, use_bias=False, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, use_bias=False, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, use_bias=False, axes=("mlp", "embed"), dtype=dtype, rngs=rngs)
+        self.gate_proj = Linear(
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            use_bias=False,
+            axes=("embed", "mlp"),
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.up_proj = Linear(
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            use_bias=False,
+            axes=("embed", "mlp"),
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.down_proj = Linear(
+            cfg.intermediate_size,
+            cfg.hidden_size,
+            use_bias=False,
+            axes=("mlp", "embed"),
+            dtype=dtype,
+            rngs=rngs,
+        )
         self.act = activation(cfg.hidden_act)
 
     def __call__(self, x):
@@ -82,7 +123,9 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs, attention: str = "auto"):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="embed", dtype=dtype)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="embed", dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(
+            cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="embed", dtype=dtype
+        )
         self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs, attention=attention)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
@@ -102,11 +145,20 @@ class Qwen25VL(nnx.Module):
         self.dtype = dtype
         self.visual = VisionTower(config.vision, dtype=dtype, rngs=rngs, attention=config.attention)
         self.embed_tokens = Embed(t.vocab_size, t.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(t, dtype=dtype, rngs=rngs, attention=config.attention)
-                                for _ in range(t.num_hidden_layers)])
+        self.layers = nnx.List(
+            [
+                DecoderLayer(t, dtype=dtype, rngs=rngs, attention=config.attention)
+                for _ in range(t.num_hidden_layers)
+            ]
+        )
         self.norm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, axis_name="embed", dtype=dtype)
-        self.lm_head = None if config.tie_word_embeddings else Linear(
-            t.hidden_size, t.vocab_size, use_bias=False, axes=("embed", "vocab"), dtype=dtype, rngs=rngs)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else Linear(
+                t.hidden_size, t.vocab_size, use_bias=False, axes=("embed", "vocab"), dtype=dtype, rngs=rngs
+            )
+        )
 
     def init_cache(self, batch: int, max_length: int, dtype=None) -> dict:
         t = self.config.text
@@ -124,25 +176,38 @@ class Qwen25VL(nnx.Module):
         w = self.embed_tokens.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
         return jnp.matmul(h, w, preferred_element_type=jnp.float32)
 
-    def embed(self, input_ids, pixel_values=None, image_grid_thw=None, vision_layout_arrays=None, remat_policy=None,
-              image_mask=None):
+    def embed(
+        self,
+        input_ids,
+        pixel_values=None,
+        image_grid_thw=None,
+        vision_layout_arrays=None,
+        remat_policy=None,
+        image_mask=None,
+    ):
         """Token embeddings with the image features put in place of the image-pad tokens."""
         emb = self.embed_tokens(input_ids)
         if pixel_values is None:
             return emb
         if vision_layout_arrays is None:
             if image_grid_thw is None or isinstance(image_grid_thw, jax.core.Tracer):
-                raise ValueError("with pixel_values, pass image_grid_thw as a concrete array, or the "
-                                 "precomputed vision_layout_arrays when calling under jit")
+                raise ValueError(
+                    "with pixel_values, pass image_grid_thw as a concrete array, or the "
+                    "precomputed vision_layout_arrays when calling under jit"
+                )
             grid = np.asarray(image_grid_thw)
-            n_feats = int((grid.prod(-1) // self.config.vision.spatial_merge_size ** 2).sum())
+            n_feats = int((grid.prod(-1) // self.config.vision.spatial_merge_size**2).sum())
             if not isinstance(input_ids, jax.core.Tracer):
                 n_tokens = int((np.asarray(input_ids) == self.config.image_token_id).sum())
                 if n_tokens != n_feats:
-                    raise ValueError(f"the prompt holds {n_tokens} image-pad tokens but image_grid_thw "
-                                     f"describes {n_feats} image features")
+                    raise ValueError(
+                        f"the prompt holds {n_tokens} image-pad tokens but image_grid_thw "
+                        f"describes {n_feats} image features"
+                    )
             vision_layout_arrays = vision_layout(grid, self.config.vision)
-        mask = input_ids == self.config.image_token_id if image_mask is None else jnp.asarray(image_mask, bool)
+        mask = (
+            input_ids == self.config.image_token_id if image_mask is None else jnp.asarray(image_mask, bool)
+        )
         if pixel_values.ndim == 3:
             return self._embed_rows(emb, mask, pixel_values, vision_layout_arrays, remat_policy)
         feats = self.visual(pixel_values, vision_layout_arrays, remat_policy).astype(emb.dtype)
@@ -155,15 +220,29 @@ class Qwen25VL(nnx.Module):
         """Per-row images ([B, S, C·T·P·P] from `vision.batched_vision_inputs`): row b's features go to
         row b's image-pad tokens, so rows can be split into micro-batches or sharded independently."""
         if layout is None:
-            raise ValueError("per-row pixel_values [B, S, D] need vision_layout_arrays from batched_vision_inputs")
+            raise ValueError(
+                "per-row pixel_values [B, S, D] need vision_layout_arrays from batched_vision_inputs"
+            )
         feats = self.visual(pixel_values, layout, remat_policy).astype(emb.dtype)  # [B, S / merge², dim]
         idx = jnp.clip(jnp.cumsum(mask, axis=1) - 1, 0, feats.shape[1] - 1)
         gathered = jnp.take_along_axis(feats, idx[..., None], axis=1)
         return jnp.where(mask[..., None], gathered, emb)
 
-    def __call__(self, input_ids, *, position_ids, attention_mask=None, pixel_values=None,
-                 image_grid_thw=None, vision_layout_arrays=None, cache=None, cache_index=None,
-                 return_hidden=False, remat_policy=None, image_mask=None):
+    def __call__(
+        self,
+        input_ids,
+        *,
+        position_ids,
+        attention_mask=None,
+        pixel_values=None,
+        image_grid_thw=None,
+        vision_layout_arrays=None,
+        cache=None,
+        cache_index=None,
+        return_hidden=False,
+        remat_policy=None,
+        image_mask=None,
+    ):
         """Logits [B, T, vocab]; with `cache`, returns (logits, new_cache).
 
         input_ids [B, T]; position_ids [3, B, T] (or [B, T] for text-only); attention_mask [B, T]
@@ -176,22 +255,36 @@ class Qwen25VL(nnx.Module):
         """
         t = self.config.text
         b, length = input_ids.shape
-        x = self.embed(input_ids, pixel_values, image_grid_thw, vision_layout_arrays, remat_policy=remat_policy,
-                       image_mask=image_mask)
+        x = self.embed(
+            input_ids,
+            pixel_values,
+            image_grid_thw,
+            vision_layout_arrays,
+            remat_policy=remat_policy,
+            image_mask=image_mask,
+        )
         position_ids = jnp.asarray(position_ids)
         if position_ids.ndim == 2:
             position_ids = jnp.broadcast_to(position_ids[None], (3,) + position_ids.shape)
         cos, sin = mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section)
 
         if cache is None:
-            seg = jnp.zeros((b, length), jnp.int32) if attention_mask is None else \
-                jnp.where(jnp.asarray(attention_mask).astype(bool), 0, -1)
+            seg = (
+                jnp.zeros((b, length), jnp.int32)
+                if attention_mask is None
+                else jnp.where(jnp.asarray(attention_mask).astype(bool), 0, -1)
+            )
             mask = (seg, seg)
         else:
             if cache_index is None or attention_mask is None:
-                raise ValueError("a cached forward needs cache_index and the [B, S] attention_mask over cache slots")
+                raise ValueError(
+                    "a cached forward needs cache_index and the [B, S] attention_mask over cache slots"
+                )
             # Queries are real; a left-padding query sees no valid key at or before its slot (zeros).
-            mask = (jnp.zeros((b, length), jnp.int32), jnp.where(jnp.asarray(attention_mask).astype(bool), 0, -1))
+            mask = (
+                jnp.zeros((b, length), jnp.int32),
+                jnp.where(jnp.asarray(attention_mask).astype(bool), 0, -1),
+            )
 
         k_all, v_all = (None, None) if cache is None else (cache["k"], cache["v"])
         for i, layer in enumerate(self.layers):

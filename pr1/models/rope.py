@@ -7,8 +7,8 @@ During decoding every row of a new token is `(real tokens so far) + delta`, with
 
 from __future__ import annotations
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 
 from pr1.models.config import Qwen25VLConfig
 
@@ -31,8 +31,16 @@ def rope_index(
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
     batch, length = input_ids.shape
-    mask = np.ones_like(input_ids, dtype=bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    grids = np.zeros((0, 3), np.int64) if image_grid_thw is None else np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
+    mask = (
+        np.ones_like(input_ids, dtype=bool)
+        if attention_mask is None
+        else np.asarray(attention_mask).astype(bool)
+    )
+    grids = (
+        np.zeros((0, 3), np.int64)
+        if image_grid_thw is None
+        else np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
+    )
     merge = config.vision.spatial_merge_size
     image_id = config.image_token_id
 
@@ -56,30 +64,37 @@ def rope_index(
                 i = j
                 continue
             if next_image >= len(grids):
-                raise ValueError(f"sequence {b} has more image blocks than image_grid_thw rows ({len(grids)})")
+                raise ValueError(
+                    f"sequence {b} has more image blocks than image_grid_thw rows ({len(grids)})"
+                )
             t, h, w = (int(x) for x in grids[next_image])
             next_image += 1
             gh, gw = h // merge, w // merge
             count = t * gh * gw
-            if i + count > n or not np.all(ids[i:i + count] == image_id):
+            if i + count > n or not np.all(ids[i : i + count] == image_id):
                 raise ValueError(
                     f"sequence {b}: image {next_image - 1} with grid {(t, h, w)} needs {count} consecutive "
-                    f"image-pad tokens at index {i}")
+                    f"image-pad tokens at index {i}"
+                )
             tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
             # Still images have t = 0 for every token (no temporal spacing).
-            pos[0, i:i + count] = start + tt.reshape(-1) * 0
-            pos[1, i:i + count] = start + hh.reshape(-1)
-            pos[2, i:i + count] = start + ww.reshape(-1)
+            pos[0, i : i + count] = start + tt.reshape(-1) * 0
+            pos[1, i : i + count] = start + hh.reshape(-1)
+            pos[2, i : i + count] = start + ww.reshape(-1)
             start += max(gh, gw)
             i += count
         position_ids[:, b, mask[b]] = pos
         deltas[b] = (pos.max() + 1 - n) if n else 0
     if next_image != len(grids):
-        raise ValueError(f"image_grid_thw has {len(grids)} rows but the batch holds {next_image} image blocks")
+        raise ValueError(
+            f"image_grid_thw has {len(grids)} rows but the batch holds {next_image} image blocks"
+        )
     return position_ids, deltas
 
 
-def decode_position_ids(num_real_tokens: np.ndarray | int, deltas: np.ndarray, num_tokens: int = 1) -> np.ndarray:
+def decode_position_ids(
+    num_real_tokens: np.ndarray | int, deltas: np.ndarray, num_tokens: int = 1
+) -> np.ndarray:
     """Position ids `[3, B, num_tokens]` for tokens appended after a prompt.
 
     `num_real_tokens` [B] counts the tokens already in each sequence, padding excluded (prompt length
@@ -98,7 +113,9 @@ def rotate_half(x: jnp.ndarray) -> jnp.ndarray:
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-def mrope_cos_sin(position_ids: jnp.ndarray, head_dim: int, theta: float, mrope_section) -> tuple[jnp.ndarray, jnp.ndarray]:
+def mrope_cos_sin(
+    position_ids: jnp.ndarray, head_dim: int, theta: float, mrope_section
+) -> tuple[jnp.ndarray, jnp.ndarray]:
     """cos/sin `[B, T, head_dim]` in fp32 for 3-row position ids `[3, B, T]`.
 
     Frequency slot s takes its angle from row t, h or w according to `mrope_section` (e.g. 16/24/24
@@ -113,7 +130,9 @@ def mrope_cos_sin(position_ids: jnp.ndarray, head_dim: int, theta: float, mrope_
     return jnp.cos(emb), jnp.sin(emb)
 
 
-def vision_cos_sin(hw_position_ids: jnp.ndarray, head_dim: int, theta: float) -> tuple[jnp.ndarray, jnp.ndarray]:
+def vision_cos_sin(
+    hw_position_ids: jnp.ndarray, head_dim: int, theta: float
+) -> tuple[jnp.ndarray, jnp.ndarray]:
     """2D rotary cos/sin `[..., N, head_dim]` in fp32 for patch positions `[..., N, 2]` (row h, column w).
 
     head_dim/4 frequencies over a spatial dim of head_dim/2; angles are [h·f ‖ w·f], repeated twice.

@@ -19,9 +19,16 @@ import ml_dtypes
 import numpy as np
 
 _DTYPES = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
@@ -34,7 +41,7 @@ def empty_aligned(shape, dtype) -> np.ndarray:
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     raw = np.empty(nbytes + _ALIGN, np.uint8)
     start = (-raw.ctypes.data) % _ALIGN
-    return raw[start:start + nbytes].view(dtype).reshape(shape)
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def _pread_into(fd: int, view: memoryview, offset: int, what: str) -> None:
@@ -99,14 +106,20 @@ class SafetensorsFile:
         if out is None:
             out = empty_aligned(shape, dtype)
         elif out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
-            raise ValueError(f"{self.path}: tensor {name} is {dtype}{list(shape)}; cannot read it into "
-                             f"{out.dtype}{list(out.shape)} (contiguous={out.flags.c_contiguous})")
+            raise ValueError(
+                f"{self.path}: tensor {name} is {dtype}{list(shape)}; cannot read it into "
+                f"{out.dtype}{list(out.shape)} (contiguous={out.flags.c_contiguous})"
+            )
         start, end = info["data_offsets"]
         if end - start != out.nbytes:
-            raise ValueError(f"{self.path}: tensor {name} spans {end - start} bytes, its shape needs {out.nbytes}")
+            raise ValueError(
+                f"{self.path}: tensor {name} spans {end - start} bytes, its shape needs {out.nbytes}"
+            )
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            _pread_into(fd, memoryview(out.reshape(-1).view(np.uint8)), self._base + start, f"{self.path} {name}")
+            _pread_into(
+                fd, memoryview(out.reshape(-1).view(np.uint8)), self._base + start, f"{self.path} {name}"
+            )
         finally:
             os.close(fd)
         return out
@@ -128,8 +141,12 @@ class SafetensorsFile:
             for r in range(0, rows, k):
                 n = min(k, rows - r)
                 block = scratch[:n]
-                _pread_into(fd, memoryview(block.reshape(-1).view(np.uint8)), self._base + start + r * row_bytes,
-                            f"{self.path} {name}")
+                _pread_into(
+                    fd,
+                    memoryview(block.reshape(-1).view(np.uint8)),
+                    self._base + start + r * row_bytes,
+                    f"{self.path} {name}",
+                )
                 yield r, block
         finally:
             os.close(fd)
@@ -141,7 +158,7 @@ class SafetensorsFile:
         if self._mmap is None:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
         start, end = info["data_offsets"]
-        buf = self._mmap[self._base + start:self._base + end]
+        buf = self._mmap[self._base + start : self._base + end]
         return buf.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
@@ -155,7 +172,11 @@ def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadata:
         if arr.dtype not in _NAMES:
             raise ValueError(f"tensor {name}: dtype {arr.dtype} cannot be stored in safetensors")
         arrays[name] = arr
-        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        header[name] = {
+            "dtype": _NAMES[arr.dtype],
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
         offset += arr.nbytes
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -170,7 +191,9 @@ def save_file(tensors: dict[str, np.ndarray], path: str | os.PathLike, metadata:
                 before = f.tell()
                 arr.write(f)
                 if f.tell() - before != arr.nbytes:
-                    raise ValueError(f"tensor {name}: its writer wrote {f.tell() - before} bytes, not {arr.nbytes}")
+                    raise ValueError(
+                        f"tensor {name}: its writer wrote {f.tell() - before} bytes, not {arr.nbytes}"
+                    )
             elif arr.nbytes:  # the array's own buffer, not a tobytes() copy of it
                 f.write(memoryview(arr.reshape(-1).view(np.uint8)))
     os.replace(tmp, path)

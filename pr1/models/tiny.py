@@ -41,9 +41,16 @@ def preset_overrides(preset: str) -> dict:
 PRESETS = ("default", "vllm")
 
 
-def write_tiny_checkpoint(out: str | os.PathLike, *, seed: int = 0, tie_word_embeddings: bool = False,
-                          min_pixels: int = 3136, max_pixels: int = 200_704, preset: str = "default",
-                          **config_overrides) -> str:
+def write_tiny_checkpoint(
+    out: str | os.PathLike,
+    *,
+    seed: int = 0,
+    tie_word_embeddings: bool = False,
+    min_pixels: int = 3136,
+    max_pixels: int = 200_704,
+    preset: str = "default",
+    **config_overrides,
+) -> str:
     """Write the tiny checkpoint dir at `out` and return its path.
 
     max_pixels defaults small (256 patches) so debug images stay cheap on a CPU. `preset` picks the
@@ -71,13 +78,24 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory to write (replaced if it exists)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    parser.add_argument("--tie-word-embeddings", action="store_true", help="share input and output embeddings")
+    parser.add_argument(
+        "--tie-word-embeddings", action="store_true", help="share input and output embeddings"
+    )
     parser.add_argument("--max-pixels", type=int, default=200_704, help="image processor max_pixels")
-    parser.add_argument("--preset", choices=PRESETS, default="default",
-                        help="attention shape: default (head_dim 16) or vllm (head_dim 32, for vLLM's CPU build)")
+    parser.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default="default",
+        help="attention shape: default (head_dim 16) or vllm (head_dim 32, for vLLM's CPU build)",
+    )
     args = parser.parse_args(argv)
-    path = write_tiny_checkpoint(args.out, seed=args.seed, tie_word_embeddings=args.tie_word_embeddings,
-                                 max_pixels=args.max_pixels, preset=args.preset)
+    path = write_tiny_checkpoint(
+        args.out,
+        seed=args.seed,
+        tie_word_embeddings=args.tie_word_embeddings,
+        max_pixels=args.max_pixels,
+        preset=args.preset,
+    )
     print(f"wrote tiny Qwen2.5-VL checkpoint to {path}: {', '.join(sorted(os.listdir(path)))}")
     return 0
 

@@ -22,7 +22,17 @@ from __future__ import annotations
 import json
 import os
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 
 NUM_REGULAR_TOKENS = 500
 
@@ -152,22 +162,38 @@ def build_tokenizer() -> Tokenizer:
     decoder and post-processor), so transformers' `Qwen2Tokenizer`, which rebuilds that pipeline around
     the vocab and merges, tokenizes exactly like the tokenizer.json written here.
     """
-    tok = Tokenizer(models.BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
-                               fuse_unk=False, byte_fallback=False))
+    tok = Tokenizer(
+        models.BPE(
+            unk_token=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+            byte_fallback=False,
+        )
+    )
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     tok.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     # All 256 byte symbols are in the initial alphabet, so any text encodes without an unknown token.
-    trainer = trainers.BpeTrainer(vocab_size=NUM_REGULAR_TOKENS, min_frequency=1, show_progress=False,
-                                  special_tokens=[], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=NUM_REGULAR_TOKENS,
+        min_frequency=1,
+        show_progress=False,
+        special_tokens=[],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS.strip().splitlines(keepends=True), trainer=trainer)
     if tok.get_vocab_size() != NUM_REGULAR_TOKENS:
-        raise RuntimeError(f"the built-in corpus yields {tok.get_vocab_size()} BPE tokens, "
-                           f"expected {NUM_REGULAR_TOKENS}; add text to CORPUS")
+        raise RuntimeError(
+            f"the built-in corpus yields {tok.get_vocab_size()} BPE tokens, "
+            f"expected {NUM_REGULAR_TOKENS}; add text to CORPUS"
+        )
     tok.add_special_tokens([_special(t) for t in SPECIAL_TOKENS])
     for i, t in enumerate(SPECIAL_TOKENS):
         if tok.token_to_id(t) != NUM_REGULAR_TOKENS + i:
@@ -177,8 +203,14 @@ def build_tokenizer() -> Tokenizer:
 
 def _tokenizer_config() -> dict:
     added = {
-        str(NUM_REGULAR_TOKENS + i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                      "single_word": False, "special": True}
+        str(NUM_REGULAR_TOKENS + i): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
         for i, t in enumerate(SPECIAL_TOKENS)
     }
     return {
@@ -186,8 +218,14 @@ def _tokenizer_config() -> dict:
         "add_prefix_space": False,
         "added_tokens_decoder": added,
         # As in the released tokenizer_config.json (transformers 5 reads it as extra_special_tokens).
-        "additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                                      "<|image_pad|>", "<|video_pad|>"],
+        "additional_special_tokens": [
+            "<|im_start|>",
+            "<|im_end|>",
+            "<|vision_start|>",
+            "<|vision_end|>",
+            "<|image_pad|>",
+            "<|video_pad|>",
+        ],
         "bos_token": None,
         "clean_up_tokenization_spaces": False,
         "eos_token": "<|im_end|>",
@@ -228,7 +266,9 @@ def _dump(path: str, obj: dict, sort_keys: bool = True) -> None:
         f.write("\n")
 
 
-def write_tokenizer_files(out_dir: str | os.PathLike, *, min_pixels: int = 3136, max_pixels: int = 12845056) -> list[str]:
+def write_tokenizer_files(
+    out_dir: str | os.PathLike, *, min_pixels: int = 3136, max_pixels: int = 12845056
+) -> list[str]:
     """Write tokenizer.json, vocab.json, merges.txt, tokenizer_config.json, chat_template.jinja and
     preprocessor_config.json into the existing directory `out_dir`; returns the written paths.
 
@@ -239,7 +279,9 @@ def write_tokenizer_files(out_dir: str | os.PathLike, *, min_pixels: int = 3136,
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"{out_dir} is not a directory; create it (with config.json) first")
     if not 0 < min_pixels <= max_pixels:
-        raise ValueError(f"need 0 < min_pixels <= max_pixels, got min_pixels={min_pixels}, max_pixels={max_pixels}")
+        raise ValueError(
+            f"need 0 < min_pixels <= max_pixels, got min_pixels={min_pixels}, max_pixels={max_pixels}"
+        )
     tok = build_tokenizer()
     spec = json.loads(tok.to_str())
     written = []

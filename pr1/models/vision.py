@@ -19,9 +19,9 @@ arrays, which keeps every shape static for a given patch-slot count (`patch_buck
 
 from __future__ import annotations
 
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pr1.models.attention import attention
@@ -31,7 +31,9 @@ from pr1.models.rope import vision_cos_sin
 
 # The per-row layout arrays that travel with `pixel_values` (see `batched_vision_inputs`).
 LAYOUT_KEYS = ("hw_position_ids", "frame_ids", "window_ids", "feature_index")
-PATCH_BUCKET = 256  # patch-slot counts above this are padded to a multiple of it (a multiple of window_patches)
+PATCH_BUCKET = (
+    256  # patch-slot counts above this are padded to a multiple of it (a multiple of window_patches)
+)
 
 
 def window_patches(config: VisionConfig) -> int:
@@ -65,7 +67,9 @@ def patch_bucket(slots: int, minimum: int = PATCH_BUCKET, window: int = 64) -> i
     return -(-size // step) * step
 
 
-def vision_layout(grid_thw: np.ndarray, config: VisionConfig, num_patches: int | None = None) -> dict[str, np.ndarray]:
+def vision_layout(
+    grid_thw: np.ndarray, config: VisionConfig, num_patches: int | None = None
+) -> dict[str, np.ndarray]:
     """The window-ordered slot layout of a concatenation of images/frames with grids `[n, 3]` (T, H, W).
 
     Slots: `num_patches` (default: `patch_slots(grid_thw)`), each window a run of `window_patches`
@@ -81,12 +85,18 @@ def vision_layout(grid_thw: np.ndarray, config: VisionConfig, num_patches: int |
     needed = patch_slots(grid_thw, config)
     slots = needed if num_patches is None else num_patches
     if slots < needed:
-        raise ValueError(f"the images need {needed} patch slots (window order), more than the bucket's {slots}")
+        raise ValueError(
+            f"the images need {needed} patch slots (window order), more than the bucket's {slots}"
+        )
     if slots % window_patches(config):
         raise ValueError(f"num_patches {slots} must be a multiple of {window_patches(config)} (one window)")
-    out = {"patch_index": np.full(slots, -1, np.int64), "hw_position_ids": np.zeros((slots, 2), np.int32),
-           "frame_ids": np.full(slots, -1, np.int32), "window_ids": np.full(slots, -1, np.int32),
-           "feature_index": np.zeros(slots // mm, np.int32)}
+    out = {
+        "patch_index": np.full(slots, -1, np.int64),
+        "hw_position_ids": np.zeros((slots, 2), np.int32),
+        "frame_ids": np.full(slots, -1, np.int32),
+        "window_ids": np.full(slots, -1, np.int32),
+        "feature_index": np.zeros(slots // mm, np.int32),
+    }
     slot = patch_base = frame = window = feature = 0
     for t, h, w in grid_thw:
         if h % m or w % m:
@@ -104,12 +114,16 @@ def vision_layout(grid_thw: np.ndarray, config: VisionConfig, num_patches: int |
             n_units = len(units)
             unit_slots = slot // mm + np.arange(n_units)
             # Input patch of each slot: unit u's patches are u·mm .. u·mm + mm-1 in merge-block order.
-            pidx = np.where(real[:, None], patch_base + units[:, None] * mm + np.arange(mm)[None, :], -1).reshape(-1)
+            pidx = np.where(
+                real[:, None], patch_base + units[:, None] * mm + np.arange(mm)[None, :], -1
+            ).reshape(-1)
             rows = (units // gw)[:, None] * m + np.arange(mm)[None, :] // m
             cols = (units % gw)[:, None] * m + np.arange(mm)[None, :] % m
             sl = slice(slot, slot + n_units * mm)
             out["patch_index"][sl] = pidx
-            out["hw_position_ids"][sl] = np.where(real[:, None, None], np.stack([rows, cols], -1), 0).reshape(-1, 2)
+            out["hw_position_ids"][sl] = np.where(real[:, None, None], np.stack([rows, cols], -1), 0).reshape(
+                -1, 2
+            )
             out["frame_ids"][sl] = np.where(np.repeat(real, mm), frame, -1)
             out["window_ids"][sl] = np.where(np.repeat(real, mm), window + np.repeat(win, mm), -1)
             # Token order is the unit's raster index within the frame.
@@ -122,8 +136,9 @@ def vision_layout(grid_thw: np.ndarray, config: VisionConfig, num_patches: int |
     return out
 
 
-def batched_vision_inputs(pixel_values: list, grids: list, config: VisionConfig, num_patches: int,
-                          dtype=np.float32) -> dict[str, np.ndarray]:
+def batched_vision_inputs(
+    pixel_values: list, grids: list, config: VisionConfig, num_patches: int, dtype=np.float32
+) -> dict[str, np.ndarray]:
     """Per-row vision inputs in `num_patches` window-ordered slots per row, for batches that are split
     into micro-batches or sharded by row (the learner, the sampler).
 
@@ -134,9 +149,11 @@ def batched_vision_inputs(pixel_values: list, grids: list, config: VisionConfig,
     id -1, so they never attend to (or are attended by) a real patch, and they are never gathered.
     """
     if num_patches % window_patches(config):
-        raise ValueError(f"num_patches {num_patches} must be a multiple of {window_patches(config)} (one window)")
+        raise ValueError(
+            f"num_patches {num_patches} must be a multiple of {window_patches(config)} (one window)"
+        )
     b = len(pixel_values)
-    mm = config.spatial_merge_size ** 2
+    mm = config.spatial_merge_size**2
     out = {
         "pixel_values": np.zeros((b, num_patches, config.patch_dim), dtype),
         "hw_position_ids": np.zeros((b, num_patches, 2), np.int32),
@@ -153,8 +170,10 @@ def batched_vision_inputs(pixel_values: list, grids: list, config: VisionConfig,
             raise ValueError(f"row {row}: {e}") from None
         pidx = layout["patch_index"]
         if len(pix) != int(np.asarray(grid).reshape(-1, 3).prod(-1).sum()):
-            raise ValueError(f"row {row} has {len(pix)} image patches but its grids describe "
-                             f"{int(np.asarray(grid).reshape(-1, 3).prod(-1).sum())}")
+            raise ValueError(
+                f"row {row} has {len(pix)} image patches but its grids describe "
+                f"{int(np.asarray(grid).reshape(-1, 3).prod(-1).sum())}"
+            )
         real = pidx >= 0
         out["pixel_values"][row, real] = np.asarray(pix)[pidx[real]].astype(dtype)
         for key in LAYOUT_KEYS:
@@ -164,10 +183,14 @@ def batched_vision_inputs(pixel_values: list, grids: list, config: VisionConfig,
 
 def layout_shapes(rows: int, num_patches: int, config: VisionConfig) -> dict[str, tuple]:
     """(shape, dtype) of each per-row vision array (`pixel_values` in fp32), for planning and lowering."""
-    mm = config.spatial_merge_size ** 2
-    return {"pixel_values": ((rows, num_patches, config.patch_dim), np.float32),
-            "hw_position_ids": ((rows, num_patches, 2), np.int32), "frame_ids": ((rows, num_patches), np.int32),
-            "window_ids": ((rows, num_patches), np.int32), "feature_index": ((rows, num_patches // mm), np.int32)}
+    mm = config.spatial_merge_size**2
+    return {
+        "pixel_values": ((rows, num_patches, config.patch_dim), np.float32),
+        "hw_position_ids": ((rows, num_patches, 2), np.int32),
+        "frame_ids": ((rows, num_patches), np.int32),
+        "window_ids": ((rows, num_patches), np.int32),
+        "feature_index": ((rows, num_patches // mm), np.int32),
+    }
 
 
 class VisionAttention(nnx.Module):
@@ -175,8 +198,22 @@ class VisionAttention(nnx.Module):
         self.num_heads = cfg.num_heads
         self.window = window_patches(cfg)
         self.attention = attention
-        self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size, use_bias=True, axes=("vit_embed", "vit_qkv"), dtype=dtype, rngs=rngs)
-        self.proj = Linear(cfg.hidden_size, cfg.hidden_size, use_bias=True, axes=("vit_heads", "vit_embed"), dtype=dtype, rngs=rngs)
+        self.qkv = Linear(
+            cfg.hidden_size,
+            3 * cfg.hidden_size,
+            use_bias=True,
+            axes=("vit_embed", "vit_qkv"),
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.proj = Linear(
+            cfg.hidden_size,
+            cfg.hidden_size,
+            use_bias=True,
+            axes=("vit_heads", "vit_embed"),
+            dtype=dtype,
+            rngs=rngs,
+        )
 
     def __call__(self, x, cos, sin, segment_ids, windowed: bool):
         """x [B, S, dim] in window-ordered slots; `windowed`: attend within each window's slot run,
@@ -192,8 +229,14 @@ class VisionAttention(nnx.Module):
             # One dense [window, window] attention per window slot: the batch of windows is B·S/window.
             w = self.window
             split = lambda a: a.reshape((b * n // w, w) + a.shape[2:])
-            out = attention(split(q), split(k), split(v), causal=False, segment_ids=split(segment_ids),
-                            implementation="xla")
+            out = attention(
+                split(q),
+                split(k),
+                split(v),
+                causal=False,
+                segment_ids=split(segment_ids),
+                implementation="xla",
+            )
         else:
             out = attention(q, k, v, causal=False, segment_ids=segment_ids, implementation=self.attention)
         return self.proj(out.reshape(b, n, dim))
@@ -201,9 +244,30 @@ class VisionAttention(nnx.Module):
 
 class VisionMLP(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, use_bias=True, axes=("vit_embed", "vit_mlp"), dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, use_bias=True, axes=("vit_embed", "vit_mlp"), dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, use_bias=True, axes=("vit_mlp", "vit_embed"), dtype=dtype, rngs=rngs)
+        self.gate_proj = Linear(
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            use_bias=True,
+            axes=("vit_embed", "vit_mlp"),
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.up_proj = Linear(
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            use_bias=True,
+            axes=("vit_embed", "vit_mlp"),
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.down_proj = Linear(
+            cfg.intermediate_size,
+            cfg.hidden_size,
+            use_bias=True,
+            axes=("vit_mlp", "vit_embed"),
+            dtype=dtype,
+            rngs=rngs,
+        )
         self.act = activation(cfg.hidden_act)
 
     def __call__(self, x):
@@ -211,7 +275,9 @@ class VisionMLP(nnx.Module):
 
 
 class VisionBlock(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs, windowed: bool = True, attention: str = "auto"):
+    def __init__(
+        self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs, windowed: bool = True, attention: str = "auto"
+    ):
         self.norm1 = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="vit_embed", dtype=dtype)
         self.norm2 = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="vit_embed", dtype=dtype)
         self.attn = VisionAttention(cfg, dtype=dtype, rngs=rngs, attention=attention)
@@ -227,10 +293,19 @@ class PatchMerger(nnx.Module):
     """RMSNorm per patch, concatenate each 2×2 block, Linear → exact GELU → Linear to the LM width."""
 
     def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
-        merged = cfg.hidden_size * cfg.spatial_merge_size ** 2
+        merged = cfg.hidden_size * cfg.spatial_merge_size**2
         self.ln_q = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, axis_name="vit_embed", dtype=dtype)
-        self.fc1 = Linear(merged, merged, use_bias=True, axes=("vit_merged", "vit_merged_out"), dtype=dtype, rngs=rngs)
-        self.fc2 = Linear(merged, cfg.out_hidden_size, use_bias=True, axes=("vit_merged_out", "embed"), dtype=dtype, rngs=rngs)
+        self.fc1 = Linear(
+            merged, merged, use_bias=True, axes=("vit_merged", "vit_merged_out"), dtype=dtype, rngs=rngs
+        )
+        self.fc2 = Linear(
+            merged,
+            cfg.out_hidden_size,
+            use_bias=True,
+            axes=("vit_merged_out", "embed"),
+            dtype=dtype,
+            rngs=rngs,
+        )
         self.merged = merged
 
     def __call__(self, x):
@@ -244,7 +319,14 @@ class PatchEmbed(nnx.Module):
     """The Conv3d with kernel = stride = (T, P, P) over pre-flattened patches is a single matmul."""
 
     def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
-        self.proj = Linear(cfg.patch_dim, cfg.hidden_size, use_bias=False, axes=("vit_patch", "vit_embed"), dtype=dtype, rngs=rngs)
+        self.proj = Linear(
+            cfg.patch_dim,
+            cfg.hidden_size,
+            use_bias=False,
+            axes=("vit_patch", "vit_embed"),
+            dtype=dtype,
+            rngs=rngs,
+        )
 
     def __call__(self, pixel_values):
         return self.proj(pixel_values.astype(self.proj.kernel.dtype))
@@ -255,8 +337,12 @@ class VisionTower(nnx.Module):
         self.cfg = cfg
         full = set(cfg.fullatt_block_indexes)
         self.patch_embed = PatchEmbed(cfg, dtype=dtype, rngs=rngs)
-        self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, rngs=rngs, windowed=i not in full, attention=attention)
-                                for i in range(cfg.depth)])
+        self.blocks = nnx.List(
+            [
+                VisionBlock(cfg, dtype=dtype, rngs=rngs, windowed=i not in full, attention=attention)
+                for i in range(cfg.depth)
+            ]
+        )
         self.merger = PatchMerger(cfg, dtype=dtype, rngs=rngs)
 
     def __call__(self, pixel_values, layout: dict, remat_policy=None) -> jnp.ndarray:
@@ -272,10 +358,12 @@ class VisionTower(nnx.Module):
             pidx = jnp.asarray(layout["patch_index"])
             rows = jnp.where((pidx >= 0)[:, None], jnp.take(pixel_values, jnp.maximum(pidx, 0), axis=0), 0)
             batched = {k: jnp.asarray(layout[k])[None] for k in LAYOUT_KEYS}
-            n_feats = pixel_values.shape[0] // self.cfg.spatial_merge_size ** 2
+            n_feats = pixel_values.shape[0] // self.cfg.spatial_merge_size**2
             return self(rows[None], batched, remat_policy)[0, :n_feats]
         x = self.patch_embed(pixel_values)
-        cos, sin = vision_cos_sin(jnp.asarray(layout["hw_position_ids"]), self.cfg.head_dim, self.cfg.rope_theta)
+        cos, sin = vision_cos_sin(
+            jnp.asarray(layout["hw_position_ids"]), self.cfg.head_dim, self.cfg.rope_theta
+        )
         frame_ids, window_ids = jnp.asarray(layout["frame_ids"]), jnp.asarray(layout["window_ids"])
         for block in self.blocks:
             run = block if remat_policy is None else rematerialized(block, remat_policy)

@@ -147,9 +147,16 @@ class AccuracyScorer:
     serialised). `close()` stops the workers; the next call starts a new pool.
     """
 
-    def __init__(self, *, workers: int | None = None, timeout: float = 5.0, kill_grace: float = 5.0,
-                 verify_fn: Callable[[str, str], float] = verify_answer,
-                 start_method: str = "forkserver", startup_timeout: float = 120.0):
+    def __init__(
+        self,
+        *,
+        workers: int | None = None,
+        timeout: float = 5.0,
+        kill_grace: float = 5.0,
+        verify_fn: Callable[[str, str], float] = verify_answer,
+        start_method: str = "forkserver",
+        startup_timeout: float = 120.0,
+    ):
         if timeout <= 0 or kill_grace <= 0:
             raise ValueError(f"accuracy timeout and kill_grace must be > 0, got {timeout}, {kill_grace}")
         if start_method == "fork":
@@ -169,8 +176,9 @@ class AccuracyScorer:
     def _get_pool(self) -> cf.ProcessPoolExecutor:
         if self._pool is None:
             ctx = multiprocessing.get_context(self.start_method)
-            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init,
-                                                initargs=(self.verify_fn,))
+            self._pool = cf.ProcessPoolExecutor(
+                self.workers, mp_context=ctx, initializer=_worker_init, initargs=(self.verify_fn,)
+            )
             # Wait until every worker has answered, so that start-up (seconds: sympy, and the
             # entry module that spawn/forkserver children re-import) never counts against an
             # item's deadline.
@@ -185,7 +193,8 @@ class AccuracyScorer:
                 raise RuntimeError(
                     f"the math-verify worker pool ({self.start_method}) did not start: {e!r}. Its "
                     "workers re-import the main module: scripts need an `if __name__ == '__main__':` "
-                    "guard, and verify_fn must be importable by module name") from e
+                    "guard, and verify_fn must be importable by module name"
+                ) from e
         return self._pool
 
     def _kill_pool(self) -> None:
@@ -252,8 +261,11 @@ class AccuracyScorer:
                     submit(pool, pending.popleft())
 
             next_deadline = min(t0 for _, t0 in running.values()) + hard
-            done, _ = cf.wait(list(running), timeout=max(0.0, next_deadline - time.monotonic()),
-                              return_when=cf.FIRST_COMPLETED)
+            done, _ = cf.wait(
+                list(running),
+                timeout=max(0.0, next_deadline - time.monotonic()),
+                return_when=cf.FIRST_COMPLETED,
+            )
             broken = []
             for fut in done:
                 i, _ = running.pop(fut)
@@ -288,8 +300,9 @@ class AccuracyScorer:
                 for f in expired:
                     i, _ = running.pop(f)
                     status[i], scores[i] = "timeout", 0.0
-                    log.warning("math-verify item %d ignored its %.1fs timeout; restarting the pool",
-                                i, self.timeout)
+                    log.warning(
+                        "math-verify item %d ignored its %.1fs timeout; restarting the pool", i, self.timeout
+                    )
                 # The other in-flight items lose their workers too: run them again from the start.
                 pending.extendleft(i for i, _ in running.values())
                 running.clear()

@@ -58,20 +58,33 @@ def rewards_config() -> ml_collections.ConfigDict:
     c.weights = ml_collections.ConfigDict(dict(accuracy=0.9, format=0.1, perception=0.7, repetition=1.0))
     c.repetition = ml_collections.ConfigDict(dict(n=20, max_penalty=-2.0))
     c.accuracy = ml_collections.ConfigDict(dict(workers=0, timeout=5.0, kill_grace=5.0))
-    c.judge = ml_collections.ConfigDict(dict(
-        url="", model="Qwen2.5-32B-Instruct", api_key_env="PR1_JUDGE_API_KEY",
-        temperature=0.0, max_tokens=512, max_concurrency=256, requests_per_minute=0.0,
-        timeout=120.0, connect_timeout=10.0, retries=4, backoff=1.0, backoff_max=30.0,
-        cache_size=200_000, failure_policy="zero", max_failure_rate=0.1,
-        # Upper bound on one judge prompt, counted as UTF-8 bytes (a byte-level BPE token such as
-        # Qwen's covers at least one byte, so bytes bound tokens from above): a request that could
-        # exceed it is not sent and its judgement fails, naming the sizes. Qwen2.5-32B-Instruct
-        # reads 32,768 tokens, max_tokens of which are the reply.
-        max_prompt_tokens=32_000,
-        # Ask the judge even when weights.perception is 0, so an accuracy-only run still logs its
-        # perception reward (as a measurement: it does not enter the total).
-        measure_unweighted=False,
-    ))
+    c.judge = ml_collections.ConfigDict(
+        dict(
+            url="",
+            model="Qwen2.5-32B-Instruct",
+            api_key_env="PR1_JUDGE_API_KEY",
+            temperature=0.0,
+            max_tokens=512,
+            max_concurrency=256,
+            requests_per_minute=0.0,
+            timeout=120.0,
+            connect_timeout=10.0,
+            retries=4,
+            backoff=1.0,
+            backoff_max=30.0,
+            cache_size=200_000,
+            failure_policy="zero",
+            max_failure_rate=0.1,
+            # Upper bound on one judge prompt, counted as UTF-8 bytes (a byte-level BPE token such as
+            # Qwen's covers at least one byte, so bytes bound tokens from above): a request that could
+            # exceed it is not sent and its judgement fails, naming the sizes. Qwen2.5-32B-Instruct
+            # reads 32,768 tokens, max_tokens of which are the reply.
+            max_prompt_tokens=32_000,
+            # Ask the judge even when weights.perception is 0, so an accuracy-only run still logs its
+            # perception reward (as a measurement: it does not enter the total).
+            measure_unweighted=False,
+        )
+    )
     return c
 
 
@@ -81,16 +94,22 @@ def check_config(cfg) -> None:
         if name not in cfg.weights:
             raise ValueError(f"rewards.weights.{name} is missing")
     if cfg.judge.failure_policy not in FAILURE_POLICIES:
-        raise ValueError(f"rewards.judge.failure_policy must be one of {FAILURE_POLICIES}, "
-                         f"got {cfg.judge.failure_policy!r}")
+        raise ValueError(
+            f"rewards.judge.failure_policy must be one of {FAILURE_POLICIES}, "
+            f"got {cfg.judge.failure_policy!r}"
+        )
     if not 0.0 <= cfg.judge.max_failure_rate <= 1.0:
-        raise ValueError(f"rewards.judge.max_failure_rate must be in [0, 1], got {cfg.judge.max_failure_rate}")
+        raise ValueError(
+            f"rewards.judge.max_failure_rate must be in [0, 1], got {cfg.judge.max_failure_rate}"
+        )
     j = cfg.judge
     if j.url:
         u = urllib.parse.urlsplit(str(j.url))
         if u.scheme not in ("http", "https") or not u.hostname:
-            raise ValueError(f"rewards.judge.url {j.url!r} must look like http://host:port/v1 (empty: the offline "
-                             "lexical judge)")
+            raise ValueError(
+                f"rewards.judge.url {j.url!r} must look like http://host:port/v1 (empty: the offline "
+                "lexical judge)"
+            )
     for key in ("timeout", "connect_timeout"):
         if j[key] <= 0:
             raise ValueError(f"rewards.judge.{key} must be > 0, got {j[key]}")
@@ -115,8 +134,10 @@ def judge_share(judge_cfg, processes: int = 1) -> tuple[int, float]:
         raise ValueError(f"processes must be >= 1, got {processes}")
     total = int(judge_cfg.max_concurrency)
     if total < processes:
-        raise ValueError(f"rewards.judge.max_concurrency={total} is the judge service's total, split over "
-                         f"{processes} processes: it must be at least {processes} (one request each)")
+        raise ValueError(
+            f"rewards.judge.max_concurrency={total} is the judge service's total, split over "
+            f"{processes} processes: it must be at least {processes} (one request each)"
+        )
     return total // processes, float(judge_cfg.requests_per_minute) / processes
 
 
@@ -141,8 +162,19 @@ class RewardOutput:
     metrics: dict[str, float]
 
 
-def combine(accuracy, fmt, perception, repetition, *, failed=None, judged=None, malformed=None,
-            group_size: int | None = None, config=None, first_error: str = "") -> RewardOutput:
+def combine(
+    accuracy,
+    fmt,
+    perception,
+    repetition,
+    *,
+    failed=None,
+    judged=None,
+    malformed=None,
+    group_size: int | None = None,
+    config=None,
+    first_error: str = "",
+) -> RewardOutput:
     """Total reward per response from per-component arrays [N] and the judge's failure flags.
 
     failed: [N] bool, the judgement failed after retries. judged: [N] bool, a judge call was made
@@ -152,8 +184,10 @@ def combine(accuracy, fmt, perception, repetition, *, failed=None, judged=None, 
     """
     cfg = config if config is not None else rewards_config()
     check_config(cfg)
-    arrays = {name: np.asarray(x, np.float32) for name, x in
-              zip(COMPONENTS, (accuracy, fmt, perception, repetition))}
+    arrays = {
+        name: np.asarray(x, np.float32)
+        for name, x in zip(COMPONENTS, (accuracy, fmt, perception, repetition))
+    }
     n = arrays["accuracy"].shape[0]
     for name, x in arrays.items():
         if x.shape != (n,):
@@ -167,45 +201,63 @@ def combine(accuracy, fmt, perception, repetition, *, failed=None, judged=None, 
     rate = n_failed / n_judged if n_judged else 0.0
     hint = f" First error: {first_error}" if first_error else ""
     if n_failed and policy == "fail":
-        raise JudgeFailureError(f"{n_failed} of {n_judged} perception judgements failed this step and "
-                                f"rewards.judge.failure_policy='fail'.{hint}")
+        raise JudgeFailureError(
+            f"{n_failed} of {n_judged} perception judgements failed this step and "
+            f"rewards.judge.failure_policy='fail'.{hint}"
+        )
     if rate > cfg.judge.max_failure_rate:
-        raise JudgeFailureError(f"{n_failed} of {n_judged} perception judgements failed this step "
-                                f"({rate:.1%}), above rewards.judge.max_failure_rate="
-                                f"{cfg.judge.max_failure_rate}; is the judge server healthy?{hint}")
+        raise JudgeFailureError(
+            f"{n_failed} of {n_judged} perception judgements failed this step "
+            f"({rate:.1%}), above rewards.judge.max_failure_rate="
+            f"{cfg.judge.max_failure_rate}; is the judge server healthy?{hint}"
+        )
 
     used = np.ones(n, bool)
     dropped_groups = 0
     if policy == "drop" and n_failed:
         if not group_size or n % group_size:
-            raise ValueError(f"failure_policy 'drop' needs group_size dividing {n} responses, got {group_size}")
+            raise ValueError(
+                f"failure_policy 'drop' needs group_size dividing {n} responses, got {group_size}"
+            )
         bad = failed.reshape(-1, group_size).any(axis=1)
         dropped_groups = int(bad.sum())
         used = ~np.repeat(bad, group_size)
     # Under "zero" a failed judgement contributes 0, whatever value the caller passed.
     perception = np.where(used & ~failed, arrays["perception"], 0.0).astype(np.float32)
     w = cfg.weights
-    totals = (w.accuracy * arrays["accuracy"] + w.format * arrays["format"]
-              + w.perception * perception + w.repetition * arrays["repetition"]).astype(np.float32)
+    totals = (
+        w.accuracy * arrays["accuracy"]
+        + w.format * arrays["format"]
+        + w.perception * perception
+        + w.repetition * arrays["repetition"]
+    ).astype(np.float32)
 
     components = dict(arrays, perception=perception, perception_used=used.astype(np.float32))
-    metrics = {f"rewards/{name}/mean": float(arrays[name].mean()) if n else 0.0
-               for name in ("accuracy", "format", "repetition")}
+    metrics = {
+        f"rewards/{name}/mean": float(arrays[name].mean()) if n else 0.0
+        for name in ("accuracy", "format", "repetition")
+    }
     metrics["rewards/perception/mean"] = float(perception[used].mean()) if used.any() else 0.0
     metrics["rewards/total/mean"] = float(totals.mean()) if n else 0.0
-    metrics.update({"judge/failures": float(n_failed), "judge/failure_rate": float(rate),
-                    "judge/malformed": float(malformed.sum()), "judge/dropped_groups": float(dropped_groups)})
+    metrics.update(
+        {
+            "judge/failures": float(n_failed),
+            "judge/failure_rate": float(rate),
+            "judge/malformed": float(malformed.sum()),
+            "judge/dropped_groups": float(dropped_groups),
+        }
+    )
     return RewardOutput(totals, components, metrics)
 
 
 class RewardStage:
     """Computes all reward terms of a rollout batch, asynchronously.
 
-    `await stage.score(...)` from async code, or `stage.submit(...)` from the (synchronous) trainer:
-    it returns a concurrent.futures.Future at once and runs on the stage's own event-loop thread,
-    so the learner's logprob pass proceeds meanwhile. The accuracy pool runs in a worker thread of
-    that loop, in parallel with the judge requests. `close()` stops the thread, the judge's idle
-connections and the accuracy pool (unless the scorer was passed in).
+        `await stage.score(...)` from async code, or `stage.submit(...)` from the (synchronous) trainer:
+        it returns a concurrent.futures.Future at once and runs on the stage's own event-loop thread,
+        so the learner's logprob pass proceeds meanwhile. The accuracy pool runs in a worker thread of
+        that loop, in parallel with the judge requests. `close()` stops the thread, the judge's idle
+    connections and the accuracy pool (unless the scorer was passed in).
     """
 
     def budget_line(self) -> str:
@@ -215,12 +267,20 @@ connections and the accuracy pool (unless the scorer was passed in).
         c = self.judge.client
         rpm = f"{c.requests_per_minute:g} requests/minute" if c.requests_per_minute else "no rate limit"
         total = self.cfg.judge
-        return (f"judge {c.url}: this process's share of the service budget: {c.max_concurrency} requests in flight "
-                f"(rewards.judge.max_concurrency={total.max_concurrency} in total), {rpm} "
-                f"(rewards.judge.requests_per_minute={total.requests_per_minute:g} in total)")
+        return (
+            f"judge {c.url}: this process's share of the service budget: {c.max_concurrency} requests in flight "
+            f"(rewards.judge.max_concurrency={total.max_concurrency} in total), {rpm} "
+            f"(rewards.judge.requests_per_minute={total.requests_per_minute:g} in total)"
+        )
 
-    def __init__(self, config=None, *, judge: Judge | None = None, scorer: AccuracyScorer | None = None,
-                 processes: int = 1):
+    def __init__(
+        self,
+        config=None,
+        *,
+        judge: Judge | None = None,
+        scorer: AccuracyScorer | None = None,
+        processes: int = 1,
+    ):
         """processes: how many processes call the judge service (the training run's process count);
         each takes its share of the judge budget."""
         self.cfg = config if config is not None else rewards_config()
@@ -228,18 +288,29 @@ connections and the accuracy pool (unless the scorer was passed in).
         self.judge = judge if judge is not None else make_judge(self.cfg.judge, processes)
         acc = self.cfg.accuracy
         self._owns_scorer = scorer is None  # a scorer passed in may be shared: its owner closes it
-        self.scorer = scorer if scorer is not None else AccuracyScorer(
-            workers=acc.workers or None, timeout=acc.timeout, kill_grace=acc.kill_grace)
+        self.scorer = (
+            scorer
+            if scorer is not None
+            else AccuracyScorer(workers=acc.workers or None, timeout=acc.timeout, kill_grace=acc.kill_grace)
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    async def score(self, responses: Sequence[str], answers: Sequence[str], annotations: Sequence,
-                    *, group_size: int | None = None) -> RewardOutput:
+    async def score(
+        self,
+        responses: Sequence[str],
+        answers: Sequence[str],
+        annotations: Sequence,
+        *,
+        group_size: int | None = None,
+    ) -> RewardOutput:
         """Rewards of N responses; annotations[i] is a list or the `<info1>…` string form."""
         if not len(responses) == len(answers) == len(annotations):
-            raise ValueError(f"{len(responses)} responses, {len(answers)} answers, "
-                             f"{len(annotations)} annotation lists: they must match")
+            raise ValueError(
+                f"{len(responses)} responses, {len(answers)} answers, "
+                f"{len(annotations)} annotation lists: they must match"
+            )
         # With gamma = 0 (the accuracy-only baseline) no judge is asked, its verdicts would not count,
         # unless judge.measure_unweighted asks for them as a measurement.
         judged = bool(self.cfg.weights.perception) or bool(self.cfg.judge.get("measure_unweighted", False))
@@ -255,16 +326,29 @@ connections and the accuracy pool (unless the scorer was passed in).
         rep = self.cfg.repetition
         failed = [j.failed for j in judgements]
         out = combine(
-            accuracy, [format_reward(r) for r in responses], [j.score for j in judgements],
+            accuracy,
+            [format_reward(r) for r in responses],
+            [j.score for j in judgements],
             [repetition_penalty(r, rep.n, rep.max_penalty) for r in responses],
-            failed=failed, judged=[bool(a) for a in anns], malformed=[j.malformed for j in judgements],
-            group_size=group_size, config=self.cfg,
-            first_error=next((j.error for j in judgements if j.failed), ""))
-        out.metrics.update({"accuracy/timeouts": float(timeouts), "accuracy/errors": float(errors),
-                            "judge/neutralized": float(sum(j.neutralized > 0 for j in judgements))})
+            failed=failed,
+            judged=[bool(a) for a in anns],
+            malformed=[j.malformed for j in judgements],
+            group_size=group_size,
+            config=self.cfg,
+            first_error=next((j.error for j in judgements if j.failed), ""),
+        )
+        out.metrics.update(
+            {
+                "accuracy/timeouts": float(timeouts),
+                "accuracy/errors": float(errors),
+                "judge/neutralized": float(sum(j.neutralized > 0 for j in judgements)),
+            }
+        )
         return out
 
-    def stream(self, answers: Sequence[str], annotations: Sequence, *, group_size: int | None = None) -> "RewardStream":
+    def stream(
+        self, answers: Sequence[str], annotations: Sequence, *, group_size: int | None = None
+    ) -> "RewardStream":
         """A batch of len(answers) responses scored as they arrive: `add(i, response)` from any thread
         as response i finishes (its judge request and accuracy check start then), `finish()` once all
         are added gives a Future of the same RewardOutput `submit` would."""
@@ -273,13 +357,16 @@ connections and the accuracy pool (unless the scorer was passed in).
     def submit(self, responses, answers, annotations, *, group_size: int | None = None):
         """Starts `score` on the stage's loop thread; returns a concurrent.futures.Future."""
         return asyncio.run_coroutine_threadsafe(
-            self.score(responses, answers, annotations, group_size=group_size), self._ensure_loop())
+            self.score(responses, answers, annotations, group_size=group_size), self._ensure_loop()
+        )
 
     def _ensure_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
             if self._loop is None:
                 self._loop = asyncio.new_event_loop()
-                self._thread = threading.Thread(target=self._loop.run_forever, name="pr1-rewards", daemon=True)
+                self._thread = threading.Thread(
+                    target=self._loop.run_forever, name="pr1-rewards", daemon=True
+                )
                 self._thread.start()
             return self._loop
 
@@ -308,7 +395,9 @@ class RewardStream:
 
     def __init__(self, stage: RewardStage, answers, annotations, group_size):
         if len(answers) != len(annotations):
-            raise ValueError(f"{len(answers)} answers but {len(annotations)} annotation lists: they must match")
+            raise ValueError(
+                f"{len(answers)} answers but {len(annotations)} annotation lists: they must match"
+            )
         self.stage, self.group_size = stage, group_size
         self.answers = [str(a) for a in answers]
         self.anns = [as_annotations(a) if stage.cfg.weights.perception else [] for a in annotations]
@@ -348,8 +437,11 @@ class RewardStream:
     async def _score_accuracy(self) -> None:
         while self._queue:
             batch, self._queue = self._queue, []
-            acc = await asyncio.to_thread(self.stage.scorer.score_batch, [self.responses[i] for i in batch],
-                                          [self.answers[i] for i in batch])
+            acc = await asyncio.to_thread(
+                self.stage.scorer.score_batch,
+                [self.responses[i] for i in batch],
+                [self.answers[i] for i in batch],
+            )
             self._accuracy[batch] = acc.scores
             self._timeouts += acc.timeouts
             self._errors += acc.errors
@@ -367,5 +459,12 @@ class RewardStream:
                 await self._session.__aexit__(None, None, None)
         if self._drain is not None:
             self._drain.result()  # an accuracy-pool failure surfaces here
-        return self.stage._output(self.responses, self._accuracy, self._timeouts, self._errors, judgements,
-                                  self.anns, self.group_size)
+        return self.stage._output(
+            self.responses,
+            self._accuracy,
+            self._timeouts,
+            self._errors,
+            judgements,
+            self.anns,
+            self.group_size,
+        )

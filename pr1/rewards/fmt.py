@@ -11,9 +11,7 @@ import re
 
 # `$` is kept as released; under fullmatch it changes nothing (a trailing newline after </answer>
 # is still not matched, because nothing after `$` may consume it). DOTALL lets .*? span lines.
-FORMAT_PATTERN = re.compile(
-    r"^<think>\n.*?\n</think>\n<answer>\n.*?\\boxed{.+?}.*?\n</answer>$", re.DOTALL
-)
+FORMAT_PATTERN = re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\\boxed{.+?}.*?\n</answer>$", re.DOTALL)
 
 
 def format_reward(response: str) -> float:

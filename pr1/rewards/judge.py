@@ -23,8 +23,13 @@ import re
 from typing import Iterable, Sequence
 
 from pr1.chat import ChatClient, ChatConfigError
-from pr1.rewards.perception import (PROMPT_VERSION, Judgement, build_messages, judgement_from_reply,
-                                   prompt_token_bound)
+from pr1.rewards.perception import (
+    PROMPT_VERSION,
+    Judgement,
+    build_messages,
+    judgement_from_reply,
+    prompt_token_bound,
+)
 
 # A judge misconfiguration (bad URL, key or model name) that retrying cannot fix.
 JudgeError = ChatConfigError
@@ -153,19 +158,44 @@ class OpenAIJudge(Judge):
     judgement fails naming the sizes (counter `oversized_prompts`), and the failure policy applies.
     """
 
-    def __init__(self, base_url: str, model: str, *, api_key_env: str = "PR1_JUDGE_API_KEY",
-                 temperature: float = 0.0, max_tokens: int = 512, max_concurrency: int = 256,
-                 requests_per_minute: float = 0, timeout: float = 120.0, connect_timeout: float = 10.0,
-                 retries: int = 4, backoff: float = 1.0, backoff_max: float = 30.0,
-                 cache_size: int = 200_000, seed: int | None = None, max_prompt_tokens: int = 32_000):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key_env: str = "PR1_JUDGE_API_KEY",
+        temperature: float = 0.0,
+        max_tokens: int = 512,
+        max_concurrency: int = 256,
+        requests_per_minute: float = 0,
+        timeout: float = 120.0,
+        connect_timeout: float = 10.0,
+        retries: int = 4,
+        backoff: float = 1.0,
+        backoff_max: float = 30.0,
+        cache_size: int = 200_000,
+        seed: int | None = None,
+        max_prompt_tokens: int = 32_000,
+    ):
         super().__init__(cache_size=cache_size, max_concurrency=max_concurrency)
         if max_prompt_tokens < 1:
             raise ValueError(f"judge max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
         self.max_prompt_tokens = int(max_prompt_tokens)
-        self.client = ChatClient(base_url, model, role="judge", api_key_env=api_key_env,
-                                 max_concurrency=max_concurrency, requests_per_minute=requests_per_minute,
-                                 timeout=timeout, connect_timeout=connect_timeout, retries=retries,
-                                 backoff=backoff, backoff_max=backoff_max, seed=seed, counters=self.counters)
+        self.client = ChatClient(
+            base_url,
+            model,
+            role="judge",
+            api_key_env=api_key_env,
+            max_concurrency=max_concurrency,
+            requests_per_minute=requests_per_minute,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            retries=retries,
+            backoff=backoff,
+            backoff_max=backoff_max,
+            seed=seed,
+            counters=self.counters,
+        )
         self.url = self.client.url
         self.model = model
         self.api_key_env = api_key_env
@@ -175,17 +205,29 @@ class OpenAIJudge(Judge):
     @classmethod
     def from_config(cls, cfg) -> "OpenAIJudge":
         """From the `judge` block of `combine.rewards_config()`."""
-        return cls(cfg.url, cfg.model, api_key_env=cfg.api_key_env, temperature=cfg.temperature,
-                   max_tokens=cfg.max_tokens, max_concurrency=cfg.max_concurrency,
-                   requests_per_minute=cfg.requests_per_minute, timeout=cfg.timeout,
-                   connect_timeout=cfg.connect_timeout, retries=cfg.retries, backoff=cfg.backoff,
-                   backoff_max=cfg.backoff_max, cache_size=cfg.cache_size,
-                   max_prompt_tokens=cfg.get("max_prompt_tokens", 32_000))
+        return cls(
+            cfg.url,
+            cfg.model,
+            api_key_env=cfg.api_key_env,
+            temperature=cfg.temperature,
+            max_tokens=cfg.max_tokens,
+            max_concurrency=cfg.max_concurrency,
+            requests_per_minute=cfg.requests_per_minute,
+            timeout=cfg.timeout,
+            connect_timeout=cfg.connect_timeout,
+            retries=cfg.retries,
+            backoff=cfg.backoff,
+            backoff_max=cfg.backoff_max,
+            cache_size=cfg.cache_size,
+            max_prompt_tokens=cfg.get("max_prompt_tokens", 32_000),
+        )
 
     def __repr__(self) -> str:
         key = "set" if os.environ.get(self.api_key_env) else "unset"
-        return (f"OpenAIJudge(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r} "
-                f"({key}), max_concurrency={self.max_concurrency})")
+        return (
+            f"OpenAIJudge(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r} "
+            f"({key}), max_concurrency={self.max_concurrency})"
+        )
 
     def _cache_salt(self) -> str:
         return f"{self.url}|{self.model}|{self.temperature}|{self.max_tokens}"
@@ -195,10 +237,16 @@ class OpenAIJudge(Judge):
         bound = prompt_token_bound(messages)
         if bound > self.max_prompt_tokens:
             self.counters["oversized_prompts"] += 1
-            return Judgement(score=0.0, failed=True, neutralized=neutralized, error=(
-                f"judge {self.url}: prompt of up to {bound} tokens ({len(annotations)} annotations, "
-                f"{len(response.encode('utf-8', 'surrogatepass'))} response bytes) is over "
-                f"rewards.judge.max_prompt_tokens={self.max_prompt_tokens}; not sent"))
+            return Judgement(
+                score=0.0,
+                failed=True,
+                neutralized=neutralized,
+                error=(
+                    f"judge {self.url}: prompt of up to {bound} tokens ({len(annotations)} annotations, "
+                    f"{len(response.encode('utf-8', 'surrogatepass'))} response bytes) is over "
+                    f"rewards.judge.max_prompt_tokens={self.max_prompt_tokens}; not sent"
+                ),
+            )
         reply = await self.client.complete(messages, temperature=self.temperature, max_tokens=self.max_tokens)
         if reply.failed:
             return Judgement(score=0.0, failed=True, neutralized=neutralized, error=reply.error)
@@ -231,18 +279,69 @@ _LATEX = [
     (r"\\(?:left|right)\b", ""),
     (r"\\[,;:! ]|\$|\\[()\[\]]|[{}]", " "),
 ]
-_UNICODE = str.maketrans({"−": "-", "–": "-", "×": "*", "·": "*", "÷": "/", "π": "pi",
-                          "√": "sqrt", "⊥": " perpendicular ", "∥": " parallel ", "＝": "="})
+_UNICODE = str.maketrans(
+    {
+        "−": "-",
+        "–": "-",
+        "×": "*",
+        "·": "*",
+        "÷": "/",
+        "π": "pi",
+        "√": "sqrt",
+        "⊥": " perpendicular ",
+        "∥": " parallel ",
+        "＝": "=",
+    }
+)
 _WORDS = [(r"\bm\s*∠", "∠"), (r"\bangles?\s+(?=[A-Z]{1,3}\b)", "∠"), (r"\bdeg(?:rees?)?\b", "°")]
 _OPS = re.compile(r"\s*([-+*/^=<>])\s*|(?<=\()\s+|\s+(?=\))")
 _RUN = re.compile(r"[A-Za-z0-9.+\-*/^=()]+")
 _NUMBER = re.compile(r"(?<![A-Za-z])\d+(?:\.\d+)?")
 _NAME = re.compile(r"(?<![A-Za-z])([A-Z]{1,5}|[b-z])(?![A-Za-z])")
-_RELATIONS = {"perpendicular", "parallel", "tangent", "diameter", "radius", "midpoint", "bisects",
-              "bisector", "isosceles", "equilateral", "congruent", "similar", "square", "rectangle",
-              "rhombus", "trapezoid", "parallelogram", "circle", "chord", "arc", "right", "inscribed"}
-_STOP = {"that", "this", "with", "from", "have", "which", "their", "there", "where", "into",
-         "length", "measure", "value", "given", "figure", "shown", "equal", "equals"}
+_RELATIONS = {
+    "perpendicular",
+    "parallel",
+    "tangent",
+    "diameter",
+    "radius",
+    "midpoint",
+    "bisects",
+    "bisector",
+    "isosceles",
+    "equilateral",
+    "congruent",
+    "similar",
+    "square",
+    "rectangle",
+    "rhombus",
+    "trapezoid",
+    "parallelogram",
+    "circle",
+    "chord",
+    "arc",
+    "right",
+    "inscribed",
+}
+_STOP = {
+    "that",
+    "this",
+    "with",
+    "from",
+    "have",
+    "which",
+    "their",
+    "there",
+    "where",
+    "into",
+    "length",
+    "measure",
+    "value",
+    "given",
+    "figure",
+    "shown",
+    "equal",
+    "equals",
+}
 
 
 def _normalize(text: str) -> str:

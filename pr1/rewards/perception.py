@@ -120,8 +120,12 @@ def judgement_from_reply(text: str, num_annotations: int, *, neutralized: int = 
     parsed = parse_judgement(text)
     m = num_annotations
     verdicts = tuple(parsed[:m]) + (0.0,) * max(0, m - len(parsed))
-    return Judgement(score=sum(verdicts) / (m + _EPS) if m else 0.0, verdicts=verdicts,
-                     malformed=len(parsed) != m, neutralized=neutralized)
+    return Judgement(
+        score=sum(verdicts) / (m + _EPS) if m else 0.0,
+        verdicts=verdicts,
+        malformed=len(parsed) != m,
+        neutralized=neutralized,
+    )
 
 
 def as_annotations(value) -> list[str]:
@@ -180,7 +184,9 @@ def neutralize(response: str) -> tuple[str, int]:
     return text, total
 
 
-def build_messages(response: str, annotations: Sequence[str], *, guard: bool = True) -> tuple[list[dict], int]:
+def build_messages(
+    response: str, annotations: Sequence[str], *, guard: bool = True
+) -> tuple[list[dict], int]:
     """OpenAI chat messages asking for one verdict per annotation, and the guard's replacement count.
 
     `guard=False` exists only so tests can show the guard is what stops an injection.
@@ -191,8 +197,10 @@ def build_messages(response: str, annotations: Sequence[str], *, guard: bool = T
         neutralized = 0
     items = "\n".join(f"{k}. {' '.join(a.split())}" for k, a in enumerate(annotations, 1))
     m = len(annotations)
-    user = (f"Visual key information:\n{items}\n{FENCE_OPEN}\n{response}\n{FENCE_CLOSE}\n"
-            f"Reply with exactly {m} tags, <info1> to <info{m}>.")
+    user = (
+        f"Visual key information:\n{items}\n{FENCE_OPEN}\n{response}\n{FENCE_CLOSE}\n"
+        f"Reply with exactly {m} tags, <info1> to <info{m}>."
+    )
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}], neutralized
 
 
@@ -208,8 +216,11 @@ def prompt_token_bound(messages: list[dict]) -> int:
     total = _TEMPLATE_TOKENS_REPLY
     for m in messages:
         content = m.get("content")
-        texts = [content] if isinstance(content, str) else [
-            str(p.get("text", "")) for p in content or [] if isinstance(p, dict)]
+        texts = (
+            [content]
+            if isinstance(content, str)
+            else [str(p.get("text", "")) for p in content or [] if isinstance(p, dict)]
+        )
         total += _TEMPLATE_TOKENS_PER_MESSAGE + sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
     return total
 
@@ -217,4 +228,4 @@ def prompt_token_bound(messages: list[dict]) -> int:
 def fenced_response(user_message: str) -> str:
     """The response text between the fences of a user message built here (for stubs and tests)."""
     start = user_message.index(FENCE_OPEN + "\n") + len(FENCE_OPEN) + 1
-    return user_message[start:user_message.rindex("\n" + FENCE_CLOSE)]
+    return user_message[start : user_message.rindex("\n" + FENCE_CLOSE)]

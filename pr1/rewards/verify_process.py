@@ -45,8 +45,14 @@ class VerifyProcess:
     worker is killed. `counters`: items, timeouts, errors, restarts. Thread-safe (calls are serialised).
     """
 
-    def __init__(self, *, verify_fn: str = DEFAULT_VERIFY, timeout: float = 5.0, kill_grace: float = 5.0,
-                 startup_timeout: float = 120.0):
+    def __init__(
+        self,
+        *,
+        verify_fn: str = DEFAULT_VERIFY,
+        timeout: float = 5.0,
+        kill_grace: float = 5.0,
+        startup_timeout: float = 120.0,
+    ):
         if timeout <= 0 or kill_grace <= 0:
             raise ValueError(f"accuracy timeout and kill_grace must be > 0, got {timeout}, {kill_grace}")
         self.verify_fn = verify_fn
@@ -60,8 +66,10 @@ class VerifyProcess:
 
     def score(self, response: str, answer: str) -> float:
         """1.0 iff the response's <answer> (else all of it) equals `answer`; 0.0 on timeout or error."""
-        request = json.dumps({"content": extract_answer(response), "answer": str(answer),
-                              "timeout": self.timeout}) + "\n"
+        request = (
+            json.dumps({"content": extract_answer(response), "answer": str(answer), "timeout": self.timeout})
+            + "\n"
+        )
         with self._lock:
             self.counters["items"] += 1
             proc = self._ensure()
@@ -99,14 +107,21 @@ class VerifyProcess:
             return self._proc
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-        self._proc = subprocess.Popen([sys.executable, "-m", "pr1.rewards.verify_process", self.verify_fn],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, bufsize=0)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "pr1.rewards.verify_process", self.verify_fn],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            bufsize=0,
+        )
         self._buf = b""
         ready = self._readline(self._proc, self.startup_timeout)
         if not ready or not json.loads(ready).get("ready"):
             self._kill()
-            raise RuntimeError(f"the math-verify worker process ({sys.executable} -m pr1.rewards.verify_process "
-                               f"{self.verify_fn}) did not start within {self.startup_timeout:g}s; see its stderr")
+            raise RuntimeError(
+                f"the math-verify worker process ({sys.executable} -m pr1.rewards.verify_process "
+                f"{self.verify_fn}) did not start within {self.startup_timeout:g}s; see its stderr"
+            )
         return self._proc
 
     def _readline(self, proc: subprocess.Popen, timeout: float) -> bytes | None:

@@ -111,7 +111,9 @@ def zero_std_fraction(rewards, group_size: int):
 
 def _check_temperature(temperature) -> None:
     if _is_static_number(temperature) and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (greedy decoding has no log-probs to match), got {temperature}")
+        raise ValueError(
+            f"temperature must be > 0 (greedy decoding has no log-probs to match), got {temperature}"
+        )
 
 
 def token_logprobs(logits, targets, temperature: float = 1.0):
@@ -255,7 +257,11 @@ def chunk_token_weights(mask, chunk_responses: int):
     gradients are averaged. The chunks are fixed by row order, so the value does not depend on how
     the rows are later split into micro-batches or laid over devices.
     """
-    if isinstance(chunk_responses, bool) or not isinstance(chunk_responses, numbers.Integral) or chunk_responses < 1:
+    if (
+        isinstance(chunk_responses, bool)
+        or not isinstance(chunk_responses, numbers.Integral)
+        or chunk_responses < 1
+    ):
         raise ValueError(f"chunk_responses must be a Python int >= 1, got {chunk_responses!r}")
     valid = _valid(mask)
     rows = valid.shape[0]
@@ -264,12 +270,23 @@ def chunk_token_weights(mask, chunk_responses: int):
     padded = jnp.pad(row_tokens, (0, n_chunks * chunk_responses - rows))
     chunk_tokens = padded.reshape(n_chunks, chunk_responses).sum(axis=-1)
     used = (chunk_tokens > 0).sum().astype(F32)
-    per_chunk = jnp.where(chunk_tokens > 0, 1.0 / (jnp.maximum(used, 1.0) * jnp.maximum(chunk_tokens, 1.0)), 0.0)
+    per_chunk = jnp.where(
+        chunk_tokens > 0, 1.0 / (jnp.maximum(used, 1.0) * jnp.maximum(chunk_tokens, 1.0)), 0.0
+    )
     return jnp.repeat(per_chunk, chunk_responses)[:rows]
 
 
-def aggregate_loss(token_losses, mask, mode: str, *, num_tokens=None, num_sequences=None, horizon=None,
-                   row_weights=None, chunk_responses=None):
+def aggregate_loss(
+    token_losses,
+    mask,
+    mode: str,
+    *,
+    num_tokens=None,
+    num_sequences=None,
+    horizon=None,
+    row_weights=None,
+    chunk_responses=None,
+):
     """Reduce per-token losses [B, T] to a scalar; masked positions never contribute.
 
     With m = mask, l = token_losses, n_b = sum_t m[b, t] and S = {b : n_b > 0}:
@@ -383,7 +400,9 @@ def logprob_mismatch(old_logprobs, rollout_logprobs, mask):
     Returns a dict of float32 scalars (0 for an all-padding batch).
     """
     valid = _valid(mask)
-    d = jnp.where(valid, jnp.asarray(old_logprobs).astype(F32) - jnp.asarray(rollout_logprobs).astype(F32), 0.0)
+    d = jnp.where(
+        valid, jnp.asarray(old_logprobs).astype(F32) - jnp.asarray(rollout_logprobs).astype(F32), 0.0
+    )
     diff = jnp.abs(d)
     return {
         "sampler_trainer/logp_diff": _masked_mean(diff, valid),
@@ -440,7 +459,9 @@ def grpo_loss(
     if valid.shape != logp.shape:
         raise ValueError(f"mask shape {valid.shape} does not match logprobs shape {logp.shape}")
     if tis_cap is not None and rollout_logprobs is None:
-        raise ValueError("tis_cap is set but rollout_logprobs were not given; TIS needs the rollout engine's logprobs")
+        raise ValueError(
+            "tis_cap is set but rollout_logprobs were not given; TIS needs the rollout engine's logprobs"
+        )
 
     def clean(x, name):
         x = jnp.asarray(x)
@@ -469,8 +490,14 @@ def grpo_loss(
 
     def agg(x):
         return aggregate_loss(
-            x, valid, loss_agg, num_tokens=num_tokens, num_sequences=num_sequences, horizon=horizon,
-            row_weights=row_weights, chunk_responses=chunk_responses,
+            x,
+            valid,
+            loss_agg,
+            num_tokens=num_tokens,
+            num_sequences=num_sequences,
+            horizon=horizon,
+            row_weights=row_weights,
+            chunk_responses=chunk_responses,
         )
 
     pg_loss = agg(token_losses)

@@ -100,15 +100,26 @@ class RemoteEngine:
     `<|im_end|>` from `tokenizer` and `model_def.config`.
     """
 
-    kind = "rollout"            # the server's name in messages
-    config_key = "rollout.?"    # where its knobs live, for messages
-    launch_script = "launch/"   # how to start one, for messages
+    kind = "rollout"  # the server's name in messages
+    config_key = "rollout.?"  # where its knobs live, for messages
+    launch_script = "launch/"  # how to start one, for messages
     Error = RemoteEngineError
     # Config knobs of this engine's section beyond the ones every remote engine takes.
     extra_config_keys: tuple[str, ...] = ()
-    _CONFIG_KEYS = ("concurrency", "request_timeout_s", "connect_timeout_s", "health_timeout_s", "health_attempts",
-                    "update_timeout_s", "max_attempts", "backoff_base_s", "backoff_cap_s", "keep_versions",
-                    "weights_dtype", "check_prompt_tokens")
+    _CONFIG_KEYS = (
+        "concurrency",
+        "request_timeout_s",
+        "connect_timeout_s",
+        "health_timeout_s",
+        "health_attempts",
+        "update_timeout_s",
+        "max_attempts",
+        "backoff_base_s",
+        "backoff_cap_s",
+        "keep_versions",
+        "weights_dtype",
+        "check_prompt_tokens",
+    )
 
     @classmethod
     def from_config(cls, cfg, **kwargs):
@@ -117,30 +128,53 @@ class RemoteEngine:
         knobs = {key: cfg[key] for key in cls._CONFIG_KEYS + cls.extra_config_keys}
         return cls(list(cfg.urls), **knobs, **kwargs)
 
-    def __init__(self, urls: Sequence[str], *, model_def=None, workdir: str | os.PathLike | None = None,
-                 tokenizer=None, stop_token_ids: Sequence[int] | None = None,
-                 assets_from: str | os.PathLike | None = None, concurrency: int = 64,
-                 request_timeout_s: float = 600.0, connect_timeout_s: float = 10.0,
-                 health_timeout_s: float = 30.0, health_attempts: int = 3, update_timeout_s: float = 600.0,
-                 max_attempts: int = 5, backoff_base_s: float = 0.5, backoff_cap_s: float = 30.0,
-                 keep_versions: int = 2, weights_dtype=None, check_prompt_tokens: bool = True,
-                 restart_timeout_s: float = 0.0, check_health: bool = True):
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        model_def=None,
+        workdir: str | os.PathLike | None = None,
+        tokenizer=None,
+        stop_token_ids: Sequence[int] | None = None,
+        assets_from: str | os.PathLike | None = None,
+        concurrency: int = 64,
+        request_timeout_s: float = 600.0,
+        connect_timeout_s: float = 10.0,
+        health_timeout_s: float = 30.0,
+        health_attempts: int = 3,
+        update_timeout_s: float = 600.0,
+        max_attempts: int = 5,
+        backoff_base_s: float = 0.5,
+        backoff_cap_s: float = 30.0,
+        keep_versions: int = 2,
+        weights_dtype=None,
+        check_prompt_tokens: bool = True,
+        restart_timeout_s: float = 0.0,
+        check_health: bool = True,
+    ):
         if isinstance(urls, str):
             urls = [urls]
         self.urls = list(dict.fromkeys(str(u).rstrip("/") for u in urls))
         if not self.urls:
-            raise ValueError(f"{self.config_key}.urls is empty; start a server with {self.launch_script} and "
-                             "pass its URL")
+            raise ValueError(
+                f"{self.config_key}.urls is empty; start a server with {self.launch_script} and pass its URL"
+            )
         self._parts = {u: split_url(u, self.kind) for u in self.urls}
-        for name, value, low in (("concurrency", concurrency, 1), ("max_attempts", max_attempts, 1),
-                                 ("health_attempts", health_attempts, 1), ("keep_versions", keep_versions, 1)):
+        for name, value, low in (
+            ("concurrency", concurrency, 1),
+            ("max_attempts", max_attempts, 1),
+            ("health_attempts", health_attempts, 1),
+            ("keep_versions", keep_versions, 1),
+        ):
             if int(value) < low:
                 raise ValueError(f"{self.config_key}.{name} must be >= {low}, got {value}")
         if stop_token_ids is None and tokenizer is not None and model_def is not None:
             stop_token_ids = default_stop_token_ids(tokenizer, model_def.config)
         if not stop_token_ids:
-            raise ValueError(f"{type(self).__name__} needs default stop token ids (EOS, <|im_end|>): pass "
-                             "stop_token_ids, or tokenizer and model_def")
+            raise ValueError(
+                f"{type(self).__name__} needs default stop token ids (EOS, <|im_end|>): pass "
+                "stop_token_ids, or tokenizer and model_def"
+            )
         self.stop_token_ids = tuple(int(t) for t in stop_token_ids)
         self.model_def = model_def
         self.tokenizer = tokenizer
@@ -187,8 +221,9 @@ class RemoteEngine:
     def _sampling_payload(self, sampling: SamplingParams, stop: tuple[int, ...]) -> dict:
         raise NotImplementedError
 
-    def _attempt(self, url: str, rid: str, p: int, s: int, prompt: Prompt, images: list[str],
-                 params: dict) -> Completion:
+    def _attempt(
+        self, url: str, rid: str, p: int, s: int, prompt: Prompt, images: list[str], params: dict
+    ) -> Completion:
         """One request for one sample on `url`; raises Retry for what repeating may fix."""
         raise NotImplementedError
 
@@ -210,8 +245,14 @@ class RemoteEngine:
         (samples from a server that lost the pushed weights, e.g. restarted), resyncs (such a server
         given the current weights again) and restarts_waited (lost servers waited for)."""
         with self._lock:
-            out = {"requests": 0, "samples": 0, "weight_syncs": 0, "resyncs": 0, "retries/stale_weights": 0,
-                   "restarts_waited": 0}
+            out = {
+                "requests": 0,
+                "samples": 0,
+                "weight_syncs": 0,
+                "resyncs": 0,
+                "retries/stale_weights": 0,
+                "restarts_waited": 0,
+            }
             out.update({f"retries/{k}": 0 for k in RETRY_KINDS})
             out.update(self._stats)
             return out
@@ -221,8 +262,14 @@ class RemoteEngine:
         last = None
         for attempt in range(1, attempts + 1):
             try:
-                status, body = self._http(url, "GET", "/health", None, self.health_timeout_s,
-                                          connect_timeout=min(self.connect_timeout_s, self.health_timeout_s))
+                status, body = self._http(
+                    url,
+                    "GET",
+                    "/health",
+                    None,
+                    self.health_timeout_s,
+                    connect_timeout=min(self.connect_timeout_s, self.health_timeout_s),
+                )
                 if status == 200:
                     return None
                 last = f"HTTP {status} {body[:200]!r}"
@@ -238,14 +285,21 @@ class RemoteEngine:
             results = list(pool.map(lambda u: self._probe(u, self.health_attempts), self.urls))
         dead = [f"{u} ({err})" for u, err in zip(self.urls, results) if err is not None]
         if dead:
-            raise self.Error(f"{self.kind} rollout server(s) not healthy after {self.health_attempts} tries of "
-                             f"GET /health: {'; '.join(dead)}. Start them with {self.launch_script} and "
-                             f"wait until they answer, or fix {self.config_key}.urls.")
+            raise self.Error(
+                f"{self.kind} rollout server(s) not healthy after {self.health_attempts} tries of "
+                f"GET /health: {'; '.join(dead)}. Start them with {self.launch_script} and "
+                f"wait until they answer, or fix {self.config_key}.urls."
+            )
 
     streams_completions = True  # generate(on_complete=...) hands over each completion as it finishes
 
-    def generate(self, prompts: Sequence[Prompt], sampling: SamplingParams, n: int = 1,
-                 on_complete: Callable[[Completion], None] | None = None) -> list[Completion]:
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        sampling: SamplingParams,
+        n: int = 1,
+        on_complete: Callable[[Completion], None] | None = None,
+    ) -> list[Completion]:
         """n completions per prompt, prompt-major (p0s0, p0s1, ..., p1s0, ...). `on_complete(c)` is
         called with each completion as soon as its request finishes (on a worker thread; an exception
         there fails the generate), so rewards can be scored while the rest is still generating."""
@@ -258,16 +312,22 @@ class RemoteEngine:
         for i, p in enumerate(prompts):
             pads = p.text.count(IMAGE_PAD)
             if pads != len(p.images):
-                raise ValueError(f"prompt {i}: its text holds {pads} {IMAGE_PAD} placeholders but it carries "
-                                 f"{len(p.images)} images (the {self.kind} engine sends Prompt.images, not "
-                                 "pixel_values)")
+                raise ValueError(
+                    f"prompt {i}: its text holds {pads} {IMAGE_PAD} placeholders but it carries "
+                    f"{len(p.images)} images (the {self.kind} engine sends Prompt.images, not "
+                    "pixel_values)"
+                )
         params = self._sampling_payload(sampling, stop)
         cancel = threading.Event()
         images = list(self._pool.map(lambda p: [image_data_uri(im) for im in p.images], prompts))
-        sample = self._sample if on_complete is None else (
-            lambda *a: _handed_over(self._sample(*a), on_complete))
-        futures = [self._pool.submit(sample, p, s, prompts[p], images[p], params, cancel)
-                   for p in range(len(prompts)) for s in range(n)]
+        sample = (
+            self._sample if on_complete is None else (lambda *a: _handed_over(self._sample(*a), on_complete))
+        )
+        futures = [
+            self._pool.submit(sample, p, s, prompts[p], images[p], params, cancel)
+            for p in range(len(prompts))
+            for s in range(n)
+        ]
         cf.wait(futures, return_when=cf.FIRST_EXCEPTION)
         failed = [f for f in futures if f.done() and not f.cancelled() and f.exception() is not None]
         if failed:
@@ -280,7 +340,9 @@ class RemoteEngine:
     def sync_weights(self, params, step: int) -> None:
         """Write `params` as `<workdir>/weights/step-N/` and load it into every server (see module doc)."""
         if self.model_def is None or self.workdir is None:
-            raise ValueError(f"{type(self).__name__}.sync_weights needs model_def= and workdir= at construction")
+            raise ValueError(
+                f"{type(self).__name__}.sync_weights needs model_def= and workdir= at construction"
+            )
         from pr1.models import hf  # the model stack is only needed for weight sync
 
         version = f"step-{int(step)}"
@@ -296,6 +358,7 @@ class RemoteEngine:
         if jax.process_count() > 1:
             # Every process learns the outcome, so none waits forever or samples from stale servers.
             from jax.experimental import multihost_utils
+
             ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
             if not int(ok) and error is None:
                 error = self.Error(f"{self.kind} weight sync to {version} failed on process 0 (see its log)")
@@ -316,8 +379,9 @@ class RemoteEngine:
 
     # -- one sample ---------------------------------------------------------------------------------
 
-    def _sample(self, p: int, s: int, prompt: Prompt, images: list[str], params: dict,
-                cancel: threading.Event) -> Completion:
+    def _sample(
+        self, p: int, s: int, prompt: Prompt, images: list[str], params: dict, cancel: threading.Event
+    ) -> Completion:
         tried, last_url, last_error = [], None, None
         attempt, restarts = 0, 0
         while attempt < self.max_attempts:
@@ -353,18 +417,31 @@ class RemoteEngine:
                     self._stats[f"retries/{e.kind}"] += 1
                 tried.append(url)
                 last_url, last_error = url, e
-                if (e.kind == "connection" and self.restart_timeout_s > 0 and len(self.urls) == 1
-                        and restarts < self.max_attempts and self._await_restart(url, e, cancel)):
+                if (
+                    e.kind == "connection"
+                    and self.restart_timeout_s > 0
+                    and len(self.urls) == 1
+                    and restarts < self.max_attempts
+                    and self._await_restart(url, e, cancel)
+                ):
                     attempt -= 1  # the server was down and is back: a fresh start, not a failed try
                     restarts += 1
                     continue
                 if attempt < self.max_attempts:
-                    log.warning("%s %s attempt %d/%d failed (%s): %s", self.kind, url, attempt,
-                                self.max_attempts, e.kind, e)
+                    log.warning(
+                        "%s %s attempt %d/%d failed (%s): %s",
+                        self.kind,
+                        url,
+                        attempt,
+                        self.max_attempts,
+                        e.kind,
+                        e,
+                    )
                     cancel.wait(self._backoff(attempt))
         raise self.Error(
             f"{self.kind} generation failed {self.max_attempts} times for prompt {p} sample {s}; servers tried: "
-            f"{', '.join(dict.fromkeys(tried))}; last error from {last_url} ({last_error.kind}): {last_error}")
+            f"{', '.join(dict.fromkeys(tried))}; last error from {last_url} ({last_error.kind}): {last_error}"
+        )
 
     def _await_restart(self, url: str, error: Retry, cancel: threading.Event) -> bool:
         """Waits (one sample for all) until the lost server at `url` answers /health again, then loads the
@@ -377,14 +454,21 @@ class RemoteEngine:
             if self._probe(url, 1) is None:
                 with self._lock:  # another sample waited for it meanwhile: that was a restart too
                     return self._stats["restarts_waited"] != waited_before
-            log.error("%s server %s lost (%s); waiting up to %g s for it to be restarted", self.kind, url, error,
-                      self.restart_timeout_s)
+            log.error(
+                "%s server %s lost (%s); waiting up to %g s for it to be restarted",
+                self.kind,
+                url,
+                error,
+                self.restart_timeout_s,
+            )
             deadline = time.monotonic() + self.restart_timeout_s
             while self._probe(url, 1) is not None:
                 if time.monotonic() > deadline:
-                    raise self.Error(f"{self.kind} server {url} lost ({error}) and not healthy again within "
-                                     f"{self.config_key}.restart_timeout_s = {self.restart_timeout_s:g} s; "
-                                     f"restart it with {self.launch_script}")
+                    raise self.Error(
+                        f"{self.kind} server {url} lost ({error}) and not healthy again within "
+                        f"{self.config_key}.restart_timeout_s = {self.restart_timeout_s:g} s; "
+                        f"restart it with {self.launch_script}"
+                    )
                 if cancel.wait(min(2.0, self.restart_timeout_s)):
                     raise self.Error("generate cancelled after another sample failed")
             with self._lock:
@@ -401,7 +485,9 @@ class RemoteEngine:
         with self._lock:
             candidates = [u for u in self.urls if u != avoid] or self.urls
             k = len(self.urls)
-            order = sorted(candidates, key=lambda u: (self._inflight[u], (self.urls.index(u) - self._next) % k))
+            order = sorted(
+                candidates, key=lambda u: (self._inflight[u], (self.urls.index(u) - self._next) % k)
+            )
             url = order[0]
             self._next = (self.urls.index(url) + 1) % k
             self._inflight[url] += 1
@@ -418,8 +504,15 @@ class RemoteEngine:
         d = min(cap, base * 2 ** (attempt - 1))
         return d * (0.5 + 0.5 * self._rng.random())
 
-    def _http(self, url: str, method: str, path: str, payload: Any, timeout: float,
-              connect_timeout: float | None = None) -> tuple[int, bytes]:
+    def _http(
+        self,
+        url: str,
+        method: str,
+        path: str,
+        payload: Any,
+        timeout: float,
+        connect_timeout: float | None = None,
+    ) -> tuple[int, bytes]:
         """(status, body) of one request on a fresh connection; transport failures raise Retry."""
         scheme, host, port, base = self._parts[url]
         cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
@@ -428,7 +521,9 @@ class RemoteEngine:
             try:
                 conn.connect()
             except (OSError, http.client.HTTPException) as e:  # refused, unreachable, connect timeout
-                raise Retry("connection", f"{method} {path}: cannot connect: {type(e).__name__}: {e}") from None
+                raise Retry(
+                    "connection", f"{method} {path}: cannot connect: {type(e).__name__}: {e}"
+                ) from None
             conn.sock.settimeout(timeout)
             body = None if payload is None else json.dumps(payload).encode()
             headers = {"Content-Type": "application/json"} if body is not None else {}
@@ -436,7 +531,9 @@ class RemoteEngine:
             resp = conn.getresponse()
             return resp.status, resp.read()
         except http.client.IncompleteRead as e:
-            raise Retry("invalid_json", f"{method} {path}: truncated body ({len(e.partial)} bytes read)") from None
+            raise Retry(
+                "invalid_json", f"{method} {path}: truncated body ({len(e.partial)} bytes read)"
+            ) from None
         except TimeoutError:
             raise Retry("timeout", f"{method} {path}: no answer within {timeout:g} s") from None
         except (OSError, http.client.HTTPException) as e:
@@ -444,8 +541,9 @@ class RemoteEngine:
         finally:
             conn.close()
 
-    def _control(self, url: str, method: str, path: str, payload: Any = None, timeout: float = 60.0,
-                 attempts: int = 3) -> tuple[int, Any, bytes]:
+    def _control(
+        self, url: str, method: str, path: str, payload: Any = None, timeout: float = 60.0, attempts: int = 3
+    ) -> tuple[int, Any, bytes]:
         """A weight-sync call: transport failures and 5xx are retried; returns (status, JSON or None, body)."""
         last = None
         for attempt in range(1, attempts + 1):
@@ -462,7 +560,9 @@ class RemoteEngine:
                 last = str(e)
             if attempt < attempts:
                 time.sleep(self._backoff(attempt))
-        raise self.Error(f"{self.kind} server {url}: {method} {path} failed {attempts} times; last error: {last}")
+        raise self.Error(
+            f"{self.kind} server {url}: {method} {path} failed {attempts} times; last error: {last}"
+        )
 
     def _bump_generation(self, url: str) -> int:
         with self._lock:
@@ -477,8 +577,14 @@ class RemoteEngine:
             got = self._served_version(url)
             if got == self.weight_version:
                 return  # another sample already resynced it
-            log.warning("%s server %s serves weight_version %r instead of %r (restarted?): loading %s again",
-                        self.kind, url, got, self.weight_version, self._weights_path)
+            log.warning(
+                "%s server %s serves weight_version %r instead of %r (restarted?): loading %s again",
+                self.kind,
+                url,
+                got,
+                self.weight_version,
+                self._weights_path,
+            )
             self._update_server(url, self._weights_path, self.weight_version)
             with self._lock:
                 self._stats["resyncs"] += 1
@@ -490,8 +596,10 @@ class RemoteEngine:
         with self._lock:
             self._needs_resync = {url for url, f in futures.items() if f.exception() is not None}
         if errors:
-            raise self.Error(f"weight sync to {version} failed on {len(errors)} of {len(self.urls)} server(s): "
-                             + " | ".join(errors))
+            raise self.Error(
+                f"weight sync to {version} failed on {len(errors)} of {len(self.urls)} server(s): "
+                + " | ".join(errors)
+            )
         log.info("%s servers now serve %s from %s", self.kind, version, path)
 
     def _prune_versions(self, current: str) -> None:
@@ -503,5 +611,5 @@ class RemoteEngine:
             if name != current and VERSION_DIR.match(name) and os.path.isdir(full):
                 entries.append((os.stat(full).st_mtime_ns, int(VERSION_DIR.match(name).group(1)), full))
         entries.sort(reverse=True)
-        for _, _, full in entries[self.keep_versions - 1:]:
+        for _, _, full in entries[self.keep_versions - 1 :]:
             shutil.rmtree(full, ignore_errors=True)

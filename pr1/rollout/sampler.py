@@ -97,9 +97,19 @@ class EmbeddedEngine:
     just points at the new ones, so no copy is made. `tokenizer` decodes the response texts.
     """
 
-    def __init__(self, model_def: ModelDef, params, mesh: Mesh, tokenizer, *, stop_token_ids: Sequence[int],
-                 pad_token_id: int, min_prompt_bucket: int = 64, min_patch_bucket: int = 256,
-                 prefill_chunk: int = 0):
+    def __init__(
+        self,
+        model_def: ModelDef,
+        params,
+        mesh: Mesh,
+        tokenizer,
+        *,
+        stop_token_ids: Sequence[int],
+        pad_token_id: int,
+        min_prompt_bucket: int = 64,
+        min_patch_bucket: int = 256,
+        prefill_chunk: int = 0,
+    ):
         if not stop_token_ids:
             raise ValueError("EmbeddedEngine needs at least one default stop token id (EOS, <|im_end|>)")
         self.model_def = model_def
@@ -113,8 +123,10 @@ class EmbeddedEngine:
         self._params = params
         self.weight_version = "step-0"
         self.compilations = 0  # traces of the rollout function (each new static shape is one)
-        self._rollout = jax.jit(in_mesh(self._rollout_fn, mesh),
-                                static_argnames=("n", "max_new_tokens", "greedy", "filtering", "chunks"))
+        self._rollout = jax.jit(
+            in_mesh(self._rollout_fn, mesh),
+            static_argnames=("n", "max_new_tokens", "greedy", "filtering", "chunks"),
+        )
 
     def sync_weights(self, params, step: int) -> None:
         self._params = params
@@ -136,21 +148,42 @@ class EmbeddedEngine:
     def _run(self, batch: dict, sampling: SamplingParams, n: int):
         stop = sampling.stop_ids(self.stop_token_ids)
         return self._rollout(
-            self._params, batch, jax.random.key(sampling.seed),
-            jnp.float32(max(sampling.temperature, 1e-6)), jnp.float32(sampling.top_p), jnp.int32(sampling.top_k),
+            self._params,
+            batch,
+            jax.random.key(sampling.seed),
+            jnp.float32(max(sampling.temperature, 1e-6)),
+            jnp.float32(sampling.top_p),
+            jnp.int32(sampling.top_k),
             jnp.asarray(stop, jnp.int32),
-            n=n, max_new_tokens=sampling.max_new_tokens, greedy=sampling.greedy,
-            filtering=sampling.top_p < 1 or sampling.top_k > 0, chunks=self.prefill_chunks(batch["input_ids"].shape[0]))
+            n=n,
+            max_new_tokens=sampling.max_new_tokens,
+            greedy=sampling.greedy,
+            filtering=sampling.top_p < 1 or sampling.top_k > 0,
+            chunks=self.prefill_chunks(batch["input_ids"].shape[0]),
+        )
 
-    def lower(self, params, batch: dict, stop_ids, *, n: int, max_new_tokens: int, greedy: bool, filtering: bool):
+    def lower(
+        self, params, batch: dict, stop_ids, *, n: int, max_new_tokens: int, greedy: bool, filtering: bool
+    ):
         """The jitted rollout lowered for (possibly abstract) `params` and a placed prefill `batch` (as
         `_prefill_inputs` builds it), for memory planning and tests; scalars are abstract."""
         replicated = NamedSharding(self.mesh, PartitionSpec())
         scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)
         key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
-        return self._rollout.lower(params, batch, key, scalar(jnp.float32), scalar(jnp.float32), scalar(jnp.int32),
-                                   stop_ids, n=n, max_new_tokens=max_new_tokens, greedy=greedy, filtering=filtering,
-                                   chunks=self.prefill_chunks(batch["input_ids"].shape[0]))
+        return self._rollout.lower(
+            params,
+            batch,
+            key,
+            scalar(jnp.float32),
+            scalar(jnp.float32),
+            scalar(jnp.int32),
+            stop_ids,
+            n=n,
+            max_new_tokens=max_new_tokens,
+            greedy=greedy,
+            filtering=filtering,
+            chunks=self.prefill_chunks(batch["input_ids"].shape[0]),
+        )
 
     def _batch_devices(self) -> int:
         return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -172,20 +205,28 @@ class EmbeddedEngine:
         want = -(-rows // chunk)
         return next(k for k in range(want, per_device + 1) if per_device % k == 0)
 
-    def _generate_multiprocess(self, prompts: list[Prompt], sampling: SamplingParams, n: int) -> list[Completion]:
+    def _generate_multiprocess(
+        self, prompts: list[Prompt], sampling: SamplingParams, n: int
+    ) -> list[Completion]:
         # Every process must reach the jitted rollout with the same shapes, even one without prompts
         # (a short validation split): the shapes come from maxima over all processes. Process p's
         # rows are its block of the global batch (pr1.distributed.check_process_rows).
         local_rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"] // jax.process_count()
         vision = self.model_def.config.vision
         count, longest, patches = distributed.max_over_processes(
-            [len(prompts), max((len(p.input_ids) for p in prompts), default=1),
-             max((patch_slots(p.image_grid_thw, vision) for p in prompts), default=0)])
+            [
+                len(prompts),
+                max((len(p.input_ids) for p in prompts), default=1),
+                max((patch_slots(p.image_grid_thw, vision) for p in prompts), default=0),
+            ]
+        )
         if count == 0:
             return []
         rows = -(-count // local_rows) * local_rows
         # A process without prompts feeds one-token rows (their output is discarded).
-        filler = prompts[0] if prompts else Prompt(input_ids=np.full((1,), self.pad_token_id, np.int32), text="")
+        filler = (
+            prompts[0] if prompts else Prompt(input_ids=np.full((1,), self.pad_token_id, np.int32), text="")
+        )
         batch, _ = self._prefill_inputs(prompts or [filler], rows=rows, longest=longest, patches=patches)
         num_real = len(prompts)
         out = self._run(batch, sampling, n)
@@ -198,18 +239,26 @@ class EmbeddedEngine:
         for p in range(num_real):
             for s in range(n):
                 row = p * n + s
-                ids = tokens[row, :lengths[row]].astype(np.int32)
+                ids = tokens[row, : lengths[row]].astype(np.int32)
                 text_ids = ids[:-1] if stopped[row] else ids
-                completions.append(Completion(
-                    prompt_index=p, sample_index=s, token_ids=ids, logprobs=logprobs[row, :lengths[row]].astype(np.float32),
-                    text=self.tokenizer.decode(text_ids.tolist(), skip_special_tokens=False),
-                    finish_reason="stop" if stopped[row] else "length", weight_version=self.weight_version))
+                completions.append(
+                    Completion(
+                        prompt_index=p,
+                        sample_index=s,
+                        token_ids=ids,
+                        logprobs=logprobs[row, : lengths[row]].astype(np.float32),
+                        text=self.tokenizer.decode(text_ids.tolist(), skip_special_tokens=False),
+                        finish_reason="stop" if stopped[row] else "length",
+                        weight_version=self.weight_version,
+                    )
+                )
         return completions
 
     # -- host side: padding to static shapes ------------------------------------------------------
 
-    def _prefill_inputs(self, prompts: list[Prompt], *, rows: int | None = None, longest: int = 0,
-                        patches: int = 0) -> tuple[dict, int]:
+    def _prefill_inputs(
+        self, prompts: list[Prompt], *, rows: int | None = None, longest: int = 0, patches: int = 0
+    ) -> tuple[dict, int]:
         """The placed prefill batch of `prompts` (this process's rows) and the number of real ones.
 
         One process: `rows` None pads to a multiple of the batch axes. Several: `rows` is every
@@ -230,29 +279,58 @@ class EmbeddedEngine:
         ids = np.full((len(padded), length), self.pad_token_id, np.int32)
         mask = np.zeros((len(padded), length), np.int32)
         for b, p in enumerate(padded):
-            ids[b, length - len(p.input_ids):] = p.input_ids
-            mask[b, length - len(p.input_ids):] = 1
+            ids[b, length - len(p.input_ids) :] = p.input_ids
+            mask[b, length - len(p.input_ids) :] = 1
         grids = [p.image_grid_thw for p in padded if p.image_grid_thw is not None]
         grid_all = np.concatenate(grids) if grids else None
         pos, deltas = rope_index(self.model_def.config, ids, grid_all, mask)
-        batch = {"input_ids": ids, "attention_mask": mask, "position_ids": pos.astype(np.int32),
-                 "deltas": deltas.astype(np.int32)}
+        batch = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "position_ids": pos.astype(np.int32),
+            "deltas": deltas.astype(np.int32),
+        }
         if grids or patches:  # `patches` > 0: another process has images, so every process has these keys
             vision = self.model_def.config.vision
-            patches = patch_bucket(max([patches] + [patch_slots(p.image_grid_thw, vision) for p in padded]),
-                                   self.min_patch_bucket)
-            batch.update(batched_vision_inputs([p.pixel_values for p in padded], [p.image_grid_thw for p in padded],
-                                               vision, num_patches=patches, dtype=jnp.dtype(self.model_def.compute_dtype)))
+            patches = patch_bucket(
+                max([patches] + [patch_slots(p.image_grid_thw, vision) for p in padded]),
+                self.min_patch_bucket,
+            )
+            batch.update(
+                batched_vision_inputs(
+                    [p.pixel_values for p in padded],
+                    [p.image_grid_thw for p in padded],
+                    vision,
+                    num_patches=patches,
+                    dtype=jnp.dtype(self.model_def.compute_dtype),
+                )
+            )
         placed = {}
         for key, value in batch.items():
             axes = (None, BATCH_AXES) if key == "position_ids" else (BATCH_AXES,)
-            placed[key] = distributed.global_array_from_local(value, NamedSharding(self.mesh, PartitionSpec(*axes)))
+            placed[key] = distributed.global_array_from_local(
+                value, NamedSharding(self.mesh, PartitionSpec(*axes))
+            )
         return placed, num_real
 
     # -- device side: one jitted rollout ----------------------------------------------------------
 
-    def _rollout_fn(self, params, batch, key, temperature, top_p, top_k, stop_ids, *, n, max_new_tokens,
-                    greedy, filtering, chunks):
+    def _rollout_fn(
+        self,
+        params,
+        batch,
+        key,
+        temperature,
+        top_p,
+        top_k,
+        stop_ids,
+        *,
+        n,
+        max_new_tokens,
+        greedy,
+        filtering,
+        chunks,
+    ):
         self.compilations += 1  # runs only while tracing
         # Sampled with the compute-dtype weights (bf16 for the recipe), as the learner's forward runs.
         model = self.model_def.bind(self.model_def.compute_params(params))
@@ -265,9 +343,16 @@ class EmbeddedEngine:
             vision = {k: chunk[k] for k in _VISION_KEYS if k in chunk}
             layout = {k: vision[k] for k in _VISION_KEYS[1:]} if vision else None
             cache = model.init_cache(chunk["input_ids"].shape[0], length, dtype=self.model_def.compute_dtype)
-            hidden, cache = model(chunk["input_ids"], position_ids=jnp.swapaxes(chunk["position_ids"], 0, 1),
-                                  attention_mask=chunk["attention_mask"], pixel_values=vision.get("pixel_values"),
-                                  vision_layout_arrays=layout, cache=cache, cache_index=0, return_hidden=True)
+            hidden, cache = model(
+                chunk["input_ids"],
+                position_ids=jnp.swapaxes(chunk["position_ids"], 0, 1),
+                attention_mask=chunk["attention_mask"],
+                pixel_values=vision.get("pixel_values"),
+                vision_layout_arrays=layout,
+                cache=cache,
+                cache_index=0,
+                return_hidden=True,
+            )
             return head(hidden[:, -1]), cache
 
         inputs = {k: v for k, v in batch.items() if k != "deltas"}
@@ -279,21 +364,31 @@ class EmbeddedEngine:
             split = lambda x: jnp.moveaxis(x.reshape((rows // chunks, chunks) + x.shape[1:]), 1, 0)
             logits, prompt_cache = jax.lax.map(prefill, jax.tree.map(split, inputs))
             logits = jnp.moveaxis(logits, 0, 1).reshape(rows, -1)
-            prompt_cache = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 2).reshape((x.shape[1], rows) + x.shape[3:]),
-                                        prompt_cache)
+            prompt_cache = jax.tree.map(
+                lambda x: jnp.moveaxis(x, 0, 2).reshape((x.shape[1], rows) + x.shape[3:]), prompt_cache
+            )
         prompt_cache = self._constrain_cache(prompt_cache)
         prompt_segments = jnp.where(mask.astype(bool), 0, -1)
 
         # n samples per prompt: rows p*n .. p*n+n-1 share prompt p's cache (held once).
         rep = lambda x: jnp.repeat(x, n, axis=0)
         total = rows * n
-        response_cache = self._constrain_cache(model.init_cache(total, max_new_tokens, dtype=self.model_def.compute_dtype))
+        response_cache = self._constrain_cache(
+            model.init_cache(total, max_new_tokens, dtype=self.model_def.compute_dtype)
+        )
         logits = rep(logits)
         prompt_len, deltas = rep(mask.sum(axis=1)), rep(batch["deltas"])
 
         def sample(step, logits):
-            return sample_tokens(logits, jax.random.fold_in(key, step), temperature, top_p, top_k,
-                                 greedy=greedy, filtering=filtering)
+            return sample_tokens(
+                logits,
+                jax.random.fold_in(key, step),
+                temperature,
+                top_p,
+                top_k,
+                greedy=greedy,
+                filtering=filtering,
+            )
 
         token, logp = sample(0, logits)
         tokens = jnp.full((total, max_new_tokens), self.pad_token_id, jnp.int32).at[:, 0].set(token)
@@ -314,7 +409,9 @@ class EmbeddedEngine:
             running = ~stopped
             token = jnp.where(running, token, self.pad_token_id)
             tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
-            logprobs = jax.lax.dynamic_update_slice(logprobs, jnp.where(running, logp, 0.0)[:, None], (0, step))
+            logprobs = jax.lax.dynamic_update_slice(
+                logprobs, jnp.where(running, logp, 0.0)[:, None], (0, step)
+            )
             lengths = lengths + running.astype(jnp.int32)
             stopped = stopped | (running & jnp.isin(token, stop_ids))
             return step + 1, self._constrain_cache(cache), token, tokens, logprobs, lengths, stopped

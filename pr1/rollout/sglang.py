@@ -48,21 +48,23 @@ class SGLangError(RemoteEngineError):
 
 def sglang_config() -> ml_collections.ConfigDict:
     """Knobs of the SGLang rollout engine (`rollout.sglang.*`)."""
-    return ml_collections.ConfigDict({
-        "urls": (),                    # e.g. ("http://gpu-node-1:30000",), printed by launch/serve_rollout.sh
-        "concurrency": 64,             # /generate requests in flight over all servers
-        "request_timeout_s": 600.0,    # one /generate (the server answers when the sample is complete)
-        "connect_timeout_s": 10.0,
-        "health_timeout_s": 30.0,      # SGLang's /health runs a one-token generation (up to ~20 s)
-        "health_attempts": 3,
-        "update_timeout_s": 600.0,     # update_weights_from_disk reads the whole checkpoint
-        "max_attempts": 5,
-        "backoff_base_s": 0.5,
-        "backoff_cap_s": 30.0,
-        "keep_versions": 2,            # weight dirs kept under <workdir>/weights/
-        "weights_dtype": ml_collections.config_dict.placeholder(str),  # None: model.compute_dtype
-        "check_prompt_tokens": True,   # server prompt length must equal ours
-    })
+    return ml_collections.ConfigDict(
+        {
+            "urls": (),  # e.g. ("http://gpu-node-1:30000",), printed by launch/serve_rollout.sh
+            "concurrency": 64,  # /generate requests in flight over all servers
+            "request_timeout_s": 600.0,  # one /generate (the server answers when the sample is complete)
+            "connect_timeout_s": 10.0,
+            "health_timeout_s": 30.0,  # SGLang's /health runs a one-token generation (up to ~20 s)
+            "health_attempts": 3,
+            "update_timeout_s": 600.0,  # update_weights_from_disk reads the whole checkpoint
+            "max_attempts": 5,
+            "backoff_base_s": 0.5,
+            "backoff_cap_s": 30.0,
+            "keep_versions": 2,  # weight dirs kept under <workdir>/weights/
+            "weights_dtype": ml_collections.config_dict.placeholder(str),  # None: model.compute_dtype
+            "check_prompt_tokens": True,  # server prompt length must equal ours
+        }
+    )
 
 
 class SGLangEngine(RemoteEngine):
@@ -88,10 +90,16 @@ class SGLangEngine(RemoteEngine):
             "no_stop_trim": False,
         }
 
-    def _attempt(self, url: str, rid: str, p: int, s: int, prompt: Prompt, images: list[str],
-                 params: dict) -> Completion:
-        payload = {"text": prompt.text, "sampling_params": params, "return_logprob": True,
-                   "logprob_start_len": -1, "rid": rid}
+    def _attempt(
+        self, url: str, rid: str, p: int, s: int, prompt: Prompt, images: list[str], params: dict
+    ) -> Completion:
+        payload = {
+            "text": prompt.text,
+            "sampling_params": params,
+            "return_logprob": True,
+            "logprob_start_len": -1,
+            "rid": rid,
+        }
         if images:
             payload["image_data"] = images
         status, body = self._http(url, "POST", "/generate", payload, self.request_timeout_s)
@@ -101,8 +109,10 @@ class SGLangEngine(RemoteEngine):
             # its launch checkpoint): push them again and sample again, or the learner would train on
             # another policy's samples.
             self._resync(url)
-            raise Retry("stale_weights", f"served weight_version {completion.weight_version!r}, "
-                                         f"expected {self.weight_version!r}")
+            raise Retry(
+                "stale_weights",
+                f"served weight_version {completion.weight_version!r}, expected {self.weight_version!r}",
+            )
         return completion
 
     def _abort_quietly(self, url: str, rid: str) -> None:
@@ -115,7 +125,9 @@ class SGLangEngine(RemoteEngine):
         status, data, _ = self._control(url, "GET", "/get_weight_version")
         return data.get("weight_version") if status == 200 and isinstance(data, dict) else None
 
-    def _parse_generate(self, url: str, status: int, body: bytes, p: int, s: int, prompt: Prompt) -> Completion:
+    def _parse_generate(
+        self, url: str, status: int, body: bytes, p: int, s: int, prompt: Prompt
+    ) -> Completion:
         if status >= 500 or status == 429:
             raise Retry("server_error", f"HTTP {status}: {body[:300]!r}")
         if status != 200:
@@ -126,8 +138,10 @@ class SGLangEngine(RemoteEngine):
             raise Retry("invalid_json", f"unparsable /generate response ({len(body)} bytes): {e}") from None
 
         def protocol(msg):
-            return SGLangError(f"SGLang server {url}: /generate response {msg}; is it the pinned SGLang version "
-                               "(launch/serve_rollout.sh)?")
+            return SGLangError(
+                f"SGLang server {url}: /generate response {msg}; is it the pinned SGLang version "
+                "(launch/serve_rollout.sh)?"
+            )
 
         if isinstance(data, list) and len(data) == 1:
             data = data[0]
@@ -137,7 +151,9 @@ class SGLangEngine(RemoteEngine):
         finish = meta.get("finish_reason")
         kind = finish.get("type") if isinstance(finish, dict) else finish
         if kind == "abort":
-            raise Retry("abort", f"finish_reason abort: {finish.get('message') if isinstance(finish, dict) else ''}")
+            raise Retry(
+                "abort", f"finish_reason abort: {finish.get('message') if isinstance(finish, dict) else ''}"
+            )
         if kind not in FINISH_REASONS:
             raise protocol(f"has finish_reason {finish!r}")
         entries = meta.get("output_token_logprobs")
@@ -147,7 +163,9 @@ class SGLangEngine(RemoteEngine):
             logprobs = np.asarray([e[0] for e in entries], np.float32)
             logprob_ids = [int(e[1]) for e in entries]
         except (TypeError, ValueError, IndexError):
-            raise protocol("has malformed output_token_logprobs (want [[logprob, token_id, text], ...])") from None
+            raise protocol(
+                "has malformed output_token_logprobs (want [[logprob, token_id, text], ...])"
+            ) from None
         ids = data.get("output_ids")
         if ids is None:
             ids = logprob_ids  # versions that only return ids without --return-token-ids
@@ -158,48 +176,78 @@ class SGLangEngine(RemoteEngine):
         if not np.all(np.isfinite(logprobs)):
             raise protocol("has non-finite logprobs")
         prompt_tokens = meta.get("prompt_tokens")
-        if self.check_prompt_tokens and prompt_tokens is not None and len(prompt.input_ids) \
-                and int(prompt_tokens) != len(prompt.input_ids):
+        if (
+            self.check_prompt_tokens
+            and prompt_tokens is not None
+            and len(prompt.input_ids)
+            and int(prompt_tokens) != len(prompt.input_ids)
+        ):
             raise SGLangError(
                 f"SGLang server {url} counts {prompt_tokens} prompt tokens for prompt {p} but our processor makes "
                 f"{len(prompt.input_ids)}: the server tokenizes or resizes images differently (check its "
                 "checkpoint's tokenizer and preprocessor_config min/max_pixels against ours), so the learner "
-                "would score a different prompt. rollout.sglang.check_prompt_tokens=False skips this check.")
-        return Completion(prompt_index=p, sample_index=s, token_ids=np.asarray(ids, np.int32), logprobs=logprobs,
-                          text=str(data.get("text", "")), finish_reason=kind,
-                          weight_version=meta.get("weight_version"))
+                "would score a different prompt. rollout.sglang.check_prompt_tokens=False skips this check."
+            )
+        return Completion(
+            prompt_index=p,
+            sample_index=s,
+            token_ids=np.asarray(ids, np.int32),
+            logprobs=logprobs,
+            text=str(data.get("text", "")),
+            finish_reason=kind,
+            weight_version=meta.get("weight_version"),
+        )
 
     def _update_server(self, url: str, path: str, version: str) -> None:
         status, _, body = self._control(url, "POST", "/pause_generation", {})
         if status != 200:
-            raise SGLangError(f"SGLang server {url}: POST /pause_generation gave HTTP {status}: {body[:300]!r}")
+            raise SGLangError(
+                f"SGLang server {url}: POST /pause_generation gave HTTP {status}: {body[:300]!r}"
+            )
         failed = True
         try:
             status, data, body = self._control(
-                url, "POST", "/update_weights_from_disk",
-                {"model_path": path, "weight_version": version, "flush_cache": True, "abort_all_requests": False},
-                timeout=self.update_timeout_s)
+                url,
+                "POST",
+                "/update_weights_from_disk",
+                {
+                    "model_path": path,
+                    "weight_version": version,
+                    "flush_cache": True,
+                    "abort_all_requests": False,
+                },
+                timeout=self.update_timeout_s,
+            )
             if status != 200 or not isinstance(data, dict) or not data.get("success"):
                 message = data.get("message") if isinstance(data, dict) else body[:300]
-                raise SGLangError(f"SGLang server {url} could not load {path} (HTTP {status}): {message}; it keeps "
-                                  "its previous weights")
+                raise SGLangError(
+                    f"SGLang server {url} could not load {path} (HTTP {status}): {message}; it keeps "
+                    "its previous weights"
+                )
             status, data, body = self._control(url, "GET", "/get_weight_version")
             got = data.get("weight_version") if isinstance(data, dict) else None
             if status != 200 or got != version:
-                raise SGLangError(f"SGLang server {url} reports weight_version {got!r} (HTTP {status}) after loading "
-                                  f"{path}; expected {version!r}")
+                raise SGLangError(
+                    f"SGLang server {url} reports weight_version {got!r} (HTTP {status}) after loading "
+                    f"{path}; expected {version!r}"
+                )
             failed = False
         finally:
             try:
                 status, _, body = self._control(url, "POST", "/continue_generation", {})
                 if status != 200:
-                    raise SGLangError(f"SGLang server {url}: POST /continue_generation gave HTTP {status}: "
-                                      f"{body[:300]!r}; the server may still be paused")
+                    raise SGLangError(
+                        f"SGLang server {url}: POST /continue_generation gave HTTP {status}: "
+                        f"{body[:300]!r}; the server may still be paused"
+                    )
             except SGLangError:
                 if not failed:
                     raise
                 log.exception("SGLang server %s: continue_generation after a failed update also failed", url)
 
     def _stale(self, completion: Completion) -> bool:
-        return (self.weight_version is not None and completion.weight_version is not None
-                and completion.weight_version != self.weight_version)
+        return (
+            self.weight_version is not None
+            and completion.weight_version is not None
+            and completion.weight_version != self.weight_version
+        )

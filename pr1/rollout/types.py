@@ -70,14 +70,18 @@ class Prompt:
     image_grid_thw: np.ndarray | None = None
 
     @classmethod
-    def build(cls, processor, question: str, images: Sequence[Any] = (), system: str | None = None) -> "Prompt":
+    def build(
+        cls, processor, question: str, images: Sequence[Any] = (), system: str | None = None
+    ) -> "Prompt":
         batch = processor([question], [list(images)], system=system)
         return cls(
             input_ids=np.asarray(batch["input_ids"][0], np.int32),
             text=processor.prompt_text(question, len(images), system),
             images=tuple(images),
             pixel_values=batch["pixel_values"],
-            image_grid_thw=None if batch["image_grid_thw"] is None else np.asarray(batch["image_grid_thw"], np.int64),
+            image_grid_thw=None
+            if batch["image_grid_thw"] is None
+            else np.asarray(batch["image_grid_thw"], np.int64),
         )
 
 
@@ -88,26 +92,28 @@ class Completion:
 
     prompt_index: int
     sample_index: int
-    token_ids: np.ndarray        # int32 [R]
-    logprobs: np.ndarray         # float32 [R], log_softmax(logits / T)[token]
+    token_ids: np.ndarray  # int32 [R]
+    logprobs: np.ndarray  # float32 [R], log_softmax(logits / T)[token]
     text: str
-    finish_reason: str           # "stop" | "length" | "abort"
+    finish_reason: str  # "stop" | "length" | "abort"
     weight_version: str | None = None
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompts: Sequence[Prompt], sampling: SamplingParams, n: int = 1) -> list[Completion]:
-        ...
+    def generate(
+        self, prompts: Sequence[Prompt], sampling: SamplingParams, n: int = 1
+    ) -> list[Completion]: ...
 
-    def sync_weights(self, params, step: int) -> None:
-        ...
+    def sync_weights(self, params, step: int) -> None: ...
 
 
 def default_stop_token_ids(tokenizer, config) -> tuple[int, ...]:
     """EOS from config.json and the chat template's `<|im_end|>`, deduplicated, in that order."""
     ids = []
-    eos = config.hf_config.get("eos_token_id", (config.hf_config.get("text_config") or {}).get("eos_token_id"))
-    for value in (eos if isinstance(eos, list) else [eos]):
+    eos = config.hf_config.get(
+        "eos_token_id", (config.hf_config.get("text_config") or {}).get("eos_token_id")
+    )
+    for value in eos if isinstance(eos, list) else [eos]:
         if value is not None:
             ids.append(int(value))
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")

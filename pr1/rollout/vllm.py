@@ -58,9 +58,12 @@ from pr1.rollout.types import Completion, Prompt, SamplingParams
 log = logging.getLogger(__name__)
 
 # Renders our content parts back into exactly our prompt text (see the module docstring).
-RAW_CHAT_TEMPLATE = ("{%- for message in messages -%}{%- for part in message['content'] -%}"
-                     "{%- if part['type'] == 'text' -%}{{ part['text'] }}{%- else -%}" + IMAGE_PAD +
-                     "{%- endif -%}{%- endfor -%}{%- endfor -%}")
+RAW_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{{ part['text'] }}{%- else -%}"
+    + IMAGE_PAD
+    + "{%- endif -%}{%- endfor -%}{%- endfor -%}"
+)
 
 
 class VLLMError(RemoteEngineError):
@@ -69,28 +72,31 @@ class VLLMError(RemoteEngineError):
 
 def vllm_config() -> ml_collections.ConfigDict:
     """Knobs of the vLLM rollout engine (`rollout.vllm.*`)."""
-    return ml_collections.ConfigDict({
-        "urls": (),                    # e.g. ("http://gpu-node-1:8000",), printed by launch/serve_vllm.sh
-        "model": "",                   # served model name; "" asks the server (GET /v1/models)
-        "concurrency": 64,             # requests in flight over all servers
-        "request_timeout_s": 600.0,    # one chat completion (the server answers when the sample is complete)
-        "connect_timeout_s": 10.0,
-        "health_timeout_s": 30.0,
-        "health_attempts": 3,
-        "update_timeout_s": 600.0,     # reload_weights reads the whole checkpoint
-        "max_attempts": 5,
-        "backoff_base_s": 0.5,
-        "backoff_cap_s": 30.0,
-        "restart_timeout_s": 900.0,    # one server lost: wait this long for it to come back, then resync
-        "keep_versions": 2,            # weight dirs kept under <workdir>/weights/
-        "weights_dtype": ml_collections.config_dict.placeholder(str),  # None: model.compute_dtype
-        "check_prompt_tokens": True,   # the server's prompt ids must equal ours
-    })
+    return ml_collections.ConfigDict(
+        {
+            "urls": (),  # e.g. ("http://gpu-node-1:8000",), printed by launch/serve_vllm.sh
+            "model": "",  # served model name; "" asks the server (GET /v1/models)
+            "concurrency": 64,  # requests in flight over all servers
+            "request_timeout_s": 600.0,  # one chat completion (the server answers when the sample is complete)
+            "connect_timeout_s": 10.0,
+            "health_timeout_s": 30.0,
+            "health_attempts": 3,
+            "update_timeout_s": 600.0,  # reload_weights reads the whole checkpoint
+            "max_attempts": 5,
+            "backoff_base_s": 0.5,
+            "backoff_cap_s": 30.0,
+            "restart_timeout_s": 900.0,  # one server lost: wait this long for it to come back, then resync
+            "keep_versions": 2,  # weight dirs kept under <workdir>/weights/
+            "weights_dtype": ml_collections.config_dict.placeholder(str),  # None: model.compute_dtype
+            "check_prompt_tokens": True,  # the server's prompt ids must equal ours
+        }
+    )
 
 
 def check_weights_dir(path: str) -> None:
     """Raises VLLMError unless `path` holds a loadable HF checkpoint: config.json, and every safetensors
     shard (per the index, or all *.safetensors) present with a header whose tensors fit in the file."""
+
     def bad(why):
         return VLLMError(f"weight dir {path} {why}; not reloading it (vLLM would be left with empty weights)")
 
@@ -168,18 +174,25 @@ class VLLMEngine(RemoteEngine):
 
     def _sampling_payload(self, sampling: SamplingParams, stop: tuple[int, ...]) -> dict:
         if not sampling.greedy and (sampling.top_p < 1 or sampling.top_k > 0):
-            raise ValueError(f"the vLLM engine samples with top_p = 1 and top_k off only (got top_p={sampling.top_p}, "
-                             f"top_k={sampling.top_k}): vLLM reports logprobs after those filters, which the "
-                             "learner does not recompute; set rollout.top_p=1.0 and rollout.top_k=-1")
+            raise ValueError(
+                f"the vLLM engine samples with top_p = 1 and top_k off only (got top_p={sampling.top_p}, "
+                f"top_k={sampling.top_k}): vLLM reports logprobs after those filters, which the "
+                "learner does not recompute; set rollout.top_p=1.0 and rollout.top_k=-1"
+            )
         return {
             "max_tokens": int(sampling.max_new_tokens),
             "temperature": float(sampling.temperature),
-            "top_p": 1.0, "top_k": 0, "min_p": 0.0,
-            "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+            "top_p": 1.0,
+            "top_k": 0,
+            "min_p": 0.0,
+            "repetition_penalty": 1.0,
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
             "stop_token_ids": list(stop),
             "skip_special_tokens": False,
             "include_stop_str_in_output": False,
-            "logprobs": True, "top_logprobs": 0,
+            "logprobs": True,
+            "top_logprobs": 0,
             "return_token_ids": True,
             "n": 1,
             "seed": int(sampling.seed),
@@ -197,14 +210,22 @@ class VLLMEngine(RemoteEngine):
                 try:
                     self._models[url] = str(json.loads(body)["data"][0]["id"])
                 except (ValueError, TypeError, KeyError, IndexError):
-                    raise VLLMError(f"vLLM server {url}: GET /v1/models gave HTTP {status} {body[:300]!r}, no model id; "
-                                    "set rollout.vllm.model") from None
+                    raise VLLMError(
+                        f"vLLM server {url}: GET /v1/models gave HTTP {status} {body[:300]!r}, no model id; "
+                        "set rollout.vllm.model"
+                    ) from None
             return self._models[url]
 
-    def _attempt(self, url: str, rid: str, p: int, s: int, prompt: Prompt, images: list[str],
-                 params: dict) -> Completion:
-        payload = dict(params, model=self._model_name(url), messages=chat_messages(prompt, images),
-                       seed=sample_seed(params["seed"], p, s), request_id=rid)
+    def _attempt(
+        self, url: str, rid: str, p: int, s: int, prompt: Prompt, images: list[str], params: dict
+    ) -> Completion:
+        payload = dict(
+            params,
+            model=self._model_name(url),
+            messages=chat_messages(prompt, images),
+            seed=sample_seed(params["seed"], p, s),
+            request_id=rid,
+        )
         with self._lock:
             generation = self._generation[url]
         status, body = self._http(url, "POST", "/v1/chat/completions", payload, self.request_timeout_s)
@@ -219,9 +240,12 @@ class VLLMEngine(RemoteEngine):
         if served != self.weight_version or reloaded:
             if served != self.weight_version:
                 self._resync(url)
-            raise Retry("stale_weights", f"server serves weight_version {served!r}"
-                                         f"{' (reloaded meanwhile)' if reloaded else ''}, expected "
-                                         f"{self.weight_version!r}")
+            raise Retry(
+                "stale_weights",
+                f"server serves weight_version {served!r}"
+                f"{' (reloaded meanwhile)' if reloaded else ''}, expected "
+                f"{self.weight_version!r}",
+            )
         completion.weight_version = served
         return completion
 
@@ -229,8 +253,10 @@ class VLLMEngine(RemoteEngine):
         """The served weight version, in the sample path: transport failures are Retry (a lost server)."""
         status, body = self._http(url, "GET", "/weight_info", None, self.health_timeout_s)
         if status == 404:
-            raise VLLMError(f"vLLM server {url} has no GET /weight_info: start it with VLLM_SERVER_DEV_MODE=1 "
-                            "(launch/serve_vllm.sh rollout) so weight versions can be checked")
+            raise VLLMError(
+                f"vLLM server {url} has no GET /weight_info: start it with VLLM_SERVER_DEV_MODE=1 "
+                "(launch/serve_vllm.sh rollout) so weight versions can be checked"
+            )
         if status != 200:
             raise Retry("server_error", f"GET /weight_info: HTTP {status}: {body[:200]!r}")
         try:
@@ -238,22 +264,30 @@ class VLLMEngine(RemoteEngine):
         except (ValueError, KeyError, TypeError):
             raise Retry("invalid_json", f"GET /weight_info: unparsable {body[:200]!r}") from None
 
-    def _parse(self, url: str, status: int, body: bytes, p: int, s: int, prompt: Prompt, model: str) -> Completion:
+    def _parse(
+        self, url: str, status: int, body: bytes, p: int, s: int, prompt: Prompt, model: str
+    ) -> Completion:
         if status >= 500 or status == 429:
             raise Retry("server_error", f"HTTP {status}: {body[:300]!r}")
         if status == 404:
-            raise VLLMError(f"vLLM server {url} does not serve model {model!r} (HTTP 404: {body[:300]!r}); "
-                            "fix rollout.vllm.model or leave it empty to use the served one")
+            raise VLLMError(
+                f"vLLM server {url} does not serve model {model!r} (HTTP 404: {body[:300]!r}); "
+                "fix rollout.vllm.model or leave it empty to use the served one"
+            )
         if status != 200:
-            raise VLLMError(f"vLLM server {url} rejected /v1/chat/completions with HTTP {status}: {body[:500]!r}")
+            raise VLLMError(
+                f"vLLM server {url} rejected /v1/chat/completions with HTTP {status}: {body[:500]!r}"
+            )
         try:
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise Retry("invalid_json", f"unparsable chat completion ({len(body)} bytes): {e}") from None
 
         def protocol(msg):
-            return VLLMError(f"vLLM server {url}: chat completion {msg}; is it vLLM >= 0.32 started by "
-                             "launch/serve_vllm.sh?")
+            return VLLMError(
+                f"vLLM server {url}: chat completion {msg}; is it vLLM >= 0.32 started by "
+                "launch/serve_vllm.sh?"
+            )
 
         choices = data.get("choices") if isinstance(data, dict) else None
         if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
@@ -267,7 +301,9 @@ class VLLMEngine(RemoteEngine):
         ids = choice.get("token_ids")
         content = (choice.get("logprobs") or {}).get("content")
         if not isinstance(ids, list) or not isinstance(content, list):
-            raise protocol("has no token_ids or logprobs.content (return_token_ids and logprobs were requested)")
+            raise protocol(
+                "has no token_ids or logprobs.content (return_token_ids and logprobs were requested)"
+            )
         if len(ids) != len(content):
             raise protocol(f"has {len(ids)} token_ids but {len(content)} logprobs")
         try:
@@ -283,22 +319,34 @@ class VLLMEngine(RemoteEngine):
             if not isinstance(prompt_ids, list):
                 raise protocol("has no prompt_token_ids (return_token_ids was requested)")
             if prompt_ids != prompt.input_ids.tolist():
-                first = next((i for i, (a, b) in enumerate(zip(prompt_ids, prompt.input_ids.tolist())) if a != b),
-                             min(len(prompt_ids), len(prompt.input_ids)))
+                first = next(
+                    (i for i, (a, b) in enumerate(zip(prompt_ids, prompt.input_ids.tolist())) if a != b),
+                    min(len(prompt_ids), len(prompt.input_ids)),
+                )
                 raise VLLMError(
                     f"vLLM server {url} tokenizes prompt {p} into {len(prompt_ids)} ids, ours has "
                     f"{len(prompt.input_ids)}, first difference at position {first}: the server tokenizes or "
                     "resizes images differently (check its checkpoint's tokenizer and preprocessor_config "
                     "min/max_pixels against ours), so the learner would score a different prompt. "
-                    "rollout.vllm.check_prompt_tokens=False skips this check.")
+                    "rollout.vllm.check_prompt_tokens=False skips this check."
+                )
         if self.tokenizer is not None:
             # Decoded here as the embedded sampler does: vLLM's incremental detokenizer renders an
             # incomplete UTF-8 sequence at a cut-off end differently, and rewards read this text.
-            text = self.tokenizer.decode((ids[:-1] if finish == "stop" else ids).tolist(), skip_special_tokens=False)
+            text = self.tokenizer.decode(
+                (ids[:-1] if finish == "stop" else ids).tolist(), skip_special_tokens=False
+            )
         else:
             text = (choice.get("message") or {}).get("content") or ""
-        return Completion(prompt_index=p, sample_index=s, token_ids=ids, logprobs=logprobs, text=str(text),
-                          finish_reason=finish, weight_version=None)
+        return Completion(
+            prompt_index=p,
+            sample_index=s,
+            token_ids=ids,
+            logprobs=logprobs,
+            text=str(text),
+            finish_reason=finish,
+            weight_version=None,
+        )
 
     def _served_version(self, url: str) -> str | None:
         status, data, _ = self._control(url, "GET", "/weight_info")
@@ -309,26 +357,40 @@ class VLLMEngine(RemoteEngine):
         self._bump_generation(url)
 
         def call(method, route, payload=None, timeout=60.0, attempts=3):
-            status, data, body = self._control(url, method, route, payload, timeout=timeout, attempts=attempts)
+            status, data, body = self._control(
+                url, method, route, payload, timeout=timeout, attempts=attempts
+            )
             if status != 200:
-                raise VLLMError(f"vLLM server {url}: {method} {route} gave HTTP {status}: {body[:300]!r}"
-                                + (" (start it with VLLM_SERVER_DEV_MODE=1: launch/serve_vllm.sh rollout)"
-                                   if status == 404 else ""))
+                raise VLLMError(
+                    f"vLLM server {url}: {method} {route} gave HTTP {status}: {body[:300]!r}"
+                    + (
+                        " (start it with VLLM_SERVER_DEV_MODE=1: launch/serve_vllm.sh rollout)"
+                        if status == 404
+                        else ""
+                    )
+                )
             return data
 
         call("POST", "/pause?mode=wait")
         ok = False
         try:
             # One try: a failed reload can leave partial weights, and repeating it would not say more.
-            call("POST", "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": path}},
-                 timeout=self.update_timeout_s, attempts=1)
+            call(
+                "POST",
+                "/collective_rpc",
+                {"method": "reload_weights", "kwargs": {"weights_path": path}},
+                timeout=self.update_timeout_s,
+                attempts=1,
+            )
             call("POST", "/reset_prefix_cache")
             call("POST", "/reset_encoder_cache")
             call("POST", "/update_weight_version", {"new_version": version})
             got = (call("GET", "/weight_info") or {}).get("weight_version")
             if got != version:
-                raise VLLMError(f"vLLM server {url} reports weight_version {got!r} after loading {path}; expected "
-                                f"{version!r}")
+                raise VLLMError(
+                    f"vLLM server {url} reports weight_version {got!r} after loading {path}; expected "
+                    f"{version!r}"
+                )
             ok = True
         except RemoteEngineError:
             # Its weights are now unknown: make sure no later sample from it passes as any version.

@@ -22,8 +22,10 @@ from ml_collections import config_flags
 from pr1 import cli
 
 # Keys that were renamed: the old spelling gets the new name instead of a did-you-mean guess.
-_RENAMED = {"--config.model.dtype": "model.dtype was replaced by model.param_dtype (the fp32 master weights) "
-                                    "and model.compute_dtype (e.g. bfloat16)"}
+_RENAMED = {
+    "--config.model.dtype": "model.dtype was replaced by model.param_dtype (the fp32 master weights) "
+    "and model.compute_dtype (e.g. bfloat16)"
+}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "path to a configs/*.py file", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, metrics, config.json")
@@ -110,7 +112,11 @@ def _config_error(e: BaseException, value: str) -> str:
         if arg is None:
             return f"config file {path}: get_config() failed: {text}"
         return f"config file {path} does not accept the argument {arg!r}: {text}"
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if os.path.abspath(f.filename) == os.path.abspath(path)]
+    frames = [
+        f
+        for f in traceback.extract_tb(e.__traceback__)
+        if os.path.abspath(f.filename) == os.path.abspath(path)
+    ]
     if isinstance(e, SyntaxError) and e.filename and os.path.abspath(e.filename) == os.path.abspath(path):
         return f"config file {path}:{e.lineno}: SyntaxError: {e.msg}"
     where = f"{path}:{frames[-1].lineno}" if frames else path
@@ -140,8 +146,14 @@ def _parse_flags(argv):
         text = str(inner)
         key, _, hint = text.partition("\n")
         key = key.strip("'\" ")
-        culprit = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
-                        and key in a.split("=")[0].split(".")), "--config")
+        culprit = next(
+            (
+                a.split("=")[0]
+                for a in argv[1:]
+                if a.startswith("--config.") and key in a.split("=")[0].split(".")
+            ),
+            "--config",
+        )
         hint = f" ({hint.strip()})" if hint.strip() else ""
         if culprit in _RENAMED:
             hint = f" ({_RENAMED[culprit]})"

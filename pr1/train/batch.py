@@ -28,19 +28,31 @@ from pr1.rollout.types import Completion, Prompt
 from pr1.train import step as step_lib
 
 
-def batch_extents(prompts: Sequence[Prompt], completions: Sequence[Completion],
-                  config: Qwen25VLConfig) -> tuple[int, int, int]:
+def batch_extents(
+    prompts: Sequence[Prompt], completions: Sequence[Completion], config: Qwen25VLConfig
+) -> tuple[int, int, int]:
     """(longest prompt, most image patch slots of a prompt, longest completion) over `completions`."""
     rows = [prompts[c.prompt_index] for c in completions]
-    return (max((len(p.input_ids) for p in rows), default=0),
-            max((patch_slots(p.image_grid_thw, config.vision) for p in rows), default=0),
-            max((len(c.token_ids) for c in completions), default=0))
+    return (
+        max((len(p.input_ids) for p in rows), default=0),
+        max((patch_slots(p.image_grid_thw, config.vision) for p in rows), default=0),
+        max((len(c.token_ids) for c in completions), default=0),
+    )
 
 
-def learner_batch(config: Qwen25VLConfig, prompts: Sequence[Prompt], completions: Sequence[Completion], *,
-                  max_new_tokens: int, pad_token_id: int, min_prompt_bucket: int = 64,
-                  min_patch_bucket: int = 256, min_response_bucket: int = 64, extents: tuple[int, ...] = (0, 0, 0),
-                  pixel_dtype=np.float32) -> dict[str, np.ndarray]:
+def learner_batch(
+    config: Qwen25VLConfig,
+    prompts: Sequence[Prompt],
+    completions: Sequence[Completion],
+    *,
+    max_new_tokens: int,
+    pad_token_id: int,
+    min_prompt_bucket: int = 64,
+    min_patch_bucket: int = 256,
+    min_response_bucket: int = 64,
+    extents: tuple[int, ...] = (0, 0, 0),
+    pixel_dtype=np.float32,
+) -> dict[str, np.ndarray]:
     """The batch of `pr1.train.step` (without old_logprobs / advantages) for `completions`.
 
     `extents`: at least this (longest prompt, most patch slots, longest completion) is padded for;
@@ -49,8 +61,9 @@ def learner_batch(config: Qwen25VLConfig, prompts: Sequence[Prompt], completions
     """
     rows = len(completions)
     longest, most_patches, longest_response = (tuple(extents) + (0, 0, 0))[:3]
-    prompt_len = bucket(max([longest] + [len(prompts[c.prompt_index].input_ids) for c in completions]),
-                        min_prompt_bucket)
+    prompt_len = bucket(
+        max([longest] + [len(prompts[c.prompt_index].input_ids) for c in completions]), min_prompt_bucket
+    )
     response = max([longest_response] + [len(c.token_ids) for c in completions])
     response_len = min(bucket(response, min_response_bucket), max_new_tokens)
     length = prompt_len + response_len
@@ -63,29 +76,43 @@ def learner_batch(config: Qwen25VLConfig, prompts: Sequence[Prompt], completions
         n = len(c.token_ids)
         if n > max_new_tokens:
             raise ValueError(f"completion {r} has {n} tokens, more than max_new_tokens={max_new_tokens}")
-        ids[r, prompt_len - len(p):prompt_len] = p
-        ids[r, prompt_len:prompt_len + n] = c.token_ids
-        mask[r, prompt_len - len(p):prompt_len + n] = 1
-        loss_mask[r, prompt_len:prompt_len + n] = 1
-        rollout_logprobs[r, prompt_len:prompt_len + n] = c.logprobs
+        ids[r, prompt_len - len(p) : prompt_len] = p
+        ids[r, prompt_len : prompt_len + n] = c.token_ids
+        mask[r, prompt_len - len(p) : prompt_len + n] = 1
+        loss_mask[r, prompt_len : prompt_len + n] = 1
+        rollout_logprobs[r, prompt_len : prompt_len + n] = c.logprobs
     row_prompts = [prompts[c.prompt_index] for c in completions]
     grids = [p.image_grid_thw for p in row_prompts if p.image_grid_thw is not None]
     # Prompt positions from the prompt alone; response positions as the sampler gave them (real tokens
     # so far + the prompt's rope delta), so a sampled vision token in a response is text, not an image.
-    pos, deltas = rope_index(config, ids[:, :prompt_len], np.concatenate(grids) if grids else None,
-                             mask[:, :prompt_len])
+    pos, deltas = rope_index(
+        config, ids[:, :prompt_len], np.concatenate(grids) if grids else None, mask[:, :prompt_len]
+    )
     real = mask[:, :prompt_len].sum(axis=1)
     response = decode_position_ids(real, deltas, response_len)
     response = np.where(mask[None, :, prompt_len:].astype(bool), response, 0)
     pos = np.concatenate([pos, response], axis=2)
-    batch = {"input_ids": ids, "attention_mask": mask, "position_ids": np.swapaxes(pos, 0, 1).astype(np.int32),
-             "loss_mask": loss_mask, "rollout_logprobs": rollout_logprobs}
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": np.swapaxes(pos, 0, 1).astype(np.int32),
+        "loss_mask": loss_mask,
+        "rollout_logprobs": rollout_logprobs,
+    }
     if grids or most_patches:  # another process has images: every process has the vision keys
-        patches = patch_bucket(max([most_patches] + [patch_slots(p.image_grid_thw, config.vision)
-                                                     for p in row_prompts]), min_patch_bucket)
-        batch.update(batched_vision_inputs([p.pixel_values for p in row_prompts],
-                                           [p.image_grid_thw for p in row_prompts], config.vision, num_patches=patches,
-                                           dtype=pixel_dtype))
+        patches = patch_bucket(
+            max([most_patches] + [patch_slots(p.image_grid_thw, config.vision) for p in row_prompts]),
+            min_patch_bucket,
+        )
+        batch.update(
+            batched_vision_inputs(
+                [p.pixel_values for p in row_prompts],
+                [p.image_grid_thw for p in row_prompts],
+                config.vision,
+                num_patches=patches,
+                dtype=pixel_dtype,
+            )
+        )
     return batch
 
 
@@ -93,7 +120,9 @@ def on_mesh(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, 
     """The global arrays of a learner batch whose process-local rows are `batch`, sharded as the jitted
     steps take them (`step.batch_sharding`); with several processes, process p's rows are its block
     [p·L, (p+1)·L) of the global batch."""
-    shapes = {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + v.shape[1:], v.dtype)
-              for k, v in batch.items()}
+    shapes = {
+        k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + v.shape[1:], v.dtype)
+        for k, v in batch.items()
+    }
     shardings = step_lib.batch_sharding(mesh, shapes)
     return {k: distributed.global_array_from_local(v, shardings[k]) for k, v in batch.items()}

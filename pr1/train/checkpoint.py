@@ -69,8 +69,9 @@ class Checkpointer:
     only every `save_interval_steps` steps unless `force=True` (the final step, a pre-emption).
     """
 
-    def __init__(self, directory: str, *, keep: int | None = 3, async_save: bool = True,
-                 save_interval_steps: int = 1):
+    def __init__(
+        self, directory: str, *, keep: int | None = 3, async_save: bool = True, save_interval_steps: int = 1
+    ):
         if keep is not None and keep < 1:
             raise ValueError(f"Checkpointer keep must be >= 1 or None (keep all), got {keep} for {directory}")
         if save_interval_steps < 1:
@@ -80,10 +81,12 @@ class Checkpointer:
             # orbax's default also saves whatever step comes first in an empty directory; here a
             # step is saved on the interval, at a pre-emption sync point (multi-host runs), or when
             # forced, so `save`'s answer depends only on the step.
-            save_decision_policy=ocp.checkpoint_managers.AnySavePolicy([
-                ocp.checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
-                ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
-            ]),
+            save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(
+                [
+                    ocp.checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
+                    ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+                ]
+            ),
             enable_async_checkpointing=async_save,
             # Interrupted saves are garbage: without this a pod that is pre-empted mid-save a few
             # times leaves full-size orphan copies of the state in the bucket.
@@ -127,10 +130,12 @@ class Checkpointer:
         try:
             saved = self._manager.save(
                 step,
-                args=ocp.args.Composite(**{
-                    _STATE: ocp.args.StandardSave(state),
-                    _HOST_STATE: ocp.args.JsonSave(host_copy),
-                }),
+                args=ocp.args.Composite(
+                    **{
+                        _STATE: ocp.args.StandardSave(state),
+                        _HOST_STATE: ocp.args.JsonSave(host_copy),
+                    }
+                ),
                 force=force,
             )
         except Exception as e:  # noqa: BLE001 - whatever the filesystem or orbax raised
@@ -165,7 +170,8 @@ class Checkpointer:
         where = f"{self._label}/{step}" if step is not None else self._label
         self._reported = CheckpointSaveError(
             f"checkpoint save of step {step} to {where} failed: {type(error).__name__}: {error}. The newest "
-            f"complete checkpoint in {self._label} is {newest}; a resume continues from it")
+            f"complete checkpoint in {self._label} is {newest}; a resume continues from it"
+        )
         return self._reported
 
     def all_steps(self) -> list[int]:
@@ -205,15 +211,20 @@ class Checkpointer:
         target, self.upcast = _target_in_stored_dtypes(abstract_state, stored, f"{self._label}/{step}")
         restored = self._manager.restore(
             step,
-            args=ocp.args.Composite(**{
-                _STATE: ocp.args.StandardRestore(target),
-                _HOST_STATE: ocp.args.JsonRestore(),
-            }),
+            args=ocp.args.Composite(
+                **{
+                    _STATE: ocp.args.StandardRestore(target),
+                    _HOST_STATE: ocp.args.JsonRestore(),
+                }
+            ),
         )
         state = restored[_STATE]
         if self.upcast:
-            state = jax.tree.map(lambda x, a: x if x.dtype == a.dtype else jax.device_put(x.astype(a.dtype), a.sharding),
-                                 state, abstract_state)
+            state = jax.tree.map(
+                lambda x, a: x if x.dtype == a.dtype else jax.device_put(x.astype(a.dtype), a.sharding),
+                state,
+                abstract_state,
+            )
         return state, dict(restored[_HOST_STATE] or {})
 
     def _stored_dtypes(self, step: int) -> dict:
@@ -264,29 +275,43 @@ def read_params(directory: str, step: int | None = None, sharding=None) -> tuple
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     # A manager of our own, read-only: a PyTree handler (not Standard) is what allows a partial restore.
     manager = ocp.CheckpointManager(
-        path, item_names=(_STATE, _HOST_STATE),
+        path,
+        item_names=(_STATE, _HOST_STATE),
         item_handlers={_STATE: ocp.PyTreeCheckpointHandler(), _HOST_STATE: ocp.JsonCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(read_only=True))
+        options=ocp.CheckpointManagerOptions(read_only=True),
+    )
     try:
         step = _pick_step(sorted(manager.all_steps()), step, str(path))
         tree = manager.item_metadata(step)[_STATE].tree
         if not isinstance(tree, dict) or "params" not in tree:
-            raise ValueError(f"checkpoint {path}/{step} has no 'params' in its state (keys: "
-                             f"{sorted(tree) if isinstance(tree, dict) else type(tree).__name__})")
+            raise ValueError(
+                f"checkpoint {path}/{step} has no 'params' in its state (keys: "
+                f"{sorted(tree) if isinstance(tree, dict) else type(tree).__name__})"
+            )
         if sharding is None:
             sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         if isinstance(sharding, jax.sharding.Sharding):
             shardings = jax.tree.map(lambda _: sharding, tree["params"])
         else:
             shardings = _match_paths(sharding, tree["params"], f"{path}/{step}")
-        target = {"params": jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
-                                         tree["params"], shardings)}
-        restored = manager.restore(step, args=ocp.args.Composite(**{
-            _STATE: ocp.args.PyTreeRestore(
-                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-                partial_restore=True),
-            _HOST_STATE: ocp.args.JsonRestore(),
-        }))
+        target = {
+            "params": jax.tree.map(
+                lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), tree["params"], shardings
+            )
+        }
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    _STATE: ocp.args.PyTreeRestore(
+                        item=target,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                        partial_restore=True,
+                    ),
+                    _HOST_STATE: ocp.args.JsonRestore(),
+                }
+            ),
+        )
     finally:
         manager.close()
     return restored[_STATE]["params"], dict(restored[_HOST_STATE] or {}), step
@@ -297,8 +322,12 @@ def _stored_dtypes(directory: str, step: int) -> dict:
     path = epath.Path(directory)
     # A read-only manager with the handler registered: the writer's manager only learns handlers
     # from the args of a save or restore, so it cannot describe a step it has not touched yet.
-    manager = ocp.CheckpointManager(path, item_names=(_STATE,), item_handlers={_STATE: ocp.PyTreeCheckpointHandler()},
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = ocp.CheckpointManager(
+        path,
+        item_names=(_STATE,),
+        item_handlers={_STATE: ocp.PyTreeCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True),
+    )
     try:
         tree = manager.item_metadata(step)[_STATE].tree
     finally:
@@ -315,9 +344,12 @@ def read_host_state(directory: str, step: int | None = None) -> tuple[dict, int]
         path = path.resolve()
     if not path.exists():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    manager = ocp.CheckpointManager(path, item_names=(_HOST_STATE,),
-                                    item_handlers={_HOST_STATE: ocp.JsonCheckpointHandler()},
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
+    manager = ocp.CheckpointManager(
+        path,
+        item_names=(_HOST_STATE,),
+        item_handlers={_HOST_STATE: ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(read_only=True),
+    )
     try:
         step = _pick_step(sorted(manager.all_steps()), step, str(path))
         restored = manager.restore(step, args=ocp.args.Composite(**{_HOST_STATE: ocp.args.JsonRestore()}))
@@ -338,9 +370,12 @@ def _match_paths(shardings, stored, where: str):
     def pick(p, _):
         key = _path_key(p)
         if key not in by_path:
-            raise ValueError(f"checkpoint {where}: stored param {'/'.join(key)} has no sharding in the model "
-                             "(was it written for another model config?)")
+            raise ValueError(
+                f"checkpoint {where}: stored param {'/'.join(key)} has no sharding in the model "
+                "(was it written for another model config?)"
+            )
         return by_path[key]
+
     return jax.tree_util.tree_map_with_path(pick, stored)
 
 
@@ -360,14 +395,17 @@ def _check_host_state(value, directory: str, path: str = "host_state") -> None:
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
-                raise ValueError(f"{path} has a non-string key {key!r} (JSON would turn it into a string); "
-                                 f"checkpoint {directory}")
+                raise ValueError(
+                    f"{path} has a non-string key {key!r} (JSON would turn it into a string); "
+                    f"checkpoint {directory}"
+                )
             marker = _SECRET_KEY.search(key.lower())
             if marker:
                 raise ValueError(
                     f"{path}[{key!r}] looks like a secret (matches {marker.group(0)!r}) and would be written "
                     f"into checkpoint {directory}; secrets come from environment variables and never "
-                    f"go into checkpoints (rename the key if it is not a secret)")
+                    f"go into checkpoints (rename the key if it is not a secret)"
+                )
             _check_host_state(item, directory, f"{path}[{key!r}]")
     elif isinstance(value, list):
         for i, item in enumerate(value):
@@ -402,7 +440,8 @@ def _target_in_stored_dtypes(abstract_state, stored: dict, where: str):
             raise ValueError(
                 f"checkpoint {where}: {name} is stored as {have} but this run keeps it as {np.dtype(leaf.dtype)}; "
                 "reading it would lose precision. Set model.param_dtype to the checkpoint's dtype, or export "
-                "it (python -m pr1.export) and start a new run from the exported weights")
+                "it (python -m pr1.export) and start a new run from the exported weights"
+            )
         upcast.append(name)
         return jax.ShapeDtypeStruct(leaf.shape, have, sharding=leaf.sharding)
 
@@ -418,4 +457,5 @@ def _check_abstract_state(abstract_state, directory: str) -> None:
             raise ValueError(
                 f"restore target {jax.tree_util.keystr(key_path) or '<root>'} must be a "
                 f"jax.ShapeDtypeStruct with a sharding, got {leaf!r} (see abstract_like); "
-                f"checkpoint {directory}")
+                f"checkpoint {directory}"
+            )

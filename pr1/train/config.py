@@ -26,8 +26,7 @@ import ml_collections
 
 from pr1.models import attention as attention_lib
 from pr1.rewards.combine import check_config as check_rewards_config
-from pr1.rewards.combine import judge_share
-from pr1.rewards.combine import rewards_config
+from pr1.rewards.combine import judge_share, rewards_config
 from pr1.rl.grpo import LOSS_AGG_MODES
 from pr1.train.state import optimizer_config
 from pr1.train.step import _REMAT_POLICIES, learner_config
@@ -49,44 +48,59 @@ def default_config() -> ml_collections.ConfigDict:
     from pr1.rollout.vllm import vllm_config
 
     c = ml_collections.ConfigDict()
-    c.model = ml_collections.ConfigDict(dict(
-        path="",                 # local HF checkpoint dir (e.g. Qwen2.5-VL-7B-Instruct)
-        # The stored weights the optimizer updates (the release: fp32 masters; bf16 masters lose
-        # lr-1e-6 updates) and the dtype the forward runs in (cast inside the jitted programs).
-        # Norms, softmax, rotary, the LM head's accumulation and the logprobs are fp32 regardless.
-        param_dtype="float32",
-        compute_dtype="bfloat16",
-        make_tiny_if_missing=False,  # debug only: write pr1.models.tiny's checkpoint at `path` first
-        # pr1.models.attention: auto (splash on TPU, cudnn on GPU, blockwise on CPU) | xla (dense) |
-        # blockwise (pure-JAX flash) | cudnn | splash
-        attention="auto",
-    ))
+    c.model = ml_collections.ConfigDict(
+        dict(
+            path="",  # local HF checkpoint dir (e.g. Qwen2.5-VL-7B-Instruct)
+            # The stored weights the optimizer updates (the release: fp32 masters; bf16 masters lose
+            # lr-1e-6 updates) and the dtype the forward runs in (cast inside the jitted programs).
+            # Norms, softmax, rotary, the LM head's accumulation and the logprobs are fp32 regardless.
+            param_dtype="float32",
+            compute_dtype="bfloat16",
+            make_tiny_if_missing=False,  # debug only: write pr1.models.tiny's checkpoint at `path` first
+            # pr1.models.attention: auto (splash on TPU, cudnn on GPU, blockwise on CPU) | xla (dense) |
+            # blockwise (pure-JAX flash) | cudnn | splash
+            attention="auto",
+        )
+    )
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.data = data_config()
-    c.rollout = ml_collections.ConfigDict(dict(
-        engine="embedded",
-        n=8,                     # responses per prompt (the GRPO group)
-        temperature=1.0, top_p=1.0, top_k=-1,
-        max_new_tokens=4096,
-        min_prompt_bucket=64, min_patch_bucket=256,
-        prefill_chunk=0,         # embedded engine: prompts prefilled at a time (0: all of a step's at once)
-        val_max_new_tokens=4096,  # validation decodes greedily
-        off_policy_steps=0,      # 1: server engines generate step k+1 while step k trains (pr1.train.rollout_ahead)
-        sglang=sglang_config(),
-        vllm=vllm_config(),
-    ))
+    c.rollout = ml_collections.ConfigDict(
+        dict(
+            engine="embedded",
+            n=8,  # responses per prompt (the GRPO group)
+            temperature=1.0,
+            top_p=1.0,
+            top_k=-1,
+            max_new_tokens=4096,
+            min_prompt_bucket=64,
+            min_patch_bucket=256,
+            prefill_chunk=0,  # embedded engine: prompts prefilled at a time (0: all of a step's at once)
+            val_max_new_tokens=4096,  # validation decodes greedily
+            off_policy_steps=0,  # 1: server engines generate step k+1 while step k trains (pr1.train.rollout_ahead)
+            sglang=sglang_config(),
+            vllm=vllm_config(),
+        )
+    )
     c.rewards = rewards_config()
     c.learner = learner_config()
     c.optim = optimizer_config()
-    c.train = ml_collections.ConfigDict(dict(
-        steps=275,               # rollout batches (the paper: 25 epochs x 11)
-        mini_batches=1,          # optimizer steps per rollout batch (PPO mini-batches, one epoch)
-        seed=0,
-        checkpoint_every=25, keep_checkpoints=3, async_checkpoints=True,
-        val_every=0, val_prompts=64,  # 0: no validation
-        log_samples_every=10, samples_logged=2,
-        tensorboard=True, wandb_project="", run_name="",
-    ))
+    c.train = ml_collections.ConfigDict(
+        dict(
+            steps=275,  # rollout batches (the paper: 25 epochs x 11)
+            mini_batches=1,  # optimizer steps per rollout batch (PPO mini-batches, one epoch)
+            seed=0,
+            checkpoint_every=25,
+            keep_checkpoints=3,
+            async_checkpoints=True,
+            val_every=0,
+            val_prompts=64,  # 0: no validation
+            log_samples_every=10,
+            samples_logged=2,
+            tensorboard=True,
+            wandb_project="",
+            run_name="",
+        )
+    )
     c.distributed = distributed_config()
     return c
 
@@ -101,8 +115,14 @@ def _need(cond: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = None,
-                    check_files: bool = True, backend: str | None = None, num_processes: int = 1) -> None:
+def validate_config(
+    c: ml_collections.ConfigDict,
+    *,
+    num_devices: int | None = None,
+    check_files: bool = True,
+    backend: str | None = None,
+    num_processes: int = 1,
+) -> None:
     """Checks every value the run depends on; raises ConfigError('<key>: <why>').
 
     check_files=False skips the checks that local data files exist (for planning a run elsewhere);
@@ -112,10 +132,15 @@ def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = N
         _need(section in c, section, "section missing from the config")
     m = c.model
     _need(bool(m.path), "model.path", "empty; set it to a local Hugging Face checkpoint dir")
-    _need(m.make_tiny_if_missing or os.path.isdir(m.path), "model.path",
-          f"{m.path} is not a directory (no model is downloaded; give a local checkpoint dir)")
+    _need(
+        m.make_tiny_if_missing or os.path.isdir(m.path),
+        "model.path",
+        f"{m.path} is not a directory (no model is downloaded; give a local checkpoint dir)",
+    )
     _need(m.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}, got {m.param_dtype!r}")
-    _need(m.compute_dtype in DTYPES, "model.compute_dtype", f"must be one of {DTYPES}, got {m.compute_dtype!r}")
+    _need(
+        m.compute_dtype in DTYPES, "model.compute_dtype", f"must be one of {DTYPES}, got {m.compute_dtype!r}"
+    )
     try:
         attention_lib.check_implementation(m.get("attention", "auto"), backend)
     except attention_lib.AttentionConfigError as e:
@@ -123,17 +148,25 @@ def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = N
 
     axes = {name: c.mesh[name] for name in ("data", "fsdp", "tensor")}
     for name, value in axes.items():
-        _need(isinstance(value, int) and (value >= 1 or value == -1), f"mesh.{name}", f"must be >= 1 or -1, got {value!r}")
+        _need(
+            isinstance(value, int) and (value >= 1 or value == -1),
+            f"mesh.{name}",
+            f"must be >= 1 or -1, got {value!r}",
+        )
     _need(list(axes.values()).count(-1) <= 1, "mesh", f"at most one axis may be -1, got {axes}")
     if num_devices is not None:
         fixed = 1
         for value in axes.values():
             fixed *= value if value != -1 else 1
-        _need(num_devices % fixed == 0 if -1 in axes.values() else fixed == num_devices, "mesh",
-              f"{axes} does not fit the {num_devices} devices")
+        _need(
+            num_devices % fixed == 0 if -1 in axes.values() else fixed == num_devices,
+            "mesh",
+            f"{axes} does not fit the {num_devices} devices",
+        )
 
     d = c.data
     from pr1.data.dataset import check_data_config
+
     try:
         check_data_config(d)
     except ValueError as e:
@@ -142,28 +175,51 @@ def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = N
     synthetic = "synthetic" in d and d.synthetic.enabled  # the debug config writes its files on first use
     if check_files and not synthetic:
         for key in ("train_files", "val_files"):
-            for f in ([d[key]] if isinstance(d[key], str) else d[key]):
+            for f in [d[key]] if isinstance(d[key], str) else d[key]:
                 _need("://" in f or os.path.isfile(f), f"data.{key}", f"{f}: parquet file not found")
     _need(d.max_prompt_length >= 8, "data.max_prompt_length", f"must be >= 8, got {d.max_prompt_length}")
 
     r = c.rollout
     _need(r.engine in ENGINES, "rollout.engine", f"must be one of {ENGINES}, got {r.engine!r}")
     _need(r.n >= 2, "rollout.n", f"GRPO needs at least 2 responses per prompt, got {r.n}")
-    _need(r.temperature > 0, "rollout.temperature", f"training samples need a temperature > 0, got {r.temperature}")
+    _need(
+        r.temperature > 0,
+        "rollout.temperature",
+        f"training samples need a temperature > 0, got {r.temperature}",
+    )
     _need(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
     _need(r.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {r.max_new_tokens}")
-    _need(r.prefill_chunk >= 0, "rollout.prefill_chunk", f"must be >= 0 (0: all prompts at once), got {r.prefill_chunk}")
-    _need(r.val_max_new_tokens >= 1, "rollout.val_max_new_tokens", f"must be >= 1, got {r.val_max_new_tokens}")
-    _need(r.off_policy_steps in (0, 1), "rollout.off_policy_steps", f"must be 0 or 1, got {r.off_policy_steps}")
-    _need(r.off_policy_steps == 0 or r.engine in ("sglang", "vllm"), "rollout.off_policy_steps",
-          f"1 needs a server engine (sglang, vllm) to generate beside the learner; rollout.engine is {r.engine!r}")
+    _need(
+        r.prefill_chunk >= 0,
+        "rollout.prefill_chunk",
+        f"must be >= 0 (0: all prompts at once), got {r.prefill_chunk}",
+    )
+    _need(
+        r.val_max_new_tokens >= 1, "rollout.val_max_new_tokens", f"must be >= 1, got {r.val_max_new_tokens}"
+    )
+    _need(
+        r.off_policy_steps in (0, 1), "rollout.off_policy_steps", f"must be 0 or 1, got {r.off_policy_steps}"
+    )
+    _need(
+        r.off_policy_steps == 0 or r.engine in ("sglang", "vllm"),
+        "rollout.off_policy_steps",
+        f"1 needs a server engine (sglang, vllm) to generate beside the learner; rollout.engine is {r.engine!r}",
+    )
     if r.engine == "sglang":
-        _need(bool(r.sglang.urls), "rollout.sglang.urls", "empty; give the SGLang server URLs (launch/serve_rollout.sh)")
-        for url in ([r.sglang.urls] if isinstance(r.sglang.urls, str) else r.sglang.urls):
+        _need(
+            bool(r.sglang.urls),
+            "rollout.sglang.urls",
+            "empty; give the SGLang server URLs (launch/serve_rollout.sh)",
+        )
+        for url in [r.sglang.urls] if isinstance(r.sglang.urls, str) else r.sglang.urls:
             _need(_is_http_url(url), "rollout.sglang.urls", f"{url!r} must look like http://host:port")
     if r.engine == "vllm":
-        _need(bool(r.vllm.urls), "rollout.vllm.urls", "empty; give the vLLM server URLs (launch/serve_vllm.sh rollout)")
-        for url in ([r.vllm.urls] if isinstance(r.vllm.urls, str) else r.vllm.urls):
+        _need(
+            bool(r.vllm.urls),
+            "rollout.vllm.urls",
+            "empty; give the vLLM server URLs (launch/serve_vllm.sh rollout)",
+        )
+        for url in [r.vllm.urls] if isinstance(r.vllm.urls, str) else r.vllm.urls:
             _need(_is_http_url(url), "rollout.vllm.urls", f"{url!r} must look like http://host:port")
         # vLLM reports logprobs after top-p/top-k (renormalized), not what the learner recomputes.
         _need(r.top_p == 1, "rollout.top_p", f"must be 1.0 with rollout.engine=vllm, got {r.top_p}")
@@ -179,24 +235,53 @@ def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = N
     lc = c.learner
     _need(lc.loss_agg in LOSS_AGGS, "learner.loss_agg", f"must be one of {LOSS_AGGS}, got {lc.loss_agg!r}")
     _need(lc.kl_kind in KL_KINDS, "learner.kl_kind", f"must be one of {KL_KINDS}, got {lc.kl_kind!r}")
-    _need(lc.kl_coef == 0, "learner.kl_coef", "a KL term needs a reference model, which pr1 does not build yet; use 0")
+    _need(
+        lc.kl_coef == 0,
+        "learner.kl_coef",
+        "a KL term needs a reference model, which pr1 does not build yet; use 0",
+    )
     _need(lc.clip_low >= 0 and lc.clip_high >= 0, "learner.clip_low/clip_high", "must be >= 0")
-    _need(lc.dual_clip is None or lc.dual_clip > 1, "learner.dual_clip", f"must be > 1 (or None), got {lc.dual_clip}")
-    _need(lc.remat in _REMAT_POLICIES, "learner.remat", f"must be one of {sorted(_REMAT_POLICIES)}, got {lc.remat!r}")
-    _need(lc.micro_batches >= 0, "learner.micro_batches",
-          f"must be >= 1, or 0 (one response per batch device per micro-batch), got {lc.micro_batches}")
-    _need(abs(lc.temperature - r.temperature) < 1e-9, "learner.temperature",
-          f"must equal rollout.temperature ({r.temperature}) so logprobs are of the sampling distribution, "
-          f"got {lc.temperature}")
+    _need(
+        lc.dual_clip is None or lc.dual_clip > 1,
+        "learner.dual_clip",
+        f"must be > 1 (or None), got {lc.dual_clip}",
+    )
+    _need(
+        lc.remat in _REMAT_POLICIES,
+        "learner.remat",
+        f"must be one of {sorted(_REMAT_POLICIES)}, got {lc.remat!r}",
+    )
+    _need(
+        lc.micro_batches >= 0,
+        "learner.micro_batches",
+        f"must be >= 1, or 0 (one response per batch device per micro-batch), got {lc.micro_batches}",
+    )
+    _need(
+        abs(lc.temperature - r.temperature) < 1e-9,
+        "learner.temperature",
+        f"must equal rollout.temperature ({r.temperature}) so logprobs are of the sampling distribution, "
+        f"got {lc.temperature}",
+    )
     if lc.loss_agg == "chunk-token-mean":
-        _need(isinstance(lc.loss_chunk_responses, int) and lc.loss_chunk_responses >= 1, "learner.loss_chunk_responses",
-              f"must be an int >= 1 for loss_agg='chunk-token-mean', got {lc.loss_chunk_responses!r}")
+        _need(
+            isinstance(lc.loss_chunk_responses, int) and lc.loss_chunk_responses >= 1,
+            "learner.loss_chunk_responses",
+            f"must be an int >= 1 for loss_agg='chunk-token-mean', got {lc.loss_chunk_responses!r}",
+        )
     if lc.loss_agg == "seq-mean-token-sum-norm":
-        _need(lc.horizon is not None, "learner.horizon", "required by seq-mean-token-sum-norm (e.g. rollout.max_new_tokens)")
+        _need(
+            lc.horizon is not None,
+            "learner.horizon",
+            "required by seq-mean-token-sum-norm (e.g. rollout.max_new_tokens)",
+        )
 
     o = c.optim
     _need(o.learning_rate > 0, "optim.learning_rate", f"must be > 0, got {o.learning_rate}")
-    _need(o.schedule in ("constant", "cosine"), "optim.schedule", f"must be 'constant' or 'cosine', got {o.schedule!r}")
+    _need(
+        o.schedule in ("constant", "cosine"),
+        "optim.schedule",
+        f"must be 'constant' or 'cosine', got {o.schedule!r}",
+    )
     _need(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", f"must be in [0, 1), got {o.warmup_ratio}")
     _need(o.max_grad_norm > 0, "optim.max_grad_norm", f"must be > 0, got {o.max_grad_norm}")
 
@@ -204,27 +289,46 @@ def validate_config(c: ml_collections.ConfigDict, *, num_devices: int | None = N
     _need(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
     _need(t.mini_batches >= 1, "train.mini_batches", f"must be >= 1, got {t.mini_batches}")
     _need(t.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {t.checkpoint_every}")
-    _need(t.keep_checkpoints is None or t.keep_checkpoints >= 1, "train.keep_checkpoints",
-          f"must be >= 1 (or None to keep all), got {t.keep_checkpoints}")
+    _need(
+        t.keep_checkpoints is None or t.keep_checkpoints >= 1,
+        "train.keep_checkpoints",
+        f"must be >= 1 (or None to keep all), got {t.keep_checkpoints}",
+    )
     _need(t.val_every >= 0, "train.val_every", f"must be >= 0, got {t.val_every}")
     rows = d.prompts_per_step * r.n
-    _need(rows % t.mini_batches == 0, "train.mini_batches",
-          f"{t.mini_batches} does not divide the {rows} responses per step (data.prompts_per_step x rollout.n)")
+    _need(
+        rows % t.mini_batches == 0,
+        "train.mini_batches",
+        f"{t.mini_batches} does not divide the {rows} responses per step (data.prompts_per_step x rollout.n)",
+    )
     # A mini-batch must hold whole groups and split into micro-batches.
     per_mini = rows // t.mini_batches
-    _need(per_mini % r.n == 0, "train.mini_batches", f"mini-batches of {per_mini} responses would split GRPO groups of {r.n}")
-    _need(lc.micro_batches == 0 or per_mini % lc.micro_batches == 0, "learner.micro_batches",
-          f"{lc.micro_batches} does not divide the {per_mini} responses of a mini-batch")
+    _need(
+        per_mini % r.n == 0,
+        "train.mini_batches",
+        f"mini-batches of {per_mini} responses would split GRPO groups of {r.n}",
+    )
+    _need(
+        lc.micro_batches == 0 or per_mini % lc.micro_batches == 0,
+        "learner.micro_batches",
+        f"{lc.micro_batches} does not divide the {per_mini} responses of a mini-batch",
+    )
     if num_devices is not None:
         sizes = dict(axes)
         free = [k for k, v in sizes.items() if v == -1]
         if free:  # the -1 axis takes the devices the fixed axes leave
             sizes[free[0]] = num_devices // math.prod(v for v in sizes.values() if v != -1)
         batch_rows = sizes["data"] * sizes["fsdp"]
-        _need(per_mini % batch_rows == 0, "data.prompts_per_step",
-              f"the {per_mini} responses of a mini-batch do not divide over the {batch_rows} devices of mesh axes "
-              f"data x fsdp ({sizes})")
+        _need(
+            per_mini % batch_rows == 0,
+            "data.prompts_per_step",
+            f"the {per_mini} responses of a mini-batch do not divide over the {batch_rows} devices of mesh axes "
+            f"data x fsdp ({sizes})",
+        )
         per_micro = per_mini // lc.micro_batches if lc.micro_batches else batch_rows
-        _need(per_micro % batch_rows == 0, "learner.micro_batches",
-              f"micro-batches of {per_micro} responses do not divide over the {batch_rows} devices of mesh axes "
-              f"data x fsdp ({sizes})")
+        _need(
+            per_micro % batch_rows == 0,
+            "learner.micro_batches",
+            f"micro-batches of {per_micro} responses do not divide over the {batch_rows} devices of mesh axes "
+            f"data x fsdp ({sizes})",
+        )

@@ -38,9 +38,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from pr1 import distributed
+from pr1 import distributed, sharding
 from pr1 import export as export_lib
-from pr1 import sharding
 from pr1.data.processor import Processor
 from pr1.models.config import Qwen25VLConfig
 from pr1.rewards.combine import RewardStage
@@ -48,12 +47,12 @@ from pr1.rewards.perception import as_annotations
 from pr1.rl import grpo
 from pr1.rollout.sampler import EmbeddedEngine
 from pr1.rollout.types import SamplingParams, default_stop_token_ids
+from pr1.train import batch as batch_lib
 from pr1.train import checkpoint as checkpoint_lib
 from pr1.train import metrics as metrics_lib
 from pr1.train import rollout_ahead
 from pr1.train import state as state_lib
 from pr1.train import step as step_lib
-from pr1.train import batch as batch_lib
 from pr1.train.config import ConfigError, validate_config
 
 log = logging.getLogger(__name__)
@@ -79,8 +78,10 @@ class _StopFlag:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         self.requested = True
-        print(f"pr1.train: got signal {signum}; finishing this step, saving a checkpoint and exiting",
-              flush=True)
+        print(
+            f"pr1.train: got signal {signum}; finishing this step, saving a checkpoint and exiting",
+            flush=True,
+        )
 
     def restore(self):
         for sig, handler in self._previous.items():
@@ -105,15 +106,21 @@ def _prepare_inputs(config) -> None:
 def _write_missing_inputs(config) -> None:
     if config.model.make_tiny_if_missing and not os.path.isdir(config.model.path):
         from pr1.models.tiny import write_tiny_checkpoint
+
         write_tiny_checkpoint(config.model.path, seed=config.train.seed)
     synthetic = config.data.get("synthetic")
     if synthetic and synthetic.get("enabled"):
         from pr1.data.synthetic import write_synthetic
-        for files, n, seed in ((config.data.train_files, synthetic.train_rows, synthetic.seed),
-                               (config.data.val_files, synthetic.val_rows, synthetic.seed + 1)):
+
+        for files, n, seed in (
+            (config.data.train_files, synthetic.train_rows, synthetic.seed),
+            (config.data.val_files, synthetic.val_rows, synthetic.seed + 1),
+        ):
             for path in files:
                 if not os.path.exists(path):
-                    write_synthetic(path, n=n, seed=seed, task=synthetic.task, image_size=synthetic.image_size)
+                    write_synthetic(
+                        path, n=n, seed=seed, task=synthetic.task, image_size=synthetic.image_size
+                    )
 
 
 class _StepCache:
@@ -144,8 +151,11 @@ class _StepCache:
 
 def _abstract_state(params_abstract, tx, shardings):
     """The restore target: TrainState shapes with the run's shardings (nothing is allocated)."""
-    abstract = state_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params_abstract,
-                                    opt_state=jax.eval_shape(tx.init, params_abstract))
+    abstract = state_lib.TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=params_abstract,
+        opt_state=jax.eval_shape(tx.init, params_abstract),
+    )
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
@@ -157,16 +167,38 @@ def _make_engine(config, model_def, params, mesh, processor, workdir):
     r = config.rollout
     stop = default_stop_token_ids(processor.tokenizer, model_def.config)
     if r.engine == "embedded":
-        return EmbeddedEngine(model_def, params, mesh, processor.tokenizer, stop_token_ids=stop,
-                              pad_token_id=processor.pad_token_id, min_prompt_bucket=r.min_prompt_bucket,
-                              min_patch_bucket=r.min_patch_bucket, prefill_chunk=r.prefill_chunk)
+        return EmbeddedEngine(
+            model_def,
+            params,
+            mesh,
+            processor.tokenizer,
+            stop_token_ids=stop,
+            pad_token_id=processor.pad_token_id,
+            min_prompt_bucket=r.min_prompt_bucket,
+            min_patch_bucket=r.min_patch_bucket,
+            prefill_chunk=r.prefill_chunk,
+        )
     if r.engine == "vllm":
         from pr1.rollout.vllm import VLLMEngine
-        return VLLMEngine.from_config(r.vllm, model_def=model_def, workdir=workdir, tokenizer=processor.tokenizer,
-                                      stop_token_ids=stop, assets_from=config.model.path)
+
+        return VLLMEngine.from_config(
+            r.vllm,
+            model_def=model_def,
+            workdir=workdir,
+            tokenizer=processor.tokenizer,
+            stop_token_ids=stop,
+            assets_from=config.model.path,
+        )
     from pr1.rollout.sglang import SGLangEngine
-    return SGLangEngine.from_config(r.sglang, model_def=model_def, workdir=workdir, tokenizer=processor.tokenizer,
-                                    stop_token_ids=stop, assets_from=config.model.path)
+
+    return SGLangEngine.from_config(
+        r.sglang,
+        model_def=model_def,
+        workdir=workdir,
+        tokenizer=processor.tokenizer,
+        stop_token_ids=stop,
+        assets_from=config.model.path,
+    )
 
 
 def _mini_batches(batch: dict, k: int, mesh) -> list[dict]:
@@ -175,10 +207,13 @@ def _mini_batches(batch: dict, k: int, mesh) -> list[dict]:
     if k == 1:
         return [batch]
     size = batch["input_ids"].shape[0] // k
-    shardings = step_lib.batch_sharding(mesh, {key: jax.ShapeDtypeStruct((size,) + v.shape[1:], v.dtype)
-                                               for key, v in batch.items()})
-    return [{key: jax.device_put(v[i * size:(i + 1) * size], shardings[key]) for key, v in batch.items()}
-            for i in range(k)]
+    shardings = step_lib.batch_sharding(
+        mesh, {key: jax.ShapeDtypeStruct((size,) + v.shape[1:], v.dtype) for key, v in batch.items()}
+    )
+    return [
+        {key: jax.device_put(v[i * size : (i + 1) * size], shardings[key]) for key, v in batch.items()}
+        for i in range(k)
+    ]
 
 
 def _judged(annotations, rewards_config) -> int:
@@ -203,17 +238,22 @@ def _validate(engine, reward_stage, val_data, config, limit) -> dict:
     if not examples:
         return {}
     p, k = jax.process_index(), jax.process_count()
-    mine = examples[p * len(examples) // k:(p + 1) * len(examples) // k]
+    mine = examples[p * len(examples) // k : (p + 1) * len(examples) // k]
     sampling = SamplingParams(temperature=0.0, max_new_tokens=config.rollout.val_max_new_tokens)
     completions = engine.generate([e.prompt for e in mine], sampling, n=1)
-    out = reward_stage.submit([c.text for c in completions], [e.answer for e in mine],
-                              [e.annotations for e in mine], group_size=1).result()
+    out = reward_stage.submit(
+        [c.text for c in completions], [e.answer for e in mine], [e.annotations for e in mine], group_size=1
+    ).result()
     gather = distributed.allgather_host
-    return {"val/accuracy": float(gather(out.components["accuracy"]).mean()),
-            "val/format": float(gather(out.components["format"]).mean()),
-            "val/perception": float(gather(out.components["perception"]).mean()),
-            "val/response_length": float(np.mean(gather(np.array([len(c.token_ids) for c in completions], np.int64)))),
-            "val/examples": float(len(examples))}
+    return {
+        "val/accuracy": float(gather(out.components["accuracy"]).mean()),
+        "val/format": float(gather(out.components["format"]).mean()),
+        "val/perception": float(gather(out.components["perception"]).mean()),
+        "val/response_length": float(
+            np.mean(gather(np.array([len(c.token_ids) for c in completions], np.int64)))
+        ),
+        "val/examples": float(len(examples)),
+    }
 
 
 def _log_dir(workdir: str) -> str:
@@ -235,8 +275,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     workdir = os.path.abspath(workdir) if "://" not in workdir else workdir
     distributed.maybe_initialize(config)  # a no-op unless enabled, or when the CLI already did it
-    validate_config(config, num_devices=jax.device_count(), backend=jax.default_backend(),
-                    num_processes=jax.process_count())
+    validate_config(
+        config,
+        num_devices=jax.device_count(),
+        backend=jax.default_backend(),
+        num_processes=jax.process_count(),
+    )
     _prepare_inputs(config)
     log_dir = _log_dir(workdir)
     os.makedirs(log_dir, exist_ok=True)
@@ -251,27 +295,42 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             distributed.check_process_rows(mesh, step_lib.BATCH_AXES)
         except ValueError as e:
             raise ConfigError(f"mesh: {e}") from None
-    model_config = dataclasses.replace(Qwen25VLConfig.from_dir(config.model.path), attention=config.model.attention)
-    processor = Processor.from_dir(config.model.path, min_pixels=config.data.min_pixels,
-                                   max_pixels=config.data.max_pixels)
-    model_def = state_lib.ModelDef.create(model_config, dtype=jnp.dtype(config.model.param_dtype),
-                                          compute_dtype=jnp.dtype(config.model.compute_dtype))
+    model_config = dataclasses.replace(
+        Qwen25VLConfig.from_dir(config.model.path), attention=config.model.attention
+    )
+    processor = Processor.from_dir(
+        config.model.path, min_pixels=config.data.min_pixels, max_pixels=config.data.max_pixels
+    )
+    model_def = state_lib.ModelDef.create(
+        model_config,
+        dtype=jnp.dtype(config.model.param_dtype),
+        compute_dtype=jnp.dtype(config.model.compute_dtype),
+    )
     optimizer_steps = t_cfg.steps * t_cfg.mini_batches
     tx = state_lib.make_optimizer(config.optim, optimizer_steps, _pure(model_def.abstract_state))
 
     param_sh = model_def.param_shardings(mesh)
-    params_abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, model_def.dtype), _pure(model_def.abstract_state))
+    params_abstract = jax.tree.map(
+        lambda v: jax.ShapeDtypeStruct(v.shape, model_def.dtype), _pure(model_def.abstract_state)
+    )
     shardings = state_lib.state_shardings(tx, params_abstract, param_sh, mesh)
-    ckpt = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_directory(workdir), keep=t_cfg.keep_checkpoints,
-                                       async_save=t_cfg.async_checkpoints, save_interval_steps=t_cfg.checkpoint_every)
+    ckpt = checkpoint_lib.Checkpointer(
+        checkpoint_lib.checkpoint_directory(workdir),
+        keep=t_cfg.keep_checkpoints,
+        async_save=t_cfg.async_checkpoints,
+        save_interval_steps=t_cfg.checkpoint_every,
+    )
     train_data = dataset_lib.train_iterator(config.data, processor)
     start_step = ckpt.latest_step() or 0
     if start_step:
         state, host_state = ckpt.restore(_abstract_state(params_abstract, tx, shardings), start_step)
         if ckpt.upcast and jax.process_index() == 0:
-            print(f"pr1.train: checkpoint step {start_step} stored {len(ckpt.upcast)} arrays in a narrower dtype "
-                  f"(e.g. {ckpt.upcast[0]}); upcast them to model.param_dtype={config.model.param_dtype} / fp32 "
-                  "moments (lossless)", flush=True)
+            print(
+                f"pr1.train: checkpoint step {start_step} stored {len(ckpt.upcast)} arrays in a narrower dtype "
+                f"(e.g. {ckpt.upcast[0]}); upcast them to model.param_dtype={config.model.param_dtype} / fp32 "
+                "moments (lossless)",
+                flush=True,
+            )
         train_data.set_state(host_state["data"])
         if jax.process_index() == 0:
             print(f"pr1.train: resumed from step {start_step} of {ckpt.directory}", flush=True)
@@ -284,16 +343,32 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     reward_stage = RewardStage(config.rewards, processes=jax.process_count())
     print(f"pr1.train: process {jax.process_index()}: {reward_stage.budget_line()}", flush=True)
     rollouts = rollout_ahead.Rollouts(
-        engine, train_data, lambda k: SamplingParams(
-            temperature=r_cfg.temperature, top_p=r_cfg.top_p, top_k=r_cfg.top_k, max_new_tokens=r_cfg.max_new_tokens,
-            seed=t_cfg.seed * 1_000_003 + k), n=r_cfg.n, off_policy_steps=r_cfg.off_policy_steps,
-        total_steps=t_cfg.steps, synced=start_step, rewards=reward_stage,
+        engine,
+        train_data,
+        lambda k: SamplingParams(
+            temperature=r_cfg.temperature,
+            top_p=r_cfg.top_p,
+            top_k=r_cfg.top_k,
+            max_new_tokens=r_cfg.max_new_tokens,
+            seed=t_cfg.seed * 1_000_003 + k,
+        ),
+        n=r_cfg.n,
+        off_policy_steps=r_cfg.off_policy_steps,
+        total_steps=t_cfg.steps,
+        synced=start_step,
+        rewards=reward_stage,
         store_dir=None if "://" in workdir else os.path.join(workdir, rollout_ahead.STORE_DIR),
-        keep=t_cfg.checkpoint_every * t_cfg.keep_checkpoints + 2)
+        keep=t_cfg.checkpoint_every * t_cfg.keep_checkpoints + 2,
+    )
     steps = _StepCache(model_def, tx, config.learner, shardings, mesh)
-    writer = metrics_lib.MetricsWriter(log_dir, resume_step=start_step, tensorboard=t_cfg.tensorboard,
-                                       wandb_project=t_cfg.wandb_project, run_name=t_cfg.run_name,
-                                       config_dict=json.loads(config.to_json_best_effort()))
+    writer = metrics_lib.MetricsWriter(
+        log_dir,
+        resume_step=start_step,
+        tensorboard=t_cfg.tensorboard,
+        wandb_project=t_cfg.wandb_project,
+        run_name=t_cfg.run_name,
+        config_dict=json.loads(config.to_json_best_effort()),
+    )
     progress = metrics_lib.Progress(t_cfg.steps, start_step)
     stop = _StopFlag()
     stop.install()
@@ -314,19 +389,29 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             prompts = [e.prompt for e in examples]
             with timer("logprobs"):
                 # Every process pads to the same buckets: the maxima over all of them.
-                extents = distributed.max_over_processes(batch_lib.batch_extents(prompts, completions, model_config))
+                extents = distributed.max_over_processes(
+                    batch_lib.batch_extents(prompts, completions, model_config)
+                )
                 local_batch = batch_lib.learner_batch(
-                    model_config, prompts, completions, max_new_tokens=r_cfg.max_new_tokens,
-                    pad_token_id=processor.pad_token_id, min_prompt_bucket=r_cfg.min_prompt_bucket,
-                    min_patch_bucket=r_cfg.min_patch_bucket, extents=extents,
-                    pixel_dtype=jnp.dtype(model_def.compute_dtype))
+                    model_config,
+                    prompts,
+                    completions,
+                    max_new_tokens=r_cfg.max_new_tokens,
+                    pad_token_id=processor.pad_token_id,
+                    min_prompt_bucket=r_cfg.min_prompt_bucket,
+                    min_patch_bucket=r_cfg.min_patch_bucket,
+                    extents=extents,
+                    pixel_dtype=jnp.dtype(model_def.compute_dtype),
+                )
                 batch = batch_lib.on_mesh(local_batch, mesh)
                 batch["old_logprobs"] = steps.logprobs(state.params, batch).block_until_ready()
             with timer("judge_wait"):
                 rewards = rewards_future.result()
             # Per group, so each process computes its own groups' advantages.
             advantages = np.asarray(grpo.group_advantages(rewards.totals, n))
-            batch["advantages"] = batch_lib.on_mesh({"advantages": advantages.astype(np.float32)}, mesh)["advantages"]
+            batch["advantages"] = batch_lib.on_mesh({"advantages": advantages.astype(np.float32)}, mesh)[
+                "advantages"
+            ]
             update_metrics = []
             with timer("update"):
                 for mini in _mini_batches(batch, t_cfg.mini_batches, mesh):
@@ -343,7 +428,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if t_cfg.val_every and config.data.val_files and step % t_cfg.val_every == 0:
                 with timer("validation"):
                     # Every process reads the same examples and validates its block of them.
-                    val_data = dataset_lib.val_iterator(config.data, processor, process_index=0, process_count=1)
+                    val_data = dataset_lib.val_iterator(
+                        config.data, processor, process_index=0, process_count=1
+                    )
                     val_metrics = _validate(engine, reward_stage, val_data, config, t_cfg.val_prompts)
             else:
                 val_metrics = {}
@@ -361,8 +448,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             metrics.update(timer.metrics())
             metrics["time/step"] = elapsed
             metrics["perf/tokens_per_s"] = metrics["tokens/step"] / max(elapsed, 1e-9)
-            metrics["optim/learning_rate"] = float(state_lib.learning_rate_schedule(config.optim, optimizer_steps)(
-                (step - 1) * t_cfg.mini_batches))
+            metrics["optim/learning_rate"] = float(
+                state_lib.learning_rate_schedule(config.optim, optimizer_steps)(
+                    (step - 1) * t_cfg.mini_batches
+                )
+            )
             metrics.update(val_metrics)
             metrics.update(metrics_lib.data_metrics(getattr(train_data, "stats", {})))
             # The rollout engine's cumulative counters since this (re)start: requests, retries by kind,
@@ -370,11 +460,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             metrics.update(metrics_lib.counter_metrics(getattr(engine, "stats", {}), "rollout"))
             writer.write(step, metrics)
             if t_cfg.log_samples_every and step % t_cfg.log_samples_every == 0:
-                writer.write_samples(step, [
-                    {"prompt": examples[c.prompt_index].question, "answer": examples[c.prompt_index].answer,
-                     "response": c.text, "reward": float(rewards.totals[i]),
-                     **{k: float(v[i]) for k, v in rewards.components.items()}}
-                    for i, c in enumerate(completions[:t_cfg.samples_logged])])
+                writer.write_samples(
+                    step,
+                    [
+                        {
+                            "prompt": examples[c.prompt_index].question,
+                            "answer": examples[c.prompt_index].answer,
+                            "response": c.text,
+                            "reward": float(rewards.totals[i]),
+                            **{k: float(v[i]) for k, v in rewards.components.items()},
+                        }
+                        for i, c in enumerate(completions[: t_cfg.samples_logged])
+                    ],
+                )
             progress.update(step, metrics)
         stopped = stopping()
         if stopped and step > saved_step:

@@ -68,8 +68,16 @@ def _truncate_after(path: str, step: int) -> None:
 class MetricsWriter:
     """Writes step metrics (process 0 only). `wandb_project` empty: no W&B."""
 
-    def __init__(self, workdir: str, *, resume_step: int = 0, tensorboard: bool = True, wandb_project: str = "",
-                 run_name: str = "", config_dict: dict | None = None):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        resume_step: int = 0,
+        tensorboard: bool = True,
+        wandb_project: str = "",
+        run_name: str = "",
+        config_dict: dict | None = None,
+    ):
         self.enabled = jax.process_index() == 0
         self.workdir = workdir
         self._tb = self._wandb = None
@@ -82,13 +90,18 @@ class MetricsWriter:
         _truncate_after(self.samples_path, resume_step)
         if tensorboard:
             from tensorboardX import SummaryWriter
+
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
         if wandb_project:
             try:
                 import wandb
             except ImportError:
-                raise ValueError("train.wandb_project is set but wandb is not installed (pip install wandb)") from None
-            self._wandb = wandb.init(project=wandb_project, name=run_name or None, config=config_dict, resume="allow")
+                raise ValueError(
+                    "train.wandb_project is set but wandb is not installed (pip install wandb)"
+                ) from None
+            self._wandb = wandb.init(
+                project=wandb_project, name=run_name or None, config=config_dict, resume="allow"
+            )
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -112,7 +125,9 @@ class MetricsWriter:
             for s in samples:
                 f.write(json.dumps({"step": int(step), **s}) + "\n")
         if self._tb is not None:
-            text = "\n\n".join(f"**reward {s.get('reward', 0):.3f}**\n\n```\n{s.get('response', '')}\n```" for s in samples)
+            text = "\n\n".join(
+                f"**reward {s.get('reward', 0):.3f}**\n\n```\n{s.get('response', '')}\n```" for s in samples
+            )
             self._tb.add_text("samples", text, step)
 
     def close(self) -> None:
@@ -123,20 +138,31 @@ class MetricsWriter:
 
 
 # Reward metrics that are counts of events; they add up over processes.
-_REWARD_COUNTS = ("judge/failures", "judge/malformed", "judge/dropped_groups", "judge/neutralized",
-                  "accuracy/timeouts", "accuracy/errors")
+_REWARD_COUNTS = (
+    "judge/failures",
+    "judge/malformed",
+    "judge/dropped_groups",
+    "judge/neutralized",
+    "accuracy/timeouts",
+    "accuracy/errors",
+)
 
 
 def rollout_metrics(completions, tokens: int) -> dict[str, float]:
     """Response lengths and finish reasons over every process's completions; `tokens` is this
     process's count of real tokens in its learner rows."""
     lengths = distributed.allgather_host(np.array([len(c.token_ids) for c in completions], np.float32))
-    finish = distributed.allgather_host(np.array(
-        [[c.finish_reason == "length", c.finish_reason == "abort"] for c in completions], bool).reshape(-1, 2))
+    finish = distributed.allgather_host(
+        np.array(
+            [[c.finish_reason == "length", c.finish_reason == "abort"] for c in completions], bool
+        ).reshape(-1, 2)
+    )
     (total_tokens,) = distributed.sum_over_processes([tokens])
     return {
-        "response/length_mean": float(lengths.mean()), "response/length_max": float(lengths.max()),
-        "response/clip_frac": float(np.mean(finish[:, 0])), "response/abort_frac": float(np.mean(finish[:, 1])),
+        "response/length_mean": float(lengths.mean()),
+        "response/length_max": float(lengths.max()),
+        "response/clip_frac": float(np.mean(finish[:, 0])),
+        "response/abort_frac": float(np.mean(finish[:, 1])),
         "tokens/step": float(total_tokens),
     }
 
@@ -149,12 +175,16 @@ def reward_metrics(rewards, judged: int) -> dict[str, float]:
     """
     if not distributed.is_multiprocess():
         return dict(rewards.metrics)
-    gathered = {name: distributed.allgather_host(rewards.components[name])
-                for name in ("accuracy", "format", "repetition", "perception", "perception_used")}
+    gathered = {
+        name: distributed.allgather_host(rewards.components[name])
+        for name in ("accuracy", "format", "repetition", "perception", "perception_used")
+    }
     totals = distributed.allgather_host(rewards.totals)
     # The same formulas as `combine`, on the global arrays.
-    out = {f"rewards/{name}/mean": float(gathered[name].mean()) if totals.size else 0.0
-           for name in ("accuracy", "format", "repetition")}
+    out = {
+        f"rewards/{name}/mean": float(gathered[name].mean()) if totals.size else 0.0
+        for name in ("accuracy", "format", "repetition")
+    }
     used = gathered["perception_used"] > 0
     out["rewards/perception/mean"] = float(gathered["perception"][used].mean()) if used.any() else 0.0
     out["rewards/total/mean"] = float(totals.mean()) if totals.size else 0.0
@@ -176,7 +206,9 @@ def counter_metrics(stats: dict, prefix: str) -> dict[str, float]:
     """Numeric counters summed over processes, as <prefix>/<name>."""
     if not distributed.is_multiprocess():
         return {f"{prefix}/{k}": float(v) for k, v in stats.items() if isinstance(v, (int, float))}
-    every = distributed.allgather_object({k: float(v) for k, v in stats.items() if isinstance(v, (int, float))})
+    every = distributed.allgather_object(
+        {k: float(v) for k, v in stats.items() if isinstance(v, (int, float))}
+    )
     keys = sorted({k for s in every for k in s})
     return {f"{prefix}/{k}": float(sum(s.get(k, 0.0) for s in every)) for k in keys}
 
@@ -212,10 +244,13 @@ class Progress:
         width = 20
         filled = int(width * step / max(self.total, 1))
         bar = "#" * filled + "." * (width - filled)
-        print(f"[{bar}] step {step}/{self.total}  reward {metrics.get('rewards/total/mean', float('nan')):.3f}  "
-              f"acc {metrics.get('rewards/accuracy/mean', float('nan')):.3f}  "
-              f"{metrics.get('perf/tokens_per_s', 0.0):.0f} tok/s  {per_step:.1f} s/step  ETA {_hms(eta)}",
-              file=sys.stderr, flush=True)
+        print(
+            f"[{bar}] step {step}/{self.total}  reward {metrics.get('rewards/total/mean', float('nan')):.3f}  "
+            f"acc {metrics.get('rewards/accuracy/mean', float('nan')):.3f}  "
+            f"{metrics.get('perf/tokens_per_s', 0.0):.0f} tok/s  {per_step:.1f} s/step  ETA {_hms(eta)}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _hms(seconds: float) -> str:

@@ -71,12 +71,17 @@ def save_completions(path: str, completions: list[Completion], fingerprint: str)
         prompt_index=np.array([c.prompt_index for c in completions], np.int64),
         sample_index=np.array([c.sample_index for c in completions], np.int64),
         lengths=lengths,
-        token_ids=np.concatenate([np.asarray(c.token_ids, np.int32) for c in completions] or [np.zeros(0, np.int32)]),
-        logprobs=np.concatenate([np.asarray(c.logprobs, np.float32) for c in completions] or [np.zeros(0, np.float32)]),
+        token_ids=np.concatenate(
+            [np.asarray(c.token_ids, np.int32) for c in completions] or [np.zeros(0, np.int32)]
+        ),
+        logprobs=np.concatenate(
+            [np.asarray(c.logprobs, np.float32) for c in completions] or [np.zeros(0, np.float32)]
+        ),
         text=np.array([c.text for c in completions], dtype=np.str_),
         finish_reason=np.array([c.finish_reason for c in completions], dtype=np.str_),
-        weight_version=np.array(["" if c.weight_version is None else c.weight_version for c in completions],
-                                dtype=np.str_),
+        weight_version=np.array(
+            ["" if c.weight_version is None else c.weight_version for c in completions], dtype=np.str_
+        ),
     )
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}.npz"
@@ -95,11 +100,26 @@ def load_completions(path: str, fingerprint: str) -> list[Completion] | None:
         ends = np.cumsum(z["lengths"])
         starts = ends - z["lengths"]
         token_ids, logprobs = z["token_ids"], z["logprobs"]
-        return [Completion(prompt_index=int(p), sample_index=int(s), token_ids=token_ids[a:b].copy(),
-                           logprobs=logprobs[a:b].copy(), text=str(t), finish_reason=str(f),
-                           weight_version=str(v) or None)
-                for p, s, a, b, t, f, v in zip(z["prompt_index"], z["sample_index"], starts, ends, z["text"],
-                                               z["finish_reason"], z["weight_version"])]
+        return [
+            Completion(
+                prompt_index=int(p),
+                sample_index=int(s),
+                token_ids=token_ids[a:b].copy(),
+                logprobs=logprobs[a:b].copy(),
+                text=str(t),
+                finish_reason=str(f),
+                weight_version=str(v) or None,
+            )
+            for p, s, a, b, t, f, v in zip(
+                z["prompt_index"],
+                z["sample_index"],
+                starts,
+                ends,
+                z["text"],
+                z["finish_reason"],
+                z["weight_version"],
+            )
+        ]
 
 
 def version_number(version: str | None) -> int | None:
@@ -133,9 +153,20 @@ class Rollouts:
     in-flight completions are kept for an exact resume (None: not kept).
     """
 
-    def __init__(self, engine, train_data, sampling_for: Callable[[int], SamplingParams], *, n: int,
-                 off_policy_steps: int, total_steps: int, synced: int, rewards=None, store_dir: str | None = None,
-                 keep: int = 4):
+    def __init__(
+        self,
+        engine,
+        train_data,
+        sampling_for: Callable[[int], SamplingParams],
+        *,
+        n: int,
+        off_policy_steps: int,
+        total_steps: int,
+        synced: int,
+        rewards=None,
+        store_dir: str | None = None,
+        keep: int = 4,
+    ):
         if off_policy_steps not in (0, 1):
             raise ValueError(f"rollout.off_policy_steps must be 0 or 1, got {off_policy_steps}")
         self.engine, self.data, self.sampling_for = engine, train_data, sampling_for
@@ -143,10 +174,14 @@ class Rollouts:
         self.n, self.off_policy_steps, self.total_steps = n, off_policy_steps, total_steps
         self.synced = synced
         self.store_dir, self.keep = store_dir, keep
-        self.launch_version = synced      # the version the current step's completions were sampled with
+        self.launch_version = synced  # the version the current step's completions were sampled with
         self._pending: _Pending | None = None
         self._data_state: dict | None = None
-        self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-ahead") if off_policy_steps else None
+        self._pool = (
+            cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout-ahead")
+            if off_policy_steps
+            else None
+        )
 
     # -- the loop's calls
 
@@ -228,8 +263,11 @@ class Rollouts:
 
     def _stream(self, examples: list):
         n = self.n
-        return self.rewards.stream([examples[i // n].answer for i in range(len(examples) * n)],
-                                   [examples[i // n].annotations for i in range(len(examples) * n)], group_size=n)
+        return self.rewards.stream(
+            [examples[i // n].answer for i in range(len(examples) * n)],
+            [examples[i // n].annotations for i in range(len(examples) * n)],
+            group_size=n,
+        )
 
     def _generate(self, step: int, examples: list):
         """(completions, rewards future); a server engine hands each completion to the reward stage
@@ -242,8 +280,12 @@ class Rollouts:
             completions = self.engine.generate(prompts, sampling, n=self.n)
             return completions, self._score(examples, completions)
         stream, n = self._stream(examples), self.n
-        completions = self.engine.generate(prompts, sampling, n=n,
-                                           on_complete=lambda c: stream.add(c.prompt_index * n + c.sample_index, c.text))
+        completions = self.engine.generate(
+            prompts,
+            sampling,
+            n=n,
+            on_complete=lambda c: stream.add(c.prompt_index * n + c.sample_index, c.text),
+        )
         return completions, stream.finish()
 
     def _score(self, examples: list, completions: list[Completion]):
@@ -267,9 +309,12 @@ class Rollouts:
             return None
         completions = load_completions(self._path(step), prompts_fingerprint([e.prompt for e in examples]))
         if completions is None and step > 1:
-            log.warning("rollout.off_policy_steps=1: no stored completions of step %d in %s; generating them "
-                        "from the current weights (the resumed run differs from an uninterrupted one here)",
-                        step, self.store_dir)
+            log.warning(
+                "rollout.off_policy_steps=1: no stored completions of step %d in %s; generating them "
+                "from the current weights (the resumed run differs from an uninterrupted one here)",
+                step,
+                self.store_dir,
+            )
         return completions
 
     def _prune(self, newest: int) -> None:

@@ -59,7 +59,9 @@ class ModelDef:
         abstract = nnx.eval_shape(lambda: Qwen25VL(config, dtype=dtype, rngs=nnx.Rngs(0)))
         graphdef, state = nnx.split(abstract, nnx.Param)
         dtype = jnp.dtype(dtype)
-        return cls(graphdef, state, config, dtype, jnp.dtype(compute_dtype) if compute_dtype is not None else dtype)
+        return cls(
+            graphdef, state, config, dtype, jnp.dtype(compute_dtype) if compute_dtype is not None else dtype
+        )
 
     def compute_params(self, params):
         """`params` with every floating array cast to the compute dtype (a no-op where it already is).
@@ -71,6 +73,7 @@ class ModelDef:
 
         def cast(x):
             return x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dt else x
+
         return jax.tree.map(cast, params)
 
     def bind(self, params) -> Qwen25VL:
@@ -83,7 +86,9 @@ class ModelDef:
         specs = {}
         for path, var in nnx.to_flat_state(self.abstract_state):
             name = hf.hf_name(path)
-            specs[path] = sharding_lib.named_sharding(var.get_metadata().get("logical_axes"), var.shape, mesh, rules, name=name)
+            specs[path] = sharding_lib.named_sharding(
+                var.get_metadata().get("logical_axes"), var.shape, mesh, rules, name=name
+            )
         return _unflatten(specs)
 
 
@@ -99,18 +104,20 @@ def _unflatten(flat: dict) -> dict:
 
 def optimizer_config() -> ml_collections.ConfigDict:
     """The paper's optimizer: AdamW lr 1e-6, betas (0.9, 0.999), wd 1e-3, 5% warmup then constant, clip 1.0."""
-    return ml_collections.ConfigDict({
-        "learning_rate": 1e-6,
-        "b1": 0.9,
-        "b2": 0.999,
-        "eps": 1e-8,
-        "weight_decay": 1e-3,
-        "warmup_ratio": 0.05,
-        "schedule": "constant",  # or "cosine"
-        "min_lr_ratio": 0.0,      # cosine floor as a fraction of learning_rate
-        "max_grad_norm": 1.0,
-        "freeze_vision_tower": False,
-    })
+    return ml_collections.ConfigDict(
+        {
+            "learning_rate": 1e-6,
+            "b1": 0.9,
+            "b2": 0.999,
+            "eps": 1e-8,
+            "weight_decay": 1e-3,
+            "warmup_ratio": 0.05,
+            "schedule": "constant",  # or "cosine"
+            "min_lr_ratio": 0.0,  # cosine floor as a fraction of learning_rate
+            "max_grad_norm": 1.0,
+            "freeze_vision_tower": False,
+        }
+    )
 
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -118,7 +125,9 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> 
     if cfg.schedule == "constant":
         after = optax.constant_schedule(cfg.learning_rate)
     elif cfg.schedule == "cosine":
-        after = optax.cosine_decay_schedule(cfg.learning_rate, max(total_steps - warmup, 1), alpha=cfg.min_lr_ratio)
+        after = optax.cosine_decay_schedule(
+            cfg.learning_rate, max(total_steps - warmup, 1), alpha=cfg.min_lr_ratio
+        )
     else:
         raise ValueError(f"optim.schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
     if warmup == 0:
@@ -135,6 +144,7 @@ def fp32_state(tx: optax.GradientTransformation) -> optax.GradientTransformation
     step-0 dtypes, and a bf16 second moment cannot decay by (1 - b2) = 1e-3 per step. Whatever
     the params' dtype, the moments here are fp32 and the update casts each leaf back to it.
     """
+
     def to_f32(x):
         return x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
@@ -148,20 +158,30 @@ def fp32_state(tx: optax.GradientTransformation) -> optax.GradientTransformation
     return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, params=None) -> optax.GradientTransformation:
+def make_optimizer(
+    cfg: ml_collections.ConfigDict, total_steps: int, params=None
+) -> optax.GradientTransformation:
     """Global-norm clipping then AdamW with fp32 moments (`fp32_state`); with `freeze_vision_tower`
     the vision params get zero updates."""
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     tx = optax.chain(
         optax.clip_by_global_norm(cfg.max_grad_norm),
-        optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                    weight_decay=cfg.weight_decay, mu_dtype=jnp.float32),
+        optax.adamw(
+            learning_rate_schedule(cfg, total_steps),
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mu_dtype=jnp.float32,
+        ),
     )
     if cfg.freeze_vision_tower:
         if params is None:
             raise ValueError("freeze_vision_tower needs the params tree to label the vision tower")
-        labels = {k: jax.tree.map(lambda _: "frozen" if k == "visual" else "train", v) for k, v in params.items()}
+        labels = {
+            k: jax.tree.map(lambda _: "frozen" if k == "visual" else "train", v) for k, v in params.items()
+        }
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return fp32_state(tx)
 
@@ -170,15 +190,21 @@ def _dict_keys(path) -> tuple:
     return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
-def state_shardings(tx: optax.GradientTransformation, params_abstract, param_shardings, mesh: Mesh) -> TrainState:
+def state_shardings(
+    tx: optax.GradientTransformation, params_abstract, param_shardings, mesh: Mesh
+) -> TrainState:
     """Shardings of a whole TrainState: optimizer moments follow their parameter, the rest replicates.
 
     An optimizer-state leaf belongs to a parameter when the dict keys of its path end with that
     parameter's path and the shapes agree; this holds through chains, masks and multi_transform.
     """
     replicated = NamedSharding(mesh, PartitionSpec())
-    by_path = {_dict_keys(path): (sh, leaf.shape) for (path, sh), leaf in zip(
-        jax.tree_util.tree_flatten_with_path(param_shardings)[0], jax.tree.leaves(params_abstract))}
+    by_path = {
+        _dict_keys(path): (sh, leaf.shape)
+        for (path, sh), leaf in zip(
+            jax.tree_util.tree_flatten_with_path(param_shardings)[0], jax.tree.leaves(params_abstract)
+        )
+    }
     longest = max(len(k) for k in by_path)
 
     def pick(path, leaf):
@@ -194,15 +220,22 @@ def state_shardings(tx: optax.GradientTransformation, params_abstract, param_sha
     return TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
 
 
-def create_train_state(params, tx: optax.GradientTransformation, model_def: ModelDef, mesh: Mesh,
-                       rules=sharding_lib.DEFAULT_RULES) -> tuple[TrainState, TrainState]:
+def create_train_state(
+    params,
+    tx: optax.GradientTransformation,
+    model_def: ModelDef,
+    mesh: Mesh,
+    rules=sharding_lib.DEFAULT_RULES,
+) -> tuple[TrainState, TrainState]:
     """A TrainState around already-sharded `params`; the optimizer state is created in place on the mesh."""
     param_sh = model_def.param_shardings(mesh, rules)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
     shardings = state_shardings(tx, abstract, param_sh, mesh)
     params = jax.device_put(params, param_sh)
-    init = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
-                   out_shardings=shardings)
+    init = jax.jit(
+        lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p)),
+        out_shardings=shardings,
+    )
     return init(params), shardings
 
 

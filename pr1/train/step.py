@@ -44,29 +44,33 @@ class NonFiniteError(FloatingPointError):
 
 def learner_config() -> ml_collections.ConfigDict:
     """The paper's objective: clip 0.2/0.3, dual clip 3, token-mean, no KL, temperature 1."""
-    return ml_collections.ConfigDict({
-        "clip_low": 0.2,
-        "clip_high": 0.3,
-        "dual_clip": 3.0,
-        # token-mean: one token-mean over the whole mini-batch. chunk-token-mean: the release's scope,
-        # the token-mean within each chunk of loss_chunk_responses responses, then the mean over chunks.
-        "loss_agg": "token-mean",
-        "loss_chunk_responses": 8,
-        "kl_coef": 0.0,
-        "kl_kind": "k3",
-        "tis_cap": ml_collections.config_dict.placeholder(float),
-        "temperature": 1.0,
-        # Gradient-accumulation micro-batches per mini-batch; 0: derived from the mesh, one response per
-        # batch device (data x fsdp) per micro-batch, so a recipe fits any mesh size unchanged.
-        "micro_batches": 1,
-        # Per-layer rematerialization in the backward pass: none | full (keep only each layer's
-        # input) | dots (also keep the weight matmuls' outputs; recompute attention and elementwise).
-        "remat": "none",
-        # Positions per chunk of the vocab projection + logprob (0: all at once). With a 152k
-        # vocabulary the [B, T, V] fp32 logits dominate memory; chunks are recomputed in backward.
-        "logprob_chunk": 0,
-        "horizon": ml_collections.config_dict.placeholder(int),  # Dr.GRPO normalizer (max response length)
-    })
+    return ml_collections.ConfigDict(
+        {
+            "clip_low": 0.2,
+            "clip_high": 0.3,
+            "dual_clip": 3.0,
+            # token-mean: one token-mean over the whole mini-batch. chunk-token-mean: the release's scope,
+            # the token-mean within each chunk of loss_chunk_responses responses, then the mean over chunks.
+            "loss_agg": "token-mean",
+            "loss_chunk_responses": 8,
+            "kl_coef": 0.0,
+            "kl_kind": "k3",
+            "tis_cap": ml_collections.config_dict.placeholder(float),
+            "temperature": 1.0,
+            # Gradient-accumulation micro-batches per mini-batch; 0: derived from the mesh, one response per
+            # batch device (data x fsdp) per micro-batch, so a recipe fits any mesh size unchanged.
+            "micro_batches": 1,
+            # Per-layer rematerialization in the backward pass: none | full (keep only each layer's
+            # input) | dots (also keep the weight matmuls' outputs; recompute attention and elementwise).
+            "remat": "none",
+            # Positions per chunk of the vocab projection + logprob (0: all at once). With a 152k
+            # vocabulary the [B, T, V] fp32 logits dominate memory; chunks are recomputed in backward.
+            "logprob_chunk": 0,
+            "horizon": ml_collections.config_dict.placeholder(
+                int
+            ),  # Dr.GRPO normalizer (max response length)
+        }
+    )
 
 
 def batch_sharding(mesh: Mesh, batch: dict) -> dict:
@@ -76,8 +80,10 @@ def batch_sharding(mesh: Mesh, batch: dict) -> dict:
     out = {}
     for key, value in batch.items():
         if value.shape[0] % size:
-            raise ValueError(f"batch['{key}'] has {value.shape[0]} rows, which does not divide the {size} "
-                             f"devices of mesh axes {axes}; use a batch size that is a multiple of {size}")
+            raise ValueError(
+                f"batch['{key}'] has {value.shape[0]} rows, which does not divide the {size} "
+                f"devices of mesh axes {axes}; use a batch size that is a multiple of {size}"
+            )
         out[key] = NamedSharding(mesh, PartitionSpec(axes if axes else None))
     return out
 
@@ -91,8 +97,15 @@ def _unsplit(x: jax.Array) -> jax.Array:
     return jnp.moveaxis(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
-def _forward_logprobs(model_def: ModelDef, params, mb: dict, temperature: float, entropy: bool,
-                      remat_policy=None, chunk: int = 0):
+def _forward_logprobs(
+    model_def: ModelDef,
+    params,
+    mb: dict,
+    temperature: float,
+    entropy: bool,
+    remat_policy=None,
+    chunk: int = 0,
+):
     """Per-token logprobs [B, T] (and entropies) of mb's tokens; position 0 is never predicted (0)."""
     # The master params (fp32) are cast to the compute dtype here, inside the program: activations
     # and matmuls run in it, the gradient of the cast returns to the masters in fp32.
@@ -102,16 +115,25 @@ def _forward_logprobs(model_def: ModelDef, params, mb: dict, temperature: float,
     # Image features go to the prompt's image-pad tokens only: one the policy sampled in its response
     # was a plain token to the sampler, and must be one here too.
     image_mask = (mb["input_ids"] == model.config.image_token_id) & (mb["loss_mask"] == 0)
-    hidden = model(mb["input_ids"], position_ids=jnp.swapaxes(mb["position_ids"], 0, 1),
-                   attention_mask=mb["attention_mask"], pixel_values=pixel_values, vision_layout_arrays=layout,
-                   return_hidden=True, remat_policy=remat_policy, image_mask=image_mask)
+    hidden = model(
+        mb["input_ids"],
+        position_ids=jnp.swapaxes(mb["position_ids"], 0, 1),
+        attention_mask=mb["attention_mask"],
+        pixel_values=pixel_values,
+        vision_layout_arrays=layout,
+        return_hidden=True,
+        remat_policy=remat_policy,
+        image_mask=image_mask,
+    )
     head = model.logits  # fp32 accumulation and output, as in the sampler
     targets = mb["input_ids"][:, 1:]
 
     def logprobs_of(h, tgt):
         logits = head(h)
-        return (grpo.token_logprobs(logits, tgt, temperature),
-                grpo.token_entropy(logits, temperature) if entropy else jnp.zeros(tgt.shape, jnp.float32))
+        return (
+            grpo.token_logprobs(logits, tgt, temperature),
+            grpo.token_entropy(logits, temperature) if entropy else jnp.zeros(tgt.shape, jnp.float32),
+        )
 
     h = hidden[:, :-1]
     if chunk <= 0 or chunk >= h.shape[1]:
@@ -142,7 +164,9 @@ def _check_micro_batches(batch_rows: int, k: int):
         raise ValueError(f"learner.micro_batches={k} must divide the batch of {batch_rows} sequences")
 
 
-def make_logprob_step(model_def: ModelDef, cfg: ml_collections.ConfigDict, param_shardings, mesh: Mesh, example_batch: dict):
+def make_logprob_step(
+    model_def: ModelDef, cfg: ml_collections.ConfigDict, param_shardings, mesh: Mesh, example_batch: dict
+):
     """jit(params, batch) -> logprobs [B, T] (old or reference policy), in micro-batches."""
     rows = next(iter(example_batch.values())).shape[0]
     k = micro_batch_count(cfg, rows, mesh)
@@ -150,8 +174,12 @@ def make_logprob_step(model_def: ModelDef, cfg: ml_collections.ConfigDict, param
 
     def step(params, batch):
         micro = jax.tree.map(lambda x: _split(x, k), batch)
-        lps = jax.lax.map(lambda mb: _forward_logprobs(model_def, params, mb, cfg.temperature, False,
-                                                       chunk=cfg.logprob_chunk)[0], micro)
+        lps = jax.lax.map(
+            lambda mb: _forward_logprobs(
+                model_def, params, mb, cfg.temperature, False, chunk=cfg.logprob_chunk
+            )[0],
+            micro,
+        )
         return _unsplit(lps)
 
     bsh = batch_sharding(mesh, example_batch)
@@ -176,8 +204,14 @@ def _reduce_metrics(metrics: dict, tokens: jax.Array) -> dict:
     return out
 
 
-def make_update_step(model_def: ModelDef, tx: optax.GradientTransformation, cfg: ml_collections.ConfigDict,
-                     shardings: TrainState, mesh: Mesh, example_batch: dict):
+def make_update_step(
+    model_def: ModelDef,
+    tx: optax.GradientTransformation,
+    cfg: ml_collections.ConfigDict,
+    shardings: TrainState,
+    mesh: Mesh,
+    example_batch: dict,
+):
     """jit(state, batch) -> (state, metrics): k micro-batches of gradient accumulation, one optimizer step.
 
     A non-finite loss or gradient norm leaves the state unchanged (metrics say so; `check_finite`
@@ -189,8 +223,10 @@ def make_update_step(model_def: ModelDef, tx: optax.GradientTransformation, cfg:
     if cfg.loss_agg == "seq-mean-token-sum-norm" and cfg.horizon is None:
         # Batches are prompt+response padded to a bucket; the Dr.GRPO constant must be the response
         # budget, not that bucket length, or the loss scale would change with the prompt bucket.
-        raise ValueError("learner.horizon must be set (e.g. to the max response length) for loss_agg="
-                         "'seq-mean-token-sum-norm'")
+        raise ValueError(
+            "learner.horizon must be set (e.g. to the max response length) for loss_agg="
+            "'seq-mean-token-sum-norm'"
+        )
     if cfg.remat not in _REMAT_POLICIES:
         raise ValueError(f"learner.remat must be one of {sorted(_REMAT_POLICIES)}, got {cfg.remat!r}")
     policy = _REMAT_POLICIES[cfg.remat]
@@ -199,19 +235,34 @@ def make_update_step(model_def: ModelDef, tx: optax.GradientTransformation, cfg:
         # chunk-token-mean's per-row weights were computed on the whole mini-batch and split with the rows.
         logp, ent = _forward_logprobs(model_def, params, mb, cfg.temperature, True, policy, cfg.logprob_chunk)
         return grpo.grpo_loss(
-            logp, mb["old_logprobs"], mb["advantages"], mb["loss_mask"],
-            clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, loss_agg=cfg.loss_agg,
-            ref_logprobs=mb.get("ref_logprobs"), kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind,
-            rollout_logprobs=mb.get("rollout_logprobs"), tis_cap=cfg.tis_cap, entropy=jax.lax.stop_gradient(ent),
-            num_tokens=num_tokens, num_sequences=num_sequences, horizon=cfg.horizon,
-            row_weights=mb.get("loss_weights"))
+            logp,
+            mb["old_logprobs"],
+            mb["advantages"],
+            mb["loss_mask"],
+            clip_low=cfg.clip_low,
+            clip_high=cfg.clip_high,
+            dual_clip=cfg.dual_clip,
+            loss_agg=cfg.loss_agg,
+            ref_logprobs=mb.get("ref_logprobs"),
+            kl_coef=cfg.kl_coef,
+            kl_kind=cfg.kl_kind,
+            rollout_logprobs=mb.get("rollout_logprobs"),
+            tis_cap=cfg.tis_cap,
+            entropy=jax.lax.stop_gradient(ent),
+            num_tokens=num_tokens,
+            num_sequences=num_sequences,
+            horizon=cfg.horizon,
+            row_weights=mb.get("loss_weights"),
+        )
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def step(state: TrainState, batch: dict):
         num_tokens, num_sequences = grpo.loss_normalizers(batch["loss_mask"])
         if cfg.loss_agg == "chunk-token-mean":
-            batch = dict(batch, loss_weights=grpo.chunk_token_weights(batch["loss_mask"], cfg.loss_chunk_responses))
+            batch = dict(
+                batch, loss_weights=grpo.chunk_token_weights(batch["loss_mask"], cfg.loss_chunk_responses)
+            )
         micro = jax.tree.map(lambda x: _split(x, k), batch)
 
         def body(acc, mb):
@@ -234,8 +285,9 @@ def make_update_step(model_def: ModelDef, tx: optax.GradientTransformation, cfg:
         return new, metrics
 
     bsh = batch_sharding(mesh, example_batch)
-    return jax.jit(in_mesh(step, mesh), in_shardings=(shardings, bsh), out_shardings=(shardings, None),
-                   donate_argnums=0)
+    return jax.jit(
+        in_mesh(step, mesh), in_shardings=(shardings, bsh), out_shardings=(shardings, None), donate_argnums=0
+    )
 
 
 def check_finite(metrics: dict, step: int) -> None:
@@ -244,4 +296,5 @@ def check_finite(metrics: dict, step: int) -> None:
         raise NonFiniteError(
             f"step {step}: loss={float(metrics['loss'])} grad_norm={float(metrics['grad_norm'])} is not finite; "
             "the update was not applied and no checkpoint was written for it. Check the batch (rewards, "
-            "logprobs) and the learning rate; resume from the last good checkpoint.")
+            "logprobs) and the learning rate; resume from the last good checkpoint."
+        )
