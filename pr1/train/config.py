@@ -28,6 +28,7 @@ from pr1.models import attention as attention_lib
 from pr1.rewards.combine import check_config as check_rewards_config
 from pr1.rewards.combine import judge_share, rewards_config
 from pr1.rl.grpo import LOSS_AGG_MODES
+from pr1.rollout.sampler import WEIGHTS_LAYOUTS
 from pr1.train.state import optimizer_config
 from pr1.train.step import _REMAT_POLICIES, learner_config
 
@@ -75,6 +76,9 @@ def default_config() -> ml_collections.ConfigDict:
             min_prompt_bucket=64,
             min_patch_bucket=256,
             prefill_chunk=0,  # embedded engine: prompts prefilled at a time (0: all of a step's at once)
+            # embedded engine: "gathered" (weights gathered once per rollout, replicated over data x fsdp)
+            # | "learner" (read FSDP-sharded; the TPU compiler then gathers them every decode step)
+            weights_layout="gathered",
             val_max_new_tokens=4096,  # validation decodes greedily
             off_policy_steps=0,  # 1: server engines generate step k+1 while step k trains (pr1.train.rollout_ahead)
             sglang=sglang_config(),
@@ -189,6 +193,11 @@ def validate_config(
     )
     _need(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
     _need(r.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {r.max_new_tokens}")
+    _need(
+        r.weights_layout in WEIGHTS_LAYOUTS,
+        "rollout.weights_layout",
+        f"must be one of {WEIGHTS_LAYOUTS}, got {r.weights_layout!r}",
+    )
     _need(
         r.prefill_chunk >= 0,
         "rollout.prefill_chunk",
