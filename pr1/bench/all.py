@@ -1,6 +1,6 @@
 """The benchmark suite: every pr1 benchmark in one process, one table of ratios against a peer or bound.
 
-    python -m pr1.bench.all [--quick] [--only train_step,judge] [--json rows.json] [--trl-site DIR]
+    python -m pr1.bench.all [--quick] [--only train_step,judge] [--json rows.json] [--trl_site DIR]
 
 Each benchmark is compared with something measured in the same run, so a ratio stays meaningful
 on a busy or unfamiliar machine:

@@ -1,6 +1,6 @@
 """Benchmark of the weight export (`pr1.models.hf.save`) against raw file-write bandwidth.
 
-    python -m pr1.bench.export [--model small|tiny] [--dir /path/on/the/filesystem/to/test] [--no-read]
+    python -m pr1.bench.export [--model small|tiny] [--dir /path/on/the/filesystem/to/test] [--noread]
 
 Where it sits: every `pr1.export` run and every SGLang weight sync (`pr1.rollout.sglang` pushes
 the weights through disk each step) goes through `hf.save`, so its throughput bounds how often
@@ -10,7 +10,7 @@ include an fsync of what they wrote, so both measure bytes reaching the disk, no
 
 It saves the random-init 97M `pr1.bench.train_step.bench_config()` model (or the tiny test model)
 in float32, prints MB/s (10^6 bytes) of the export and of the raw write and their ratio (1 = the
-export runs at disk speed), then, unless --no-read, the same for reading back: `hf.load` against
+export runs at disk speed), then, unless --noread, the same for reading back: `hf.load` against
 a raw read of the same bytes (both mostly from the page cache, as right after a sync). Ours and
 the raw bound alternate for --repeats pairs after a warm-up (`pr1.bench.ratio`); ratios are the
 median of the pairs, printed with their min-max. Everything

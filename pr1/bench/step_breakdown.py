@@ -1,6 +1,6 @@
 """Where the time of a real training step goes: a few steps of configs/debug.py, phase by phase.
 
-    python -m pr1.bench.step_breakdown [--steps 6] [--judge-latency 0.5] [--assets DIR] [--workdir DIR]
+    python -m pr1.bench.step_breakdown [--steps 6] [--judge_latency 0.5] [--assets DIR] [--workdir DIR]
 
 Runs `pr1.train.loop.train` on the debug config (tiny model, synthetic image task, embedded
 rollout, offline lexical judge) for --steps steps with validation, sample logging and TensorBoard
@@ -10,7 +10,7 @@ averaged over the steps after the first, which pays for compilation, as seconds 
 of `time/step`. "other" is what no phase timer covers (metrics, progress line, reward bookkeeping).
 
 The summary number is the fraction of the step spent in device compute (rollout + logprobs +
-update): 1 would mean no host-side overhead at all. With --judge-latency S the perception judge is
+update): 1 would mean no host-side overhead at all. With --judge_latency S the perception judge is
 a loopback stub (`pr1.bench.judge.StubJudgeProcess`) answering every request after S seconds
 instead of the offline lexical judge, and the reward stage's exposed time (time/judge_wait: what
 the step still waits for rewards after its logprob pass) is reported per step against the step.

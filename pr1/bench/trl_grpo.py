@@ -1,6 +1,6 @@
 """One GRPO step of pr1 side by side with TRL's `GRPOTrainer`: same tiny model, prompts, group, length.
 
-    python -m pr1.bench.trl_grpo [--prompts 4 --group 4 --new 16 --steps 4] [--trl-site DIR]
+    python -m pr1.bench.trl_grpo [--prompts 4 --group 4 --new 16 --steps 4] [--trl_site DIR]
 
 Both trainers start from the same tiny random Qwen2.5-VL checkpoint (`pr1.models.tiny`, written to
 a temporary dir) and train on the same `--prompts` synthetic image questions (one 56x56 image
@@ -15,10 +15,10 @@ printed with its min-max.
 
 TRL is not a pr1 dependency. It is imported only here; install it into a throwaway environment
 that sees the system packages, so the pinned transformers/torch stay as they are, and point
---trl-site (or PR1_TRL_SITE) at its site-packages:
+--trl_site (or PR1_TRL_SITE) at its site-packages:
 
     python -m venv --system-site-packages /tmp/trl_venv && /tmp/trl_venv/bin/pip install trl==1.16.0
-    python -m pr1.bench.trl_grpo --trl-site /tmp/trl_venv/lib/python3.11/site-packages
+    python -m pr1.bench.trl_grpo --trl_site /tmp/trl_venv/lib/python3.11/site-packages
 
 Transformers' Qwen2.5-VL processor needs torchvision for its video half; without torchvision it
 is loaded through `pr1.bench.hf_peer.load_hf_processor` (images only).
