@@ -74,7 +74,6 @@ def define_flags(fv: flags.FlagValues) -> None:
         flag_values=fv,
     )
     flags.DEFINE_bool("json", False, "print the result as one JSON object", flag_values=fv)
-    flags.mark_flag_as_required("label", flag_values=fv)
 
 
 def _pair(args, name: str) -> tuple[str, str] | None:
@@ -127,6 +126,8 @@ def main(argv=None) -> int:
         cli.usage_error(
             "pr1.analyze", f"mcnemar wants two records files A.jsonl B.jsonl, got {positional[1:]}"
         )
+    if args.label is None:
+        cli.usage_error("pr1.analyze", "mcnemar needs --label accuracy or --label perception")
     from pr1.rewards.judge import JudgeError
 
     try:
