@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         mesh = _mesh(args.mesh)
         benchmark_paths = [_benchmark(b) for b in args.benchmark]
-    except ValueError as e:
-        return cli.fail("pr1.eval", e)
+    except ValueError as e:  # a bad flag value: exits 2 as absl's own flag errors do
+        cli.usage_error("pr1.eval", e)
     if (args.model is None) == (args.workdir is None):
         return cli.fail("pr1.eval", "give exactly one of --model DIR or --workdir DIR")
     from pr1.chat import ChatClient, ChatConfigError
