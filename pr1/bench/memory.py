@@ -735,46 +735,56 @@ def format_plan(plan: MemoryPlan, accelerator_names: Sequence[str], title: str =
 # -- command line --------------------------------------------------------------------------------
 
 
-def _define_flags() -> dict:
-    """The CLI's flags, defined only when run as a program: `pr1.train` defines --config too."""
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> dict:
+    """The CLI's flags, defined only when run as a program (`pr1.train` defines --config in absl's
+    global registry too)."""
     f = dict(
         config=config_flags.DEFINE_config_file(
-            "config", None, "path to a configs/*.py file", lock_config=True
+            "config", None, "path to a configs/*.py file", lock_config=True, flag_values=fv
         ),
         mesh=flags.DEFINE_string(
             "mesh",
             None,
             "device mesh to plan for, e.g. data=1,fsdp=32,tensor=1 (fake CPU "
             "devices; XLA_FLAGS and JAX_PLATFORMS are set from it)",
+            flag_values=fv,
         ),
         accelerator=flags.DEFINE_enum(
             "accelerator",
             None,
             list(accelerators.HBM_GIB),
             "judge the fit against this accelerator's HBM (default: all of them)",
+            flag_values=fv,
         ),
         model_config=flags.DEFINE_string(
             "model_config",
             None,
             "config.json or checkpoint dir to plan for, or "
             f"{' / '.join(_BUILTIN_MODELS)} (default: model.path's config.json)",
+            flag_values=fv,
         ),
-        phase=flags.DEFINE_multi_enum("phase", list(PHASES), list(PHASES), "phases to compile (repeatable)"),
+        phase=flags.DEFINE_multi_enum(
+            "phase", list(PHASES), list(PHASES), "phases to compile (repeatable)", flag_values=fv
+        ),
         tpu_topology=flags.DEFINE_string(
             "tpu_topology",
             None,
             "compile with libtpu's compiler for this TPU slice "
             "(e.g. v5p:2x4x4) instead of for fake CPU devices",
+            flag_values=fv,
         ),
     )
-    flags.mark_flags_as_required(["config", "mesh"])
+    flags.mark_flags_as_required(["config", "mesh"], flag_values=fv)
     return f
 
 
 def main(argv, f: dict) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    say = lambda s: print(f"pr1.bench.memory: {s}", flush=True)
+
+    def say(s):
+        print(f"pr1.bench.memory: {s}", flush=True)
+
     try:
         mesh_sizes = parse_mesh(f["mesh"].value)
         use_fake_cpu_devices(math.prod(mesh_sizes.values()))
@@ -829,4 +839,4 @@ def _parse_flags(argv):
 
 
 if __name__ == "__main__":
-    app.run(functools.partial(main, f=_define_flags()), flags_parser=_parse_flags)
+    app.run(functools.partial(main, f=define_flags()), flags_parser=_parse_flags)
