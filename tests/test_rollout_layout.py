@@ -6,9 +6,11 @@ inside a while-loop body; the parameter gathers are hoisted in front of the loop
 This is XLA's choice at this shape; at 7B the same check should be run on the real mesh, and the
 hoisted copy (the full weights per device for the rollout) counted by the memory planner."""
 
+import importlib.util
 import math
 import os
 import re
+import subprocess
 import sys
 
 import jax
@@ -147,6 +149,10 @@ def test_decode_loop_body_gathers_no_parameter(tmp_path, weights_layout):
     assert weights == (whole if weights_layout == "gathered" else 0)
 
 
+def _axes(spec) -> set[str]:
+    return {a for e in spec for a in ((e,) if isinstance(e, str) else e or ())}
+
+
 def test_gathered_weights_keep_the_tensor_split():
     """With a tensor axis, the rollout's copy is gathered over data x fsdp only: a tensor-split leaf
     keeps its split, so a device holds its tensor share of the weights and nothing is fsdp-split."""
@@ -163,11 +169,72 @@ def test_gathered_weights_keep_the_tensor_split():
     gathered = engine.rollout_weights_sharding(params)
     tensor_split = 0
     for p, g in zip(jax.tree.leaves(params), jax.tree.leaves(gathered)):
-        axes = lambda spec: {a for e in spec for a in ((e,) if isinstance(e, str) else e or ())}
-        assert not axes(g.spec) & {"data", "fsdp"}, (p.sharding.spec, g.spec)
-        assert ("tensor" in axes(g.spec)) == ("tensor" in axes(p.sharding.spec))
-        tensor_split += "tensor" in axes(g.spec)
+        assert not _axes(g.spec) & {"data", "fsdp"}, (p.sharding.spec, g.spec)
+        assert ("tensor" in _axes(g.spec)) == ("tensor" in _axes(p.sharding.spec))
+        tensor_split += "tensor" in _axes(g.spec)
     assert tensor_split, "no leaf is tensor-split: the check would be vacuous"
     whole = sum(math.prod(x.shape) * 2 for x in jax.tree.leaves(params))
     held = engine.rollout_weights_bytes_per_device(params)
     assert whole / 2 < held < whole
+
+
+def _tpu_python():
+    """A Python with libtpu (whose compiler builds TPU programs on this host): this one, or PR1_TPU_PYTHON."""
+    if importlib.util.find_spec("libtpu") is not None:
+        return sys.executable
+    return os.environ.get("PR1_TPU_PYTHON")
+
+
+_TPU_SCRIPT = """
+import dataclasses, re, sys, tempfile
+import jax.numpy as jnp
+sys.path[:0] = ["configs", "tests"]
+import debug as debug_config
+from pr1.bench import memory
+from pr1.models import attention as attention_lib
+from pr1.models.config import Qwen25VLConfig, tiny_hf_config
+from pr1.train import state as state_lib
+from test_rollout_layout import computations, reachable, _WHILE
+for layout in ("learner", "gathered"):
+    with tempfile.TemporaryDirectory() as d:
+        c = debug_config.get_config(d)
+        c.data.prompts_per_step, c.rollout.n, c.rollout.max_new_tokens = 8, 2, 4
+        c.data.max_prompt_length = 64
+        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 4, 1
+        c.rollout.weights_layout = layout
+        mc = Qwen25VLConfig.from_hf_dict(tiny_hf_config())
+        mesh = memory.plan_mesh(c, memory.tpu_topology_devices("v5p:2x2x1"))
+        mc = dataclasses.replace(mc, attention=attention_lib.resolve("auto", "tpu"))
+        md = state_lib.ModelDef.create(mc, dtype=jnp.float32, compute_dtype=jnp.bfloat16)
+        state, _, _ = memory.abstract_train_state(c, md, mesh)
+        hlo = memory.lower_rollout(c, md, mesh, state.params, mc)[0].compile().as_text()
+        comps = computations(hlo)
+        bodies = {m.group(1) for lines in comps.values() for line in lines for m in _WHILE.finditer(line)}
+        in_loops = reachable(comps, bodies)
+        moves = re.compile(r"\\b(all-gather|collective-permute)(-start)?\\(")
+        inside = sum(bool(moves.search(line)) for name in in_loops for line in comps[name])
+        print(f"{layout} {inside}")
+"""
+
+
+@pytest.mark.skipif(
+    not _tpu_python(),
+    reason="needs libtpu's compiler: pip install libtpu (the version jax[tpu] pins) here, or set "
+    "PR1_TPU_PYTHON to a Python that has it",
+)
+def test_tpu_compiler_streams_learner_weights_in_the_loop_but_not_gathered_ones():
+    """The reason for rollout.weights_layout: XLA's TPU compiler, unlike its CPU compiler, keeps the
+    FSDP weight gathers inside the rollout's loops (as rings of collective-permutes), so with the
+    learner's layout every decode step moves the weights again; the gathered layout moves none
+    inside the loops. Tiny model, v5p:2x2x1 (4 chips, fsdp=4)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    out = subprocess.run(
+        [_tpu_python(), "-c", _TPU_SCRIPT], capture_output=True, text=True, env=env, timeout=900, cwd=repo
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    inside = dict(
+        line.split() for line in out.stdout.splitlines() if line.split()[:1] in (["learner"], ["gathered"])
+    )
+    assert int(inside["learner"]) > 0, out.stdout
+    assert int(inside["gathered"]) == 0, out.stdout
