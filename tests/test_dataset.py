@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from pr1.data import dataset as D
-from pr1.data.processor import IMAGE_PAD, Processor
+from pr1.data.processor import Processor
+from pr1.models.generation import IMAGE_PAD
 from pr1.models.tiny import write_tiny_checkpoint
 
 COLORS = [(200, 0, 0), (0, 150, 0), (0, 0, 200), (120, 120, 0)]

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from pr1 import sharding
 from pr1.bench import memory
 from pr1.models.config import Qwen25VLConfig, tiny_hf_config
-from pr1.train import state as state_lib
+from pr1.models.model_def import ModelDef
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))
@@ -115,7 +115,7 @@ def test_decode_loop_body_gathers_no_parameter(tmp_path):
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 8, 1
     model_config = Qwen25VLConfig.from_hf_dict(tiny_hf_config())
     mesh = sharding.make_mesh(1, 8, 1)
-    model_def = state_lib.ModelDef.create(
+    model_def = ModelDef.create(
         model_config, dtype=jnp.dtype(c.model.param_dtype), compute_dtype=jnp.dtype(c.model.compute_dtype)
     )
     state, _, _ = memory.abstract_train_state(c, model_def, mesh)

@@ -6,7 +6,7 @@ cached result is never applied to a row whose problem, answer or images have cha
 
 The rows are opened with `pr1.data.dataset.ParquetRows`, the same parser the trainer uses: the
 same column checks and error messages, the same `<image>` placeholder handling, the same image
-decoding (`load_rgb`: EXIF orientation, RGB). The teacher is therefore shown exactly the pixels
+decoding (`pr1.images.load_rgb`: EXIF orientation, RGB). The teacher is therefore shown exactly the pixels
 the trained policy will see, re-encoded losslessly as PNG rather than the stored bytes (the dataset
 module keeps its raw-image reader private; PNG also avoids asking the server to read TIFFs or BMPs).
 """

@@ -47,8 +47,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pr1.data.processor import check_image_size, load_rgb
-from pr1.rollout.types import Prompt
+from pr1.data.processor import check_image_size
+from pr1.images import load_rgb
+from pr1.models.generation import Prompt
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from pr1.data.processor import Processor
 from pr1.eval import answers as answers_lib
 from pr1.eval.llm_check import LLMChecker
 from pr1.models.config import Qwen25VLConfig
-from pr1.rollout.types import Prompt, SamplingParams, default_stop_token_ids
+from pr1.models.generation import Prompt, SamplingParams, default_stop_token_ids
 
 
 @dataclasses.dataclass
@@ -143,11 +143,10 @@ def load_policy(
 
 
 def _model_record(directory: str, step: int | None) -> tuple[dict, int]:
-    from pr1.export import recorded_model
     from pr1.train import checkpoint as checkpoint_lib
 
     host, step = checkpoint_lib.read_host_state(directory, step)
-    return recorded_model(host, f"{directory}/{step}"), step
+    return checkpoint_lib.recorded_model(host, f"{directory}/{step}"), step
 
 
 def _cast(params, dtype):

@@ -50,8 +50,9 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from pr1.data.processor import IMAGE_PAD, load_rgb
-from pr1.rollout.types import Completion, Prompt, SamplingParams, default_stop_token_ids
+from pr1.images import load_rgb
+from pr1.models.generation import IMAGE_PAD
+from pr1.models.generation import Completion, Prompt, SamplingParams, default_stop_token_ids
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ import numpy as np
 
 # RETRY_KINDS and image_data_uri are re-exported: callers and tests know them from here.
 from pr1.rollout.remote import RETRY_KINDS, RemoteEngine, RemoteEngineError, Retry, image_data_uri  # noqa: F401
-from pr1.rollout.types import FINISH_REASONS, Completion, Prompt, SamplingParams
+from pr1.models.generation import FINISH_REASONS, Completion, Prompt, SamplingParams
 
 log = logging.getLogger(__name__)
 

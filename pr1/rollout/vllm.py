@@ -51,9 +51,9 @@ import threading
 import ml_collections
 import numpy as np
 
-from pr1.data.processor import IMAGE_PAD
+from pr1.models.generation import IMAGE_PAD
 from pr1.rollout.remote import RemoteEngine, RemoteEngineError, Retry
-from pr1.rollout.types import Completion, Prompt, SamplingParams
+from pr1.models.generation import Completion, Prompt, SamplingParams
 
 log = logging.getLogger(__name__)
 
