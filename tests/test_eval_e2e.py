@@ -18,7 +18,7 @@ from pr1 import sharding
 from pr1.data.dataset import FORMAT_INSTRUCTION
 from pr1.data.synthetic import write_synthetic
 from pr1.eval.__main__ import main as eval_main
-from pr1.eval.problems import load_benchmark
+from pr1.eval.registry import load_benchmark
 from pr1.models.config import Qwen25VLConfig
 from pr1.models.generation import default_stop_token_ids
 from pr1.models.model_def import ModelDef

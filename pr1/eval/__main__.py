@@ -116,14 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     if (args.model is None) == (args.workdir is None):
         return cli.fail("pr1.eval", "give exactly one of --model DIR or --workdir DIR")
     from pr1.chat import ChatClient, ChatConfigError
-    from pr1.eval import problems as problems_lib
-    from pr1.eval import report, run
+    from pr1.eval import registry, report, run
     from pr1.eval.llm_check import LLMChecker
 
     try:
         benchmarks = {}
         for name, path in args.benchmark:
-            loaded = problems_lib.load_benchmark(name, path, limit=args.limit)
+            loaded = registry.load_benchmark(name, path, limit=args.limit)
             if not loaded:
                 raise ValueError(f"--benchmark {name}={path}: no problems")
             benchmarks[loaded[0].benchmark] = loaded

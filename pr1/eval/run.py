@@ -1,6 +1,6 @@
 """Evaluation of one policy on benchmark problems: greedy generation, answer checking, records.
 
-Where it sits: `python -m pr1.eval` loads problems (`pr1.eval.problems.load_benchmark`), builds a
+Where it sits: `python -m pr1.eval` loads problems (`pr1.eval.registry.load_benchmark`), builds a
 policy here (`load_policy`: an HF checkpoint dir or a pr1 training checkpoint, served by the
 embedded JAX sampler, or SGLang servers already serving it), and `evaluate` writes one JSON record
 per problem to `<out>/<benchmark>.jsonl` (fields in docs/eval_data.md); `pr1.eval.report` turns the
