@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from pr1 import sharding
-from pr1.data.dataset import FORMAT_INSTRUCTION
+from pr1.data.prompts import FORMAT_INSTRUCTION
 from pr1.data.synthetic import write_synthetic
 from pr1.eval.__main__ import main as eval_main
 from pr1.eval.registry import load_benchmark

@@ -16,13 +16,14 @@ from PIL import Image
 
 from pr1 import sharding
 from pr1.data.processor import Processor
+from pr1.models.generation import Prompt, SamplingParams, default_stop_token_ids
 from pr1.models.model_def import ModelDef
 from pr1.models.rope import rope_index
 from pr1.models.tiny import write_tiny_checkpoint
 from pr1.models.vision import vision_layout
 from pr1.rl import grpo
-from pr1.rollout.sglang import RETRY_KINDS, SGLangEngine, SGLangError, sglang_config
-from pr1.models.generation import Prompt, SamplingParams, default_stop_token_ids
+from pr1.rollout.server_client import RETRY_KINDS
+from pr1.rollout.sglang import SGLangEngine, SGLangError, sglang_config
 from pr1.train import state as state_lib
 from tests.sglang_stub import SGLangStub, StubBackend
 

@@ -22,7 +22,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pr1.data.dataset import DataError, ParquetRows, data_config
+from pr1.data.config import data_config
+from pr1.data.rows import DataError, ParquetRows
 
 
 @dataclasses.dataclass(frozen=True)

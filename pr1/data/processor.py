@@ -30,7 +30,6 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-
 MAX_ASPECT_RATIO = 200  # Qwen2.5-VL's image processor refuses longer-to-shorter side ratios above this
 
 

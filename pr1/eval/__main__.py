@@ -18,6 +18,7 @@ import os
 import sys
 
 from pr1 import cli
+from pr1.rollout.config import ENGINES
 
 
 def _mesh(text: str) -> tuple[int, int, int]:
@@ -57,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
     )
     src.add_argument("--label", help="the model's name in records and reports (default: from the path)")
     gen = p.add_argument_group("generation")
-    gen.add_argument("--engine", default="embedded", choices=["embedded", "sglang", "vllm"])
+    gen.add_argument("--engine", default="embedded", choices=list(ENGINES))
     gen.add_argument(
         "--sglang_url", action="append", default=[], help="SGLang server serving this model (repeat)"
     )

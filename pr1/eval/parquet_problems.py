@@ -14,7 +14,8 @@ import re
 
 import pyarrow.parquet as pq
 
-from pr1.data.dataset import DataError, ParquetRows, data_config
+from pr1.data.config import data_config
+from pr1.data.rows import DataError, ParquetRows
 from pr1.eval.problems import LETTERS, EvalProblem, check_limit, format_choices, locate, row_error
 from pr1.eval.release_files import image_from_cell
 

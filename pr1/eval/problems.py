@@ -18,7 +18,7 @@ import os
 import string
 from typing import Any
 
-from pr1.data.dataset import DataError
+from pr1.data.rows import DataError
 
 LETTERS = string.ascii_uppercase
 # The question of a problem whose whole text is drawn in its image (MathVerse Vision Only, MathVision 528).

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import pyarrow.parquet as pq
 
-from pr1.data.dataset import DataError
+from pr1.data.rows import DataError
 from pr1.eval.problems import as_text, row_error
 
 

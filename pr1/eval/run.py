@@ -28,12 +28,13 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 
 from pr1 import sharding as sharding_lib
-from pr1.data.dataset import FORMAT_INSTRUCTION, with_instruction
 from pr1.data.processor import Processor
+from pr1.data.prompts import FORMAT_INSTRUCTION, with_instruction
 from pr1.eval import answers as answers_lib
 from pr1.eval.llm_check import LLMChecker
 from pr1.models.config import Qwen25VLConfig
 from pr1.models.generation import Prompt, SamplingParams, default_stop_token_ids
+from pr1.rollout.config import ENGINES
 
 
 @dataclasses.dataclass
@@ -115,7 +116,7 @@ def load_policy(
             VLLMEngine(list(vllm_urls), tokenizer=processor.tokenizer, stop_token_ids=stop), processor, label
         )
     if engine != "embedded":
-        raise ValueError(f"--engine must be 'embedded', 'sglang' or 'vllm', got {engine!r}")
+        raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
 
     from pr1.rollout.sampler import EmbeddedEngine
 
