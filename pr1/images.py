@@ -17,7 +17,6 @@ from PIL import Image, ImageOps
 ImageLike = Union[Image.Image, np.ndarray, bytes, bytearray, memoryview, str, os.PathLike]
 
 
-
 def _pil_to_rgb(image: Image.Image) -> np.ndarray:
     # Transparent pixels become white, as in transformers' convert_to_rgb (a plain convert("RGB")
     # would expose whatever colour the transparent pixels happen to store).

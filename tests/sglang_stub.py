@@ -34,9 +34,9 @@ import numpy as np
 
 from pr1 import sharding
 from pr1.data.processor import Processor
+from pr1.models.generation import Prompt, SamplingParams, default_stop_token_ids
 from pr1.models.model_def import ModelDef
 from pr1.rollout.sampler import EmbeddedEngine
-from pr1.models.generation import Prompt, SamplingParams, default_stop_token_ids
 from pr1.train import state as state_lib
 
 _DATA_URI = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,(.*)$", re.S)

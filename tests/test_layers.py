@@ -27,8 +27,12 @@ PR1 = pathlib.Path(__file__).resolve().parents[1] / "pr1"
 # sit on top wherever their package is.
 LAYERS: tuple[tuple[str, frozenset[str], bool], ...] = (
     # Self-contained helpers that know nothing of the model: meshes, multi-host, image decoding,
-    # the HTTP client of OpenAI-compatible services, statistics, CLI error reporting.
-    ("foundation", frozenset({"sharding", "distributed", "images", "http_policy", "chat", "stats", "cli"}), True),
+    # the HTTP retry policy and URL check, the OpenAI-compatible chat client, statistics, CLI errors.
+    (
+        "foundation",
+        frozenset({"sharding", "distributed", "images", "http_policy", "chat", "stats", "cli"}),
+        True,
+    ),
     ("models", frozenset({"models"}), False),
     # The four components of a step are independent of one another (DESIGN.md's data flow).
     ("components", frozenset({"data", "rollout", "rewards", "rl"}), False),

@@ -9,11 +9,11 @@ from PIL import Image
 from pr1 import sharding
 from pr1.data.processor import Processor
 from pr1.models.config import Qwen25VLConfig
+from pr1.models.generation import Completion, Prompt
 from pr1.models.model_def import ModelDef
 from pr1.models.rope import decode_position_ids, rope_index
 from pr1.models.tiny import write_tiny_checkpoint
 from pr1.models.vision import LAYOUT_KEYS
-from pr1.models.generation import Completion, Prompt
 from pr1.train import batch as batch_lib
 from pr1.train import state as state_lib
 

@@ -11,12 +11,12 @@ from scipy import stats
 from pr1 import sharding
 from pr1.data.processor import Processor
 from pr1.models.config import Qwen25VLConfig
+from pr1.models.generation import Prompt, SamplingParams, default_stop_token_ids
 from pr1.models.model_def import ModelDef
 from pr1.models.rope import rope_index
 from pr1.models.tiny_tokenizer import write_tokenizer_files
 from pr1.models.vision import batched_vision_inputs
 from pr1.rollout.sampler import EmbeddedEngine, sample_tokens
-from pr1.models.generation import Prompt, SamplingParams, default_stop_token_ids
 from pr1.train import state as state_lib
 from pr1.train import step as step_lib
 from tests.hf_reference import make_hf_model

@@ -28,9 +28,9 @@ from pr1 import sharding
 from pr1.bench import ratio as ratio_lib
 from pr1.bench.train_step import bench_config
 from pr1.models.config import Qwen25VLConfig, tiny_hf_config
+from pr1.models.generation import Prompt, SamplingParams
 from pr1.models.model_def import ModelDef
 from pr1.rollout.sampler import EmbeddedEngine
-from pr1.models.generation import Prompt, SamplingParams
 from pr1.train import state as state_lib
 
 

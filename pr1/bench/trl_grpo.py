@@ -130,10 +130,10 @@ def pr1_steps(
 
     from pr1 import sharding
     from pr1.data.processor import Processor
-    from pr1.rl import grpo
-    from pr1.rollout.sampler import EmbeddedEngine
     from pr1.models.generation import Prompt, SamplingParams, default_stop_token_ids
     from pr1.models.model_def import ModelDef
+    from pr1.rl import grpo
+    from pr1.rollout.sampler import EmbeddedEngine
     from pr1.train import state as state_lib
     from pr1.train import step as step_lib
     from pr1.train.batch import learner_batch

@@ -116,7 +116,8 @@ _UNITS = (
     r"grams?|liters?|litres?|l|ml|years?|days?|dollars?|cents?|\\?%"
 )
 _UNIT_TAIL = re.compile(
-    rf"(?<=[\d}}).])(?:\s|\\,|\\;|\\ |~)*(?:\\(?:text|mathrm|mbox)\s*\{{)?(?:\s|\\,|\\;|\\ |~)*(?:{_UNITS})\s*\}}?\s*"
+    rf"(?<=[\d}}).])(?:\s|\\,|\\;|\\ |~)*(?:\\(?:text|mathrm|mbox)\s*\{{)?"
+    rf"(?:\s|\\,|\\;|\\ |~)*(?:{_UNITS})\s*\}}?\s*"
     rf"(?:\^\s*\{{?\s*[23]\s*\}}?|[²³])?\s*\}}?\s*\.?$",
     re.IGNORECASE,
 )

@@ -29,7 +29,7 @@ import numpy as np
 
 from pr1.http_policy import check_url
 from pr1.rewards.accuracy import AccuracyScorer
-from pr1.rewards.fmt import format_reward
+from pr1.rewards.format import format_reward
 from pr1.rewards.judge import Judge, LexicalJudge, OpenAIJudge
 from pr1.rewards.perception import Judgement, as_annotations
 from pr1.rewards.repetition import repetition_penalty
@@ -263,7 +263,8 @@ class RewardStage:
         rpm = f"{c.requests_per_minute:g} requests/minute" if c.requests_per_minute else "no rate limit"
         total = self.cfg.judge
         return (
-            f"judge {c.url}: this process's share of the service budget: {c.max_concurrency} requests in flight "
+            f"judge {c.url}: this process's share of the service budget: {c.max_concurrency} requests "
+            "in flight "
             f"(rewards.judge.max_concurrency={total.max_concurrency} in total), {rpm} "
             f"(rewards.judge.requests_per_minute={total.requests_per_minute:g} in total)"
         )
