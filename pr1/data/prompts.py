@@ -1,9 +1,10 @@
-"""From a row's question to the prompt the model sees: the paper's format instruction, image
-placeholders, and the tokenized `Prompt` (chat template, image patches).
+"""From a row's question to the text the model is asked: the paper's format instruction, image
+placeholders removed, the processor's pixel limits from config.
 
-Where it sits: the per-process iterator (`dataset.PromptIterator`) builds each row's prompt here, in
-grain's threads; evaluation and annotation append the same instruction (`with_instruction`), so
-every caller asks the model the way training does.
+Where it sits: the per-process iterator (`dataset.PromptIterator`) appends the instruction to each
+row's question and tokenizes it (`Prompt.build`, chat template and image patches) in grain's
+threads; evaluation and annotation append the same instruction (`with_instruction`), so every
+caller asks the model the way training does.
 """
 
 from __future__ import annotations
