@@ -4,7 +4,8 @@ Parameters live as a pure dict of arrays (the NNX `Param` state of `Qwen25VL`);
 `pr1.models.model_def.ModelDef` holds the static half (graph definition, config) and rebuilds the
 module inside jitted functions. Shardings come from each parameter's logical axes through
 `pr1.sharding` rules, so no host ever holds a full copy: weights are either loaded tensor by
-tensor into place (`hf.load(..., mesh=)`) or initialized by a jitted init with `out_shardings`. The optimizer state mirrors the parameter shardings.
+tensor into place (`hf.load(..., mesh=)`) or initialized by a jitted init with `out_shardings`.
+The optimizer state mirrors the parameter shardings.
 
 Precision (the released recipe's mixed precision): the state holds the master params in
 `ModelDef.dtype` (`model.param_dtype`, fp32 by default) and AdamW's moments in fp32; the jitted
