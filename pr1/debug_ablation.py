@@ -1,4 +1,6 @@
-"""The paper's ablation in miniature: python -m pr1.debug_ablation [--seeds 0,1,2] [--root DIR] [--config.k=v ...]
+"""The paper's ablation in miniature.
+
+    python -m pr1.debug_ablation [--seeds 0,1,2] [--root DIR] [--config.k=v ...]
 
 For each seed S it trains configs/debug.py (perception weight gamma = 0.7) and then
 configs/debug.py:baseline (gamma = 0, accuracy only) as two `python -m pr1.train` processes with
@@ -16,7 +18,6 @@ Extra `--config.key=value` arguments go to every run (e.g. --config.train.steps=
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -24,6 +25,9 @@ import subprocess
 import sys
 import time
 
+from absl import flags
+
+from pr1 import cli
 from pr1 import plot as plot_lib
 
 CONFIGS = (("perception", ""), ("baseline", ",baseline"))
@@ -137,22 +141,24 @@ def report(results: dict[str, dict[int, dict]]) -> str:
     return "\n".join(lines)
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("seeds", "0,1,2", "comma-separated seeds", flag_values=fv)
+    flags.DEFINE_string(
+        "root", "/tmp/pr1-debug/ablation", "where runs, summary.json, compare.png go", flag_values=fv
+    )
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pr1.debug_ablation", description=__doc__.split("\n\n")[0]
+    argv = sys.argv[1:] if argv is None else argv
+    # --config.key=value overrides go to every run's pr1.train as they are.
+    overrides = [a for a in argv if a.startswith("--config.")]
+    args = cli.parse(
+        "pr1.debug_ablation", [a for a in argv if not a.startswith("--config.")], define_flags, doc=__doc__
     )
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    parser.add_argument(
-        "--root", default="/tmp/pr1-debug/ablation", help="where runs, summary.json, compare.png go"
-    )
-    args, overrides = parser.parse_known_args(argv)
-    bad = [o for o in overrides if not o.startswith("--config.")]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)} (only --config.key=value is passed on)")
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
-        parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+        cli.usage_error("pr1.debug_ablation", f"--seeds must be comma-separated integers, got {args.seeds!r}")
     root = os.path.abspath(args.root)
     results: dict[str, dict[int, dict]] = {name: {} for name, _ in CONFIGS}
     try:

@@ -1,12 +1,12 @@
 """Export a training checkpoint as a Hugging Face checkpoint dir.
 
-    python -m pr1.export --workdir W [--step N] --out DIR [--dtype bfloat16] [--assets-from DIR]
+    python -m pr1.export --workdir W [--step N] --out DIR [--dtype bfloat16] [--assets_from DIR]
 
 Reads only the parameters of step N (default: the newest complete one) from `<W>/checkpoints`, and
 writes config.json + safetensors via `hf.save`, which transformers, SGLang and vLLM load. The model
 config comes from the checkpoint's host state (`checkpoint.model_record`, stored by the trainer), so an export
 never depends on the original model dir still being there; tokenizer and processor files are copied
-from `--assets-from`, else from the recorded model path when it still exists.
+from `--assets_from`, else from the recorded model path when it still exists.
 
 The parameters are gathered on one host device, so this host needs memory for one copy of them in
 their stored dtype (about 4 bytes x params for fp32 master weights).
@@ -20,6 +20,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
 from pr1 import cli
 from pr1.models import hf
@@ -52,28 +53,33 @@ def export(
     if assets_from is None and record.get("path") and os.path.isdir(record["path"]):
         assets_from = record["path"]
     if assets_from is not None and not os.path.isdir(assets_from):
-        raise FileNotFoundError(f"--assets-from {assets_from} is not a directory")
+        raise FileNotFoundError(f"--assets_from {assets_from} is not a directory")
     hf.save(model, out, assets_from=assets_from, dtype=None if dtype is None else jnp.dtype(dtype))
     return step
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "training workdir (local path or gs://)", flag_values=fv)
+    flags.DEFINE_integer("step", None, "step to export (default: newest complete)", flag_values=fv)
+    flags.DEFINE_string("out", None, "output HF checkpoint dir (replaced atomically)", flag_values=fv)
+    flags.DEFINE_enum(
+        "dtype",
+        None,
+        ["bfloat16", "float16", "float32"],
+        "dtype of the stored tensors (default: the checkpoint's own)",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "assets_from",
+        None,
+        "checkpoint dir to copy tokenizer/processor files from (default: the recorded model path)",
+        flag_values=fv,
+    )
+    flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = cli.ArgumentParser(prog="python -m pr1.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", required=True, help="training workdir (local path or gs://)")
-    parser.add_argument("--step", type=int, default=None, help="step to export (default: newest complete)")
-    parser.add_argument("--out", required=True, help="output HF checkpoint dir (replaced atomically)")
-    parser.add_argument(
-        "--dtype",
-        default=None,
-        choices=["bfloat16", "float16", "float32"],
-        help="dtype of the stored tensors (default: the checkpoint's own)",
-    )
-    parser.add_argument(
-        "--assets-from",
-        default=None,
-        help="checkpoint dir to copy tokenizer/processor files from (default: the recorded model path)",
-    )
-    args = parser.parse_args(argv)
+    args = cli.parse("pr1.export", argv, define_flags, doc=__doc__)
     try:
         step = export(args.workdir, args.out, step=args.step, dtype=args.dtype, assets_from=args.assets_from)
     except (OSError, ValueError) as e:

@@ -1,6 +1,6 @@
 """Curves of a run as PNGs: python -m pr1.plot --workdir DIR [--out DIR/plots]
-Evaluations side by side:  python -m pr1.plot --eval OUT_A OUT_B ... --out DIR
-Runs side by side:         python -m pr1.plot --compare RUN_A RUN_B ... --out DIR
+Evaluations side by side:  python -m pr1.plot --eval OUT_A --eval OUT_B ... --out DIR
+Runs side by side:         python -m pr1.plot --compare RUN_A --compare RUN_B ... [--labels A,B] --out DIR
 
 Reads `DIR/metrics.jsonl` and draws, one PNG each: the reward components (`rewards.png`), response
 lengths and truncation (`lengths.png`), policy statistics (entropy, approx KL, clip fractions:
@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+
+from absl import flags
 
 from pr1 import cli
 
@@ -255,28 +257,36 @@ def plot_eval(out_dirs: list[str], out: str) -> list[str]:
     return [path]
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "a training run: its curves", flag_values=fv)
+    flags.DEFINE_multi_string(
+        "eval", None, "a pr1.eval --out dir (repeat): accuracy per benchmark", flag_values=fv
+    )
+    flags.DEFINE_multi_string(
+        "compare",
+        None,
+        "a training run (repeat; a run: DIR or DIR1,DIR2,... for several seeds): their curves on shared axes",
+        flag_values=fv,
+    )
+    flags.DEFINE_list(
+        "labels", None, "with --compare: one legend label per run, comma-separated", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "out", None, "output dir (default: WORKDIR/plots; required with --eval/--compare)", flag_values=fv
+    )
+
+
 def main(argv=None) -> int:
-    parser = cli.ArgumentParser(prog="python -m pr1.plot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", help="a training run: its curves")
-    parser.add_argument(
-        "--eval", nargs="+", metavar="OUT", help="pr1.eval --out dirs: accuracy per benchmark"
-    )
-    parser.add_argument(
-        "--compare",
-        nargs="+",
-        metavar="RUN",
-        help="training runs (a run: DIR or DIR1,DIR2,... for several seeds): their curves on shared axes",
-    )
-    parser.add_argument("--labels", nargs="+", help="with --compare: one legend label per RUN")
-    parser.add_argument(
-        "--out", default=None, help="output dir (default: WORKDIR/plots; required with --eval/--compare)"
-    )
-    args = parser.parse_args(argv)
+    args = cli.parse("pr1.plot", argv, define_flags, doc=__doc__)
     chosen = [a for a in (args.workdir, args.eval, args.compare) if a is not None]
     if len(chosen) != 1 or ((args.eval or args.compare) and not args.out):
-        parser.error("give --workdir DIR, or --eval OUT [OUT ...] / --compare RUN [RUN ...] with --out DIR")
+        cli.usage_error(
+            "pr1.plot",
+            "give --workdir DIR, or --eval OUT [--eval OUT ...] / --compare RUN [--compare RUN ...] "
+            "with --out DIR",
+        )
     if args.labels and not args.compare:
-        parser.error("--labels goes with --compare")
+        cli.usage_error("pr1.plot", "--labels goes with --compare")
     try:
         if args.workdir:
             paths = plot(args.workdir, args.out)

@@ -320,7 +320,7 @@ def test_judge_failure_is_an_error_not_a_label(tmp_path):
         with pytest.raises(
             AnalysisError,
             match=r"judge failed on 6 of 6 responses.*first: mathvista/1 "
-            r"\(.*a.jsonl:1\): judge http://127.0.0.1.*HTTP 500.*--skip-failed",
+            r"\(.*a.jsonl:1\): judge http://127.0.0.1.*HTTP 500.*--skip_failed",
         ):
             mcnemar_from_files(a, b, label="perception", judge=fast_judge(stub.url, retries=0))
         report = mcnemar_from_files(
@@ -397,7 +397,7 @@ def test_label_source_must_be_unambiguous(accuracy_files):
     a, b = accuracy_files
     with pytest.raises(AnalysisError, match="exactly one of --labels"):
         mcnemar_from_files(a, b, label="perception")
-    assert main(["mcnemar", a, b, "--label", "perception", "--judge-url", "http://127.0.0.1:1/v1"]) == 2
+    assert main(["mcnemar", a, b, "--label", "perception", "--judge_url", "http://127.0.0.1:1/v1"]) == 2
 
 
 # ----------------------------------------------------------------------------------------------

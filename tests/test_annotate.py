@@ -86,16 +86,14 @@ def decode_images(messages):
 
 
 def opts_for(tmp_path, teacher, extractor, **kw):
-    service = dict(timeout=60.0, max_tokens=256)  # no stub here hangs: only a slow machine would time out
+    # No stub here hangs: only a slow machine would time out.
+    service = dict(timeout=60.0, max_tokens=256, retries=1, backoff=0.01, backoff_max=0.02)
     base = dict(
         input=str(tmp_path / "in.parquet"),
         output=str(tmp_path / "out.parquet"),
         teacher=ServiceOptions(teacher.url, "teacher-stub", **service),
         extractor=ServiceOptions(extractor.url, "extractor-stub", **service),
         concurrency=4,
-        retries=1,
-        backoff=0.01,
-        backoff_max=0.02,
         accuracy_workers=1,
         progress_interval=0.0,
     )
@@ -115,7 +113,8 @@ def cache_records(path):
 def test_parse_extraction_keeps_figure_facts_only():
     reply = (
         "Sure! Here are the facts:\n<facts>\n- FIGURE: AB =  5.\nFIGURE: ab=5\nthis line is chatter\n"
-        "DERIVED: x = 3\n1. FIGURE: angle ABC = 90 degrees\nFIGURE:   \nfigure: <info2>CD = 4</info2>\n</facts>"
+        "DERIVED: x = 3\n1. FIGURE: angle ABC = 90 degrees\nFIGURE:   \n"
+        "figure: <info2>CD = 4</info2>\n</facts>"
     )
     e = prompts.parse_extraction(reply)
     assert e.parseable
@@ -422,8 +421,10 @@ def cli(tmp_path, t, x, *extra):
         f"--extractor_url={x.url}",
         "--extractor_model=x",
         "--concurrency=2",
-        "--retries=1",
-        "--backoff=0.01",
+        "--teacher_retries=1",
+        "--extractor_retries=1",
+        "--teacher_backoff_s=0.01",
+        "--extractor_backoff_s=0.01",
         "--accuracy_workers=1",
         "--progress_interval=0",
         *extra,

@@ -111,7 +111,7 @@ def test_suite_prints_one_row_per_benchmark_and_skips_what_cannot_run(tmp_path, 
                 "export,sampler,trl_grpo",
                 "--json",
                 str(out_json),
-                "--export-dir",
+                "--export_dir",
                 str(tmp_path),
             ]
         )

@@ -2,8 +2,8 @@
 traceback: missing or unreadable files, a config file without get_config, an argument the config
 does not take, a bad flag; and every launch/ script answers --help with its usage and exit 0.
 
-pr1.train and pr1.annotate (absl) run as subprocesses, as users run them; the argparse commands
-run in process (their main returns the exit code) with stderr captured."""
+pr1.train and pr1.annotate run as subprocesses, as users run them; the other commands run in
+process (their main returns the exit code, or exits 2 on a flag error) with stderr captured."""
 
 import os
 import subprocess
@@ -106,7 +106,7 @@ def test_annotate_input_errors(tmp_path):
 def _in_process(main, argv, capsys):
     try:
         rc = main(argv)
-    except SystemExit as e:  # argparse usage errors
+    except SystemExit as e:  # flag errors, found while parsing (pr1/cli.py)
         rc = e.code
     return rc, capsys.readouterr().err
 
@@ -166,7 +166,7 @@ def test_eval_analyze_export_plot_input_errors(tmp_path, capsys):
             ["mcnemar", str(empty), str(records), "--label", "accuracy"],
             ["pr1.analyze: ", str(empty)],
         ),
-        (analyze_main, [str(records)], ["invalid choice"]),
+        (analyze_main, [str(records)], ["pr1.analyze: give a command: mcnemar"]),
         (
             export_main,
             ["--workdir", str(tmp_path / "norun"), "--out", str(tmp_path / "x")],

@@ -127,7 +127,7 @@ def test_compare_plot_draws_groups_on_shared_axes(tmp_path):
                 f.write(json.dumps(r) + "\n")
         dirs.append(str(d))
     out = tmp_path / "plots"
-    assert plot_lib.main(["--compare", f"{dirs[0]},{dirs[1]}", dirs[2], "--out", str(out)]) == 0
+    assert plot_lib.main(["--compare", f"{dirs[0]},{dirs[1]}", "--compare", dirs[2], "--out", str(out)]) == 0
     png = out / "compare.png"
     from PIL import Image
 

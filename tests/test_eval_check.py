@@ -242,6 +242,11 @@ def test_plot_eval_compares_runs(tmp_path):
                 }
             )
         )
-    assert plot.main(["--eval", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "p")]) == 0
+    assert (
+        plot.main(
+            ["--eval", str(tmp_path / "a"), "--eval", str(tmp_path / "b"), "--out", str(tmp_path / "p")]
+        )
+        == 0
+    )
     assert (tmp_path / "p" / "eval.png").stat().st_size > 1000
     assert plot.main(["--eval", str(tmp_path / "missing"), "--out", str(tmp_path / "p")]) == 2  # one line

@@ -6,17 +6,20 @@ inside a while-loop body; the parameter gathers are hoisted in front of the loop
 This is XLA's choice at this shape; at 7B the same check should be run on the real mesh, and the
 hoisted copy (the full weights per device for the rollout) counted by the memory planner."""
 
+import math
 import os
 import re
 import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from pr1 import sharding
 from pr1.bench import memory
 from pr1.models.config import Qwen25VLConfig, tiny_hf_config
 from pr1.models.model_def import ModelDef
+from pr1.rollout.sampler import EmbeddedEngine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))
@@ -108,8 +111,14 @@ def test_hlo_checker_on_controls():
     assert not any(shape == (64, 64) for _, shape in _control_loop(variant=False))
 
 
-def test_decode_loop_body_gathers_no_parameter(tmp_path):
+@pytest.mark.parametrize("weights_layout", ["gathered", "learner"])
+def test_decode_loop_body_gathers_no_parameter(tmp_path, weights_layout):
+    """ "gathered": the rollout lays its weights out without the batch axes before the loops, so no
+    loop can gather them. "learner": the loops read the FSDP-sharded params and it is XLA's CPU
+    compiler that hoists the gathers (the TPU compiler does not: it streams the shards around the
+    ring inside the decode loop; see the module docstring of pr1.rollout.sampler)."""
     c = debug_config.get_config(str(tmp_path))
+    c.rollout.weights_layout = weights_layout
     c.data.prompts_per_step, c.rollout.n, c.rollout.max_new_tokens = 8, 2, 4
     c.data.max_prompt_length = 64
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 8, 1
@@ -119,7 +128,7 @@ def test_decode_loop_body_gathers_no_parameter(tmp_path):
         model_config, dtype=jnp.dtype(c.model.param_dtype), compute_dtype=jnp.dtype(c.model.compute_dtype)
     )
     state, _, _ = memory.abstract_train_state(c, model_def, mesh)
-    lowered, _ = memory.lower_rollout(c, model_def, mesh, state.params, model_config)
+    lowered, _, weights = memory.lower_rollout(c, model_def, mesh, state.params, model_config)
     inside, outside, loop_matmuls = all_gathers(lowered.compile().as_text())
     sharded = {
         tuple(x.shape) for x in jax.tree.leaves(state.params) if any(ax is not None for ax in x.sharding.spec)
@@ -131,3 +140,34 @@ def test_decode_loop_body_gathers_no_parameter(tmp_path):
     # Where the gathers went: hoisted before the loops, once per rollout (every device then holds
     # the gathered weights for the whole rollout; pr1.bench.memory must count that copy).
     assert sum(s in sharded for _, s in outside) >= len(sharded) // 2
+    # The planner's row for the gathered copy: every weight whole per device, in the compute dtype
+    # (this mesh has no tensor axis to keep), or nothing when the learner's layout is read.
+    compute = jnp.dtype(c.model.compute_dtype).itemsize
+    whole = sum(math.prod(x.shape) * compute for x in jax.tree.leaves(state.params))
+    assert weights == (whole if weights_layout == "gathered" else 0)
+
+
+def test_gathered_weights_keep_the_tensor_split():
+    """With a tensor axis, the rollout's copy is gathered over data x fsdp only: a tensor-split leaf
+    keeps its split, so a device holds its tensor share of the weights and nothing is fsdp-split."""
+    mesh = sharding.make_mesh(1, 4, 2)
+    model_config = Qwen25VLConfig.from_hf_dict(tiny_hf_config())
+    model_def = ModelDef.create(model_config, dtype=jnp.float32, compute_dtype=jnp.bfloat16)
+    pure = model_def.abstract_state.to_pure_dict()
+    params = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=s),
+        pure,
+        model_def.param_shardings(mesh),
+    )
+    engine = EmbeddedEngine(model_def, params, mesh, None, stop_token_ids=(0,), pad_token_id=0)
+    gathered = engine.rollout_weights_sharding(params)
+    tensor_split = 0
+    for p, g in zip(jax.tree.leaves(params), jax.tree.leaves(gathered)):
+        axes = lambda spec: {a for e in spec for a in ((e,) if isinstance(e, str) else e or ())}
+        assert not axes(g.spec) & {"data", "fsdp"}, (p.sharding.spec, g.spec)
+        assert ("tensor" in axes(g.spec)) == ("tensor" in axes(p.sharding.spec))
+        tensor_split += "tensor" in axes(g.spec)
+    assert tensor_split, "no leaf is tensor-split: the check would be vacuous"
+    whole = sum(math.prod(x.shape) * 2 for x in jax.tree.leaves(params))
+    held = engine.rollout_weights_bytes_per_device(params)
+    assert whole / 2 < held < whole

@@ -201,11 +201,15 @@ def test_sampled_logprobs_equal_learner_logprobs(setup):
         np.testing.assert_allclose(c.logprobs, w, atol=1e-4, rtol=0)
 
 
-def test_sharded_engine_matches_single_device(setup):
+@pytest.mark.parametrize("weights_layout", ["gathered", "learner"])
+def test_sharded_engine_matches_single_device(setup, weights_layout):
+    """On a data x fsdp x tensor mesh, with the rollout's weights gathered once per rollout (default)
+    or read in the learner's FSDP layout, the rollout is the single-device one."""
     _, path, config, processor, prompts = setup
     sampling = SamplingParams(temperature=0, max_new_tokens=MAX_NEW, stop_token_ids=(511,))
     want = engine_for(path, config, processor, one_device()).generate(prompts, sampling, n=2)
-    got = engine_for(path, config, processor, sharding.make_mesh(2, 2, 2)).generate(prompts, sampling, n=2)
+    engine = engine_for(path, config, processor, sharding.make_mesh(2, 2, 2), weights_layout=weights_layout)
+    got = engine.generate(prompts, sampling, n=2)
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g.token_ids, w.token_ids)
         np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-5)

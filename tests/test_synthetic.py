@@ -96,7 +96,7 @@ def test_deterministic_per_seed(tmp_path):
 def test_cli(tmp_path, capsys):
     out = tmp_path / "sub" / "cli.parquet"
     assert (
-        S.main(["--out", str(out), "--n", "5", "--seed", "1", "--task", "count", "--image-size", "84"]) == 0
+        S.main(["--out", str(out), "--n", "5", "--seed", "1", "--task", "count", "--image_size", "84"]) == 0
     )
     table = pq.read_table(out)
     assert table.num_rows == 5 and table.column_names[:4] == [

@@ -7,104 +7,105 @@ model as A and the trained one as B.
 
 The paper's perception test (50 random MathVista geometry problems, perception judged by hand):
     python -m pr1.analyze mcnemar base/mathvista.jsonl rl/mathvista.jsonl --label perception \\
-        --subset task="geometry problem solving" --sample 50 --seed 0 --labels base.csv rl.csv
+        --subset task="geometry problem solving" --sample 50 --seed 0 --labels base.csv,rl.csv
 or with an LLM judge in place of the hand labels (labels saved for audit and re-use):
-    ... --judge-url http://judge:30000/v1 --judge-model Qwen2.5-32B-Instruct \\
-        --save-labels base_labels.jsonl rl_labels.jsonl
+    ... --judge_url http://judge:30000/v1 --judge_model Qwen2.5-32B-Instruct \\
+        --save_labels base_labels.jsonl,rl_labels.jsonl
 Labels-file format: see pr1/analyze/labels.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+
+from absl import flags
 
 from pr1 import cli
 from pr1.analyze.labels import load_annotations
 from pr1.analyze.records import AnalysisError, parse_subsets
 from pr1.analyze.report import mcnemar_from_files
 
+COMMANDS = ("mcnemar",)
+# Flags renamed to the one dialect (pr1/cli.py) beyond '-' -> '_' (which cli.parse_args tells itself).
+RENAMED = {"judge-timeout": "judge_timeout_s", "judge_timeout": "judge_timeout_s"}
 
-def _parser() -> argparse.ArgumentParser:
-    parser = cli.ArgumentParser(
-        prog="python -m pr1.analyze",
-        description=__doc__.split("\n\n")[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
+
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_enum(
+        "label",
+        None,
+        ["accuracy", "perception"],
+        "accuracy: the records' `correct`; perception: hand labels or a judge",
+        flag_values=fv,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("mcnemar", help="exact McNemar test of two runs' per-problem labels")
-    p.add_argument("file_a", metavar="A.jsonl", help="records of model A (the base / 'before')")
-    p.add_argument("file_b", metavar="B.jsonl", help="records of model B (the trained / 'after')")
-    p.add_argument(
-        "--label",
-        required=True,
-        choices=["accuracy", "perception"],
-        help="accuracy: the records' `correct`; perception: hand labels or a judge",
+    flags.DEFINE_string("benchmark", None, "only problems of this benchmark", flag_values=fv)
+    flags.DEFINE_multi_string(
+        "subset",
+        [],
+        "KEY=VALUE: only problems whose subsets[KEY] == VALUE (repeatable; all must match)",
+        flag_values=fv,
     )
-    p.add_argument("--benchmark", help="only problems of this benchmark")
-    p.add_argument(
-        "--subset",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="only problems whose subsets[KEY] == VALUE (repeatable; all must match)",
+    flags.DEFINE_integer("sample", None, "draw this many paired problems at random", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "seed of --sample", flag_values=fv)
+    flags.DEFINE_list("labels", None, "LABELS_A,LABELS_B: perception labels files", flag_values=fv)
+    flags.DEFINE_enum("judge", None, ["lexical"], "the offline lexical judge (approximate)", flag_values=fv)
+    cli.define_service(fv, "judge", "perception judge", api_key_env="PR1_JUDGE_API_KEY")
+    flags.DEFINE_bool(
+        "skip_failed",
+        False,
+        "drop (and count) pairs whose judgement failed or that lack annotations or a response",
+        flag_values=fv,
     )
-    p.add_argument("--sample", type=int, help="draw this many paired problems at random")
-    p.add_argument("--seed", type=int, default=0, help="seed of --sample")
-    p.add_argument("--labels", nargs=2, metavar=("LABELS_A", "LABELS_B"), help="perception labels files")
-    p.add_argument("--judge", choices=["lexical"], help="the offline lexical judge (approximate)")
-    p.add_argument("--judge-url", help="OpenAI-compatible judge, e.g. http://host:30000/v1")
-    p.add_argument("--judge-model", help="model name served at --judge-url")
-    p.add_argument(
-        "--judge-api-key-env",
-        default="PR1_JUDGE_API_KEY",
-        help="NAME of the environment variable holding the judge's API key (never printed)",
+    flags.DEFINE_string(
+        "annotations",
+        None,
+        "FILE.parquet: visual annotations by id for records that lack them",
+        flag_values=fv,
     )
-    p.add_argument("--judge-timeout", type=float, default=120.0, help="seconds per judge request")
-    p.add_argument("--judge-retries", type=int, default=4, help="retries of a failed judge request")
-    p.add_argument("--judge-max-concurrency", type=int, default=64, help="judge requests in flight at most")
-    p.add_argument(
-        "--skip-failed",
-        action="store_true",
-        help="drop (and count) pairs whose judgement failed or that lack annotations or a response",
+    flags.DEFINE_string("annotations_id_column", "id", "id column of --annotations", flag_values=fv)
+    flags.DEFINE_string(
+        "annotations_column", "visual_key_info", "annotations column of --annotations", flag_values=fv
     )
-    p.add_argument(
-        "--annotations", metavar="FILE.parquet", help="visual annotations by id for records that lack them"
+    flags.DEFINE_list(
+        "save_labels",
+        None,
+        "OUT_A.jsonl,OUT_B.jsonl: write the perception labels used (readable back with --labels)",
+        flag_values=fv,
     )
-    p.add_argument("--annotations-id-column", default="id")
-    p.add_argument("--annotations-column", default="visual_key_info")
-    p.add_argument(
-        "--save-labels",
-        nargs=2,
-        metavar=("OUT_A.jsonl", "OUT_B.jsonl"),
-        help="write the perception labels used (readable back with --labels)",
-    )
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    return parser
+    flags.DEFINE_bool("json", False, "print the result as one JSON object", flag_values=fv)
+
+
+def _pair(args, name: str) -> tuple[str, str] | None:
+    value = args[name].value
+    if value is not None and len(value) != 2:
+        raise AnalysisError(f"--{name} wants two files, A,B; got {','.join(value)!r}")
+    return None if value is None else tuple(value)
 
 
 def _judge(args):
-    if args.judge_url and args.judge:
-        raise AnalysisError("give --judge-url or --judge lexical, not both")
+    service = cli.service(args, "judge")
+    if service.url and args.judge:
+        raise AnalysisError("give --judge_url or --judge lexical, not both")
     if args.judge == "lexical":
         from pr1.rewards.judge import LexicalJudge
 
         return LexicalJudge()
-    if args.judge_url:
-        if not args.judge_model:
-            raise AnalysisError("--judge-url needs --judge-model (the model name the server serves)")
+    if service.url:
+        if not service.model:
+            raise AnalysisError("--judge_url needs --judge_model (the model name the server serves)")
         from pr1.rewards.judge import OpenAIJudge
 
         try:
             return OpenAIJudge(
-                args.judge_url,
-                args.judge_model,
-                api_key_env=args.judge_api_key_env,
-                timeout=args.judge_timeout,
-                retries=args.judge_retries,
-                max_concurrency=args.judge_max_concurrency,
+                service.url,
+                service.model,
+                api_key_env=service.api_key_env,
+                timeout=service.timeout_s,
+                retries=service.retries,
+                backoff=service.backoff_s,
+                backoff_max=service.backoff_max_s,
+                max_concurrency=service.max_concurrency,
             )
         except ValueError as e:
             raise AnalysisError(str(e)) from None
@@ -116,10 +117,21 @@ def _progress(side: str, done: int, total: int) -> None:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    args, positional = cli.parse_args("pr1.analyze", argv, define_flags, doc=__doc__, renamed=RENAMED)
+    if not positional or positional[0] not in COMMANDS:
+        cli.usage_error(
+            "pr1.analyze", f"give a command: {' | '.join(COMMANDS)} (got {' '.join(positional)!r})"
+        )
+    if len(positional) != 3:
+        cli.usage_error(
+            "pr1.analyze", f"mcnemar wants two records files A.jsonl B.jsonl, got {positional[1:]}"
+        )
+    if args.label is None:
+        cli.usage_error("pr1.analyze", "mcnemar needs --label accuracy or --label perception")
     from pr1.rewards.judge import JudgeError
 
     try:
+        labels_files, save_labels = _pair(args, "labels"), _pair(args, "save_labels")
         judge = _judge(args)
         annotations = None
         if args.annotations:
@@ -129,18 +141,18 @@ def main(argv=None) -> int:
                 annotations_column=args.annotations_column,
             )
         report = mcnemar_from_files(
-            args.file_a,
-            args.file_b,
+            positional[1],
+            positional[2],
             label=args.label,
             benchmark=args.benchmark,
             subsets=parse_subsets(args.subset),
             sample=args.sample,
             seed=args.seed,
-            labels_files=args.labels,
+            labels_files=labels_files,
             judge=judge,
             annotations=annotations,
             skip_failed=args.skip_failed,
-            save_labels=args.save_labels,
+            save_labels=save_labels,
             progress=_progress,
         )
     except (AnalysisError, JudgeError, OSError) as e:

@@ -3,7 +3,7 @@ perception judged from the response and the problem's visual annotations.
 
 Where it sits: between `records.py` (the paired problems) and `report.py` (the McNemar table).
 
-Labels files (`--labels`, and what `--save-labels` writes) are CSV (by the `.csv` extension) or
+Labels files (`--labels`, and what `--save_labels` writes) are CSV (by the `.csv` extension) or
 JSONL (`.jsonl` / `.json`), one problem per row:
     benchmark           optional; without it (column absent or empty) the row matches the `id` in
                         any benchmark, which is an error if the paired problems have that id twice
@@ -92,8 +92,8 @@ class LabelsFile:
                 if len(ids_seen[key[1]]) > 1:
                     line = self.labels[None, key[1]][1]
                     raise AnalysisError(
-                        f"{self.path}:{line}: label for id {key[1]!r} has no benchmark, but the paired problems have "
-                        f"that id in {sorted(ids_seen[key[1]])}; add a benchmark column"
+                        f"{self.path}:{line}: label for id {key[1]!r} has no benchmark, but the paired "
+                        f"problems have that id in {sorted(ids_seen[key[1]])}; add a benchmark column"
                     )
                 hit = self.labels[None, key[1]]
             if hit is None:
@@ -207,7 +207,7 @@ def perception_labels(
         if not isinstance(r.data.get("response"), str):
             if not skip_failed:
                 raise AnalysisError(
-                    f"{r.where}: {r.name} has no 'response' text to judge; pass --skip-failed "
+                    f"{r.where}: {r.name} has no 'response' text to judge; pass --skip_failed "
                     f"to drop such pairs"
                 )
             skipped[r.key] = "no response"
@@ -220,8 +220,8 @@ def perception_labels(
     if unannotated and not skip_failed:
         raise AnalysisError(
             f"{len(unannotated)} records have no visual_annotations to judge perception against, e.g. "
-            f"{unannotated[0].where} ({_names([r.key for r in unannotated])}); supply them with --annotations "
-            f"FILE.parquet, or pass --skip-failed to drop these pairs"
+            f"{unannotated[0].where} ({_names([r.key for r in unannotated])}); supply them with "
+            f"--annotations FILE.parquet, or pass --skip_failed to drop these pairs"
         )
     for r in unannotated:
         skipped[r.key] = "no visual annotations"
@@ -240,7 +240,7 @@ def perception_labels(
         names = _names([f[0].key for f in failed])
         raise AnalysisError(
             f"the judge failed on {len(failed)} of {len(todo)} responses ({names}); first: "
-            f"{r.name} ({r.where}): {j.error}. Fix the judge and rerun, or pass --skip-failed "
+            f"{r.name} ({r.where}): {j.error}. Fix the judge and rerun, or pass --skip_failed "
             f"to drop these pairs (they are counted)"
         )
     return PerceptionLabels(labels, skipped, details)
@@ -267,7 +267,7 @@ def load_annotations(
     if not os.path.exists(path):
         raise AnalysisError(f"--annotations {path}: no such file")
     names = pq.read_schema(path).names
-    for col, flag in ((id_column, "--annotations-id-column"), (annotations_column, "--annotations-column")):
+    for col, flag in ((id_column, "--annotations_id_column"), (annotations_column, "--annotations_column")):
         if col not in names:
             raise AnalysisError(f"--annotations {path}: no column {col!r} ({flag}); the file has {names}")
     table = pq.read_table(path, columns=[id_column, annotations_column])

@@ -3,7 +3,7 @@
 Where it sits: last step of `python -m pr1.analyze mcnemar`: `records.pair_records` gives the
 paired problems, `labels.py` a label per problem and model, and `mcnemar_report` counts the 2x2
 table (`pr1.stats.contingency`, A = rows, B = columns) and its exact p-value. Pairs dropped on the
-way (a side without a label, with --skip-failed) are counted and named, like the unpaired problems.
+way (a side without a label, with --skip_failed) are counted and named, like the unpaired problems.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class McNemarReport:
         ]
         if self.skipped:
             pairs = sorted({s["problem"] for s in self.skipped})
-            lines.append(f"skipped pairs: {len(pairs)} (--skip-failed)")
+            lines.append(f"skipped pairs: {len(pairs)} (--skip_failed)")
             lines += [f"  {s['problem']} [{s['side']}]: {s['reason']}" for s in self.skipped[:_SHOW]]
             if len(self.skipped) > _SHOW:
                 lines.append(f"  ... and {len(self.skipped) - _SHOW} more (see --json)")
@@ -171,11 +171,11 @@ def mcnemar_from_files(
         raise AnalysisError(f"--label must be accuracy or perception, got {label!r}")
     if label == "perception" and (labels_files is None) == (judge is None):
         raise AnalysisError(
-            "--label perception needs exactly one of --labels LABELS_A LABELS_B, --judge-url URL "
+            "--label perception needs exactly one of --labels LABELS_A,LABELS_B, --judge_url URL "
             "or --judge lexical"
         )
     if label == "accuracy" and (labels_files or judge or save_labels):
-        raise AnalysisError("--labels, --judge* and --save-labels apply to --label perception only")
+        raise AnalysisError("--labels, --judge* and --save_labels apply to --label perception only")
     records_a, records_b = load_records(path_a), load_records(path_b)
     pairing = pair_records(
         records_a, records_b, benchmark=benchmark, subsets=subsets, sample=sample, seed=seed

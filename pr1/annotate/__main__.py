@@ -16,98 +16,115 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from pr1 import cli
 
-_INPUT = flags.DEFINE_string("input", None, "input parquet: problem, images, answer")
-_OUTPUT = flags.DEFINE_string("output", None, "output parquet (training layout)")
-_CACHE = flags.DEFINE_string("cache", "", "resumable JSONL cache; default <output>.cache.jsonl")
-_SERVICES = {}
-for _role, _timeout, _max_tokens in (("teacher", 600.0, 4096), ("extractor", 180.0, 1024)):
-    _SERVICES[_role] = (
-        flags.DEFINE_string(
-            f"{_role}_url", None, f"{_role} OpenAI-compatible base URL, e.g. http://host:30000/v1"
-        ),
-        flags.DEFINE_string(f"{_role}_model", None, f"{_role} model name as the server knows it"),
-        flags.DEFINE_string(
-            f"{_role}_api_key_env",
-            "",
-            f"NAME of the environment variable with the {_role}'s API key (empty: no key)",
-        ),
-        flags.DEFINE_float(f"{_role}_timeout", _timeout, f"seconds per {_role} request"),
-        flags.DEFINE_integer(f"{_role}_max_tokens", _max_tokens, f"max_tokens of a {_role} reply"),
+ROLES = ("teacher", "extractor")
+# Flags renamed to the one dialect (pr1/cli.py): the old spelling is told the new one. The retry
+# flags were shared; each service now has its own (same defaults).
+RENAMED = {
+    "teacher_timeout": "teacher_timeout_s",
+    "extractor_timeout": "extractor_timeout_s",
+    "retries": "teacher_retries and --extractor_retries",
+    "backoff": "teacher_backoff_s and --extractor_backoff_s",
+    "backoff_max": "teacher_backoff_max_s and --extractor_backoff_max_s",
+}
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("input", None, "input parquet: problem, images, answer", flag_values=fv)
+    flags.DEFINE_string("output", None, "output parquet (training layout)", flag_values=fv)
+    flags.DEFINE_string("cache", "", "resumable JSONL cache; default <output>.cache.jsonl", flag_values=fv)
+    for role, timeout_s, max_tokens in (("teacher", 600.0, 4096), ("extractor", 180.0, 1024)):
+        cli.define_service(
+            fv,
+            role,
+            role,
+            timeout_s=timeout_s,
+            max_concurrency=0,
+            max_concurrency_help=" (0: one per row in flight, --concurrency)",
+        )
+        flags.DEFINE_integer(
+            f"{role}_max_tokens", max_tokens, f"max_tokens of a {role} reply", flag_values=fv
+        )
+    flags.DEFINE_integer("attempts", 4, "teacher CoTs per row at most, until one is correct", flag_values=fv)
+    flags.DEFINE_float("temperature", 0.0, "temperature of the first teacher attempt", flag_values=fv)
+    flags.DEFINE_float(
+        "retry_temperature",
+        0.7,
+        "temperature of later teacher attempts and of the extraction retry",
+        flag_values=fv,
     )
-_ATTEMPTS = flags.DEFINE_integer("attempts", 4, "teacher CoTs per row at most, until one is correct")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "temperature of the first teacher attempt")
-_RETRY_TEMPERATURE = flags.DEFINE_float(
-    "retry_temperature", 0.7, "temperature of later teacher attempts and of the extraction retry"
-)
-_EXTRACT_ATTEMPTS = flags.DEFINE_integer("extract_attempts", 2, "extractor replies per row, until one parses")
-_CONCURRENCY = flags.DEFINE_integer("concurrency", 32, "rows in flight")
-_RETRIES = flags.DEFINE_integer("retries", 4, "retries per request (timeouts, 429, 5xx, dropped connections)")
-_BACKOFF = flags.DEFINE_float("backoff", 1.0, "first retry back-off in seconds (doubles, with jitter)")
-_BACKOFF_MAX = flags.DEFINE_float("backoff_max", 30.0, "back-off cap in seconds")
-_LIMIT = flags.DEFINE_integer("limit", 0, "annotate only the first N usable rows (trial runs); 0 = all")
-_ID_KEY = flags.DEFINE_string("id_key", "id", "column of row ids (row indices when the input lacks it)")
-_PROBLEM_KEY = flags.DEFINE_string("problem_key", "problem", "problem text column")
-_ANSWER_KEY = flags.DEFINE_string("answer_key", "answer", "ground-truth answer column")
-_IMAGES_KEY = flags.DEFINE_string("images_key", "images", "images column; empty for text-only rows")
-_PLACEHOLDER = flags.DEFINE_string("image_placeholder", "<image>", "image placeholder in the problem text")
-_ANNOTATIONS_KEY = flags.DEFINE_string("annotations_key", "visual_key_info", "output annotations column")
-_COT_KEY = flags.DEFINE_string("cot_key", "teacher_cot", "output column holding the kept CoT")
-_SKIP_BAD_ROWS = flags.DEFINE_bool(
-    "skip_bad_rows", False, "leave out unusable input rows instead of stopping"
-)
-_ACCURACY_WORKERS = flags.DEFINE_integer("accuracy_workers", 2, "math-verify worker processes")
-_PROGRESS_INTERVAL = flags.DEFINE_float("progress_interval", 5.0, "seconds between progress lines")
-flags.mark_flags_as_required(
-    ["input", "output", "teacher_url", "teacher_model", "extractor_url", "extractor_model"]
-)
+    flags.DEFINE_integer("extract_attempts", 2, "extractor replies per row, until one parses", flag_values=fv)
+    flags.DEFINE_integer("concurrency", 32, "rows in flight", flag_values=fv)
+    flags.DEFINE_integer(
+        "limit", 0, "annotate only the first N usable rows (trial runs); 0 = all", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "id_key", "id", "column of row ids (row indices when the input lacks it)", flag_values=fv
+    )
+    flags.DEFINE_string("problem_key", "problem", "problem text column", flag_values=fv)
+    flags.DEFINE_string("answer_key", "answer", "ground-truth answer column", flag_values=fv)
+    flags.DEFINE_string("images_key", "images", "images column; empty for text-only rows", flag_values=fv)
+    flags.DEFINE_string(
+        "image_placeholder", "<image>", "image placeholder in the problem text", flag_values=fv
+    )
+    flags.DEFINE_string("annotations_key", "visual_key_info", "output annotations column", flag_values=fv)
+    flags.DEFINE_string("cot_key", "teacher_cot", "output column holding the kept CoT", flag_values=fv)
+    flags.DEFINE_bool(
+        "skip_bad_rows", False, "leave out unusable input rows instead of stopping", flag_values=fv
+    )
+    flags.DEFINE_integer("accuracy_workers", 2, "math-verify worker processes", flag_values=fv)
+    flags.DEFINE_float("progress_interval", 5.0, "seconds between progress lines", flag_values=fv)
+    flags.mark_flags_as_required(
+        ["input", "output", "teacher_url", "teacher_model", "extractor_url", "extractor_model"],
+        flag_values=fv,
+    )
 
 
-def main(argv) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+def main(argv=None) -> int:
+    f = cli.parse("pr1.annotate", argv, define_flags, doc=__doc__, renamed=RENAMED)
     from pr1.annotate.cache import CacheError
     from pr1.annotate.pipeline import AnnotateOptions, ServiceOptions, annotate
     from pr1.chat import ChatConfigError
 
-    services = {
-        role: ServiceOptions(
-            url=f[0].value,
-            model=f[1].value,
-            api_key_env=f[2].value,
-            timeout=f[3].value,
-            max_tokens=f[4].value,
+    services = {}
+    for role in ROLES:
+        s = cli.service(f, role)
+        services[role] = ServiceOptions(
+            url=s.url,
+            model=s.model,
+            api_key_env=s.api_key_env,
+            timeout=s.timeout_s,
+            max_tokens=f[f"{role}_max_tokens"].value,
+            max_concurrency=s.max_concurrency,
+            retries=s.retries,
+            backoff=s.backoff_s,
+            backoff_max=s.backoff_max_s,
         )
-        for role, f in _SERVICES.items()
-    }
     try:
         opts = AnnotateOptions(
-            input=_INPUT.value,
-            output=_OUTPUT.value,
-            cache=_CACHE.value,
+            input=f.input,
+            output=f.output,
+            cache=f.cache,
             **services,
-            attempts=_ATTEMPTS.value,
-            temperature=_TEMPERATURE.value,
-            retry_temperature=_RETRY_TEMPERATURE.value,
-            extract_attempts=_EXTRACT_ATTEMPTS.value,
-            concurrency=_CONCURRENCY.value,
-            retries=_RETRIES.value,
-            backoff=_BACKOFF.value,
-            backoff_max=_BACKOFF_MAX.value,
-            limit=_LIMIT.value,
-            id_key=_ID_KEY.value,
-            problem_key=_PROBLEM_KEY.value,
-            answer_key=_ANSWER_KEY.value,
-            images_key=_IMAGES_KEY.value,
-            image_placeholder=_PLACEHOLDER.value,
-            annotations_key=_ANNOTATIONS_KEY.value,
-            cot_key=_COT_KEY.value,
-            skip_bad_rows=_SKIP_BAD_ROWS.value,
-            accuracy_workers=_ACCURACY_WORKERS.value,
-            progress_interval=_PROGRESS_INTERVAL.value,
+            attempts=f.attempts,
+            temperature=f.temperature,
+            retry_temperature=f.retry_temperature,
+            extract_attempts=f.extract_attempts,
+            concurrency=f.concurrency,
+            limit=f.limit,
+            id_key=f.id_key,
+            problem_key=f.problem_key,
+            answer_key=f.answer_key,
+            images_key=f.images_key,
+            image_placeholder=f.image_placeholder,
+            annotations_key=f.annotations_key,
+            cot_key=f.cot_key,
+            skip_bad_rows=f.skip_bad_rows,
+            accuracy_workers=f.accuracy_workers,
+            progress_interval=f.progress_interval,
         )
         summary = annotate(opts)
     except (ChatConfigError, CacheError, ValueError, OSError) as e:  # DataError is a ValueError
@@ -121,8 +138,8 @@ def main(argv) -> int:
     )
     if summary["failed"]:
         print(
-            f"pr1.annotate: {summary['failed']} rows failed (see failed_rows in {opts.summary_path}); run the "
-            "same command again to retry them",
+            f"pr1.annotate: {summary['failed']} rows failed (see failed_rows in {opts.summary_path}); "
+            "run the same command again to retry them",
             file=sys.stderr,
         )
         return 1
@@ -130,4 +147,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=cli.absl_flags_parser("pr1.annotate"))
+    sys.exit(main())

@@ -63,6 +63,10 @@ class ServiceOptions:
     api_key_env: str = ""
     timeout: float = 600.0  # seconds per request (a thinking teacher can take minutes)
     max_tokens: int = 4096
+    max_concurrency: int = 0  # requests in flight; 0 = one per row in flight (AnnotateOptions.concurrency)
+    retries: int = 4  # per request, by ChatClient (timeouts, dropped connections, 429, 5xx)
+    backoff: float = 1.0
+    backoff_max: float = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +81,6 @@ class AnnotateOptions:
     retry_temperature: float = 0.7  # later teacher attempts, and the extraction retry
     extract_attempts: int = 2  # extractor replies per row at most, until one parses
     concurrency: int = 32  # rows in flight (each has at most one request in flight)
-    retries: int = 4  # per request, by ChatClient (timeouts, dropped connections, 429, 5xx)
-    backoff: float = 1.0
-    backoff_max: float = 30.0
     limit: int = 0  # the first N usable rows only; 0 = all
     id_key: str = "id"  # row ids from this column when the input has it, else row indices
     problem_key: str = "problem"
@@ -104,9 +105,8 @@ class AnnotateOptions:
         for name in ("attempts", "extract_attempts", "concurrency", "accuracy_workers"):
             if getattr(self, name) < 1:
                 fail(name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("retries", "limit"):
-            if getattr(self, name) < 0:
-                fail(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.limit < 0:
+            fail("limit", f"must be >= 0, got {self.limit}")
         for name in ("temperature", "retry_temperature"):
             if not 0 <= getattr(self, name) <= 2:
                 fail(name, f"must be in [0, 2], got {getattr(self, name)}")
@@ -117,7 +117,10 @@ class AnnotateOptions:
             if service.max_tokens < 1:
                 fail(f"{role}_max_tokens", f"must be >= 1, got {service.max_tokens}")
             if service.timeout <= 0:
-                fail(f"{role}_timeout", f"must be > 0, got {service.timeout}")
+                fail(f"{role}_timeout_s", f"must be > 0, got {service.timeout}")
+            for name in ("max_concurrency", "retries"):
+                if getattr(service, name) < 0:
+                    fail(f"{role}_{name}", f"must be >= 0, got {getattr(service, name)}")
         if not self.annotations_key or not self.cot_key or self.annotations_key == self.cot_key:
             fail(
                 "annotations_key",
@@ -194,11 +197,11 @@ class Annotator:
                 s.model,
                 role=role,
                 api_key_env=s.api_key_env,
-                max_concurrency=opts.concurrency,
+                max_concurrency=s.max_concurrency or opts.concurrency,
                 timeout=s.timeout,
-                retries=opts.retries,
-                backoff=opts.backoff,
-                backoff_max=opts.backoff_max,
+                retries=s.retries,
+                backoff=s.backoff,
+                backoff_max=s.backoff_max,
                 counters=self.counters[role],
             )
             for role, s in (("teacher", opts.teacher), ("extractor", opts.extractor))

@@ -1,6 +1,6 @@
 """The benchmark suite: every pr1 benchmark in one process, one table of ratios against a peer or bound.
 
-    python -m pr1.bench.all [--quick] [--only train_step,judge] [--json rows.json] [--trl-site DIR]
+    python -m pr1.bench.all [--quick] [--only train_step,judge] [--json rows.json] [--trl_site DIR]
 
 Each benchmark is compared with something measured in the same run, so a ratio stays meaningful
 on a busy or unfamiliar machine:
@@ -15,13 +15,13 @@ on a busy or unfamiliar machine:
 Every ratio is ours / peer: the median over >= 5 interleaved pairs after a warm-up (3 with
 --quick), printed with its min-max (`pr1.bench.ratio`); --json writes the rows with the machine
 they ran on (cores, load before and after, JAX / torch versions and thread settings). Sizes are
-small enough for a few minutes on a 2-core CPU (--quick: smaller still); run a benchmark's own module for its full options. A benchmark that cannot run
-(torch or TRL missing, an error) gets a "skipped: <reason>" row and the suite goes on.
+small enough for a few minutes on a 2-core CPU (--quick: smaller still); run a benchmark's own
+module for its full options. A benchmark that cannot run (torch or TRL missing, an error) gets a
+"skipped: <reason>" row and the suite goes on.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -30,6 +30,10 @@ import tempfile
 import time
 import traceback
 from typing import Callable
+
+from absl import flags
+
+from pr1 import cli
 
 
 @dataclasses.dataclass
@@ -212,7 +216,7 @@ def step_breakdown_rows(quick: bool, opts) -> list[Row]:
     from pr1.bench import step_breakdown
 
     latency = 0.5
-    r = step_breakdown.run(["--steps", "3" if quick else "6", "--judge-latency", str(latency)])
+    r = step_breakdown.run(["--steps", "3" if quick else "6", "--judge_latency", str(latency)])
     shares = ", ".join(
         f"{k.removeprefix('time/')} {v:.0%}"
         for k, v in sorted(r["fractions"].items(), key=lambda kv: -kv[1])
@@ -251,7 +255,7 @@ def trl_grpo_rows(quick: bool, opts) -> list[Row]:
 
     argv = ["--steps", "3", "--new", "8"] if quick else ["--steps", "5", "--new", "16"]
     if opts.trl_site:
-        argv += ["--trl-site", opts.trl_site]
+        argv += ["--trl_site", opts.trl_site]
     r = trl_grpo.run(argv)
     return [
         _row(
@@ -328,33 +332,41 @@ def format_table(rows: list[Row]) -> str:
                 )
             )
     widths = [max(len(str(x[i])) for x in [header] + lines) for i in range(len(header) - 1)]
-    fmt = lambda cells: " | ".join([str(c).ljust(w) for c, w in zip(cells, widths)] + [str(cells[-1])])
+
+    def fmt(cells):
+        return " | ".join([str(c).ljust(w) for c, w in zip(cells, widths)] + [str(cells[-1])])
+
     return "\n".join(
         [fmt(header), "-+-".join("-" * w for w in widths) + "-+-" + "-" * 20] + [fmt(x) for x in lines]
     )
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_bool("quick", False, "smaller sizes (tiny models, fewer steps)", flag_values=fv)
+    flags.DEFINE_string("only", "", f"comma-separated subset of {','.join(BENCHMARKS)}", flag_values=fv)
+    flags.DEFINE_string("json", "", "also write the rows to this JSON file", flag_values=fv)
+    flags.DEFINE_string(
+        "trl_site",
+        os.environ.get("PR1_TRL_SITE"),
+        "site-packages dir holding trl for trl_grpo (default: $PR1_TRL_SITE)",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "export_dir",
+        tempfile.gettempdir(),
+        "directory on the filesystem the export benchmark writes to",
+        flag_values=fv,
+    )
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pr1.bench.all", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller sizes (tiny models, fewer steps)")
-    parser.add_argument("--only", default="", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
-    parser.add_argument("--json", default="", help="also write the rows to this JSON file")
-    parser.add_argument(
-        "--trl-site",
-        default=os.environ.get("PR1_TRL_SITE"),
-        help="site-packages dir holding trl for trl_grpo (default: $PR1_TRL_SITE)",
-    )
-    parser.add_argument(
-        "--export-dir",
-        default=tempfile.gettempdir(),
-        help="directory on the filesystem the export benchmark writes to",
-    )
-    opts = parser.parse_args(argv)
+    opts = cli.parse("pr1.bench.all", argv, define_flags, doc=__doc__)
     names = [n.strip() for n in opts.only.split(",") if n.strip()] or list(BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
-        parser.error(
-            f"--only: unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}"
+        cli.usage_error(
+            "pr1.bench.all",
+            f"--only: unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}",
         )
     if opts.trl_site and "trl_grpo" in names:
         from pr1.bench.trl_grpo import import_trl

@@ -1,6 +1,6 @@
 """Benchmark of the weight export (`pr1.models.hf.save`) against raw file-write bandwidth.
 
-    python -m pr1.bench.export [--model small|tiny] [--dir /path/on/the/filesystem/to/test] [--no-read]
+    python -m pr1.bench.export [--model small|tiny] [--dir /path/on/the/filesystem/to/test] [--noread]
 
 Where it sits: every `pr1.export` run and every SGLang weight sync (`pr1.rollout.sglang` pushes
 the weights through disk each step) goes through `hf.save`, so its throughput bounds how often
@@ -10,7 +10,7 @@ include an fsync of what they wrote, so both measure bytes reaching the disk, no
 
 It saves the random-init 97M `pr1.bench.train_step.bench_config()` model (or the tiny test model)
 in float32, prints MB/s (10^6 bytes) of the export and of the raw write and their ratio (1 = the
-export runs at disk speed), then, unless --no-read, the same for reading back: `hf.load` against
+export runs at disk speed), then, unless --noread, the same for reading back: `hf.load` against
 a raw read of the same bytes (both mostly from the page cache, as right after a sync). Ours and
 the raw bound alternate for --repeats pairs after a warm-up (`pr1.bench.ratio`); ratios are the
 median of the pairs, printed with their min-max. Everything
@@ -19,7 +19,6 @@ is written under a temporary directory inside --dir and deleted afterwards.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -29,8 +28,9 @@ import time
 
 import jax
 import jax.numpy as jnp
+from absl import flags
 
-from pr1 import sharding
+from pr1 import cli, sharding
 from pr1.bench import ratio as ratio_lib
 from pr1.bench.train_step import bench_config
 from pr1.models import hf
@@ -174,25 +174,27 @@ def measure(
         shutil.rmtree(work, ignore_errors=True)
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_enum(
+        "model",
+        "small",
+        ["small", "tiny"],
+        "small: the 97M bench_config model; tiny: the test model",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "dir",
+        tempfile.gettempdir(),
+        "an existing directory on the filesystem to measure (a temp dir is made inside)",
+        flag_values=fv,
+    )
+    flags.DEFINE_bool("read", True, "also time the hf.load read-back (--noread skips it)", flag_values=fv)
+    flags.DEFINE_integer("repeats", ratio_lib.MIN_REPEATS, "interleaved pairs per ratio", flag_values=fv)
+
+
 def run(argv=None) -> dict:
     """Parses the CLI flags in `argv`, runs `measure` and returns its numbers (plus params, model)."""
-    parser = argparse.ArgumentParser(prog="python -m pr1.bench.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--model",
-        choices=["small", "tiny"],
-        default="small",
-        help="small: the 97M bench_config model; tiny: the test model",
-    )
-    parser.add_argument(
-        "--dir",
-        default=tempfile.gettempdir(),
-        help="an existing directory on the filesystem to measure (a temp dir is made inside)",
-    )
-    parser.add_argument("--no-read", dest="read", action="store_false", help="skip the hf.load read-back")
-    parser.add_argument(
-        "--repeats", type=int, default=ratio_lib.MIN_REPEATS, help="interleaved pairs per ratio"
-    )
-    args = parser.parse_args(argv)
+    args = cli.parse("pr1.bench.export", argv, define_flags, doc=__doc__, renamed={"no-read": "noread"})
     if not os.path.isdir(args.dir):
         raise FileNotFoundError(f"--dir {args.dir} is not an existing directory")
     config = bench_config() if args.model == "small" else Qwen25VLConfig.from_hf_dict(tiny_hf_config())

@@ -23,10 +23,14 @@ import multiprocessing
 import random
 import re
 import statistics
+import sys
 import threading
 import time
 from typing import Callable
 
+from absl import flags
+
+from pr1 import cli
 from pr1.rewards.perception import fenced_response
 
 
@@ -187,7 +191,8 @@ class StubJudgeServer:
                 lines = head.decode("latin-1").split("\r\n")
                 path = lines[0].split(" ")[1] if len(lines[0].split(" ")) > 1 else ""
                 headers = {
-                    k.strip().lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:] if l)
+                    k.strip().lower(): v.strip()
+                    for k, _, v in (line.partition(":") for line in lines[1:] if line)
                 }
                 body = await reader.readexactly(int(headers.get("content-length", 0)))
                 with self._lock:
@@ -404,11 +409,20 @@ def run_bench(
     return rows
 
 
-def main(argv) -> None:
-    del argv
-    from absl import flags
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_float("latency", 0.05, "stub reply latency in seconds", flag_values=fv)
+    flags.DEFINE_list(
+        "concurrency", ["16", "64", "256"], "client concurrency limits to measure", flag_values=fv
+    )
+    flags.DEFINE_integer(
+        "requests_per_slot", 8, "requests per concurrency slot at each level", flag_values=fv
+    )
+    flags.DEFINE_integer("min_requests", 200, "at least this many requests per level", flag_values=fv)
+    flags.DEFINE_integer("repeats", 5, "recorded rounds per level (after one warm-up round)", flag_values=fv)
 
-    f = flags.FLAGS
+
+def main(argv=None) -> int:
+    f = cli.parse("pr1.bench.judge", argv, define_flags, doc=__doc__)
     rows = run_bench(
         f.latency,
         [int(c) for c in f.concurrency],
@@ -431,14 +445,8 @@ def main(argv) -> None:
             f"{r['ideal']:>9.1f} {r['ratio']:>6.3f} {r['ratio_min']:>5.3f}-{r['ratio_max']:<5.3f} "
             f"{r['max_in_flight']:>13} {r['failed']:>6}"
         )
+    return 0
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-
-    flags.DEFINE_float("latency", 0.05, "stub reply latency in seconds")
-    flags.DEFINE_list("concurrency", ["16", "64", "256"], "client concurrency limits to measure")
-    flags.DEFINE_integer("requests_per_slot", 8, "requests per concurrency slot at each level")
-    flags.DEFINE_integer("min_requests", 200, "at least this many requests per level")
-    flags.DEFINE_integer("repeats", 5, "recorded rounds per level (after one warm-up round)")
-    app.run(main)
+    sys.exit(main())

@@ -377,6 +377,7 @@ def lower_rollout(c, model_def, mesh: Mesh, params, model_config):
         min_prompt_bucket=r.min_prompt_bucket,
         min_patch_bucket=r.min_patch_bucket,
         prefill_chunk=r.prefill_chunk,
+        weights_layout=r.weights_layout,
     )
     batch = rollout_batch_shapes(c, model_config, mesh)
     # generate() passes EOS and <|im_end|>: two stop ids.
@@ -390,7 +391,7 @@ def lower_rollout(c, model_def, mesh: Mesh, params, model_config):
         greedy=r.temperature == 0,
         filtering=r.top_p < 1 or r.top_k > 0,
     )
-    return lowered, batch
+    return lowered, batch, engine.rollout_weights_bytes_per_device(params)
 
 
 # -- what the temporaries are -------------------------------------------------------------------
@@ -496,6 +497,7 @@ class PhaseMemory:
     optimizer: int
     batch: int
     kv_cache: int  # part of `temp` (created inside the program)
+    rollout_weights: int  # part of `temp`: the rollout's gathered compute-dtype weights (weights_layout)
     resident: int  # train state that is not an argument of the program
     arguments: int
     outputs: int
@@ -627,7 +629,7 @@ def plan_memory(
 
     out = []
     for name in (p for p in PHASES if p in phases):
-        t0, kv = time.perf_counter(), 0
+        t0, kv, weights = time.perf_counter(), 0, 0
         if name == "update":
             (lowered, batch), shapes, outside = update, update_shapes, 0
         elif name == "logprobs":
@@ -641,7 +643,7 @@ def plan_memory(
                 f"lowering rollout ({c.data.prompts_per_step} prompts x n={r.n}, prompt bucket {prompt_bucket(c)}, "
                 f"{r.max_new_tokens} new tokens, {image_patches(c, model_config)} image patches per prompt)"
             )
-            lowered, batch = lower_rollout(c, model_def, mesh, state.params, model_config)
+            lowered, batch, weights = lower_rollout(c, model_def, mesh, state.params, model_config)
             prompts = batch["input_ids"].shape[0]
             kv = bytes_per_device(kv_cache_shapes(c, model_config, mesh, prompts))
             shapes = (
@@ -673,6 +675,7 @@ def plan_memory(
                 optimizer=opt_b,
                 batch=bytes_per_device(batch),
                 kv_cache=kv,
+                rollout_weights=weights,
                 resident=outside,
                 **stats,
             )
@@ -697,6 +700,7 @@ def format_plan(plan: MemoryPlan, accelerator_names: Sequence[str], title: str =
         ("optimizer state (AdamW moments)", "optimizer"),
         ("batch inputs", "batch"),
         ("KV cache (inside XLA temp)", "kv_cache"),
+        ("rollout weights (inside XLA temp)", "rollout_weights"),
         ("XLA arguments", "arguments"),
         ("XLA outputs", "outputs"),
         ("XLA aliased (donated state)", "aliased"),
@@ -731,46 +735,56 @@ def format_plan(plan: MemoryPlan, accelerator_names: Sequence[str], title: str =
 # -- command line --------------------------------------------------------------------------------
 
 
-def _define_flags() -> dict:
-    """The CLI's flags, defined only when run as a program: `pr1.train` defines --config too."""
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> dict:
+    """The CLI's flags, defined only when run as a program (`pr1.train` defines --config in absl's
+    global registry too)."""
     f = dict(
         config=config_flags.DEFINE_config_file(
-            "config", None, "path to a configs/*.py file", lock_config=True
+            "config", None, "path to a configs/*.py file", lock_config=True, flag_values=fv
         ),
         mesh=flags.DEFINE_string(
             "mesh",
             None,
             "device mesh to plan for, e.g. data=1,fsdp=32,tensor=1 (fake CPU "
             "devices; XLA_FLAGS and JAX_PLATFORMS are set from it)",
+            flag_values=fv,
         ),
         accelerator=flags.DEFINE_enum(
             "accelerator",
             None,
             list(accelerators.HBM_GIB),
             "judge the fit against this accelerator's HBM (default: all of them)",
+            flag_values=fv,
         ),
         model_config=flags.DEFINE_string(
             "model_config",
             None,
             "config.json or checkpoint dir to plan for, or "
             f"{' / '.join(_BUILTIN_MODELS)} (default: model.path's config.json)",
+            flag_values=fv,
         ),
-        phase=flags.DEFINE_multi_enum("phase", list(PHASES), list(PHASES), "phases to compile (repeatable)"),
+        phase=flags.DEFINE_multi_enum(
+            "phase", list(PHASES), list(PHASES), "phases to compile (repeatable)", flag_values=fv
+        ),
         tpu_topology=flags.DEFINE_string(
             "tpu_topology",
             None,
             "compile with libtpu's compiler for this TPU slice "
             "(e.g. v5p:2x4x4) instead of for fake CPU devices",
+            flag_values=fv,
         ),
     )
-    flags.mark_flags_as_required(["config", "mesh"])
+    flags.mark_flags_as_required(["config", "mesh"], flag_values=fv)
     return f
 
 
 def main(argv, f: dict) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    say = lambda s: print(f"pr1.bench.memory: {s}", flush=True)
+
+    def say(s):
+        print(f"pr1.bench.memory: {s}", flush=True)
+
     try:
         mesh_sizes = parse_mesh(f["mesh"].value)
         use_fake_cpu_devices(math.prod(mesh_sizes.values()))
@@ -825,4 +839,4 @@ def _parse_flags(argv):
 
 
 if __name__ == "__main__":
-    app.run(functools.partial(main, f=_define_flags()), flags_parser=_parse_flags)
+    app.run(functools.partial(main, f=define_flags()), flags_parser=_parse_flags)

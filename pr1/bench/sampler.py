@@ -14,7 +14,6 @@ Needs torch (a test dependency: `pip install -r requirements-test.txt`).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import tempfile
@@ -23,8 +22,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
-from pr1 import sharding
+from pr1 import cli, sharding
 from pr1.bench import ratio as ratio_lib
 from pr1.bench.train_step import bench_config
 from pr1.models.config import Qwen25VLConfig, tiny_hf_config
@@ -41,18 +41,22 @@ class _Decoder:
         return ""
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_integer("batch", 8, "sequences per generate call", flag_values=fv)
+    flags.DEFINE_integer("prompt", 128, "prompt tokens per sequence", flag_values=fv)
+    flags.DEFINE_integer("new", 64, "generated tokens per sequence", flag_values=fv)
+    flags.DEFINE_enum(
+        "model", "small", ["small", "tiny"], "small: bench_config; tiny: the test model", flag_values=fv
+    )
+    flags.DEFINE_bool("image", False, "one 112x112 image per prompt", flag_values=fv)
+    flags.DEFINE_integer("repeats", 5, "interleaved pr1/transformers pairs", flag_values=fv)
+
+
 def run(argv=None) -> dict:
     """Parses the CLI flags in `argv`, runs both engines (printing each one's line) and returns
     {"pr1": {"prefill", "decode"}, "transformers": {...}} in tokens/s plus prefill_ratio and
     decode_ratio (pr1 / transformers). Raises ImportError when torch or transformers is missing."""
-    parser = argparse.ArgumentParser(prog="python -m pr1.bench.sampler", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens per sequence")
-    parser.add_argument("--new", type=int, default=64, help="generated tokens per sequence")
-    parser.add_argument("--model", choices=["small", "tiny"], default="small")
-    parser.add_argument("--image", action="store_true", help="one 112x112 image per prompt")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved pr1/transformers pairs")
-    args = parser.parse_args(argv)
+    args = cli.parse("pr1.bench.sampler", argv, define_flags, doc=__doc__)
     try:
         import torch
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -134,9 +138,9 @@ def run(argv=None) -> dict:
 
     print(
         f"model: {args.model} ({sum(p.numel() for p in ref.parameters()) / 1e6:.1f}M params, fp32); batch "
-        f"{args.batch} x {args.prompt} prompt tokens{' with one image each' if args.image else ''}, {args.new} new "
-        f"tokens, greedy; pr1 on {jax.devices()[0].platform}, transformers {torch.__version__} on CPU "
-        f"({torch.get_num_threads()} threads)",
+        f"{args.batch} x {args.prompt} prompt tokens{' with one image each' if args.image else ''}, "
+        f"{args.new} new tokens, greedy; pr1 on {jax.devices()[0].platform}, transformers "
+        f"{torch.__version__} on CPU ({torch.get_num_threads()} threads)",
         flush=True,
     )
 

@@ -1,6 +1,6 @@
 """Where the time of a real training step goes: a few steps of configs/debug.py, phase by phase.
 
-    python -m pr1.bench.step_breakdown [--steps 6] [--judge-latency 0.5] [--assets DIR] [--workdir DIR]
+    python -m pr1.bench.step_breakdown [--steps 6] [--judge_latency 0.5] [--assets DIR] [--workdir DIR]
 
 Runs `pr1.train.loop.train` on the debug config (tiny model, synthetic image task, embedded
 rollout, offline lexical judge) for --steps steps with validation, sample logging and TensorBoard
@@ -10,7 +10,7 @@ averaged over the steps after the first, which pays for compilation, as seconds 
 of `time/step`. "other" is what no phase timer covers (metrics, progress line, reward bookkeeping).
 
 The summary number is the fraction of the step spent in device compute (rollout + logprobs +
-update): 1 would mean no host-side overhead at all. With --judge-latency S the perception judge is
+update): 1 would mean no host-side overhead at all. With --judge_latency S the perception judge is
 a loopback stub (`pr1.bench.judge.StubJudgeProcess`) answering every request after S seconds
 instead of the offline lexical judge, and the reward stage's exposed time (time/judge_wait: what
 the step still waits for rewards after its logprob pass) is reported per step against the step.
@@ -22,7 +22,6 @@ temporary directories that are deleted afterwards.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -30,6 +29,9 @@ import shutil
 import sys
 import tempfile
 
+from absl import flags
+
+from pr1 import cli
 from pr1.bench import ratio as ratio_lib
 from pr1.bench.judge import StubJudgeProcess
 from pr1.train.metrics import METRICS_FILE
@@ -143,27 +145,25 @@ def measure(
             shutil.rmtree(d, ignore_errors=True)
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_integer("steps", 6, "training steps (the first is left out of the mean)", flag_values=fv)
+    flags.DEFINE_float(
+        "judge_latency",
+        0.0,
+        "seconds per judge request of a loopback judge stub (0: the offline lexical judge)",
+        flag_values=fv,
+    )
+    flags.DEFINE_string(
+        "assets", None, "debug assets dir (tiny checkpoint, parquet); default: temporary", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "workdir", None, "training workdir, kept afterwards; default: temporary", flag_values=fv
+    )
+
+
 def run(argv=None) -> dict:
     """Parses the CLI flags in `argv` and returns `measure`'s numbers."""
-    parser = argparse.ArgumentParser(
-        prog="python -m pr1.bench.step_breakdown", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument(
-        "--steps", type=int, default=6, help="training steps (the first is left out of the mean)"
-    )
-    parser.add_argument(
-        "--judge-latency",
-        type=float,
-        default=0.0,
-        help="seconds per judge request of a loopback judge stub (0: the offline lexical judge)",
-    )
-    parser.add_argument(
-        "--assets", default=None, help="debug assets dir (tiny checkpoint, parquet); default: temporary"
-    )
-    parser.add_argument(
-        "--workdir", default=None, help="training workdir, kept afterwards; default: temporary"
-    )
-    args = parser.parse_args(argv)
+    args = cli.parse("pr1.bench.step_breakdown", argv, define_flags, doc=__doc__)
     if args.workdir and os.path.exists(os.path.join(args.workdir, METRICS_FILE)):
         # train() would resume there and measure nothing new.
         raise FileExistsError(

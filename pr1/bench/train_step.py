@@ -13,7 +13,6 @@ the median of the per-pair ratios, printed with its min-max.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import sys
@@ -22,8 +21,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
-from pr1 import sharding
+from pr1 import cli, sharding
 from pr1.bench import flops as flops_lib
 from pr1.bench import ratio as ratio_lib
 from pr1.models.config import Qwen25VLConfig, tiny_hf_config
@@ -95,38 +95,40 @@ def make_batch(config: Qwen25VLConfig, batch: int, seq: int, seed: int = 0) -> d
     }
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_integer("batch", 4, "sequences per update step", flag_values=fv)
+    flags.DEFINE_integer("seq", 512, "tokens per sequence (no padding)", flag_values=fv)
+    flags.DEFINE_integer(
+        "steps",
+        5,
+        "timed steps after the compiling one, each paired with a matmul-peak probe",
+        flag_values=fv,
+    )
+    flags.DEFINE_enum(
+        "dtype",
+        "auto",
+        ["auto", "float32", "bfloat16"],
+        "params/activations dtype (auto: float32 on CPU, bfloat16 on accelerators)",
+        flag_values=fv,
+    )
+    flags.DEFINE_enum("remat", "none", ["none", "dots", "full"], "rematerialization policy", flag_values=fv)
+    flags.DEFINE_integer("micro_batches", 1, "micro-batches per update step", flag_values=fv)
+    flags.DEFINE_integer("logprob_chunk", 0, "tokens per log-prob chunk (0: unchunked)", flag_values=fv)
+    flags.DEFINE_string("mesh", "1,-1,1", "data,fsdp,tensor over all local devices", flag_values=fv)
+    flags.DEFINE_enum(
+        "attention",
+        "auto",
+        ["auto", "xla", "blockwise", "cudnn", "splash"],
+        "pr1.models.attention implementation (model.attention)",
+        flag_values=fv,
+    )
+
+
 def run(argv=None) -> dict:
     """Parses the CLI flags in `argv`, runs the benchmark (printing progress) and returns its numbers:
     params, tokens, step_s (median timed step), tokens_per_s, model_flops, achieved_flops,
     peak_flops, mfu, devices, platform, dtype."""
-    parser = argparse.ArgumentParser(
-        prog="python -m pr1.bench.train_step", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("--batch", type=int, default=4, help="sequences per update step")
-    parser.add_argument("--seq", type=int, default=512, help="tokens per sequence (no padding)")
-    parser.add_argument(
-        "--steps",
-        type=int,
-        default=5,
-        help="timed steps after the compiling one, each paired with a matmul-peak probe",
-    )
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16"],
-        help="params/activations dtype (auto: float32 on CPU, bfloat16 on accelerators)",
-    )
-    parser.add_argument("--remat", default="none", choices=["none", "dots", "full"])
-    parser.add_argument("--micro-batches", type=int, default=1)
-    parser.add_argument("--logprob-chunk", type=int, default=0)
-    parser.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor over all local devices")
-    parser.add_argument(
-        "--attention",
-        default="auto",
-        choices=["auto", "xla", "blockwise", "cudnn", "splash"],
-        help="pr1.models.attention implementation (model.attention)",
-    )
-    args = parser.parse_args(argv)
+    args = cli.parse("pr1.bench.train_step", argv, define_flags, doc=__doc__)
 
     devices = jax.local_devices()
     platform = devices[0].platform
@@ -202,7 +204,8 @@ def main(argv=None) -> int:
     print(f"model FLOP/step     {r['model_flops']:12.4g}")
     print(f"achieved FLOP/s     {r['achieved_flops']:12.4g}")
     print(
-        f"peak matmul FLOP/s  {r['peak_flops']:12.4g}  (measured now: {r['devices']} x {r['dtype']} 2048^3 matmuls)"
+        f"peak matmul FLOP/s  {r['peak_flops']:12.4g}  (measured now: {r['devices']} x {r['dtype']} "
+        "2048^3 matmuls)"
     )
     print(f"MFU                 {r['mfu']:12.3f}  (median of per-pair ratios; {r['mfu_ratio']})")
     return 0

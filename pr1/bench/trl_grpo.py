@@ -1,6 +1,6 @@
 """One GRPO step of pr1 side by side with TRL's `GRPOTrainer`: same tiny model, prompts, group, length.
 
-    python -m pr1.bench.trl_grpo [--prompts 4 --group 4 --new 16 --steps 4] [--trl-site DIR]
+    python -m pr1.bench.trl_grpo [--prompts 4 --group 4 --new 16 --steps 4] [--trl_site DIR]
 
 Both trainers start from the same tiny random Qwen2.5-VL checkpoint (`pr1.models.tiny`, written to
 a temporary dir) and train on the same `--prompts` synthetic image questions (one 56x56 image
@@ -15,10 +15,10 @@ printed with its min-max.
 
 TRL is not a pr1 dependency. It is imported only here; install it into a throwaway environment
 that sees the system packages, so the pinned transformers/torch stay as they are, and point
---trl-site (or PR1_TRL_SITE) at its site-packages:
+--trl_site (or PR1_TRL_SITE) at its site-packages:
 
     python -m venv --system-site-packages /tmp/trl_venv && /tmp/trl_venv/bin/pip install trl==1.16.0
-    python -m pr1.bench.trl_grpo --trl-site /tmp/trl_venv/lib/python3.11/site-packages
+    python -m pr1.bench.trl_grpo --trl_site /tmp/trl_venv/lib/python3.11/site-packages
 
 Transformers' Qwen2.5-VL processor needs torchvision for its video half; without torchvision it
 is loaded through `pr1.bench.hf_peer.load_hf_processor` (images only).
@@ -26,7 +26,6 @@ is loaded through `pr1.bench.hf_peer.load_hf_processor` (images only).
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import io
 import os
@@ -37,6 +36,9 @@ import threading
 import time
 
 import numpy as np
+from absl import flags
+
+from pr1 import cli
 
 TRL_VERSION = "1.16.0"  # the release checked against transformers 5.23.0 and torch 2.13.0
 FORMAT_INSTRUCTION = "Put the answer in \\boxed{}."  # configs/debug.py's short instruction
@@ -47,7 +49,7 @@ def import_trl(site: str | None = None):
     """The `trl` module, from `site` (appended to sys.path, so installed packages keep precedence)."""
     if site:
         if not os.path.isdir(site):
-            raise ImportError(f"--trl-site / PR1_TRL_SITE {site} is not a directory")
+            raise ImportError(f"--trl_site / PR1_TRL_SITE {site} is not a directory")
         if site not in sys.path:
             sys.path.append(site)
             importlib.invalidate_caches()
@@ -63,7 +65,7 @@ def import_trl(site: str | None = None):
     except ImportError as e:
         raise ImportError(
             f"TRL not installed (pip install trl=={TRL_VERSION} into a venv with "
-            f"--system-site-packages, then --trl-site DIR): {e}"
+            f"--system-site-packages, then --trl_site DIR): {e}"
         ) from None
     return trl
 
@@ -436,23 +438,24 @@ def measure(
     )
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_integer("prompts", 4, "prompts per step", flag_values=fv)
+    flags.DEFINE_integer("group", 4, "responses per prompt (the GRPO group)", flag_values=fv)
+    flags.DEFINE_integer("new", 16, "max new tokens per response", flag_values=fv)
+    flags.DEFINE_integer(
+        "steps", 5, "interleaved pr1/TRL step pairs after one warm-up step of each", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "trl_site",
+        os.environ.get("PR1_TRL_SITE"),
+        "site-packages dir holding trl (default: $PR1_TRL_SITE)",
+        flag_values=fv,
+    )
+
+
 def run(argv=None) -> dict:
     """Parses the CLI flags in `argv` and returns `measure`'s numbers."""
-    parser = argparse.ArgumentParser(
-        prog="python -m pr1.bench.trl_grpo", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("--prompts", type=int, default=4, help="prompts per step")
-    parser.add_argument("--group", type=int, default=4, help="responses per prompt (the GRPO group)")
-    parser.add_argument("--new", type=int, default=16, help="max new tokens per response")
-    parser.add_argument(
-        "--steps", type=int, default=5, help="interleaved pr1/TRL step pairs after one warm-up step of each"
-    )
-    parser.add_argument(
-        "--trl-site",
-        default=os.environ.get("PR1_TRL_SITE"),
-        help="site-packages dir holding trl (default: $PR1_TRL_SITE)",
-    )
-    args = parser.parse_args(argv)
+    args = cli.parse("pr1.bench.trl_grpo", argv, define_flags, doc=__doc__)
     return measure(
         prompts=args.prompts, group=args.group, max_new_tokens=args.new, steps=args.steps, site=args.trl_site
     )

@@ -1,6 +1,6 @@
 """Synthetic image problems with numeric answers and visual annotations, for the debug mode and tests.
 
-`python -m pr1.data.synthetic --out FILE [--n N --seed S --task T --image-size PX]` writes a parquet
+`python -m pr1.data.synthetic --out FILE [--n N --seed S --task T --image_size PX]` writes a parquet
 file in the Perception-R1 / EasyR1 layout that `pr1.data.dataset` reads: `problem` ("<image>" +
 question), `answer` (a number as a string), `images` (one {bytes: PNG, path} struct), and
 `visual_key_info` (`<info1>..</info1><info2>..</info2>` atomic visual facts, the form the judge
@@ -23,7 +23,6 @@ Tasks:
 
 from __future__ import annotations
 
-import argparse
 import io
 import math
 import os
@@ -32,7 +31,10 @@ import sys
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from absl import flags
 from PIL import Image, ImageDraw, ImageFont
+
+from pr1 import cli
 
 TASKS = ("color", "count", "length", "angle", "dots")
 # What "mix" draws from: the original four, so that mixed files of a seed stay what they were.
@@ -58,7 +60,7 @@ def _place(rng: np.random.Generator, size: int, r: float, n: int) -> list[tuple[
         if all(math.dist(a, b) >= 2 * r + 2 for i, a in enumerate(pts) for b in pts[i + 1 :]):
             return pts
     raise ValueError(
-        f"cannot place {n} shapes of radius {r:.1f} in a {size}px image; use a larger --image-size"
+        f"cannot place {n} shapes of radius {r:.1f} in a {size}px image; use a larger --image_size"
     )
 
 
@@ -221,14 +223,17 @@ def write_synthetic(
     return out
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("out", None, "parquet file to write", flag_values=fv)
+    flags.DEFINE_integer("n", 256, "number of rows", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "seed of the rows", flag_values=fv)
+    flags.DEFINE_enum("task", "color", [*TASKS, "mix"], "the question every row asks", flag_values=fv)
+    flags.DEFINE_integer("image_size", 56, "square image side in pixels", flag_values=fv)
+    flags.mark_flag_as_required("out", flag_values=fv)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="parquet file to write")
-    parser.add_argument("--n", type=int, default=256, help="number of rows")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--task", default="color", choices=TASKS + ("mix",))
-    parser.add_argument("--image-size", type=int, default=56, help="square image side in pixels")
-    args = parser.parse_args(argv)
+    args = cli.parse("pr1.data.synthetic", argv, define_flags, doc=__doc__)
     path = write_synthetic(args.out, n=args.n, seed=args.seed, task=args.task, image_size=args.image_size)
     print(f"wrote {args.n} '{args.task}' rows to {path}")
     return 0

@@ -4,7 +4,7 @@
         --benchmark mathvista=/data/MathVista --benchmark mathverse=/data/MathVerse \\
         --benchmark mathvision=/data/MathVision --benchmark wemath=/data/WeMath --out runs/eval/base
     python -m pr1.eval --workdir runs/perception_r1 [--step 275] --benchmark mathvista=/data/MathVista \\
-        --out runs/eval/pr1-275 --llm_url http://checker:30000/v1 --llm_model Qwen2.5-72B-Instruct
+        --out runs/eval/pr1-275 --checker_url http://checker:30000/v1 --checker_model Qwen2.5-72B-Instruct
 
 Writes `<out>/<benchmark>.jsonl` (one record per problem), `<out>/summary.json` and `<out>/results.md`,
 and prints the overview table. Re-running with the same --out resumes: recorded problems are skipped.
@@ -13,12 +13,24 @@ docs/eval_data.md lists the files each benchmark loader expects.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
+from absl import flags
+
 from pr1 import cli
 from pr1.rollout.config import ENGINES
+
+# Flags renamed to the one dialect (pr1/cli.py): the old spelling is told the new one.
+RENAMED = {
+    "llm_url": "checker_url",
+    "llm_model": "checker_model",
+    "llm_api_key_env": "checker_api_key_env",
+    "llm_mode": "checker_mode",
+    "llm_concurrency": "checker_max_concurrency",
+    "llm_retries": "checker_retries",
+    "llm_timeout": "checker_timeout_s",
+}
 
 
 def _mesh(text: str) -> tuple[int, int, int]:
@@ -26,9 +38,7 @@ def _mesh(text: str) -> tuple[int, int, int]:
     for part in filter(None, text.split(",")):
         key, _, value = part.partition("=")
         if key not in sizes or not value.lstrip("-").isdigit():
-            raise argparse.ArgumentTypeError(
-                f"--mesh wants data=N,fsdp=N,tensor=N (one may be -1), got {text!r}"
-            )
+            raise ValueError(f"--mesh wants data=N,fsdp=N,tensor=N (one may be -1), got {text!r}")
         sizes[key] = int(value)
     return sizes["data"], sizes["fsdp"], sizes["tensor"]
 
@@ -36,84 +46,76 @@ def _mesh(text: str) -> tuple[int, int, int]:
 def _benchmark(text: str) -> tuple[str, str]:
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(
-            f"--benchmark wants NAME=PATH (e.g. mathvista=/data/MathVista), got {text!r}"
-        )
+        raise ValueError(f"--benchmark wants NAME=PATH (e.g. mathvista=/data/MathVista), got {text!r}")
     return name, path
 
 
-def parser() -> argparse.ArgumentParser:
-    p = cli.ArgumentParser(
-        prog="python -m pr1.eval",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
+def define_flags(fv: flags.FlagValues) -> None:
+    # the policy (one of --model / --workdir)
+    flags.DEFINE_string("model", None, "a Hugging Face checkpoint dir (Qwen2.5-VL)", flag_values=fv)
+    flags.DEFINE_string(
+        "workdir", None, "a pr1 training workdir: evaluates its checkpoint --step", flag_values=fv
     )
-    src = p.add_argument_group("the policy (one of --model / --workdir)")
-    src.add_argument("--model", help="a Hugging Face checkpoint dir (Qwen2.5-VL)")
-    src.add_argument("--workdir", help="a pr1 training workdir: evaluates its checkpoint --step")
-    src.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
-    src.add_argument(
-        "--assets_from", help="tokenizer/processor dir for --workdir (default: the recorded model path)"
+    flags.DEFINE_integer("step", None, "checkpoint step (default: the newest)", flag_values=fv)
+    flags.DEFINE_string(
+        "assets_from",
+        None,
+        "tokenizer/processor dir for --workdir (default: the recorded model path)",
+        flag_values=fv,
     )
-    src.add_argument("--label", help="the model's name in records and reports (default: from the path)")
-    gen = p.add_argument_group("generation")
-    gen.add_argument("--engine", default="embedded", choices=list(ENGINES))
-    gen.add_argument(
-        "--sglang_url", action="append", default=[], help="SGLang server serving this model (repeat)"
+    flags.DEFINE_string(
+        "label", None, "the model's name in records and reports (default: from the path)", flag_values=fv
     )
-    gen.add_argument(
-        "--vllm_url",
-        action="append",
-        default=[],
-        help="vLLM server serving this model (repeat; launch/serve_vllm.sh rollout)",
+    # generation
+    flags.DEFINE_enum("engine", "embedded", list(ENGINES), "rollout engine", flag_values=fv)
+    flags.DEFINE_multi_string("sglang_url", [], "SGLang server serving this model (repeat)", flag_values=fv)
+    flags.DEFINE_multi_string(
+        "vllm_url",
+        [],
+        "vLLM server serving this model (repeat; launch/serve_vllm.sh rollout)",
+        flag_values=fv,
     )
-    gen.add_argument("--max_new_tokens", type=int, default=4096)
-    gen.add_argument("--batch_size", type=int, default=32, help="problems per generate call")
-    gen.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    gen.add_argument(
-        "--mesh", type=_mesh, default=(1, -1, 1), help="data=1,fsdp=-1,tensor=1 (embedded engine)"
+    flags.DEFINE_integer("max_new_tokens", 4096, "generated tokens per problem at most", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 32, "problems per generate call", flag_values=fv)
+    flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "compute dtype", flag_values=fv)
+    flags.DEFINE_string("mesh", "data=1,fsdp=-1,tensor=1", "device mesh (embedded engine)", flag_values=fv)
+    flags.DEFINE_integer("min_pixels", None, "default: the processor file's (paper: 3136)", flag_values=fv)
+    flags.DEFINE_integer("max_pixels", None, "default: the processor file's (paper: 1806336)", flag_values=fv)
+    # problems
+    flags.DEFINE_multi_string(
+        "benchmark",
+        None,
+        "NAME=PATH; NAME in mathvista, mathverse, mathvision, wemath, parquet (repeat)",
+        flag_values=fv,
     )
-    gen.add_argument(
-        "--min_pixels", type=int, default=None, help="default: the processor file's (paper: 3136)"
+    flags.DEFINE_integer("limit", None, "first N problems of each benchmark (trial runs)", flag_values=fv)
+    flags.DEFINE_string("out", None, "output dir for records and reports", flag_values=fv)
+    flags.mark_flags_as_required(["benchmark", "out"], flag_values=fv)
+    # LLM answer checker (optional)
+    cli.define_service(
+        fv,
+        "checker",
+        "LLM answer checker",
+        model="Qwen2.5-72B-Instruct",
+        api_key_env="PR1_CHECKER_API_KEY",
+        url_help="; without it only rules check answers",
     )
-    gen.add_argument(
-        "--max_pixels", type=int, default=None, help="default: the processor file's (paper: 1806336)"
+    flags.DEFINE_enum(
+        "checker_mode",
+        "undecided",
+        ["undecided", "all"],
+        "undecided: LLM verdict only where rules cannot decide; all: on every answer (the paper's)",
+        flag_values=fv,
     )
-    data = p.add_argument_group("problems")
-    data.add_argument(
-        "--benchmark",
-        type=_benchmark,
-        action="append",
-        required=True,
-        help="NAME=PATH; NAME in mathvista, mathverse, mathvision, wemath, parquet (repeat)",
-    )
-    data.add_argument(
-        "--limit", type=int, default=None, help="first N problems of each benchmark (trial runs)"
-    )
-    data.add_argument("--out", required=True, help="output dir for records and reports")
-    llm = p.add_argument_group("LLM answer checker (optional; OpenAI-compatible server)")
-    llm.add_argument("--llm_url", help="e.g. http://host:30000/v1; without it only rules check answers")
-    llm.add_argument("--llm_model", default="Qwen2.5-72B-Instruct")
-    llm.add_argument(
-        "--llm_api_key_env",
-        default="PR1_CHECKER_API_KEY",
-        help="NAME of the environment variable holding the key (never the key itself)",
-    )
-    llm.add_argument(
-        "--llm_mode",
-        default="undecided",
-        choices=["undecided", "all"],
-        help="undecided: LLM verdict only where rules cannot decide; all: on every answer (the paper's)",
-    )
-    llm.add_argument("--llm_concurrency", type=int, default=64)
-    llm.add_argument("--llm_retries", type=int, default=4)
-    llm.add_argument("--llm_timeout", type=float, default=120.0)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = cli.parse("pr1.eval", argv, define_flags, doc=__doc__, renamed=RENAMED)
+    try:
+        mesh = _mesh(args.mesh)
+        benchmark_paths = [_benchmark(b) for b in args.benchmark]
+    except ValueError as e:  # a bad flag value: exits 2 as absl's own flag errors do
+        cli.usage_error("pr1.eval", e)
     if (args.model is None) == (args.workdir is None):
         return cli.fail("pr1.eval", "give exactly one of --model DIR or --workdir DIR")
     from pr1.chat import ChatClient, ChatConfigError
@@ -122,23 +124,26 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         benchmarks = {}
-        for name, path in args.benchmark:
+        for name, path in benchmark_paths:
             loaded = registry.load_benchmark(name, path, limit=args.limit)
             if not loaded:
                 raise ValueError(f"--benchmark {name}={path}: no problems")
             benchmarks[loaded[0].benchmark] = loaded
         llm = None
-        if args.llm_url:
+        checker = cli.service(args, "checker")
+        if checker.url:
             client = ChatClient(
-                args.llm_url,
-                args.llm_model,
+                checker.url,
+                checker.model,
                 role="answer checker",
-                api_key_env=args.llm_api_key_env,
-                max_concurrency=args.llm_concurrency,
-                retries=args.llm_retries,
-                timeout=args.llm_timeout,
+                api_key_env=checker.api_key_env,
+                max_concurrency=checker.max_concurrency,
+                retries=checker.retries,
+                timeout=checker.timeout_s,
+                backoff=checker.backoff_s,
+                backoff_max=checker.backoff_max_s,
             )
-            llm = LLMChecker(client, mode=args.llm_mode)
+            llm = LLMChecker(client, mode=args.checker_mode)
         policy = run.load_policy(
             model=args.model,
             workdir=args.workdir,
@@ -148,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             sglang_urls=args.sglang_url,
             vllm_urls=args.vllm_url,
             dtype=args.dtype,
-            mesh=args.mesh,
+            mesh=mesh,
             min_pixels=args.min_pixels,
             max_pixels=args.max_pixels,
             label=args.label,

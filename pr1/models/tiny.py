@@ -13,14 +13,15 @@ vision tower, tokenizer and processor config otherwise.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
 
 import jax.numpy as jnp
+from absl import flags
 from flax import nnx
 
+from pr1 import cli
 from pr1.models import hf
 from pr1.models.config import Qwen25VLConfig, tiny_hf_config
 from pr1.models.qwen2_5_vl import Qwen25VL
@@ -74,21 +75,23 @@ def write_tiny_checkpoint(
     return out
 
 
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("out", None, "directory to write (replaced if it exists)", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "seed of the random weights", flag_values=fv)
+    flags.DEFINE_bool("tie_word_embeddings", False, "share input and output embeddings", flag_values=fv)
+    flags.DEFINE_integer("max_pixels", 200_704, "image processor max_pixels", flag_values=fv)
+    flags.DEFINE_enum(
+        "preset",
+        "default",
+        list(PRESETS),
+        "attention shape: default (head_dim 16) or vllm (head_dim 32, for vLLM's CPU build)",
+        flag_values=fv,
+    )
+    flags.mark_flag_as_required("out", flag_values=fv)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="directory to write (replaced if it exists)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    parser.add_argument(
-        "--tie-word-embeddings", action="store_true", help="share input and output embeddings"
-    )
-    parser.add_argument("--max-pixels", type=int, default=200_704, help="image processor max_pixels")
-    parser.add_argument(
-        "--preset",
-        choices=PRESETS,
-        default="default",
-        help="attention shape: default (head_dim 16) or vllm (head_dim 32, for vLLM's CPU build)",
-    )
-    args = parser.parse_args(argv)
+    args = cli.parse("pr1.models.tiny", argv, define_flags, doc=__doc__)
     path = write_tiny_checkpoint(
         args.out,
         seed=args.seed,

@@ -30,6 +30,9 @@ def rollout_config() -> ml_collections.ConfigDict:
             min_prompt_bucket=64,
             min_patch_bucket=256,
             prefill_chunk=0,  # embedded engine: prompts prefilled at a time (0: all of a step's at once)
+            # embedded engine: "gathered" (weights gathered once per rollout, replicated over data x fsdp)
+            # | "learner" (read FSDP-sharded; the TPU compiler then gathers them every decode step)
+            weights_layout="gathered",
             val_max_new_tokens=4096,  # validation decodes greedily
             # 1: server engines generate step k+1 while step k trains (pr1.train.rollout_ahead).
             off_policy_steps=0,

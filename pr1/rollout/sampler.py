@@ -15,7 +15,13 @@ A new token's MRoPE position is (real tokens so far) + the prompt's rope delta o
 Shapes are static: the prompt length is rounded up to a power-of-two bucket, the image patch slots
 per prompt to a multiple of 256 (`vision.patch_bucket`), and the prompt count up to a multiple of
 the mesh's batch axes (and of the prefill chunk), so a training run compiles a handful of variants.
-The params are the learner's arrays, read in place.
+The params are the learner's arrays. With `weights_layout="gathered"` (the default) the rollout
+first casts them to the compute dtype and lays them out replicated over the batch axes (data, fsdp;
+a `tensor` split is kept): one all-gather per rollout, after which the prefill and decode loops read
+local weights. With "learner" they stay FSDP-sharded and the compiler decides: XLA's CPU compiler
+hoists the gathers before the loops, but the TPU compiler streams every weight shard around the ring
+inside the decode loop (collective-permutes per layer per token step: for the 7B on v5p-64 the
+whole 15 GB of bf16 weights cross the interconnect for every generated token; issue 18).
 
 Sampling follows the rollout engines whose logprobs the learner reproduces: logprobs are
 log_softmax(logits / T) of the chosen token before top-k/top-p filtering; top-k keeps the k most
@@ -49,6 +55,7 @@ from pr1.models.rope import rope_index
 from pr1.models.vision import LAYOUT_KEYS, batched_vision_inputs, patch_bucket, patch_slots
 
 BATCH_AXES = ("data", "fsdp")
+WEIGHTS_LAYOUTS = ("gathered", "learner")
 _VISION_KEYS = ("pixel_values",) + LAYOUT_KEYS
 
 
@@ -109,9 +116,14 @@ class EmbeddedEngine:
         min_prompt_bucket: int = 64,
         min_patch_bucket: int = 256,
         prefill_chunk: int = 0,
+        weights_layout: str = "gathered",
     ):
         if not stop_token_ids:
             raise ValueError("EmbeddedEngine needs at least one default stop token id (EOS, <|im_end|>)")
+        if weights_layout not in WEIGHTS_LAYOUTS:
+            raise ValueError(
+                f"rollout.weights_layout must be one of {WEIGHTS_LAYOUTS}, got {weights_layout!r}"
+            )
         self.model_def = model_def
         self.mesh = mesh
         self.tokenizer = tokenizer
@@ -120,6 +132,10 @@ class EmbeddedEngine:
         self.min_prompt_bucket = min_prompt_bucket
         self.min_patch_bucket = min_patch_bucket
         self.prefill_chunk = int(prefill_chunk)  # prompts per prefill chunk (0: all at once)
+        self.weights_layout = weights_layout
+        # Shardings of the rollout's compute-dtype weights ("gathered"), derived from the params'
+        # own shardings when a rollout is run or lowered; read while tracing (constant per engine).
+        self._weights_sharding = None
         self._params = params
         self.weight_version = "step-0"
         self.compilations = 0  # traces of the rollout function (each new static shape is one)
@@ -147,6 +163,7 @@ class EmbeddedEngine:
 
     def _run(self, batch: dict, sampling: SamplingParams, n: int):
         stop = sampling.stop_ids(self.stop_token_ids)
+        self._weights_sharding = self.rollout_weights_sharding(self._params)
         return self._rollout(
             self._params,
             batch,
@@ -170,6 +187,7 @@ class EmbeddedEngine:
         replicated = NamedSharding(self.mesh, PartitionSpec())
         scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)
         key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
+        self._weights_sharding = self.rollout_weights_sharding(params)
         return self._rollout.lower(
             params,
             batch,
@@ -184,6 +202,39 @@ class EmbeddedEngine:
             filtering=filtering,
             chunks=self.prefill_chunks(batch["input_ids"].shape[0]),
         )
+
+    def rollout_weights_sharding(self, params):
+        """Per leaf of `params`: where the rollout keeps its compute-dtype copy ("gathered": the
+        leaf's own sharding without the batch axes), or None to read the learner's layout."""
+        if self.weights_layout == "learner":
+            return None
+
+        def without_batch_axes(x):
+            sharding = getattr(x, "sharding", None)
+            if not isinstance(sharding, NamedSharding):
+                return NamedSharding(self.mesh, PartitionSpec())
+            spec = []
+            for entry in sharding.spec:
+                names = tuple(
+                    a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a not in BATCH_AXES
+                )
+                spec.append(None if not names else names[0] if len(names) == 1 else names)
+            return NamedSharding(self.mesh, PartitionSpec(*spec))
+
+        return jax.tree.map(without_batch_axes, params)
+
+    def rollout_weights_bytes_per_device(self, params) -> int:
+        """Bytes per device of the rollout's gathered compute-dtype weights (0 for "learner"): they
+        live inside the rollout program, so the memory planner shows them as a row of their own."""
+        shardings = self.rollout_weights_sharding(params)
+        if shardings is None:
+            return 0
+        total = 0
+        for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(shardings)):
+            dtype = self.model_def.compute_dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+            shard = s.shard_shape(tuple(x.shape))
+            total += int(np.prod(shard)) * jnp.dtype(dtype).itemsize
+        return total
 
     def _batch_devices(self) -> int:
         return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -333,7 +384,11 @@ class EmbeddedEngine:
     ):
         self.compilations += 1  # runs only while tracing
         # Sampled with the compute-dtype weights (bf16 for the recipe), as the learner's forward runs.
-        model = self.model_def.bind(self.model_def.compute_params(params))
+        weights = self.model_def.compute_params(params)
+        if self._weights_sharding is not None:
+            # One gather per rollout, before the loops (see the module docstring).
+            weights = jax.lax.with_sharding_constraint(weights, self._weights_sharding)
+        model = self.model_def.bind(weights)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         rows, length = ids.shape
         head = model.logits  # fp32 accumulation, as in the learner

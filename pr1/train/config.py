@@ -30,6 +30,7 @@ from pr1.rewards.combine import check_config as check_rewards_config
 from pr1.rewards.combine import judge_share, rewards_config
 from pr1.rl.grpo import LOSS_AGG_MODES
 from pr1.rollout.config import ENGINES, SERVER_ENGINES, rollout_config
+from pr1.rollout.sampler import WEIGHTS_LAYOUTS
 from pr1.train.state import optimizer_config
 from pr1.train.step import _REMAT_POLICIES, learner_config
 
@@ -175,6 +176,11 @@ def validate_config(
     )
     _need(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
     _need(r.max_new_tokens >= 1, "rollout.max_new_tokens", f"must be >= 1, got {r.max_new_tokens}")
+    _need(
+        r.weights_layout in WEIGHTS_LAYOUTS,
+        "rollout.weights_layout",
+        f"must be one of {WEIGHTS_LAYOUTS}, got {r.weights_layout!r}",
+    )
     _need(
         r.prefill_chunk >= 0,
         "rollout.prefill_chunk",

@@ -176,6 +176,7 @@ def _make_engine(config, model_def, params, mesh, processor, workdir):
             min_prompt_bucket=r.min_prompt_bucket,
             min_patch_bucket=r.min_patch_bucket,
             prefill_chunk=r.prefill_chunk,
+            weights_layout=r.weights_layout,
         )
     if r.engine == "vllm":
         from pr1.rollout.vllm import VLLMEngine
