@@ -6,7 +6,8 @@ Every remote LLM pr1 talks to goes through `ChatClient`: the perception judge du
 with keep-alive over asyncio streams (stdlib only: hundreds of requests must be in flight from one
 thread, which rules out a blocking thread per request), bounds concurrency with a semaphore,
 optionally spaces request starts (requests per minute), and retries timeouts, dropped connections,
-garbled replies, 408/409/425/429 and 5xx with exponential back-off, jitter and Retry-After.
+garbled replies, 408/409/425/429 and 5xx with exponential back-off, jitter and Retry-After (the
+policy every pr1 HTTP client shares, `pr1.http_policy`).
 
 A request that still fails after its retries comes back as a `ChatReply` with `text=None` and the
 error: callers decide what a failure means (a judge failure policy, a row recorded as failed).
@@ -26,11 +27,11 @@ import math
 import os
 import random
 import ssl
-import urllib.parse
+
+from pr1.http_policy import RetryPolicy, check_url, retryable_status
 
 log = logging.getLogger(__name__)
 
-_RETRY_STATUS = {408, 409, 425, 429}
 _FATAL_STATUS = {
     401: "unauthorized (is the API key in ${env} right?)",
     403: "forbidden",
@@ -75,17 +76,6 @@ class _LoopState:
         self.next_slot = 0.0
 
 
-def redact(url: str) -> str:
-    """The URL without credentials (https://user:key@host), for error messages."""
-    u = urllib.parse.urlsplit(url)
-    netloc = u.hostname or ""
-    if ":" in netloc:
-        netloc = f"[{netloc}]"
-    if u.port:
-        netloc += f":{u.port}"
-    return urllib.parse.urlunsplit((u.scheme, netloc, u.path, "", ""))
-
-
 class ChatClient:
     """base_url: like the OpenAI SDK's, e.g. "http://host:30000/v1" (a bare host gets "/v1").
     role: what this client is for ("judge", "teacher", ...), used in errors and logs.
@@ -118,9 +108,7 @@ class ChatClient:
         seed: int | None = None,
         counters: collections.Counter | None = None,
     ):
-        u = urllib.parse.urlsplit(base_url)
-        if u.scheme not in ("http", "https") or not u.hostname:
-            raise ValueError(f"{role} url {redact(base_url)!r} must look like http://host:port/v1")
+        u = check_url(base_url, f"{role} url", "http://host:port/v1")
         if max_concurrency < 1:
             raise ValueError(f"{role} max_concurrency must be >= 1, got {max_concurrency}")
         if timeout <= 0 or connect_timeout <= 0 or retries < 0 or requests_per_minute < 0:
@@ -147,6 +135,7 @@ class ChatClient:
         self.retries = int(retries)
         self.backoff = float(backoff)
         self.backoff_max = float(backoff_max)
+        self.retry = RetryPolicy(self.retries + 1, self.backoff, self.backoff_max)
         self.counters = counters if counters is not None else collections.Counter()
         self._rng = random.Random(seed)
         self._ssl = ssl.create_default_context() if self._https else None
@@ -269,10 +258,10 @@ class ChatClient:
             ensure_ascii=False,
         ).encode()
         error, retry_after = "", 0.0
-        for attempt in range(self.retries + 1):
+        for attempt in range(self.retry.attempts):
             if attempt:
                 self.counters["retries"] += 1
-                await asyncio.sleep(self._delay(attempt, retry_after))
+                await asyncio.sleep(self.retry.delay(attempt, self._rng, retry_after))
             retry_after = 0.0
             await self._rate_limit(state)
             try:
@@ -310,7 +299,7 @@ class ChatClient:
                 )
             self.counters[f"http_{status}"] += 1
             error = f"HTTP {status}: {_snippet(payload)}"
-            if status in _RETRY_STATUS or status >= 500:
+            if retryable_status(status):
                 retry_after = _retry_after(headers)
                 continue
             break  # another 4xx: this request is wrong (e.g. longer than the model's context)
@@ -322,11 +311,6 @@ class ChatClient:
             attempts=attempt + 1,
             error=f"{self.role} {self.url}: {error} (after {attempt + 1} attempts)",
         )
-
-    def _delay(self, attempt: int, retry_after: float) -> float:
-        cap = min(self.backoff_max, self.backoff * 2 ** (attempt - 1))
-        delay = cap / 2 + self._rng.uniform(0, cap / 2)
-        return max(delay, min(retry_after, self.backoff_max))
 
     async def _rate_limit(self, state: _LoopState) -> None:
         if not self.requests_per_minute:

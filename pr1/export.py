@@ -4,7 +4,7 @@
 
 Reads only the parameters of step N (default: the newest complete one) from `<W>/checkpoints`, and
 writes config.json + safetensors via `hf.save`, which transformers, SGLang and vLLM load. The model
-config comes from the checkpoint's host state (`model_record`, stored by the trainer), so an export
+config comes from the checkpoint's host state (`checkpoint.model_record`, stored by the trainer), so an export
 never depends on the original model dir still being there; tokenizer and processor files are copied
 from `--assets_from`, else from the recorded model path when it still exists.
 
@@ -25,27 +25,8 @@ from absl import flags
 from pr1 import cli
 from pr1.models import hf
 from pr1.models.config import Qwen25VLConfig
+from pr1.models.model_def import ModelDef
 from pr1.train import checkpoint as checkpoint_lib
-from pr1.train.state import ModelDef
-
-_MODEL_KEY = "model"
-
-
-def model_record(config: Qwen25VLConfig, source_path: str | None) -> dict:
-    """What the trainer stores in host_state[_MODEL_KEY] so a checkpoint can be exported on its own."""
-    return {"hf_config": config.hf_config, "path": None if source_path is None else os.fspath(source_path)}
-
-
-def recorded_model(host_state: dict, where: str) -> dict:
-    """The model record a pr1 checkpoint's host state carries (see `model_record`); a named error if
-    absent."""
-    record = host_state.get(_MODEL_KEY)
-    if not isinstance(record, dict) or not isinstance(record.get("hf_config"), dict):
-        raise ValueError(
-            f"checkpoint {where} has no host_state['{_MODEL_KEY}']['hf_config'] (the model config "
-            f"the trainer records); it was not written by pr1.train"
-        )
-    return record
 
 
 def export(
@@ -59,7 +40,7 @@ def export(
     """Writes step `step` of `workdir` to `out` as an HF checkpoint; returns the step exported."""
     directory = checkpoint_lib.checkpoint_directory(workdir)
     params, host_state, step = checkpoint_lib.read_params(directory, step)
-    record = recorded_model(host_state, f"{directory}/{step}")
+    record = checkpoint_lib.recorded_model(host_state, f"{directory}/{step}")
     config = Qwen25VLConfig.from_hf_dict(record["hf_config"], source=f"{directory}/{step} host_state")
     stored = {np.dtype(x.dtype) for x in jax.tree.leaves(params)}
     model_def = ModelDef.create(config, dtype=jnp.dtype(stored.pop()) if len(stored) == 1 else jnp.float32)

@@ -34,8 +34,9 @@ import numpy as np
 
 from pr1 import sharding
 from pr1.data.processor import Processor
+from pr1.models.generation import Prompt, SamplingParams, default_stop_token_ids
+from pr1.models.model_def import ModelDef
 from pr1.rollout.sampler import EmbeddedEngine
-from pr1.rollout.types import Prompt, SamplingParams, default_stop_token_ids
 from pr1.train import state as state_lib
 
 _DATA_URI = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,(.*)$", re.S)
@@ -48,7 +49,7 @@ class StubBackend:
         self.checkpoint_dir = checkpoint_dir
         self.processor = Processor.from_dir(checkpoint_dir)
         self.mesh = mesh if mesh is not None else sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-        self.model_def = state_lib.ModelDef.create(self.processor.config, dtype=dtype)
+        self.model_def = ModelDef.create(self.processor.config, dtype=dtype)
         params = state_lib.load_params(checkpoint_dir, self.model_def, self.mesh)
         self.engine = EmbeddedEngine(
             self.model_def,

@@ -27,7 +27,9 @@ from pr1.annotate.cache import CacheError, RowCache
 from pr1.annotate.pipeline import AnnotateOptions, ServiceOptions, annotate
 from pr1.bench.judge import StubJudgeServer, message_text
 from pr1.chat import ChatConfigError
-from pr1.data.dataset import FORMAT_INSTRUCTION, DataError, ParquetRows, data_config, parse_annotations
+from pr1.data.config import data_config
+from pr1.data.prompts import FORMAT_INSTRUCTION
+from pr1.data.rows import DataError, ParquetRows, parse_annotations
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

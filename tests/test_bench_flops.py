@@ -7,7 +7,7 @@ from flax import nnx
 from pr1.bench import flops
 from pr1.bench.train_step import bench_config
 from pr1.models.config import Qwen25VLConfig, tiny_hf_config
-from pr1.train.state import ModelDef
+from pr1.models.model_def import ModelDef
 
 
 def _kernel_sizes(config):

@@ -11,8 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pr1.data import config as data_config_lib
 from pr1.data import dataset as D
-from pr1.data.processor import IMAGE_PAD, Processor
+from pr1.data import prompts as data_prompts
+from pr1.data import rows as data_rows
+from pr1.data.processor import Processor
+from pr1.models.generation import IMAGE_PAD
 from pr1.models.tiny import write_tiny_checkpoint
 
 COLORS = [(200, 0, 0), (0, 150, 0), (0, 0, 200), (120, 120, 0)]
@@ -46,7 +50,7 @@ def write(path, rows, schema=None):
 
 
 def config(**overrides):
-    cfg = D.data_config()
+    cfg = data_config_lib.data_config()
     cfg.prompts_per_step = 2
     for key, value in overrides.items():
         cfg[key] = value
@@ -70,18 +74,22 @@ def twelve(tmp_path_factory):
 
 
 def test_parse_annotations_forms():
-    assert D.parse_annotations(None) == []
-    assert D.parse_annotations("") == []
-    assert D.parse_annotations([]) == []
-    assert D.parse_annotations(["AB = 5", " ", "angle B is 30 degrees "]) == [
+    assert data_rows.parse_annotations(None) == []
+    assert data_rows.parse_annotations("") == []
+    assert data_rows.parse_annotations([]) == []
+    assert data_rows.parse_annotations(["AB = 5", " ", "angle B is 30 degrees "]) == [
         "AB = 5",
         "angle B is 30 degrees",
     ]
-    assert D.parse_annotations("<info1>AB = 5</info1><info2> x < 3 </info2>") == ["AB = 5", "x < 3"]
-    assert D.parse_annotations("<info1>a</info1>\n<info2>b</info2>, <info3>c</info3>") == ["a", "b", "c"]
-    assert D.parse_annotations("one plain fact") == ["one plain fact"]
-    assert D.parse_annotations('["a", "b"]') == ["a", "b"]
-    assert D.parse_annotations(np.array(["a", "b"], dtype=object)) == ["a", "b"]
+    assert data_rows.parse_annotations("<info1>AB = 5</info1><info2> x < 3 </info2>") == ["AB = 5", "x < 3"]
+    assert data_rows.parse_annotations("<info1>a</info1>\n<info2>b</info2>, <info3>c</info3>") == [
+        "a",
+        "b",
+        "c",
+    ]
+    assert data_rows.parse_annotations("one plain fact") == ["one plain fact"]
+    assert data_rows.parse_annotations('["a", "b"]') == ["a", "b"]
+    assert data_rows.parse_annotations(np.array(["a", "b"], dtype=object)) == ["a", "b"]
     for bad in (
         {"info1": "a"},
         3,
@@ -91,15 +99,20 @@ def test_parse_annotations_forms():
         "<info1>unclosed",
     ):
         with pytest.raises(ValueError):
-            D.parse_annotations(bad)
+            data_rows.parse_annotations(bad)
 
 
 def test_placeholder_and_instruction():
-    assert D.remove_image_placeholders("<image>Find x.") == "Find x."
-    assert D.remove_image_placeholders("In <image> the figure, find x.\n<image>") == "In the figure, find x."
-    assert D.with_instruction("  Find x. ", "Do it.") == "Find x. Do it."
-    assert D.with_instruction("Find x.", "") == "Find x."
-    assert "\\boxed{}" in D.FORMAT_INSTRUCTION and D.FORMAT_INSTRUCTION.startswith("You FIRST think")
+    assert data_prompts.remove_image_placeholders("<image>Find x.") == "Find x."
+    assert (
+        data_prompts.remove_image_placeholders("In <image> the figure, find x.\n<image>")
+        == "In the figure, find x."
+    )
+    assert data_prompts.with_instruction("  Find x. ", "Do it.") == "Find x. Do it."
+    assert data_prompts.with_instruction("Find x.", "") == "Find x."
+    assert "\\boxed{}" in data_prompts.FORMAT_INSTRUCTION and data_prompts.FORMAT_INSTRUCTION.startswith(
+        "You FIRST think"
+    )
 
 
 def test_prompt_building(tmp_path, processor):
@@ -165,7 +178,7 @@ def test_prompt_building(tmp_path, processor):
     for e in batch:
         assert len(e.images) == 1 and np.array_equal(e.images[0], expected)
         assert e.question == "Find x."
-        assert e.prompt_question == "Find x. " + D.FORMAT_INSTRUCTION
+        assert e.prompt_question == "Find x. " + data_prompts.FORMAT_INSTRUCTION
         assert "<image>" not in e.prompt.text
         assert e.prompt.text.count(IMAGE_PAD) == 1
         assert e.prompt.text.index(IMAGE_PAD) < e.prompt.text.index("Find x.")
@@ -371,7 +384,7 @@ def test_bad_row_error_names_file_row_and_field(tmp_path, processor, case):
     rows = rows + [row(i, visual_key_info=rows[0]["visual_key_info"]) for i in (3, 4)]
     path = write(tmp_path / f"{case}.parquet", rows, schema)
 
-    with pytest.raises(D.DataError) as info:
+    with pytest.raises(data_rows.DataError) as info:
         list(D.val_iterator(config(val_files=[path]), processor, process_index=0, process_count=1))
     message = str(info.value)
     assert path in message and "row 2" in message and f"'{field}'" in message, message
@@ -390,19 +403,20 @@ def test_missing_column_is_an_error_at_open(tmp_path, processor):
     path = write(tmp_path / "nocol.parquet", rows)
     for skip in (False, True):
         with pytest.raises(
-            D.DataError, match=r"nocol\.parquet: no column 'visual_key_info' \(config data\.annotations_key\)"
+            data_rows.DataError,
+            match=r"nocol\.parquet: no column 'visual_key_info' \(config data\.annotations_key\)",
         ):
             D.val_iterator(
                 config(val_files=[path], skip_bad_rows=skip), processor, process_index=0, process_count=1
             )
     cfg = config(val_files=[path], answer_key="solution")
-    with pytest.raises(D.DataError, match="no column 'solution'"):
+    with pytest.raises(data_rows.DataError, match="no column 'solution'"):
         D.val_iterator(cfg, processor, process_index=0, process_count=1)
 
 
 def test_bad_images_column_type_and_config_values(tmp_path, processor):
     path = write(tmp_path / "intimages.parquet", [row(0, images=[1, 2])])
-    with pytest.raises(D.DataError, match="column 'images' has type"):
+    with pytest.raises(data_rows.DataError, match="column 'images' has type"):
         D.val_iterator(config(val_files=[path]), processor, process_index=0, process_count=1)
     for key, value in (
         ("prompts_per_step", 0),
@@ -412,7 +426,7 @@ def test_bad_images_column_type_and_config_values(tmp_path, processor):
     ):
         cfg = config(**{key: value})
         with pytest.raises(ValueError, match=rf"data\.{key}"):
-            D.check_data_config(cfg)
+            data_config_lib.check_data_config(cfg)
     few = write(tmp_path / "few.parquet", [row(i) for i in range(3)])
     with pytest.raises(ValueError, match="prompts_per_step"):
         D.train_iterator(
@@ -428,7 +442,7 @@ def test_errors_surface_early_at_open(tmp_path, processor):
     # A bad cheap field in the last row fails the constructor, before any prompt is built.
     rows = [row(i) for i in range(20)] + [row(20, problem="")]
     path = write(tmp_path / "late.parquet", rows)
-    with pytest.raises(D.DataError, match="row 20"):
+    with pytest.raises(data_rows.DataError, match="row 20"):
         D.train_iterator(config(train_files=[path]), processor, process_index=0, process_count=1)
 
 
@@ -446,17 +460,17 @@ def test_image_headers_are_checked_at_open(tmp_path, processor):
     for name, (data, reason, message) in cases.items():
         rows = [row(0), row(1, images=[{"bytes": data, "path": None}])]
         path = write(tmp_path / f"{name}.parquet", rows)
-        with pytest.raises(D.DataError, match=message) as info:
-            D.ParquetRows([path], config())
+        with pytest.raises(data_rows.DataError, match=message) as info:
+            data_rows.ParquetRows([path], config())
         assert (info.value.path, info.value.row, info.value.field, info.value.reason) == (
             path,
             1,
             "images[0]",
             reason,
         )
-        assert len(D.ParquetRows([path], config(skip_bad_rows=True))) == 1
+        assert len(data_rows.ParquetRows([path], config(skip_bad_rows=True))) == 1
     path = write(tmp_path / "icc.parquet", [row(0, images=[{"bytes": exif_heavy.getvalue(), "path": None}])])
-    assert len(exif_heavy.getvalue()) > 100_000 and len(D.ParquetRows([path], config())) == 1
+    assert len(exif_heavy.getvalue()) > 100_000 and len(data_rows.ParquetRows([path], config())) == 1
 
 
 def test_rows_that_fail_to_decode_are_skipped_up_to_max_bad_rows(tmp_path, processor):
@@ -492,13 +506,15 @@ def test_rows_that_fail_to_decode_are_skipped_up_to_max_bad_rows(tmp_path, proce
         process_index=0,
         process_count=1,
     )
-    with pytest.raises(D.DataError) as info:
+    with pytest.raises(data_rows.DataError) as info:
         take(strict, 6)
     message = str(info.value)
     assert f"{path}: rows 2, 5, 6" in message and "data.max_bad_rows=2" in message, message
     assert "row 6: field 'images[0]'" in message
     # max_bad_rows=0: the first such row is the error, as it names it.
-    with pytest.raises(D.DataError, match=rf"^{re.escape(path)}: row 2: field 'images\[0\]': cannot decode"):
+    with pytest.raises(
+        data_rows.DataError, match=rf"^{re.escape(path)}: row 2: field 'images\[0\]': cannot decode"
+    ):
         take(
             D.train_iterator(
                 config(train_files=[path], prompts_per_step=1, shuffle=False, max_bad_rows=0),
@@ -514,8 +530,8 @@ def test_a_row_with_too_many_annotations_is_refused_naming_it(tmp_path, processo
     many = "".join(f"<info{k}>fact {k}</info{k}>" for k in range(1, 201))
     path = write(tmp_path / "many.parquet", [row(0), row(1, visual_key_info=many)])
     with pytest.raises(
-        D.DataError, match=r"200 visual annotations, more than data\.max_annotations=64"
+        data_rows.DataError, match=r"200 visual annotations, more than data\.max_annotations=64"
     ) as info:
-        D.ParquetRows([path], config())
+        data_rows.ParquetRows([path], config())
     assert (info.value.row, info.value.field, info.value.reason) == (1, "visual_key_info", "bad_annotations")
-    assert len(D.ParquetRows([path], config(max_annotations=200))) == 2
+    assert len(data_rows.ParquetRows([path], config(max_annotations=200))) == 2

@@ -13,7 +13,7 @@ from pr1.eval import report
 from pr1.eval import run as run_lib
 from pr1.eval.llm_check import LLMChecker, parse_extraction, parse_verdict, verdict_messages
 from pr1.eval.problems import EvalProblem
-from pr1.rollout.types import Completion
+from pr1.models.generation import Completion
 
 FREE = EvalProblem(benchmark="toy", id="f1", question="What is x?", images=(), answer="12")
 CHOICE = EvalProblem(

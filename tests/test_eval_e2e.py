@@ -14,15 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from pr1 import export as export_lib
 from pr1 import sharding
-from pr1.data.dataset import FORMAT_INSTRUCTION
+from pr1.data.prompts import FORMAT_INSTRUCTION
 from pr1.data.synthetic import write_synthetic
 from pr1.eval.__main__ import main as eval_main
-from pr1.eval.problems import load_benchmark
+from pr1.eval.registry import load_benchmark
 from pr1.models.config import Qwen25VLConfig
+from pr1.models.generation import default_stop_token_ids
+from pr1.models.model_def import ModelDef
 from pr1.models.tiny_tokenizer import write_tokenizer_files
-from pr1.rollout.types import default_stop_token_ids
 from pr1.train import checkpoint as checkpoint_lib
 from pr1.train import state as state_lib
 from tests.hf_reference import load_hf_processor, make_hf_model
@@ -113,7 +113,7 @@ def test_eval_cli_on_tiny_checkpoint_matches_transformers(setup, tmp_path, capsy
     # A training checkpoint of the same weights (bf16 → fp32 cast path not involved: fp32 stored).
     config = Qwen25VLConfig.from_dir(ckpt)
     mesh = sharding.make_mesh(2, 2, 2)
-    model_def = state_lib.ModelDef.create(config, dtype=jnp.float32)
+    model_def = ModelDef.create(config, dtype=jnp.float32)
     params = state_lib.load_params(ckpt, model_def, mesh)
     tx = state_lib.make_optimizer(state_lib.optimizer_config(), total_steps=10)
     state, _ = state_lib.create_train_state(params, tx, model_def, mesh)
@@ -122,7 +122,7 @@ def test_eval_cli_on_tiny_checkpoint_matches_transformers(setup, tmp_path, capsy
         ckpt_mgr.save(
             3,
             state.replace(step=jnp.asarray(3, jnp.int32)),
-            {"model": export_lib.model_record(config, str(ckpt))},
+            {"model": checkpoint_lib.model_record(config, str(ckpt))},
         )
     out2 = tmp_path / "out2"
     assert (

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pr1.data.dataset import DataError
+from pr1.data.rows import DataError
 from pr1.eval import load_benchmark, subset_values
 from pr1.eval.mathverse import VISION_ONLY_QUESTION
 

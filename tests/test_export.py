@@ -15,6 +15,7 @@ from pr1 import export as export_lib
 from pr1 import sharding
 from pr1.models import hf
 from pr1.models.config import Qwen25VLConfig
+from pr1.models.model_def import ModelDef
 from pr1.models.tiny import write_tiny_checkpoint
 from pr1.train import checkpoint as checkpoint_lib
 from pr1.train import state as state_lib
@@ -28,12 +29,12 @@ def trained(tmp_path_factory):
     base = write_tiny_checkpoint(tmp_path_factory.mktemp("export") / "base", seed=3)
     config = Qwen25VLConfig.from_dir(base)
     mesh = sharding.make_mesh(2, 2, 2)
-    model_def = state_lib.ModelDef.create(config, dtype=jnp.float32)
+    model_def = ModelDef.create(config, dtype=jnp.float32)
     params = state_lib.load_params(base, model_def, mesh)
     tx = state_lib.make_optimizer(state_lib.optimizer_config(), total_steps=10)
     state, _ = state_lib.create_train_state(params, tx, model_def, mesh)
     workdir = tmp_path_factory.mktemp("workdir")
-    record = {"model": export_lib.model_record(config, str(base))}
+    record = {"model": checkpoint_lib.model_record(config, str(base))}
     expected = {}
     with checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_directory(str(workdir))) as ckpt:
         for step in (1, 2):
@@ -52,7 +53,7 @@ def _flat(model):
 
 
 def _flat_params(config, params):
-    return _flat(state_lib.ModelDef.create(config, dtype=jnp.float32).bind(params))
+    return _flat(ModelDef.create(config, dtype=jnp.float32).bind(params))
 
 
 @pytest.mark.parametrize("step", [1, None])

@@ -25,7 +25,9 @@ import numpy as np
 import pytest
 
 from pr1.bench.judge import StubJudgeServer
+from pr1.data import config as data_config_lib
 from pr1.data import dataset as D
+from pr1.data import rows as data_rows
 from pr1.data.processor import Processor
 from pr1.models.tiny import write_tiny_checkpoint
 from pr1.train import checkpoint as checkpoint_lib
@@ -640,7 +642,7 @@ def processor(assets):
 
 
 def data_cfg(files, **overrides):
-    cfg = D.data_config()
+    cfg = data_config_lib.data_config()
     cfg.train_files = list(files)
     cfg.prompts_per_step = 2
     for key, value in overrides.items():
@@ -659,7 +661,7 @@ def test_bad_row_is_a_named_error_or_a_counted_skip(case, processor, tmp_path):
     name = os.path.basename(path)
     # Four batches of two: epochs 0 and 1 of the four good rows, so the bad row is met at least once.
     # Found at open it is an error at once; found while reading, with data.max_bad_rows=0.
-    with pytest.raises(D.DataError) as info:
+    with pytest.raises(data_rows.DataError) as info:
         train_batches([path], processor, 4, **({} if case.at_open else {"max_bad_rows": 0}))
     message = str(info.value)
     assert message.startswith(f"{path}: row 2: field '{case.field}': "), message
@@ -679,7 +681,9 @@ def test_bad_row_is_a_named_error_or_a_counted_skip(case, processor, tmp_path):
     # At open a bad cheap field is counted once; a bad image each time the row is met (once an epoch).
     assert counted == 1 if case.at_open else 1 <= counted <= 2
     assert (
-        it.stats["skipped_bad_rows"] == sum(it.stats[f"bad_rows/{r}"] for r in D.BAD_ROW_REASONS) == counted
+        it.stats["skipped_bad_rows"]
+        == sum(it.stats[f"bad_rows/{r}"] for r in data_rows.BAD_ROW_REASONS)
+        == counted
     )
 
 
@@ -687,10 +691,10 @@ def test_bad_row_is_a_named_error_or_a_counted_skip(case, processor, tmp_path):
 def test_column_of_the_wrong_type_names_row_0_then_leaves_no_rows(name, processor, tmp_path):
     path = corpus.write_wrong_type_column(tmp_path, name)
     field = corpus.WRONG_TYPE_COLUMNS[name][0]
-    with pytest.raises(D.DataError) as info:
+    with pytest.raises(data_rows.DataError) as info:
         train_batches([path], processor, 1)
     assert str(info.value).startswith(f"{path}: row 0: field '{field}': "), str(info.value)
-    with pytest.raises(D.DataError, match="no usable rows") as info:
+    with pytest.raises(data_rows.DataError, match="no usable rows") as info:
         train_batches([path], processor, 1, skip_bad_rows=True)
     assert path in str(info.value)
 
@@ -713,7 +717,7 @@ def test_unreadable_file_is_a_named_error_even_when_skipping_rows(name, processo
     for skip in (False, True):
         # A bad file among good ones is not skipped: its rows would vanish from every epoch unseen.
         files = [path] if name == "zero_rows" else [good, path]
-        with pytest.raises(D.DataError, match=pattern) as info:
+        with pytest.raises(data_rows.DataError, match=pattern) as info:
             train_batches(files, processor, 1, skip_bad_rows=skip)
         assert path in str(info.value)
     if name == "zero_rows":  # an empty file beside a good one takes nothing away
@@ -746,7 +750,7 @@ def test_bad_rows_in_a_run_are_skipped_and_counted(assets, env, reference, tmp_p
         at_open = all(case.at_open for case in mixed if case.reason == reason)
         got = last[f"data/bad_rows/{reason}"]
         assert (got == n) if at_open else (n <= got <= 2 * n), (reason, got, n)
-    assert last["data/skipped_bad_rows"] == sum(last[f"data/bad_rows/{r}"] for r in D.BAD_ROW_REASONS)
+    assert last["data/skipped_bad_rows"] == sum(last[f"data/bad_rows/{r}"] for r in data_rows.BAD_ROW_REASONS)
     assert last["data/bad_rows"] == len(mixed)  # distinct rows, each named in the log when first met
     for case in mixed:
         if not case.at_open:

@@ -10,6 +10,7 @@ from PIL import Image
 from pr1 import sharding
 from pr1.data.processor import Processor
 from pr1.models.config import Qwen25VLConfig
+from pr1.models.model_def import ModelDef
 from pr1.models.rope import rope_index
 from pr1.models.tiny import write_tiny_checkpoint
 from pr1.models.vision import batched_vision_inputs
@@ -81,7 +82,7 @@ def optim_cfg(**kw):
 def run_update(
     path, config, batch, mesh, *, micro_batches=1, optim=None, tx=None, old_noise_seed=1, **learner
 ):
-    model_def = state_lib.ModelDef.create(config, dtype=jnp.float32)
+    model_def = ModelDef.create(config, dtype=jnp.float32)
     params = state_lib.load_params(path, model_def, mesh)
     cfg = step_lib.learner_config()
     cfg.micro_batches = micro_batches
@@ -157,7 +158,7 @@ def test_remat_really_recomputes(tiny, reference):
     path, config = tiny
     batch, _ = reference
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    model_def = state_lib.ModelDef.create(config, dtype=jnp.float32)
+    model_def = ModelDef.create(config, dtype=jnp.float32)
     params = state_lib.init_params(model_def, mesh)
     full = dict(batch, old_logprobs=np.zeros(batch["input_ids"].shape, np.float32))
     state, shardings = state_lib.create_train_state(params, SGD, model_def, mesh)
@@ -178,7 +179,7 @@ def test_adamw_step_and_frozen_vision_tower(tiny, reference):
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     params, metrics, _ = run_update(path, config, batch, mesh, optim=optim_cfg(freeze_vision_tower=True))
     assert bool(metrics["finite"])
-    before = jax.device_get(state_lib.load_params(path, state_lib.ModelDef.create(config, jnp.float32), mesh))
+    before = jax.device_get(state_lib.load_params(path, ModelDef.create(config, jnp.float32), mesh))
     jax.tree.map(np.testing.assert_array_equal, params["visual"], before["visual"])
     assert not np.array_equal(
         params["layers"][0]["mlp"]["up_proj"]["kernel"], before["layers"][0]["mlp"]["up_proj"]["kernel"]
@@ -189,7 +190,7 @@ def test_nan_loss_keeps_state_and_raises(tiny, reference):
     path, config = tiny
     batch, _ = reference
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    model_def = state_lib.ModelDef.create(config, dtype=jnp.float32)
+    model_def = ModelDef.create(config, dtype=jnp.float32)
     params = state_lib.load_params(path, model_def, mesh)
     bad = dict(
         batch,
@@ -221,7 +222,7 @@ def test_indivisible_batch_is_an_error(tiny, reference):
 def test_optimizer_state_is_born_sharded_like_params(tiny):
     path, config = tiny
     mesh = sharding.make_mesh(1, 4, 2)
-    model_def = state_lib.ModelDef.create(config, dtype=jnp.float32)
+    model_def = ModelDef.create(config, dtype=jnp.float32)
     params = state_lib.load_params(path, model_def, mesh)
     for freeze in (False, True):
         tx = state_lib.make_optimizer(optim_cfg(freeze_vision_tower=freeze), total_steps=10, params=params)
@@ -244,7 +245,7 @@ def test_resume_after_step_3_equals_uninterrupted_run(tiny, reference, tmp_path)
     path, config = tiny
     batch, _ = reference
     mesh = sharding.make_mesh(1, 4, 2)
-    model_def = state_lib.ModelDef.create(config, dtype=jnp.float32)
+    model_def = ModelDef.create(config, dtype=jnp.float32)
     cfg = step_lib.learner_config()
     full = dict(batch, old_logprobs=np.where(batch["loss_mask"] == 1, -5.0, 0.0).astype(np.float32))
 

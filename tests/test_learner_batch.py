@@ -9,10 +9,11 @@ from PIL import Image
 from pr1 import sharding
 from pr1.data.processor import Processor
 from pr1.models.config import Qwen25VLConfig
+from pr1.models.generation import Completion, Prompt
+from pr1.models.model_def import ModelDef
 from pr1.models.rope import decode_position_ids, rope_index
 from pr1.models.tiny import write_tiny_checkpoint
 from pr1.models.vision import LAYOUT_KEYS
-from pr1.rollout.types import Completion, Prompt
 from pr1.train import batch as batch_lib
 from pr1.train import state as state_lib
 
@@ -62,7 +63,7 @@ def test_sampled_vision_tokens_in_a_response_are_text(setup):
     np.testing.assert_array_equal(full[:, 0, prompt_len : prompt_len + 4], want)
 
     # The model puts image features only where the learner's image mask says: the prompt.
-    model_def = state_lib.ModelDef.create(Qwen25VLConfig.from_dir(path), dtype=jnp.float32)
+    model_def = ModelDef.create(Qwen25VLConfig.from_dir(path), dtype=jnp.float32)
     model = model_def.bind(state_lib.load_params(path, model_def, sharding.make_mesh(1, -1, 1)))
     layout = {k: batch[k] for k in LAYOUT_KEYS}
     ids_j = jnp.asarray(ids)

@@ -37,6 +37,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from pr1.data import config as data_config_lib
 from pr1.data import dataset as D
 from pr1.data.processor import Processor
 from pr1.models import hf
@@ -240,7 +241,7 @@ def test_train_split_gives_each_process_its_block_of_the_global_batch(tmp_path, 
 
     path = str(tmp_path / "ten.parquet")
     write_synthetic(path, n=10, seed=0, task="color", image_size=28)
-    cfg = D.data_config()
+    cfg = data_config_lib.data_config()
     cfg.train_files, cfg.shuffle, cfg.prompts_per_step = [path], False, 4
     cfg.format_instruction = "Put the answer in \\boxed{}."
     # 10 rows in file order, global batches of 4: rows 0-3 and 4-7; rows 8, 9 end the epoch and are

@@ -13,6 +13,7 @@ import pytest
 
 from pr1 import sharding
 from pr1.models.config import Qwen25VLConfig
+from pr1.models.model_def import ModelDef
 from pr1.models.tiny import write_tiny_checkpoint
 from pr1.models.vision import LAYOUT_KEYS
 from pr1.rl import grpo
@@ -51,7 +52,7 @@ def single_mesh():
 
 def setup(tiny, batch, mesh, param_dtype=jnp.float32, compute_dtype=jnp.bfloat16, learner=None):
     path, config = tiny
-    model_def = state_lib.ModelDef.create(config, dtype=param_dtype, compute_dtype=compute_dtype)
+    model_def = ModelDef.create(config, dtype=param_dtype, compute_dtype=compute_dtype)
     params = state_lib.load_params(path, model_def, mesh)
     cfg = step_lib.learner_config()
     cfg.update(learner or {})

@@ -12,9 +12,9 @@ import pytest
 
 from pr1.bench.judge import StubJudgeServer, message_text, request_key
 from pr1.data.processor import Processor
+from pr1.models.generation import Completion, Prompt, SamplingParams, default_stop_token_ids
 from pr1.models.tiny import write_tiny_checkpoint
 from pr1.rewards.combine import RewardStage, rewards_config
-from pr1.rollout.types import Completion, Prompt, SamplingParams, default_stop_token_ids
 from pr1.rollout.vllm import VLLMEngine
 from pr1.train.metrics import StepTimer
 from pr1.train.rollout_ahead import Rollouts

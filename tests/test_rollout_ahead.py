@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from pr1.bench.judge import StubJudgeServer, message_text, request_key
+from pr1.models.generation import Completion
 from pr1.models.tiny import write_tiny_checkpoint
-from pr1.rollout.types import Completion
 from pr1.train import checkpoint as checkpoint_lib
 from pr1.train import rollout_ahead
 from pr1.train.config import ConfigError, validate_config

@@ -20,8 +20,8 @@ import pytest
 from pr1 import sharding
 from pr1.bench import memory
 from pr1.models.config import Qwen25VLConfig, tiny_hf_config
+from pr1.models.model_def import ModelDef
 from pr1.rollout.sampler import EmbeddedEngine
-from pr1.train import state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))
@@ -126,7 +126,7 @@ def test_decode_loop_body_gathers_no_parameter(tmp_path, weights_layout):
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 8, 1
     model_config = Qwen25VLConfig.from_hf_dict(tiny_hf_config())
     mesh = sharding.make_mesh(1, 8, 1)
-    model_def = state_lib.ModelDef.create(
+    model_def = ModelDef.create(
         model_config, dtype=jnp.dtype(c.model.param_dtype), compute_dtype=jnp.dtype(c.model.compute_dtype)
     )
     state, _, _ = memory.abstract_train_state(c, model_def, mesh)
@@ -158,7 +158,7 @@ def test_gathered_weights_keep_the_tensor_split():
     keeps its split, so a device holds its tensor share of the weights and nothing is fsdp-split."""
     mesh = sharding.make_mesh(1, 4, 2)
     model_config = Qwen25VLConfig.from_hf_dict(tiny_hf_config())
-    model_def = state_lib.ModelDef.create(model_config, dtype=jnp.float32, compute_dtype=jnp.bfloat16)
+    model_def = ModelDef.create(model_config, dtype=jnp.float32, compute_dtype=jnp.bfloat16)
     pure = model_def.abstract_state.to_pure_dict()
     params = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=s),

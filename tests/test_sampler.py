@@ -11,11 +11,12 @@ from scipy import stats
 from pr1 import sharding
 from pr1.data.processor import Processor
 from pr1.models.config import Qwen25VLConfig
+from pr1.models.generation import Prompt, SamplingParams, default_stop_token_ids
+from pr1.models.model_def import ModelDef
 from pr1.models.rope import rope_index
 from pr1.models.tiny_tokenizer import write_tokenizer_files
 from pr1.models.vision import batched_vision_inputs
 from pr1.rollout.sampler import EmbeddedEngine, sample_tokens
-from pr1.rollout.types import Prompt, SamplingParams, default_stop_token_ids
 from pr1.train import state as state_lib
 from pr1.train import step as step_lib
 from tests.hf_reference import make_hf_model
@@ -44,7 +45,7 @@ def setup(tmp_path_factory):
 
 
 def engine_for(path, config, processor, mesh, **kwargs):
-    model_def = state_lib.ModelDef.create(config, dtype=jnp.float32)
+    model_def = ModelDef.create(config, dtype=jnp.float32)
     params = state_lib.load_params(path, model_def, mesh)
     kwargs = {"min_prompt_bucket": 16, "min_patch_bucket": 16, **kwargs}
     return EmbeddedEngine(
@@ -175,7 +176,7 @@ def learner_logprobs(path, config, prompts, completions, n, temperature):
         **vision,
     }
     mesh = one_device()
-    model_def = state_lib.ModelDef.create(config, dtype=jnp.float32)
+    model_def = ModelDef.create(config, dtype=jnp.float32)
     params = state_lib.load_params(path, model_def, mesh)
     cfg = step_lib.learner_config()
     cfg.temperature = temperature

@@ -16,12 +16,14 @@ from PIL import Image
 
 from pr1 import sharding
 from pr1.data.processor import Processor
+from pr1.models.generation import Prompt, SamplingParams, default_stop_token_ids
+from pr1.models.model_def import ModelDef
 from pr1.models.rope import rope_index
 from pr1.models.tiny import write_tiny_checkpoint
 from pr1.models.vision import vision_layout
 from pr1.rl import grpo
-from pr1.rollout.sglang import RETRY_KINDS, SGLangEngine, SGLangError, sglang_config
-from pr1.rollout.types import Prompt, SamplingParams, default_stop_token_ids
+from pr1.rollout.server_client import RETRY_KINDS
+from pr1.rollout.sglang import SGLangEngine, SGLangError, sglang_config
 from pr1.train import state as state_lib
 from tests.sglang_stub import SGLangStub, StubBackend
 
@@ -163,7 +165,7 @@ def test_weight_sync_goes_through_disk(backend, ckpt, processor, prompts, tmp_pa
 
 def _weight_sync(backend, ckpt, processor, prompts, tmp_path):
     mesh = sharding.make_mesh(1, 2, 2, devices=jax.devices()[:4])  # the trainer's (sharded) params
-    model_def = state_lib.ModelDef.create(processor.config, dtype=jnp.float32)
+    model_def = ModelDef.create(processor.config, dtype=jnp.float32)
     old = state_lib.load_params(ckpt, model_def, mesh)
     rng = np.random.default_rng(1)  # every tensor changes, so every tensor must travel
     new = jax.tree.map(
@@ -342,7 +344,7 @@ def test_live_server():
         Prompt.build(processor, "Hi"),
     ]
     workdir = os.environ.get("PR1_SGLANG_WORKDIR")
-    model_def = state_lib.ModelDef.create(processor.config, dtype=jnp.bfloat16) if workdir else None
+    model_def = ModelDef.create(processor.config, dtype=jnp.bfloat16) if workdir else None
     engine = SGLangEngine(
         [url],
         tokenizer=processor.tokenizer,

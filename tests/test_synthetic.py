@@ -9,7 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pr1.data import config as data_config_lib
 from pr1.data import dataset as D
+from pr1.data import rows as data_rows
 from pr1.data import synthetic as S
 from pr1.data.processor import Processor
 from pr1.models.tiny import write_tiny_checkpoint
@@ -25,7 +27,7 @@ def processor(tmp_path_factory):
 @pytest.mark.parametrize("task", S.TASKS + ("mix",))
 def test_synthetic_file_loads_through_the_dataset(tmp_path, processor, task):
     path = S.write_synthetic(tmp_path / f"{task}.parquet", n=8, seed=3, task=task, image_size=56)
-    cfg = D.data_config()
+    cfg = data_config_lib.data_config()
     cfg.val_files, cfg.prompts_per_step = [path], 8
     (batch,) = list(D.val_iterator(cfg, processor, process_index=0, process_count=1))
     assert len(batch) == 8
@@ -41,7 +43,7 @@ def test_answers_match_the_visual_facts():
     for r in [S.make_row("mix", seed=0, index=i) for i in range(40)] + [
         S.make_row("dots", 0, i) for i in range(20)
     ]:
-        facts = D.parse_annotations(r["visual_key_info"])
+        facts = data_rows.parse_annotations(r["visual_key_info"])
         answer = int(r["answer"])
         image = np.asarray(Image.open(io.BytesIO(r["images"][0]["bytes"])).convert("RGB"))
         assert r["problem"].startswith("<image>") and r["images"][0]["path"].endswith(".png")
@@ -70,7 +72,7 @@ def test_dots_fact_is_what_the_lexical_judge_checks():
 
     for i in range(12):
         r = S.make_row("dots", 0, i)
-        (fact,) = D.parse_annotations(r["visual_key_info"])
+        (fact,) = data_rows.parse_annotations(r["visual_key_info"])
         n = int(r["answer"])
         assert LexicalJudge.verdict(f"I see {n} of them, so {n}", fact) == 1.0
         assert LexicalJudge.verdict(f"{n % 3 + 1}", fact) == 0.0

@@ -15,10 +15,11 @@ import pytest
 from PIL import Image
 
 from pr1 import sharding
-from pr1.data.processor import IMAGE_PAD, Processor
+from pr1.data.processor import Processor
+from pr1.models.generation import IMAGE_PAD, Prompt, SamplingParams, default_stop_token_ids
+from pr1.models.model_def import ModelDef
 from pr1.models.tiny import write_tiny_checkpoint
-from pr1.rollout.remote import RETRY_KINDS
-from pr1.rollout.types import Prompt, SamplingParams, default_stop_token_ids
+from pr1.rollout.server_client import RETRY_KINDS
 from pr1.rollout.vllm import RAW_CHAT_TEMPLATE, VLLMEngine, VLLMError, check_weights_dir, vllm_config
 from pr1.train import state as state_lib
 from tests.test_sglang import teacher_forced
@@ -62,7 +63,7 @@ def backend(ckpt):
 
 @pytest.fixture(scope="module")
 def model_def(processor):
-    return state_lib.ModelDef.create(processor.config, dtype=jnp.float32)
+    return ModelDef.create(processor.config, dtype=jnp.float32)
 
 
 @pytest.fixture(scope="module")

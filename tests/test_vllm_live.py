@@ -27,9 +27,10 @@ from PIL import Image
 
 from pr1 import sharding
 from pr1.data.processor import Processor
+from pr1.models.generation import Prompt, SamplingParams, default_stop_token_ids
+from pr1.models.model_def import ModelDef
 from pr1.models.tiny import write_tiny_checkpoint
 from pr1.rollout.sampler import EmbeddedEngine
-from pr1.rollout.types import Prompt, SamplingParams, default_stop_token_ids
 from pr1.rollout.vllm import VLLMEngine, VLLMError
 from pr1.train import state as state_lib
 from tests.test_sglang import teacher_forced
@@ -69,7 +70,7 @@ def processor(ckpt):
 
 @pytest.fixture(scope="module")
 def model_def(processor):
-    return state_lib.ModelDef.create(processor.config, dtype=jnp.float32)
+    return ModelDef.create(processor.config, dtype=jnp.float32)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ import threading
 import jinja2
 import numpy as np
 
-from pr1.rollout.types import SamplingParams
+from pr1.models.generation import SamplingParams
 from tests.sglang_stub import SGLangStub, StubBackend  # noqa: F401  (StubBackend for callers)
 
 

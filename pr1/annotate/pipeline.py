@@ -45,7 +45,7 @@ from pr1.annotate import prompts
 from pr1.annotate.cache import CacheError, RowCache
 from pr1.annotate.source import AnnotateSource, SourceRow, content_hash, png_data_url
 from pr1.chat import ChatClient
-from pr1.data.dataset import FORMAT_INSTRUCTION, with_instruction
+from pr1.data.prompts import FORMAT_INSTRUCTION, with_instruction
 from pr1.rewards.accuracy import AccuracyScorer
 
 log = logging.getLogger(__name__)

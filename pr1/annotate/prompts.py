@@ -4,7 +4,7 @@ Where it sits: `pipeline` sends `teacher_messages` (the figure(s), the problem a
 instruction) to the teacher VLM; a chain of thought the accuracy reward accepts goes, through
 `cot_reasoning`, into `extractor_messages` for the text-only extractor LLM; `parse_extraction`
 turns its reply into the visual annotations that `to_info_string` stores as the training parquet's
-`visual_key_info` (the `<info1>..</info1><info2>..</info2>` form `pr1.data.dataset` reads).
+`visual_key_info` (the `<info1>..</info1><info2>..</info2>` form `pr1.data.rows` reads).
 
 The paper did not publish its extraction prompt; this one is ours. It asks for one line per fact,
 each tagged FIGURE (read off the diagram: a labelled length, a marked angle, parallel or

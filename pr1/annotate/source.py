@@ -4,9 +4,9 @@ Where it sits: `pipeline` asks `AnnotateSource` for the rows to distil, each row
 (sent to the teacher as PNG data URIs) and its content hash (stored in the resumable cache, so a
 cached result is never applied to a row whose problem, answer or images have changed since).
 
-The rows are opened with `pr1.data.dataset.ParquetRows`, the same parser the trainer uses: the
+The rows are opened with `pr1.data.rows.ParquetRows`, the same parser the trainer uses: the
 same column checks and error messages, the same `<image>` placeholder handling, the same image
-decoding (`load_rgb`: EXIF orientation, RGB). The teacher is therefore shown exactly the pixels
+decoding (`pr1.images.load_rgb`: EXIF orientation, RGB). The teacher is therefore shown exactly the pixels
 the trained policy will see, re-encoded losslessly as PNG rather than the stored bytes (the dataset
 module keeps its raw-image reader private; PNG also avoids asking the server to read TIFFs or BMPs).
 """
@@ -22,7 +22,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pr1.data.dataset import DataError, ParquetRows, data_config
+from pr1.data.config import data_config
+from pr1.data.rows import DataError, ParquetRows
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,6 +35,7 @@ from pr1.bench import ratio as ratio_lib
 from pr1.bench.train_step import bench_config
 from pr1.models import hf
 from pr1.models.config import Qwen25VLConfig, tiny_hf_config
+from pr1.models.model_def import ModelDef
 from pr1.train import state as state_lib
 
 MB = 1e6
@@ -107,7 +108,7 @@ def measure(
     before returning; `directory` itself is left as it was found.
     """
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.local_devices()[:1])
-    model_def = state_lib.ModelDef.create(config, dtype=jnp.float32)
+    model_def = ModelDef.create(config, dtype=jnp.float32)
     params = jax.block_until_ready(state_lib.init_params(model_def, mesh, seed=seed))
     model = model_def.bind(params)
     work = tempfile.mkdtemp(prefix="pr1-bench-export-", dir=directory)

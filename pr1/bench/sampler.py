@@ -28,8 +28,9 @@ from pr1 import cli, sharding
 from pr1.bench import ratio as ratio_lib
 from pr1.bench.train_step import bench_config
 from pr1.models.config import Qwen25VLConfig, tiny_hf_config
+from pr1.models.generation import Prompt, SamplingParams
+from pr1.models.model_def import ModelDef
 from pr1.rollout.sampler import EmbeddedEngine
-from pr1.rollout.types import Prompt, SamplingParams
 from pr1.train import state as state_lib
 
 
@@ -71,7 +72,7 @@ def run(argv=None) -> dict:
     ).eval()
     config = Qwen25VLConfig.from_hf_dict(hf_dict)
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    model_def = state_lib.ModelDef.create(config, dtype=jnp.float32)
+    model_def = ModelDef.create(config, dtype=jnp.float32)
     with tempfile.TemporaryDirectory() as tmp:
         ref.save_pretrained(tmp)  # the same weights for both engines, through our own loader
         params = state_lib.load_params(tmp, model_def, mesh)

@@ -27,6 +27,7 @@ from pr1 import cli, sharding
 from pr1.bench import flops as flops_lib
 from pr1.bench import ratio as ratio_lib
 from pr1.models.config import Qwen25VLConfig, tiny_hf_config
+from pr1.models.model_def import ModelDef
 from pr1.models.rope import rope_index
 from pr1.models.vision import batched_vision_inputs
 from pr1.train import state as state_lib
@@ -134,7 +135,7 @@ def run(argv=None) -> dict:
     dtype = jnp.dtype({"auto": "float32" if platform == "cpu" else "bfloat16"}.get(args.dtype, args.dtype))
     config = dataclasses.replace(bench_config(), attention=args.attention)
     mesh = sharding.make_mesh(*(int(x) for x in args.mesh.split(",")), devices=devices)
-    model_def = state_lib.ModelDef.create(config, dtype=dtype)
+    model_def = ModelDef.create(config, dtype=dtype)
     params = state_lib.init_params(model_def, mesh, seed=0)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     tx = state_lib.make_optimizer(state_lib.optimizer_config(), total_steps=1000)

@@ -132,9 +132,10 @@ def pr1_steps(
 
     from pr1 import sharding
     from pr1.data.processor import Processor
+    from pr1.models.generation import Prompt, SamplingParams, default_stop_token_ids
+    from pr1.models.model_def import ModelDef
     from pr1.rl import grpo
     from pr1.rollout.sampler import EmbeddedEngine
-    from pr1.rollout.types import Prompt, SamplingParams, default_stop_token_ids
     from pr1.train import state as state_lib
     from pr1.train import step as step_lib
     from pr1.train.batch import learner_batch
@@ -143,7 +144,7 @@ def pr1_steps(
     config = processor.config
     prompts = [Prompt.build(processor, p["question"], [np.asarray(p["image"])]) for p in problems]
     mesh = sharding.make_mesh(1, -1, 1, devices=jax.local_devices())
-    model_def = state_lib.ModelDef.create(config, dtype=jnp.float32)
+    model_def = ModelDef.create(config, dtype=jnp.float32)
     optim = state_lib.optimizer_config()
     optim.learning_rate, optim.warmup_ratio = learning_rate, 0.0
     tx = state_lib.make_optimizer(optim, total_steps=steps)

@@ -13,26 +13,21 @@ must sit in the last column.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
-from typing import Any, Sequence, Union
+from typing import Any, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
+from pr1.images import ImageLike, load_rgb
 from pr1.models.config import Qwen25VLConfig
+from pr1.models.generation import IMAGE_PAD, VISION_END, VISION_START
 from pr1.models.rope import rope_index
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-IMAGE_PAD = "<|image_pad|>"
-VISION_START = "<|vision_start|>"
-VISION_END = "<|vision_end|>"
-
-ImageLike = Union[Image.Image, np.ndarray, bytes, bytearray, memoryview, str, os.PathLike]
 
 
 MAX_ASPECT_RATIO = 200  # Qwen2.5-VL's image processor refuses longer-to-shorter side ratios above this
@@ -72,61 +67,6 @@ def smart_resize(
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
     return h_bar, w_bar
-
-
-def _pil_to_rgb(image: Image.Image) -> np.ndarray:
-    # Transparent pixels become white, as in transformers' convert_to_rgb (a plain convert("RGB")
-    # would expose whatever colour the transparent pixels happen to store).
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
-    return np.asarray(image.convert("RGB"))
-
-
-def _array_to_rgb(array: np.ndarray) -> np.ndarray:
-    if array.dtype != np.uint8:
-        raise ValueError(f"image arrays must be uint8 (0..255), got dtype {array.dtype}")
-    if array.ndim == 2:
-        array = array[..., None]
-    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"image arrays must be HxW, HxWx1, HxWx3 or HxWx4, got shape {array.shape}")
-    if array.shape[-1] == 1:
-        return np.repeat(array, 3, axis=-1)
-    if array.shape[-1] == 4:
-        # Same blend onto white as transformers' convert_to_rgb for uint8 arrays.
-        alpha = array[..., 3:4] / 255
-        return np.round(alpha * array[..., :3] + (1 - alpha) * 255).astype(np.uint8)
-    return array
-
-
-def load_rgb(image: ImageLike) -> np.ndarray:
-    """Any supported image input as an HxWx3 uint8 array.
-
-    Files and encoded bytes follow transformers' `load_image` (EXIF orientation applied, then
-    `convert("RGB")`); PIL images and arrays follow the image processor's RGB conversion.
-    """
-    if isinstance(image, Image.Image):
-        return _pil_to_rgb(image)
-    if isinstance(image, np.ndarray):
-        return _array_to_rgb(image)
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        source, opener = "image bytes", lambda: Image.open(io.BytesIO(bytes(image)))
-    elif isinstance(image, (str, os.PathLike)):
-        source = os.fspath(image)
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"image file {source} not found")
-        opener = lambda: Image.open(source)  # noqa: E731
-    else:
-        raise TypeError(
-            f"unsupported image type {type(image).__name__}; pass a PIL image, an HxWx3 uint8 "
-            "array, encoded bytes or a file path"
-        )
-    try:
-        with opener() as opened:
-            return np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
-    except Image.UnidentifiedImageError as e:
-        raise ValueError(f"cannot decode {source}: {e}") from None
 
 
 def preprocess_image(

@@ -19,6 +19,7 @@ import sys
 from absl import flags
 
 from pr1 import cli
+from pr1.rollout.config import ENGINES
 
 # Flags renamed to the one dialect (pr1/cli.py): the old spelling is told the new one.
 RENAMED = {
@@ -66,7 +67,7 @@ def define_flags(fv: flags.FlagValues) -> None:
         "label", None, "the model's name in records and reports (default: from the path)", flag_values=fv
     )
     # generation
-    flags.DEFINE_enum("engine", "embedded", ["embedded", "sglang", "vllm"], "rollout engine", flag_values=fv)
+    flags.DEFINE_enum("engine", "embedded", list(ENGINES), "rollout engine", flag_values=fv)
     flags.DEFINE_multi_string("sglang_url", [], "SGLang server serving this model (repeat)", flag_values=fv)
     flags.DEFINE_multi_string(
         "vllm_url",
@@ -118,14 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     if (args.model is None) == (args.workdir is None):
         return cli.fail("pr1.eval", "give exactly one of --model DIR or --workdir DIR")
     from pr1.chat import ChatClient, ChatConfigError
-    from pr1.eval import problems as problems_lib
-    from pr1.eval import report, run
+    from pr1.eval import registry, report, run
     from pr1.eval.llm_check import LLMChecker
 
     try:
         benchmarks = {}
         for name, path in benchmark_paths:
-            loaded = problems_lib.load_benchmark(name, path, limit=args.limit)
+            loaded = registry.load_benchmark(name, path, limit=args.limit)
             if not loaded:
                 raise ValueError(f"--benchmark {name}={path}: no problems")
             benchmarks[loaded[0].benchmark] = loaded

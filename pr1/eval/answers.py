@@ -16,7 +16,7 @@ Multiple choice: a letter in any usual form ("B", "(B)", "B.", "B: 4 cm", "Optio
 units stripped, then by math equivalence: "4" picks option "4.0", "\\frac12" picks "0.5"). Naming two
 different options is wrong. Free form: plain numbers compare exactly (no sympy), MathVista floats
 after rounding both to `precision` decimals (half up), lists element-wise, everything else with
-math-verify through `pr1.rewards.accuracy.verify_answer` (which boxes the gold answer). Trailing units
+math-verify through `pr1.rewards.verify.verify_answer` (which boxes the gold answer). Trailing units
 (the problem's `unit`, cm/m/mm/km, degrees, °, ^\\circ, ...) are stripped from both sides first;
 units are not converted (5 m vs gold 5 cm counts as equal: gold answers mix units and plain numbers).
 
@@ -116,7 +116,8 @@ _UNITS = (
     r"grams?|liters?|litres?|l|ml|years?|days?|dollars?|cents?|\\?%"
 )
 _UNIT_TAIL = re.compile(
-    rf"(?<=[\d}}).])(?:\s|\\,|\\;|\\ |~)*(?:\\(?:text|mathrm|mbox)\s*\{{)?(?:\s|\\,|\\;|\\ |~)*(?:{_UNITS})\s*\}}?\s*"
+    rf"(?<=[\d}}).])(?:\s|\\,|\\;|\\ |~)*(?:\\(?:text|mathrm|mbox)\s*\{{)?"
+    rf"(?:\s|\\,|\\;|\\ |~)*(?:{_UNITS})\s*\}}?\s*"
     rf"(?:\^\s*\{{?\s*[23]\s*\}}?|[²³])?\s*\}}?\s*\.?$",
     re.IGNORECASE,
 )
@@ -210,7 +211,7 @@ def inline_math_equal(pred: str, gold: str, *, timeout: float = MATH_TIMEOUT_S) 
     In the main thread a SIGALRM interval timer bounds the call; elsewhere it runs unguarded (sympy
     can then hang on adversarial input: use `scorer_math_equal` there).
     """
-    from pr1.rewards.accuracy import verify_answer
+    from pr1.rewards.verify import verify_answer
 
     # With its own timeouts off (we guard instead) math-verify warns on every call.
     logging.getLogger("math_verify").setLevel(logging.ERROR)

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import re
 
-from pr1.eval.benchmarks import Row, collect, file_roots
 from pr1.eval.problems import IMAGE_ONLY_QUESTION, LETTERS, EvalProblem, check_limit, locate
+from pr1.eval.release_files import Row, collect, file_roots
 
 NAME = "mathverse"
 PATTERNS = [

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import re
 
-from pr1.eval.benchmarks import Row, collect, file_roots
 from pr1.eval.problems import IMAGE_ONLY_QUESTION, LETTERS, EvalProblem, check_limit, format_choices, locate
+from pr1.eval.release_files import Row, collect, file_roots
 
 NAME = "mathvision"
 PATTERNS = ["data/test-*.parquet", "test-*.parquet", "data/test.jsonl", "test.jsonl"]

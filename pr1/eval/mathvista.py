@@ -24,8 +24,8 @@ problems.subset_values); like MathVista's own scoring, a problem counts towards 
 
 from __future__ import annotations
 
-from pr1.eval.benchmarks import Row, collect, file_roots
 from pr1.eval.problems import LETTERS, SUBSET_SEP, EvalProblem, check_limit, format_choices, locate
+from pr1.eval.release_files import Row, collect, file_roots
 
 NAME = "mathvista"
 PATTERNS = ["data/testmini-*.parquet", "testmini-*.parquet", "data/testmini.json", "testmini.json"]

@@ -1,6 +1,6 @@
 """Evaluation of one policy on benchmark problems: greedy generation, answer checking, records.
 
-Where it sits: `python -m pr1.eval` loads problems (`pr1.eval.problems.load_benchmark`), builds a
+Where it sits: `python -m pr1.eval` loads problems (`pr1.eval.registry.load_benchmark`), builds a
 policy here (`load_policy`: an HF checkpoint dir or a pr1 training checkpoint, served by the
 embedded JAX sampler, or SGLang servers already serving it), and `evaluate` writes one JSON record
 per problem to `<out>/<benchmark>.jsonl` (fields in docs/eval_data.md); `pr1.eval.report` turns the
@@ -28,12 +28,13 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 
 from pr1 import sharding as sharding_lib
-from pr1.data.dataset import FORMAT_INSTRUCTION, with_instruction
 from pr1.data.processor import Processor
+from pr1.data.prompts import FORMAT_INSTRUCTION, with_instruction
 from pr1.eval import answers as answers_lib
 from pr1.eval.llm_check import LLMChecker
 from pr1.models.config import Qwen25VLConfig
-from pr1.rollout.types import Prompt, SamplingParams, default_stop_token_ids
+from pr1.models.generation import Prompt, SamplingParams, default_stop_token_ids
+from pr1.rollout.config import ENGINES
 
 
 @dataclasses.dataclass
@@ -115,7 +116,7 @@ def load_policy(
             VLLMEngine(list(vllm_urls), tokenizer=processor.tokenizer, stop_token_ids=stop), processor, label
         )
     if engine != "embedded":
-        raise ValueError(f"--engine must be 'embedded', 'sglang' or 'vllm', got {engine!r}")
+        raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
 
     from pr1.rollout.sampler import EmbeddedEngine
 
@@ -143,11 +144,10 @@ def load_policy(
 
 
 def _model_record(directory: str, step: int | None) -> tuple[dict, int]:
-    from pr1.export import recorded_model
     from pr1.train import checkpoint as checkpoint_lib
 
     host, step = checkpoint_lib.read_host_state(directory, step)
-    return recorded_model(host, f"{directory}/{step}"), step
+    return checkpoint_lib.recorded_model(host, f"{directory}/{step}"), step
 
 
 def _cast(params, dtype):

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import re
 
-from pr1.eval.benchmarks import Row, collect, file_roots
 from pr1.eval.problems import LETTERS, EvalProblem, check_limit, format_choices, locate
+from pr1.eval.release_files import Row, collect, file_roots
 
 NAME = "wemath"
 PATTERNS = ["data/testmini-*.parquet", "testmini-*.parquet", "testmini.json", "data/testmini.json"]

@@ -13,7 +13,7 @@ from pr1.rewards.combine import (
     make_judge,
     rewards_config,
 )
-from pr1.rewards.fmt import format_reward
+from pr1.rewards.format import format_reward
 from pr1.rewards.judge import Judge, JudgeError, LexicalJudge, OpenAIJudge
 from pr1.rewards.perception import Judgement, as_annotations, build_messages, parse_judgement
 from pr1.rewards.repetition import repetition_penalty

@@ -36,93 +36,23 @@ import dataclasses
 import logging
 import multiprocessing
 import os
-import re
-import signal
 import threading
 import time
 from typing import Callable, Sequence
 
 import numpy as np
 
+from pr1.rewards.verify import SoftTimeout, extract_answer, run_item, verify_answer, worker_init
+
 log = logging.getLogger(__name__)
 
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-
-
-def extract_answer(response: str) -> str:
-    """The content of the first <answer>…</answer> block, stripped; the whole response if none."""
-    m = _ANSWER.search(response)
-    return (m.group(1) if m else response).strip()
-
-
-def _as_gold(answer: str) -> str:
-    # Ground truths are bare expressions ("2\sqrt{3}"); math-verify parses bare LaTeX only up to the
-    # first token it can read as an expression ("2"), so they are boxed unless already delimited.
-    answer = str(answer).strip()
-    if "\\boxed" in answer or "$" in answer:
-        return answer
-    return "\\boxed{" + answer + "}"
-
-
-def verify_answer(content: str, answer: str) -> float:
-    """1.0 iff math-verify finds `content` equal to the ground truth `answer`, in this process.
-
-    No timeout of its own (math-verify's are disabled: they would fight over SIGALRM with the
-    pool's timer); call it through `AccuracyScorer`, or from a main thread with your own guard.
-    """
-    from math_verify import parse, verify
-
-    gold = parse(_as_gold(answer), parsing_timeout=None)
-    pred = parse(content, parsing_timeout=None)
-    return 1.0 if verify(gold, pred, timeout_seconds=None) else 0.0
-
-
 # ----------------------------------------------------------------------------------------------
-# Worker side (runs in the pool's processes)
-
-
-class _SoftTimeout(BaseException):
-    # BaseException, not Exception: math-verify catches Exception everywhere and would turn the
-    # timeout into an ordinary "not equal", which we could then not count.
-    pass
-
-
-def _on_alarm(signum, frame):
-    raise _SoftTimeout()
-
-
-def _worker_init(verify_fn) -> None:
-    # verify_fn arrives as an argument so that unpickling it imports its module now, at start-up,
-    # not on the clock of the first item.
-    del verify_fn
-    # Ctrl-C goes to the whole process group; the parent decides how to stop, not the workers.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # With its own timeouts disabled math-verify warns once per process; we handle timeouts.
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    import math_verify  # noqa: F401  (pay the sympy import before the first timed item)
+# Parent side (the workers run `verify.worker_init` and `verify.run_item`)
 
 
 def _ping() -> int:
     time.sleep(0.01)  # long enough that one idle worker cannot answer every ping of a round
     return os.getpid()
-
-
-def _run_item(verify_fn, content: str, answer: str, soft_timeout: float) -> tuple[str, float]:
-    old = signal.signal(signal.SIGALRM, _on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, soft_timeout)
-    try:
-        return "ok", float(verify_fn(content, answer))
-    except _SoftTimeout:
-        return "timeout", 0.0
-    except Exception:  # the released reward: any exception scores 0
-        return "error", 0.0
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-
-
-# ----------------------------------------------------------------------------------------------
-# Parent side
 
 
 @dataclasses.dataclass
@@ -177,7 +107,7 @@ class AccuracyScorer:
         if self._pool is None:
             ctx = multiprocessing.get_context(self.start_method)
             self._pool = cf.ProcessPoolExecutor(
-                self.workers, mp_context=ctx, initializer=_worker_init, initargs=(self.verify_fn,)
+                self.workers, mp_context=ctx, initializer=worker_init, initargs=(self.verify_fn,)
             )
             # Wait until every worker has answered, so that start-up (seconds: sympy, and the
             # entry module that spawn/forkserver children re-import) never counts against an
@@ -246,7 +176,7 @@ class AccuracyScorer:
         hard = self.timeout + self.kill_grace
 
         def submit(pool, i):
-            fut = pool.submit(_run_item, self.verify_fn, contents[i], answers[i], self.timeout)
+            fut = pool.submit(run_item, self.verify_fn, contents[i], answers[i], self.timeout)
             running[fut] = (i, time.monotonic())
 
         while pending or suspects or running:
@@ -273,7 +203,7 @@ class AccuracyScorer:
                     status[i], scores[i] = fut.result()
                 except cf.process.BrokenProcessPool:
                     broken.append(i)
-                except _SoftTimeout:  # the alarm fired in the worker's `finally`, after the call
+                except SoftTimeout:  # the alarm fired in the worker's `finally`, after the call
                     status[i], scores[i] = "timeout", 0.0
                 except Exception:
                     status[i], scores[i] = "error", 0.0

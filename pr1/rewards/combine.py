@@ -22,14 +22,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-import urllib.parse
 from typing import Sequence
 
 import ml_collections
 import numpy as np
 
+from pr1.http_policy import check_url
 from pr1.rewards.accuracy import AccuracyScorer
-from pr1.rewards.fmt import format_reward
+from pr1.rewards.format import format_reward
 from pr1.rewards.judge import Judge, LexicalJudge, OpenAIJudge
 from pr1.rewards.perception import Judgement, as_annotations
 from pr1.rewards.repetition import repetition_penalty
@@ -104,12 +104,7 @@ def check_config(cfg) -> None:
         )
     j = cfg.judge
     if j.url:
-        u = urllib.parse.urlsplit(str(j.url))
-        if u.scheme not in ("http", "https") or not u.hostname:
-            raise ValueError(
-                f"rewards.judge.url {j.url!r} must look like http://host:port/v1 (empty: the offline "
-                "lexical judge)"
-            )
+        check_url(j.url, "rewards.judge.url", "http://host:port/v1", " (empty: the offline lexical judge)")
     for key in ("timeout", "connect_timeout"):
         if j[key] <= 0:
             raise ValueError(f"rewards.judge.{key} must be > 0, got {j[key]}")
@@ -268,7 +263,8 @@ class RewardStage:
         rpm = f"{c.requests_per_minute:g} requests/minute" if c.requests_per_minute else "no rate limit"
         total = self.cfg.judge
         return (
-            f"judge {c.url}: this process's share of the service budget: {c.max_concurrency} requests in flight "
+            f"judge {c.url}: this process's share of the service budget: {c.max_concurrency} requests "
+            "in flight "
             f"(rewards.judge.max_concurrency={total.max_concurrency} in total), {rpm} "
             f"(rewards.judge.requests_per_minute={total.requests_per_minute:g} in total)"
         )

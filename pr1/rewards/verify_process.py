@@ -27,9 +27,9 @@ import sys
 import threading
 import time
 
-from pr1.rewards.accuracy import _run_item, _worker_init, extract_answer
+from pr1.rewards.verify import extract_answer, run_item, worker_init
 
-DEFAULT_VERIFY = "pr1.rewards.accuracy:verify_answer"
+DEFAULT_VERIFY = "pr1.rewards.verify:verify_answer"
 
 
 def _resolve(name: str):
@@ -152,11 +152,11 @@ def _serve(verify_fn_name: str) -> None:
     channel = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    _worker_init(verify_fn)
+    worker_init(verify_fn)
     channel.write(json.dumps({"ready": True}) + "\n")
     for line in sys.stdin:
         request = json.loads(line)
-        status, score = _run_item(verify_fn, request["content"], request["answer"], float(request["timeout"]))
+        status, score = run_item(verify_fn, request["content"], request["answer"], float(request["timeout"]))
         channel.write(json.dumps({"status": status, "score": score}) + "\n")
 
 

@@ -1,29 +1,21 @@
-"""What the HTTP rollout engines (SGLang, vLLM) share: server choice, retries, health, weight sync.
+"""What the HTTP rollout engines (SGLang, vLLM) share: sampling over several servers with retries
+and restarts, on top of the HTTP client (`server_client`) and the weight sync (`weight_sync`).
 
 Where it sits: `pr1.rollout.sglang` and `pr1.rollout.vllm` subclass `RemoteEngine` and supply the
 protocol: how one sample is requested and parsed (`_attempt`), how one server loads a weight dir
 (`_update_server`) and which weight version it serves (`_served_version`). Everything that does not
-depend on the protocol lives here once:
+depend on the protocol lives in this file and the two beside it, once:
 
 generate: one request per sample (`n = 1`, as RL frameworks do), at most `concurrency` in flight,
-each sent to the least-loaded server. Connection errors, timeouts, 5xx/429, truncated or invalid
-JSON and `abort` finish reasons are retried with exponential backoff and jitter, each attempt with a
-fresh request id (and on another server when there are several); `engine.stats` counts every retry
-by kind. Any other 4xx, or a response that breaks the protocol, is an error at once naming the URL;
-after `max_attempts` the error names the servers tried and the last failure. A completion is never
-made up. With `restart_timeout_s > 0` and one server, a lost connection makes the sample wait (once,
-whichever sample noticed first) for the server's /health to answer again within that time, log it,
-and load the current weights into it again before sampling; a server not back in time is an error
-naming its URL.
-
-Each request opens its own connection: rollout requests last seconds, so a TCP handshake is noise,
-and a pooled keep-alive connection idling through an optimizer step would be closed by the server
-and turn the first request of every step into a spurious retry.
-
-sync_weights: `hf.save` writes `<workdir>/weights/step-N/` (every process takes part: it gathers
-sharded params), then process 0 loads it into every server (`_update_server`) and deletes all but
-the newest `keep_versions` weight dirs; every process learns the outcome. The servers must see the
-workdir path (same node or shared filesystem).
+each sent to the least-loaded server. Connection errors, timeouts, retryable statuses (5xx, 429;
+`pr1.http_policy`), truncated or invalid JSON and `abort` finish reasons are retried with
+exponential backoff and jitter, each attempt with a fresh request id (and on another server when
+there are several); `engine.stats` counts every retry by kind. Any other 4xx, or a response that
+breaks the protocol, is an error at once naming the URL; after `max_attempts` the error names the
+servers tried and the last failure. A completion is never made up. With `restart_timeout_s > 0`
+and one server, a lost connection makes the sample wait (once, whichever sample noticed first) for
+the server's /health to answer again within that time, log it, and load the current weights into
+it again before sampling; a server not back in time is an error naming its URL.
 """
 
 from __future__ import annotations
@@ -31,51 +23,22 @@ from __future__ import annotations
 import base64
 import collections
 import concurrent.futures as cf
-import http.client
 import io
-import json
 import logging
 import os
-import random
-import re
-import shutil
 import threading
 import time
-import urllib.parse
 import uuid
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from PIL import Image
 
-from pr1.data.processor import IMAGE_PAD, load_rgb
-from pr1.rollout.types import Completion, Prompt, SamplingParams, default_stop_token_ids
+from pr1.images import load_rgb
+from pr1.models.generation import IMAGE_PAD, Completion, Prompt, SamplingParams, default_stop_token_ids
+from pr1.rollout.server_client import RETRY_KINDS, Retry, ServerClient
+from pr1.rollout.weight_sync import WeightSync
 
 log = logging.getLogger(__name__)
-
-RETRY_KINDS = ("connection", "timeout", "server_error", "invalid_json", "abort")
-VERSION_DIR = re.compile(r"^step-(\d+)$")
-
-
-class RemoteEngineError(RuntimeError):
-    """A failure the caller can act on; the message names the server URL(s)."""
-
-
-class Retry(Exception):
-    """One failed attempt that may succeed when repeated."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-
-
-def split_url(url: str, kind: str = "rollout") -> tuple[str, str, int | None, str]:
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{kind} server URL {url!r} must look like http://host:port")
-    return parts.scheme, parts.hostname, parts.port, parts.path.rstrip("/")
 
 
 def image_data_uri(image) -> str:
@@ -91,19 +54,15 @@ def _handed_over(completion: Completion, on_complete: Callable[[Completion], Non
     return completion
 
 
-class RemoteEngine:
+class RemoteEngine(ServerClient, WeightSync):
     """`RolloutEngine` backed by HTTP servers; subclasses speak one server's protocol (module doc).
 
-    `model_def` (a `pr1.train.state.ModelDef`) is needed only by `sync_weights`, which rebuilds the
-    model around the params to save it; `assets_from` is the checkpoint dir whose tokenizer and
+    `model_def` (a `pr1.models.model_def.ModelDef`) is needed only by `sync_weights`, which rebuilds
+    the model around the params to save it; `assets_from` is the checkpoint dir whose tokenizer and
     processor files are copied next to every weight version. `stop_token_ids=None` takes EOS and
     `<|im_end|>` from `tokenizer` and `model_def.config`.
     """
 
-    kind = "rollout"  # the server's name in messages
-    config_key = "rollout.?"  # where its knobs live, for messages
-    launch_script = "launch/"  # how to start one, for messages
-    Error = RemoteEngineError
     # Config knobs of this engine's section beyond the ones every remote engine takes.
     extra_config_keys: tuple[str, ...] = ()
     _CONFIG_KEYS = (
@@ -152,22 +111,26 @@ class RemoteEngine:
         restart_timeout_s: float = 0.0,
         check_health: bool = True,
     ):
-        if isinstance(urls, str):
-            urls = [urls]
-        self.urls = list(dict.fromkeys(str(u).rstrip("/") for u in urls))
-        if not self.urls:
-            raise ValueError(
-                f"{self.config_key}.urls is empty; start a server with {self.launch_script} and pass its URL"
-            )
-        self._parts = {u: split_url(u, self.kind) for u in self.urls}
-        for name, value, low in (
-            ("concurrency", concurrency, 1),
-            ("max_attempts", max_attempts, 1),
-            ("health_attempts", health_attempts, 1),
-            ("keep_versions", keep_versions, 1),
-        ):
-            if int(value) < low:
-                raise ValueError(f"{self.config_key}.{name} must be >= {low}, got {value}")
+        ServerClient.__init__(
+            self,
+            urls,
+            request_timeout_s=request_timeout_s,
+            connect_timeout_s=connect_timeout_s,
+            health_timeout_s=health_timeout_s,
+            health_attempts=health_attempts,
+            max_attempts=max_attempts,
+            backoff_base_s=backoff_base_s,
+            backoff_cap_s=backoff_cap_s,
+        )
+        if int(concurrency) < 1:
+            raise ValueError(f"{self.config_key}.concurrency must be >= 1, got {concurrency}")
+        self._init_weight_sync(
+            model_def=model_def,
+            workdir=workdir,
+            assets_from=assets_from,
+            keep_versions=keep_versions,
+            weights_dtype=weights_dtype,
+        )
         if stop_token_ids is None and tokenizer is not None and model_def is not None:
             stop_token_ids = default_stop_token_ids(tokenizer, model_def.config)
         if not stop_token_ids:
@@ -176,42 +139,13 @@ class RemoteEngine:
                 "stop_token_ids, or tokenizer and model_def"
             )
         self.stop_token_ids = tuple(int(t) for t in stop_token_ids)
-        self.model_def = model_def
         self.tokenizer = tokenizer
-        self.workdir = None if workdir is None else os.fspath(workdir)
-        self.assets_from = None if assets_from is None else os.fspath(assets_from)
         self.concurrency = int(concurrency)
-        self.request_timeout_s = float(request_timeout_s)
-        self.connect_timeout_s = float(connect_timeout_s)
-        self.health_timeout_s = float(health_timeout_s)
-        self.health_attempts = int(health_attempts)
         self.update_timeout_s = float(update_timeout_s)
-        self.max_attempts = int(max_attempts)
-        self.backoff_base_s = float(backoff_base_s)
-        self.backoff_cap_s = float(backoff_cap_s)
-        self.keep_versions = int(keep_versions)
-        # Unset: what the embedded sampler would sample with (the compute dtype), not the fp32 masters.
-        if weights_dtype is None:
-            weights_dtype = getattr(model_def, "compute_dtype", None)
-        self.weights_dtype = None if weights_dtype is None else jnp.dtype(weights_dtype)
         self.check_prompt_tokens = bool(check_prompt_tokens)
         self.restart_timeout_s = float(restart_timeout_s)
-        self.weight_version: str | None = None
-        self._weights_path: str | None = None
-        self._resync_locks: dict[str, threading.Lock] = {}
         self._restart_locks: dict[str, threading.Lock] = {}
-        # Bumped whenever a server's weights are replaced, so a sample that was in flight across a
-        # reload is recognised as not coming from the version it reports afterwards.
-        self._generation = {u: 0 for u in self.urls}
-        # Servers whose last weight update failed: their weights are unknown (vLLM may hold partial
-        # ones), so they get the current version again before their next sample.
-        self._needs_resync: set[str] = set()
-
-        self._lock = threading.Lock()
         self._stats: collections.Counter = collections.Counter()
-        self._inflight = {u: 0 for u in self.urls}
-        self._next = 0
-        self._rng = random.Random()
         self._pool = cf.ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix=self.kind.lower())
         if check_health:
             self.check_health()
@@ -256,40 +190,6 @@ class RemoteEngine:
             out.update({f"retries/{k}": 0 for k in RETRY_KINDS})
             out.update(self._stats)
             return out
-
-    def _probe(self, url: str, attempts: int) -> str | None:
-        """None when GET /health answers 200 within `attempts` tries, else the last failure."""
-        last = None
-        for attempt in range(1, attempts + 1):
-            try:
-                status, body = self._http(
-                    url,
-                    "GET",
-                    "/health",
-                    None,
-                    self.health_timeout_s,
-                    connect_timeout=min(self.connect_timeout_s, self.health_timeout_s),
-                )
-                if status == 200:
-                    return None
-                last = f"HTTP {status} {body[:200]!r}"
-            except Retry as e:
-                last = str(e)
-            if attempt < attempts:
-                time.sleep(self._backoff(attempt, base=min(self.backoff_base_s, 1.0), cap=5.0))
-        return last
-
-    def check_health(self) -> None:
-        """GET /health on every server, a few tries each, in bounded time; raises naming the dead ones."""
-        with cf.ThreadPoolExecutor(max_workers=len(self.urls)) as pool:
-            results = list(pool.map(lambda u: self._probe(u, self.health_attempts), self.urls))
-        dead = [f"{u} ({err})" for u, err in zip(self.urls, results) if err is not None]
-        if dead:
-            raise self.Error(
-                f"{self.kind} rollout server(s) not healthy after {self.health_attempts} tries of "
-                f"GET /health: {'; '.join(dead)}. Start them with {self.launch_script} and "
-                f"wait until they answer, or fix {self.config_key}.urls."
-            )
 
     streams_completions = True  # generate(on_complete=...) hands over each completion as it finishes
 
@@ -336,37 +236,6 @@ class RemoteEngine:
                 f.cancel()
             raise failed[0].exception()
         return [f.result() for f in futures]
-
-    def sync_weights(self, params, step: int) -> None:
-        """Write `params` as `<workdir>/weights/step-N/` and load it into every server (see module doc)."""
-        if self.model_def is None or self.workdir is None:
-            raise ValueError(
-                f"{type(self).__name__}.sync_weights needs model_def= and workdir= at construction"
-            )
-        from pr1.models import hf  # the model stack is only needed for weight sync
-
-        version = f"step-{int(step)}"
-        path = os.path.join(os.path.abspath(self.workdir), "weights", version)
-        hf.save(self.model_def.bind(params), path, assets_from=self.assets_from, dtype=self.weights_dtype)
-        error = None
-        if jax.process_index() == 0:
-            try:
-                self._update_servers(path, version)
-                self._prune_versions(version)
-            except RemoteEngineError as e:
-                error = e
-        if jax.process_count() > 1:
-            # Every process learns the outcome, so none waits forever or samples from stale servers.
-            from jax.experimental import multihost_utils
-
-            ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
-            if not int(ok) and error is None:
-                error = self.Error(f"{self.kind} weight sync to {version} failed on process 0 (see its log)")
-        if error is not None:
-            raise error
-        self.weight_version, self._weights_path = version, path
-        with self._lock:
-            self._stats["weight_syncs"] += 1
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -437,10 +306,11 @@ class RemoteEngine:
                         e.kind,
                         e,
                     )
-                    cancel.wait(self._backoff(attempt))
+                    cancel.wait(self.retry.delay(attempt, self._rng))
         raise self.Error(
-            f"{self.kind} generation failed {self.max_attempts} times for prompt {p} sample {s}; servers tried: "
-            f"{', '.join(dict.fromkeys(tried))}; last error from {last_url} ({last_error.kind}): {last_error}"
+            f"{self.kind} generation failed {self.max_attempts} times for prompt {p} sample {s}; "
+            f"servers tried: {', '.join(dict.fromkeys(tried))}; last error from {last_url} "
+            f"({last_error.kind}): {last_error}"
         )
 
     def _await_restart(self, url: str, error: Retry, cancel: threading.Event) -> bool:
@@ -477,139 +347,3 @@ class RemoteEngine:
             if self.weight_version is not None:
                 self._resync(url)
             return True
-
-    # -- servers: choice, HTTP, weight updates ------------------------------------------------------
-
-    def _acquire(self, avoid: str | None = None) -> str:
-        """The least-loaded server (round-robin among ties), preferring not `avoid` after a failure."""
-        with self._lock:
-            candidates = [u for u in self.urls if u != avoid] or self.urls
-            k = len(self.urls)
-            order = sorted(
-                candidates, key=lambda u: (self._inflight[u], (self.urls.index(u) - self._next) % k)
-            )
-            url = order[0]
-            self._next = (self.urls.index(url) + 1) % k
-            self._inflight[url] += 1
-            return url
-
-    def _release(self, url: str) -> None:
-        with self._lock:
-            self._inflight[url] -= 1
-
-    def _backoff(self, attempt: int, base: float | None = None, cap: float | None = None) -> float:
-        """Exponential backoff with jitter: uniform in [d/2, d], d = min(cap, base * 2^(attempt-1))."""
-        base = self.backoff_base_s if base is None else base
-        cap = self.backoff_cap_s if cap is None else cap
-        d = min(cap, base * 2 ** (attempt - 1))
-        return d * (0.5 + 0.5 * self._rng.random())
-
-    def _http(
-        self,
-        url: str,
-        method: str,
-        path: str,
-        payload: Any,
-        timeout: float,
-        connect_timeout: float | None = None,
-    ) -> tuple[int, bytes]:
-        """(status, body) of one request on a fresh connection; transport failures raise Retry."""
-        scheme, host, port, base = self._parts[url]
-        cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
-        conn = cls(host, port, timeout=self.connect_timeout_s if connect_timeout is None else connect_timeout)
-        try:
-            try:
-                conn.connect()
-            except (OSError, http.client.HTTPException) as e:  # refused, unreachable, connect timeout
-                raise Retry(
-                    "connection", f"{method} {path}: cannot connect: {type(e).__name__}: {e}"
-                ) from None
-            conn.sock.settimeout(timeout)
-            body = None if payload is None else json.dumps(payload).encode()
-            headers = {"Content-Type": "application/json"} if body is not None else {}
-            conn.request(method, base + path, body=body, headers=headers)
-            resp = conn.getresponse()
-            return resp.status, resp.read()
-        except http.client.IncompleteRead as e:
-            raise Retry(
-                "invalid_json", f"{method} {path}: truncated body ({len(e.partial)} bytes read)"
-            ) from None
-        except TimeoutError:
-            raise Retry("timeout", f"{method} {path}: no answer within {timeout:g} s") from None
-        except (OSError, http.client.HTTPException) as e:
-            raise Retry("connection", f"{method} {path}: {type(e).__name__}: {e}") from None
-        finally:
-            conn.close()
-
-    def _control(
-        self, url: str, method: str, path: str, payload: Any = None, timeout: float = 60.0, attempts: int = 3
-    ) -> tuple[int, Any, bytes]:
-        """A weight-sync call: transport failures and 5xx are retried; returns (status, JSON or None, body)."""
-        last = None
-        for attempt in range(1, attempts + 1):
-            try:
-                status, body = self._http(url, method, path, payload, timeout)
-                if status < 500:
-                    try:
-                        data = json.loads(body) if body else None
-                    except (json.JSONDecodeError, UnicodeDecodeError):
-                        data = None
-                    return status, data, body
-                last = f"HTTP {status}: {body[:300]!r}"
-            except Retry as e:
-                last = str(e)
-            if attempt < attempts:
-                time.sleep(self._backoff(attempt))
-        raise self.Error(
-            f"{self.kind} server {url}: {method} {path} failed {attempts} times; last error: {last}"
-        )
-
-    def _bump_generation(self, url: str) -> int:
-        with self._lock:
-            self._generation[url] += 1
-            return self._generation[url]
-
-    def _resync(self, url: str) -> None:
-        """Loads the current weight version into `url` again, once however many samples noticed."""
-        with self._lock:
-            lock = self._resync_locks.setdefault(url, threading.Lock())
-        with lock:
-            got = self._served_version(url)
-            if got == self.weight_version:
-                return  # another sample already resynced it
-            log.warning(
-                "%s server %s serves weight_version %r instead of %r (restarted?): loading %s again",
-                self.kind,
-                url,
-                got,
-                self.weight_version,
-                self._weights_path,
-            )
-            self._update_server(url, self._weights_path, self.weight_version)
-            with self._lock:
-                self._stats["resyncs"] += 1
-
-    def _update_servers(self, path: str, version: str) -> None:
-        with cf.ThreadPoolExecutor(max_workers=len(self.urls)) as pool:
-            futures = {url: pool.submit(self._update_server, url, path, version) for url in self.urls}
-        errors = [str(f.exception()) for f in futures.values() if f.exception() is not None]
-        with self._lock:
-            self._needs_resync = {url for url, f in futures.items() if f.exception() is not None}
-        if errors:
-            raise self.Error(
-                f"weight sync to {version} failed on {len(errors)} of {len(self.urls)} server(s): "
-                + " | ".join(errors)
-            )
-        log.info("%s servers now serve %s from %s", self.kind, version, path)
-
-    def _prune_versions(self, current: str) -> None:
-        """Keep `current` and the newest others (by write time) up to keep_versions; delete the rest."""
-        root = os.path.join(self.workdir, "weights")
-        entries = []
-        for name in os.listdir(root):
-            full = os.path.join(root, name)
-            if name != current and VERSION_DIR.match(name) and os.path.isdir(full):
-                entries.append((os.stat(full).st_mtime_ns, int(VERSION_DIR.match(name).group(1)), full))
-        entries.sort(reverse=True)
-        for _, _, full in entries[self.keep_versions - 1 :]:
-            shutil.rmtree(full, ignore_errors=True)

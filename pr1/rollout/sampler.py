@@ -49,10 +49,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from pr1 import distributed
 from pr1.models.attention import in_mesh
 from pr1.models.decode import decode_step
+from pr1.models.generation import Completion, Prompt, SamplingParams
+from pr1.models.model_def import ModelDef
 from pr1.models.rope import rope_index
 from pr1.models.vision import LAYOUT_KEYS, batched_vision_inputs, patch_bucket, patch_slots
-from pr1.rollout.types import Completion, Prompt, SamplingParams
-from pr1.train.state import ModelDef
 
 BATCH_AXES = ("data", "fsdp")
 WEIGHTS_LAYOUTS = ("gathered", "learner")

@@ -35,9 +35,10 @@ import logging
 import ml_collections
 import numpy as np
 
-# RETRY_KINDS and image_data_uri are re-exported: callers and tests know them from here.
-from pr1.rollout.remote import RETRY_KINDS, RemoteEngine, RemoteEngineError, Retry, image_data_uri  # noqa: F401
-from pr1.rollout.types import FINISH_REASONS, Completion, Prompt, SamplingParams
+from pr1.http_policy import retryable_status
+from pr1.models.generation import FINISH_REASONS, Completion, Prompt, SamplingParams
+from pr1.rollout.remote import RemoteEngine
+from pr1.rollout.server_client import RemoteEngineError, Retry
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class SGLangEngine(RemoteEngine):
     def _parse_generate(
         self, url: str, status: int, body: bytes, p: int, s: int, prompt: Prompt
     ) -> Completion:
-        if status >= 500 or status == 429:
+        if retryable_status(status):
             raise Retry("server_error", f"HTTP {status}: {body[:300]!r}")
         if status != 200:
             raise SGLangError(f"SGLang server {url} rejected /generate with HTTP {status}: {body[:500]!r}")
@@ -183,8 +184,9 @@ class SGLangEngine(RemoteEngine):
             and int(prompt_tokens) != len(prompt.input_ids)
         ):
             raise SGLangError(
-                f"SGLang server {url} counts {prompt_tokens} prompt tokens for prompt {p} but our processor makes "
-                f"{len(prompt.input_ids)}: the server tokenizes or resizes images differently (check its "
+                f"SGLang server {url} counts {prompt_tokens} prompt tokens for prompt {p} but our "
+                f"processor makes {len(prompt.input_ids)}: the server tokenizes or resizes images "
+                "differently (check its "
                 "checkpoint's tokenizer and preprocessor_config min/max_pixels against ours), so the learner "
                 "would score a different prompt. rollout.sglang.check_prompt_tokens=False skips this check."
             )

@@ -51,9 +51,10 @@ import threading
 import ml_collections
 import numpy as np
 
-from pr1.data.processor import IMAGE_PAD
-from pr1.rollout.remote import RemoteEngine, RemoteEngineError, Retry
-from pr1.rollout.types import Completion, Prompt, SamplingParams
+from pr1.http_policy import retryable_status
+from pr1.models.generation import IMAGE_PAD, Completion, Prompt, SamplingParams
+from pr1.rollout.remote import RemoteEngine
+from pr1.rollout.server_client import RemoteEngineError, Retry
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ def vllm_config() -> ml_collections.ConfigDict:
             "urls": (),  # e.g. ("http://gpu-node-1:8000",), printed by launch/serve_vllm.sh
             "model": "",  # served model name; "" asks the server (GET /v1/models)
             "concurrency": 64,  # requests in flight over all servers
-            "request_timeout_s": 600.0,  # one chat completion (the server answers when the sample is complete)
+            # One chat completion (the server answers when the sample is complete).
+            "request_timeout_s": 600.0,
             "connect_timeout_s": 10.0,
             "health_timeout_s": 30.0,
             "health_attempts": 3,
@@ -267,7 +269,7 @@ class VLLMEngine(RemoteEngine):
     def _parse(
         self, url: str, status: int, body: bytes, p: int, s: int, prompt: Prompt, model: str
     ) -> Completion:
-        if status >= 500 or status == 429:
+        if retryable_status(status):
             raise Retry("server_error", f"HTTP {status}: {body[:300]!r}")
         if status == 404:
             raise VLLMError(

@@ -39,7 +39,7 @@ def main(argv) -> int:
         # orbax logs every save step at INFO; the progress line and metrics.jsonl say what matters.
         logging.set_verbosity(logging.WARNING)
     from pr1 import distributed
-    from pr1.data.dataset import DataError
+    from pr1.data.rows import DataError
     from pr1.train.checkpoint import CheckpointSaveError
     from pr1.train.config import ConfigError
     from pr1.train.loop import train

@@ -21,10 +21,10 @@ import numpy as np
 
 from pr1 import distributed
 from pr1.models.config import Qwen25VLConfig
+from pr1.models.generation import Completion, Prompt
 from pr1.models.rope import decode_position_ids, rope_index
 from pr1.models.vision import batched_vision_inputs, patch_bucket, patch_slots
 from pr1.rollout.sampler import bucket
-from pr1.rollout.types import Completion, Prompt
 from pr1.train import step as step_lib
 
 

@@ -4,7 +4,9 @@ Where it sits: the run loop calls `save` at the end of a step (the device state 
 accelerator before `save` returns, so the next jitted step may donate its buffers) and, at start-up,
 `restore` into the born-sharded abstract state to resume. It knows nothing about the model: the
 device state is any pytree of jax arrays, possibly sharded over a multi-host mesh, and the host
-state is a small JSON dict (data-iterator state, rng seeds, counters).
+state is a small JSON dict (data-iterator state, rng seeds, counters). The one thing it knows of the
+model is the record the trainer stores under host_state["model"] (`model_record`: the HF config and
+the source path), so export and evaluation can rebuild the model from a checkpoint alone.
 
 Layout and completeness: each step is a directory `<directory>/<step>/` holding `state/` (orbax
 StandardSave, one tensorstore array per leaf) and `host_state/` (JSON, written by process 0 only).
@@ -27,6 +29,7 @@ Every process must call `save`, `restore`, `wait` and `close` (orbax synchronise
 from __future__ import annotations
 
 import json
+import os
 import re
 from typing import Any
 
@@ -43,6 +46,8 @@ CHECKPOINT_SUBDIR = "checkpoints"
 # A credential-looking key: api keys, secrets, passwords, and keys that *end* in "token" (auth_token,
 # AccessToken), but not counters such as num_tokens or tokens_seen, nor tokenizer_path.
 _SECRET_KEY = re.compile(r"api_?key|secret|passw(or)?d|token$")
+# The host-state key of the model record (`model_record`).
+MODEL_RECORD_KEY = "model"
 
 
 class CheckpointSaveError(OSError):
@@ -53,6 +58,26 @@ class CheckpointSaveError(OSError):
 def checkpoint_directory(workdir: str) -> str:
     """The checkpoint directory of a training workdir (local path or gs:// URL)."""
     return f"{str(workdir).rstrip('/')}/{CHECKPOINT_SUBDIR}"
+
+
+def model_record(config, source_path: str | None) -> dict:
+    """What the trainer stores in host_state[MODEL_RECORD_KEY] so a checkpoint can be exported or
+    evaluated on its own: the model's HF config dict (`config.hf_config`) and where it came from."""
+    return {"hf_config": config.hf_config, "path": None if source_path is None else os.fspath(source_path)}
+
+
+def recorded_model(host_state: dict, where: str) -> dict:
+    """The model record a pr1 checkpoint's host state carries (see `model_record`).
+
+    Raises ValueError naming `where` (the step's path) if the record is absent or malformed.
+    """
+    record = host_state.get(MODEL_RECORD_KEY)
+    if not isinstance(record, dict) or not isinstance(record.get("hf_config"), dict):
+        raise ValueError(
+            f"checkpoint {where} has no host_state['{MODEL_RECORD_KEY}']['hf_config'] (the model config "
+            f"the trainer records); it was not written by pr1.train"
+        )
+    return record
 
 
 def abstract_like(state):
@@ -438,7 +463,8 @@ def _target_in_stored_dtypes(abstract_state, stored: dict, where: str):
         name = "/".join(key)
         if not _widens(have, np.dtype(leaf.dtype)):
             raise ValueError(
-                f"checkpoint {where}: {name} is stored as {have} but this run keeps it as {np.dtype(leaf.dtype)}; "
+                f"checkpoint {where}: {name} is stored as {have} but this run keeps it as "
+                f"{np.dtype(leaf.dtype)}; "
                 "reading it would lose precision. Set model.param_dtype to the checkpoint's dtype, or export "
                 "it (python -m pr1.export) and start a new run from the exported weights"
             )

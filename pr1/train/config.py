@@ -3,8 +3,9 @@
     model    where the weights are; param_dtype (the fp32 master weights the optimizer updates) and
              compute_dtype (matmuls and activations inside the jitted steps and the sampler)
     mesh     data x fsdp x tensor device mesh (one axis may be -1: the rest of the devices)
-    data     pr1.data.dataset.data_config()
-    rollout  engine ("embedded" | "sglang" | "vllm"), n responses per prompt, sampling, buckets, server clients
+    data     pr1.data.config.data_config()
+    rollout  pr1.rollout.config.rollout_config(): engine, n responses per prompt, sampling, buckets,
+             server clients
     rewards  pr1.rewards.rewards_config()
     learner  pr1.train.step.learner_config()
     optim    pr1.train.state.optimizer_config()
@@ -20,19 +21,19 @@ from __future__ import annotations
 
 import math
 import os
-import urllib.parse
 
 import ml_collections
 
+from pr1.http_policy import check_url
 from pr1.models import attention as attention_lib
 from pr1.rewards.combine import check_config as check_rewards_config
 from pr1.rewards.combine import judge_share, rewards_config
 from pr1.rl.grpo import LOSS_AGG_MODES
+from pr1.rollout.config import ENGINES, SERVER_ENGINES, rollout_config
 from pr1.rollout.sampler import WEIGHTS_LAYOUTS
 from pr1.train.state import optimizer_config
 from pr1.train.step import _REMAT_POLICIES, learner_config
 
-ENGINES = ("embedded", "sglang", "vllm")
 DTYPES = ("float32", "bfloat16")
 LOSS_AGGS = LOSS_AGG_MODES
 KL_KINDS = ("k1", "k2", "k3")
@@ -43,10 +44,8 @@ class ConfigError(ValueError):
 
 
 def default_config() -> ml_collections.ConfigDict:
-    from pr1.data.dataset import data_config
+    from pr1.data.config import data_config
     from pr1.distributed import distributed_config
-    from pr1.rollout.sglang import sglang_config
-    from pr1.rollout.vllm import vllm_config
 
     c = ml_collections.ConfigDict()
     c.model = ml_collections.ConfigDict(
@@ -65,26 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
     )
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.data = data_config()
-    c.rollout = ml_collections.ConfigDict(
-        dict(
-            engine="embedded",
-            n=8,  # responses per prompt (the GRPO group)
-            temperature=1.0,
-            top_p=1.0,
-            top_k=-1,
-            max_new_tokens=4096,
-            min_prompt_bucket=64,
-            min_patch_bucket=256,
-            prefill_chunk=0,  # embedded engine: prompts prefilled at a time (0: all of a step's at once)
-            # embedded engine: "gathered" (weights gathered once per rollout, replicated over data x fsdp)
-            # | "learner" (read FSDP-sharded; the TPU compiler then gathers them every decode step)
-            weights_layout="gathered",
-            val_max_new_tokens=4096,  # validation decodes greedily
-            off_policy_steps=0,  # 1: server engines generate step k+1 while step k trains (pr1.train.rollout_ahead)
-            sglang=sglang_config(),
-            vllm=vllm_config(),
-        )
-    )
+    c.rollout = rollout_config()
     c.rewards = rewards_config()
     c.learner = learner_config()
     c.optim = optimizer_config()
@@ -109,9 +89,12 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _is_http_url(url) -> bool:
-    parts = urllib.parse.urlsplit(str(url))
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
+def _check_urls(urls, key: str) -> None:
+    for url in [urls] if isinstance(urls, str) else urls:
+        try:
+            check_url(url, key)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def _need(cond: bool, key: str, message: str) -> None:
@@ -169,7 +152,7 @@ def validate_config(
         )
 
     d = c.data
-    from pr1.data.dataset import check_data_config
+    from pr1.data.config import check_data_config
 
     try:
         check_data_config(d)
@@ -210,7 +193,7 @@ def validate_config(
         r.off_policy_steps in (0, 1), "rollout.off_policy_steps", f"must be 0 or 1, got {r.off_policy_steps}"
     )
     _need(
-        r.off_policy_steps == 0 or r.engine in ("sglang", "vllm"),
+        r.off_policy_steps == 0 or r.engine in SERVER_ENGINES,
         "rollout.off_policy_steps",
         f"1 needs a server engine (sglang, vllm) to generate beside the learner; rollout.engine is {r.engine!r}",
     )
@@ -220,16 +203,14 @@ def validate_config(
             "rollout.sglang.urls",
             "empty; give the SGLang server URLs (launch/serve_rollout.sh)",
         )
-        for url in [r.sglang.urls] if isinstance(r.sglang.urls, str) else r.sglang.urls:
-            _need(_is_http_url(url), "rollout.sglang.urls", f"{url!r} must look like http://host:port")
+        _check_urls(r.sglang.urls, "rollout.sglang.urls")
     if r.engine == "vllm":
         _need(
             bool(r.vllm.urls),
             "rollout.vllm.urls",
             "empty; give the vLLM server URLs (launch/serve_vllm.sh rollout)",
         )
-        for url in [r.vllm.urls] if isinstance(r.vllm.urls, str) else r.vllm.urls:
-            _need(_is_http_url(url), "rollout.vllm.urls", f"{url!r} must look like http://host:port")
+        _check_urls(r.vllm.urls, "rollout.vllm.urls")
         # vLLM reports logprobs after top-p/top-k (renormalized), not what the learner recomputes.
         _need(r.top_p == 1, "rollout.top_p", f"must be 1.0 with rollout.engine=vllm, got {r.top_p}")
         _need(r.top_k <= 0, "rollout.top_k", f"must be -1 (off) with rollout.engine=vllm, got {r.top_k}")

@@ -39,14 +39,13 @@ import ml_collections
 import numpy as np
 
 from pr1 import distributed, sharding
-from pr1 import export as export_lib
 from pr1.data.processor import Processor
 from pr1.models.config import Qwen25VLConfig
+from pr1.models.generation import SamplingParams, default_stop_token_ids
 from pr1.rewards.combine import RewardStage
 from pr1.rewards.perception import as_annotations
 from pr1.rl import grpo
 from pr1.rollout.sampler import EmbeddedEngine
-from pr1.rollout.types import SamplingParams, default_stop_token_ids
 from pr1.train import batch as batch_lib
 from pr1.train import checkpoint as checkpoint_lib
 from pr1.train import metrics as metrics_lib
@@ -373,7 +372,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     progress = metrics_lib.Progress(t_cfg.steps, start_step)
     stop = _StopFlag()
     stop.install()
-    record = export_lib.model_record(model_config, config.model.path)
+    record = checkpoint_lib.model_record(model_config, config.model.path)
     n = r_cfg.n
     metrics: dict = {}
     step = start_step

@@ -45,7 +45,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from pr1.rollout.types import Completion, SamplingParams
+from pr1.models.generation import Completion, SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,11 @@
 """The learner's train state, born sharded: parameters, optimizer state and step on the mesh.
 
-Parameters live as a pure dict of arrays (the NNX `Param` state of `Qwen25VL`); `ModelDef` holds the
-static half (graph definition, config) and rebuilds the module inside jitted functions. Shardings
-come from each parameter's logical axes through `pr1.sharding` rules, so no host ever holds a full
-copy: weights are either loaded tensor by tensor into place (`hf.load(..., mesh=)`) or initialized
-by a jitted init with `out_shardings`. The optimizer state mirrors the parameter shardings.
+Parameters live as a pure dict of arrays (the NNX `Param` state of `Qwen25VL`);
+`pr1.models.model_def.ModelDef` holds the static half (graph definition, config) and rebuilds the
+module inside jitted functions. Shardings come from each parameter's logical axes through
+`pr1.sharding` rules, so no host ever holds a full copy: weights are either loaded tensor by
+tensor into place (`hf.load(..., mesh=)`) or initialized by a jitted init with `out_shardings`.
+The optimizer state mirrors the parameter shardings.
 
 Precision (the released recipe's mixed precision): the state holds the master params in
 `ModelDef.dtype` (`model.param_dtype`, fp32 by default) and AdamW's moments in fp32; the jitted
@@ -16,7 +17,6 @@ fp32 masters. At lr 1e-6 an update is ~1e-4 of a weight's magnitude, below bf16'
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax
@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pr1 import sharding as sharding_lib
 from pr1.models import hf
-from pr1.models.config import Qwen25VLConfig
+from pr1.models.model_def import ModelDef
 from pr1.models.qwen2_5_vl import Qwen25VL
 
 
@@ -40,70 +40,9 @@ class TrainState:
     opt_state: Any
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class ModelDef:
-    """The static part of the model: rebuilds a `Qwen25VL` around a params dict inside jit.
-
-    `dtype` is the dtype of the stored (master) params; `compute_dtype` the one the forward runs in
-    (`compute_params` casts to it; defaults to `dtype`).
-    """
-
-    graphdef: Any
-    abstract_state: Any
-    config: Qwen25VLConfig
-    dtype: Any
-    compute_dtype: Any = None
-
-    @classmethod
-    def create(cls, config: Qwen25VLConfig, dtype=jnp.bfloat16, compute_dtype=None) -> "ModelDef":
-        abstract = nnx.eval_shape(lambda: Qwen25VL(config, dtype=dtype, rngs=nnx.Rngs(0)))
-        graphdef, state = nnx.split(abstract, nnx.Param)
-        dtype = jnp.dtype(dtype)
-        return cls(
-            graphdef, state, config, dtype, jnp.dtype(compute_dtype) if compute_dtype is not None else dtype
-        )
-
-    def compute_params(self, params):
-        """`params` with every floating array cast to the compute dtype (a no-op where it already is).
-
-        Called inside jitted functions: the cast is part of the program, so its gradient flows back
-        to the master params in their own dtype, and nothing is stored twice between steps.
-        """
-        dt = self.compute_dtype
-
-        def cast(x):
-            return x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dt else x
-
-        return jax.tree.map(cast, params)
-
-    def bind(self, params) -> Qwen25VL:
-        state = jax.tree.map(lambda x: x, self.abstract_state)
-        nnx.replace_by_pure_dict(state, params)
-        return nnx.merge(self.graphdef, state)
-
-    def param_shardings(self, mesh: Mesh, rules=sharding_lib.DEFAULT_RULES):
-        """A pure dict of NamedSharding, one per parameter, from its logical axes."""
-        specs = {}
-        for path, var in nnx.to_flat_state(self.abstract_state):
-            name = hf.hf_name(path)
-            specs[path] = sharding_lib.named_sharding(
-                var.get_metadata().get("logical_axes"), var.shape, mesh, rules, name=name
-            )
-        return _unflatten(specs)
-
-
-def _unflatten(flat: dict) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        node = out
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return out
-
-
 def optimizer_config() -> ml_collections.ConfigDict:
-    """The paper's optimizer: AdamW lr 1e-6, betas (0.9, 0.999), wd 1e-3, 5% warmup then constant, clip 1.0."""
+    """The paper's optimizer: AdamW lr 1e-6, betas (0.9, 0.999), wd 1e-3, 5% warmup then constant,
+    clip 1.0."""
     return ml_collections.ConfigDict(
         {
             "learning_rate": 1e-6,

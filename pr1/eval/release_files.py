@@ -1,7 +1,7 @@
 """Reading released benchmark files: rows of JSON / JSONL / parquet, their fields, their images.
 
 Where it sits: the per-benchmark loaders (mathvista.py, mathverse.py, mathvision.py, wemath.py)
-read each release with these helpers and build `EvalProblem`s; `problems.load_benchmark`
+read each release with these helpers and build `EvalProblem`s; `registry.load_benchmark`
 dispatches to them. Releases are used as distributed: GitHub-style JSON with an images directory,
 or Hugging Face parquet with images embedded as {bytes, path} structs. Images are returned as the
 encoded file bytes, never decoded here (the runner's processor does that).
@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import pyarrow.parquet as pq
 
-from pr1.data.dataset import DataError
+from pr1.data.rows import DataError
 from pr1.eval.problems import as_text, row_error
 
 

@@ -1,23 +1,25 @@
-"""The rollout interface shared by the embedded JAX sampler and the SGLang client.
+"""What generation takes and returns, for every engine and every caller: `SamplingParams`,
+`Prompt`, `Completion`, the default stop tokens, and the chat template's image tokens.
 
-An engine turns prompts into `n` completions each:
-
-    engine.generate(prompts, sampling, n) -> list[Completion]   # prompt-major: p0s0, p0s1, ..., p1s0
-    engine.sync_weights(params, step)                          # after every optimizer step
-
-A completion carries exactly the token ids that were sampled and their logprobs under the sampling
-temperature (log_softmax(logits / T) before top-k/top-p, which is what the learner recomputes), so
-the learner trains on what the engine produced, never on a re-tokenization of its text.
+These sit beside the model (not in `pr1.rollout`) because data builds prompts, engines consume
+them and the learner trains on completions; each of those imports them from here, downward. The
+engine interface that uses them is `pr1.rollout.RolloutEngine`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 FINISH_REASONS = ("stop", "length", "abort")
+
+# The chat template's image tokens: a prompt's text holds one IMAGE_PAD per image between
+# VISION_START and VISION_END; the processor expands each IMAGE_PAD to the image's feature count.
+IMAGE_PAD = "<|image_pad|>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,14 +99,6 @@ class Completion:
     text: str
     finish_reason: str  # "stop" | "length" | "abort"
     weight_version: str | None = None
-
-
-class RolloutEngine(Protocol):
-    def generate(
-        self, prompts: Sequence[Prompt], sampling: SamplingParams, n: int = 1
-    ) -> list[Completion]: ...
-
-    def sync_weights(self, params, step: int) -> None: ...
 
 
 def default_stop_token_ids(tokenizer, config) -> tuple[int, ...]:
