@@ -12,6 +12,9 @@ import ml_collections
 # embedded: the jitted JAX sampler on the trainer's mesh; sglang, vllm: HTTP to inference servers.
 ENGINES = ("embedded", "sglang", "vllm")
 SERVER_ENGINES = ("sglang", "vllm")  # the ones that generate beside the learner (off-policy rollout)
+# The embedded engine's weights during a rollout (pr1.rollout.sampler): "gathered" once per rollout,
+# replicated over data x fsdp (tensor split kept), or read in the "learner"'s FSDP layout.
+WEIGHTS_LAYOUTS = ("gathered", "learner")
 
 
 def rollout_config() -> ml_collections.ConfigDict:

@@ -53,9 +53,9 @@ from pr1.models.generation import Completion, Prompt, SamplingParams
 from pr1.models.model_def import ModelDef
 from pr1.models.rope import rope_index
 from pr1.models.vision import LAYOUT_KEYS, batched_vision_inputs, patch_bucket, patch_slots
+from pr1.rollout.config import WEIGHTS_LAYOUTS
 
 BATCH_AXES = ("data", "fsdp")
-WEIGHTS_LAYOUTS = ("gathered", "learner")
 _VISION_KEYS = ("pixel_values",) + LAYOUT_KEYS
 
 

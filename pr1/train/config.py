@@ -29,8 +29,7 @@ from pr1.models import attention as attention_lib
 from pr1.rewards.combine import check_config as check_rewards_config
 from pr1.rewards.combine import judge_share, rewards_config
 from pr1.rl.grpo import LOSS_AGG_MODES
-from pr1.rollout.config import ENGINES, SERVER_ENGINES, rollout_config
-from pr1.rollout.sampler import WEIGHTS_LAYOUTS
+from pr1.rollout.config import ENGINES, SERVER_ENGINES, WEIGHTS_LAYOUTS, rollout_config
 from pr1.train.state import optimizer_config
 from pr1.train.step import _REMAT_POLICIES, learner_config
 
