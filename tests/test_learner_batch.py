@@ -1,8 +1,10 @@
 """The learner's batch treats a response exactly as the sampler did: a vision token the policy
 sampled in its response is text (positions continue as in decoding, no image feature goes there)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from PIL import Image
 
@@ -13,9 +15,10 @@ from pr1.models.generation import Completion, Prompt
 from pr1.models.model_def import ModelDef
 from pr1.models.rope import decode_position_ids, rope_index
 from pr1.models.tiny import write_tiny_checkpoint
-from pr1.models.vision import LAYOUT_KEYS
+from pr1.models.vision import IMAGE_KEYS, LAYOUT_KEYS, batched_vision_inputs, rows_of_images
 from pr1.train import batch as batch_lib
 from pr1.train import state as state_lib
+from pr1.train import step as step_lib
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +30,11 @@ def setup(tmp_path_factory):
     return path, processor, prompt
 
 
-def _completion(tokens):
+def _completion(tokens, prompt_index=0, sample_index=0):
     tokens = np.asarray(tokens, np.int32)
     return Completion(
-        prompt_index=0,
-        sample_index=0,
+        prompt_index=prompt_index,
+        sample_index=sample_index,
         token_ids=tokens,
         logprobs=np.zeros(len(tokens), np.float32),
         text="",
@@ -65,12 +68,11 @@ def test_sampled_vision_tokens_in_a_response_are_text(setup):
     # The model puts image features only where the learner's image mask says: the prompt.
     model_def = ModelDef.create(Qwen25VLConfig.from_dir(path), dtype=jnp.float32)
     model = model_def.bind(state_lib.load_params(path, model_def, sharding.make_mesh(1, -1, 1)))
-    layout = {k: batch[k] for k in LAYOUT_KEYS}
+    images = rows_of_images(batch, batch["image_index"])
+    layout = {k: images[k] for k in LAYOUT_KEYS}
     ids_j = jnp.asarray(ids)
     image_mask = (ids_j == config.image_token_id) & (jnp.asarray(batch["loss_mask"]) == 0)
-    emb = model.embed(
-        ids_j, jnp.asarray(batch["pixel_values"]), vision_layout_arrays=layout, image_mask=image_mask
-    )
+    emb = model.embed(ids_j, images["pixel_values"], vision_layout_arrays=layout, image_mask=image_mask)
     plain_emb = model.embed_tokens(ids_j)
     r = prompt_len + 2  # the sampled image-pad token of row 1
     assert int(ids[1, r]) == config.image_token_id
@@ -114,3 +116,110 @@ def test_rows_are_padded_to_the_steps_longest_response_not_the_maximum(setup):
         config, [prompt], short, max_new_tokens=100, pad_token_id=processor.pad_token_id
     )
     assert capped["input_ids"].shape[1] == prompt_bucket + 100
+
+
+def _per_row(batch, prompts, completions, config):
+    """The learner batch as it was before images were shared: every row its own copy of its prompt's
+    image (built directly from the prompts, not from the shared batch)."""
+    out = {k: v for k, v in batch.items() if k not in IMAGE_KEYS and k != "image_index"}
+    rows = [prompts[c.prompt_index] for c in completions]
+    out.update(
+        batched_vision_inputs(
+            [p.pixel_values for p in rows],
+            [p.image_grid_thw for p in rows],
+            config.vision,
+            num_patches=batch["pixel_values"].shape[1],
+        )
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def groups(setup):
+    """Three prompts (two images of different sizes, one text-only) x 4 responses of varied lengths."""
+    path, processor, prompt = setup
+    rng = np.random.default_rng(5)
+    wide = Image.fromarray(rng.integers(0, 255, (28, 112, 3), np.uint8))
+    prompts = [prompt, Prompt.build(processor, "And y?", [wide]), Prompt.build(processor, "No image.")]
+    n = 4
+    completions = [
+        _completion(rng.integers(10, 300, int(rng.integers(2, 9))), p, s) for p in range(3) for s in range(n)
+    ]
+    return path, processor.config, prompts, completions, n
+
+
+@pytest.mark.parametrize(
+    "mesh_shape, micro_batches",
+    # 1 device, micro-batches of rows j, j+3, ... (parts of several groups each); 4 batch devices with
+    # 3 images padded to 4 (on_mesh), micro-batches of 6 rows (one and a half groups).
+    [((1, 1, 1), 3), ((2, 2, 1), 2)],
+    ids=["one_device", "sharded"],
+)
+def test_images_stored_once_per_prompt_give_the_per_row_logprobs(groups, mesh_shape, micro_batches):
+    path, config, prompts, completions, n = groups
+    shared = batch_lib.learner_batch(config, prompts, completions, max_new_tokens=8, pad_token_id=0)
+    per_row = _per_row(shared, prompts, completions, config)
+    # One image entry per prompt: the host holds (and sends) 1/n of the pixels of the per-row batch.
+    assert shared["pixel_values"].shape[0] == len(prompts)
+    assert shared["pixel_values"].nbytes * n == per_row["pixel_values"].nbytes
+    np.testing.assert_array_equal(shared["image_index"], np.repeat(np.arange(3), n))
+
+    devices = int(np.prod(mesh_shape))
+    mesh = sharding.make_mesh(*mesh_shape, devices=jax.devices()[:devices])
+    model_def = ModelDef.create(config, dtype=jnp.float32)
+    params = state_lib.load_params(path, model_def, mesh)
+    cfg = step_lib.learner_config()
+    cfg.micro_batches = micro_batches
+    shardings = model_def.param_shardings(mesh)
+
+    def logprobs(batch):
+        placed = batch_lib.on_mesh(batch, mesh)
+        return np.asarray(step_lib.make_logprob_step(model_def, cfg, shardings, mesh, placed)(params, placed))
+
+    got, want = logprobs(shared), logprobs(per_row)
+    real = shared["loss_mask"] == 1
+    assert np.isfinite(want[real]).all() and (want[real] < 0).all()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    if devices > 1:  # on_mesh padded the 3 images to the 4 batch devices, each holding one
+        placed = batch_lib.on_mesh(shared, mesh)
+        assert placed["pixel_values"].shape[0] == 4
+        assert placed["pixel_values"].addressable_shards[0].data.shape[0] == 1
+
+
+def test_update_with_shared_images_equals_per_row(groups):
+    """The update step gives the same loss and gradient norm: mini-batches (the loop's row slices; the
+    shared images go whole to each) of micro-batches that hold parts of groups."""
+    from pr1.train.loop import _mini_batches
+
+    path, config, prompts, completions, n = groups
+    shared = batch_lib.learner_batch(config, prompts, completions, max_new_tokens=8, pad_token_id=0)
+    per_row = _per_row(shared, prompts, completions, config)
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    model_def = ModelDef.create(config, dtype=jnp.float32)
+    params = state_lib.load_params(path, model_def, mesh)
+    cfg = step_lib.learner_config()
+    cfg.micro_batches = 2
+    tx = optax.sgd(1.0)
+    rng = np.random.default_rng(0)
+    current = step_lib.make_logprob_step(model_def, cfg, model_def.param_shardings(mesh), mesh, per_row)
+    old = np.asarray(current(params, per_row))
+    extra = {  # ratios around 1, so the clipped and unclipped branches both carry gradient
+        "old_logprobs": (old + rng.normal(0, 0.2, old.shape) * per_row["loss_mask"]).astype(np.float32),
+        "advantages": rng.standard_normal(len(completions)).astype(np.float32),
+    }
+    results = []
+    for batch in (dict(shared, **extra), dict(per_row, **extra)):
+        placed = batch_lib.on_mesh(batch, mesh)
+        minis = _mini_batches(placed, 2, mesh)  # rows 0-5 and 6-11: prompt 1's group is split
+        if "image_index" in batch:  # the shared images go whole to both mini-batches
+            assert all(m["pixel_values"].shape[0] == len(prompts) for m in minis)
+        metrics = []
+        for mini in minis:  # each from the same state (the step donates its input state)
+            state, shardings = state_lib.create_train_state(params, tx, model_def, mesh)
+            step = step_lib.make_update_step(model_def, tx, cfg, shardings, mesh, mini)
+            metrics.append(jax.device_get(step(state, mini)[1]))
+        results.append(metrics)
+    for got, want in zip(*results):
+        assert want["grad_norm"] > 0
+        for key in ("loss", "grad_norm", "pg_clipfrac"):
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-6, atol=1e-7)

@@ -31,6 +31,8 @@ from pr1.models.rope import vision_cos_sin
 
 # The per-row layout arrays that travel with `pixel_values` (see `batched_vision_inputs`).
 LAYOUT_KEYS = ("hw_position_ids", "frame_ids", "window_ids", "feature_index")
+# All of an image's arrays: per row, or once per prompt with a row -> image index (`rows_of_images`).
+IMAGE_KEYS = ("pixel_values",) + LAYOUT_KEYS
 PATCH_BUCKET = (
     256  # patch-slot counts above this are padded to a multiple of it (a multiple of window_patches)
 )
@@ -181,6 +183,15 @@ def batched_vision_inputs(
     return out
 
 
+def rows_of_images(images: dict, image_index) -> dict:
+    """Per-row vision inputs from inputs stored once per image: `images` holds the `IMAGE_KEYS` arrays
+    with a leading image axis (`batched_vision_inputs` over the distinct prompts), `image_index` [B]
+    says which image row b uses. A gather on the device, so a prompt's n responses share one copy of
+    its pixels on the host and in transfer; only the rows asked for are materialized."""
+    index = jnp.asarray(image_index, jnp.int32)
+    return {k: jnp.take(jnp.asarray(images[k]), index, axis=0, mode="clip") for k in IMAGE_KEYS}
+
+
 def layout_shapes(rows: int, num_patches: int, config: VisionConfig) -> dict[str, tuple]:
     """(shape, dtype) of each per-row vision array (`pixel_values` in fp32), for planning and lowering."""
     mm = config.spatial_merge_size**2
@@ -228,7 +239,10 @@ class VisionAttention(nnx.Module):
         if windowed:
             # One dense [window, window] attention per window slot: the batch of windows is B·S/window.
             w = self.window
-            split = lambda a: a.reshape((b * n // w, w) + a.shape[2:])
+
+            def split(a):
+                return a.reshape((b * n // w, w) + a.shape[2:])
+
             out = attention(
                 split(q),
                 split(k),

@@ -3,9 +3,15 @@
 Row r holds prompt p's ids left-padded to the prompt bucket, then completion r's ids right-padded to
 the response bucket: a power of two >= the step's longest completion, at most `max_new_tokens`. So
 the response always starts at the same column, rows are only as long as the step's real lengths
-need (not the configured maxima), and a run compiles one update per (prompt, response) bucket pair. The loss mask covers exactly the sampled tokens (including a final stop token);
-`rollout_logprobs` are the engine's logprobs of those tokens at the same columns. Images go per row
-(`vision.batched_vision_inputs`), so rows can be split into micro-batches and sharded freely.
+need (not the configured maxima), and a run compiles one update per (prompt, response) bucket pair.
+The loss mask covers exactly the sampled tokens (including a final stop token);
+`rollout_logprobs` are the engine's logprobs of those tokens at the same columns.
+
+Images are stored once per prompt, not once per response: the `vision.IMAGE_KEYS` arrays have one
+entry per distinct prompt of the rows (`batched_vision_inputs` over those prompts) and `image_index`
+[B] names row b's entry. The jitted steps gather each micro-batch's rows on the device
+(`vision.rows_of_images`), so rows can still be split into micro-batches and sharded freely, while
+the host holds and transfers 1/n of the pixels (n responses per prompt).
 
 With several processes each builds the rows of its own prompts; the buckets come from maxima over
 all processes (`batch_extents` → `pr1.distributed.max_over_processes`), so every process builds the
@@ -23,20 +29,22 @@ from pr1 import distributed
 from pr1.models.config import Qwen25VLConfig
 from pr1.models.generation import Completion, Prompt
 from pr1.models.rope import decode_position_ids, rope_index
-from pr1.models.vision import batched_vision_inputs, patch_bucket, patch_slots
+from pr1.models.vision import IMAGE_KEYS, batched_vision_inputs, patch_bucket, patch_slots
 from pr1.rollout.sampler import bucket
 from pr1.train import step as step_lib
 
 
 def batch_extents(
     prompts: Sequence[Prompt], completions: Sequence[Completion], config: Qwen25VLConfig
-) -> tuple[int, int, int]:
-    """(longest prompt, most image patch slots of a prompt, longest completion) over `completions`."""
+) -> tuple[int, int, int, int]:
+    """(longest prompt, most image patch slots of a prompt, longest completion, distinct prompts) over
+    `completions`."""
     rows = [prompts[c.prompt_index] for c in completions]
     return (
         max((len(p.input_ids) for p in rows), default=0),
         max((patch_slots(p.image_grid_thw, config.vision) for p in rows), default=0),
         max((len(c.token_ids) for c in completions), default=0),
+        len({c.prompt_index for c in completions}),
     )
 
 
@@ -50,17 +58,18 @@ def learner_batch(
     min_prompt_bucket: int = 64,
     min_patch_bucket: int = 256,
     min_response_bucket: int = 64,
-    extents: tuple[int, ...] = (0, 0, 0),
+    extents: tuple[int, ...] = (0, 0, 0, 0),
     pixel_dtype=np.float32,
 ) -> dict[str, np.ndarray]:
     """The batch of `pr1.train.step` (without old_logprobs / advantages) for `completions`.
 
-    `extents`: at least this (longest prompt, most patch slots, longest completion) is padded for;
-    several processes pass the maxima over all of them (see `batch_extents`), so they all reach the
-    same buckets. `pixel_dtype`: bf16 (ml_dtypes) when the model computes in bf16.
+    `extents`: at least this (longest prompt, most patch slots, longest completion, distinct
+    prompts) is padded for; several processes pass the maxima over all of them (see
+    `batch_extents`), so they all reach the same buckets and image counts. `pixel_dtype`: bf16
+    (ml_dtypes) when the model computes in bf16.
     """
     rows = len(completions)
-    longest, most_patches, longest_response = (tuple(extents) + (0, 0, 0))[:3]
+    longest, most_patches, longest_response, most_images = (tuple(extents) + (0, 0, 0, 0))[:4]
     prompt_len = bucket(
         max([longest] + [len(prompts[c.prompt_index].input_ids) for c in completions]), min_prompt_bucket
     )
@@ -104,25 +113,60 @@ def learner_batch(
             max([most_patches] + [patch_slots(p.image_grid_thw, config.vision) for p in row_prompts]),
             min_patch_bucket,
         )
+        # One image entry per distinct prompt (a prompt without an image gets an empty one), padded
+        # with empty entries to the image count every process agreed on.
+        distinct = sorted({c.prompt_index for c in completions})
+        entry = {p: i for i, p in enumerate(distinct)}
+        pad = max(most_images - len(distinct), 0)
         batch.update(
             batched_vision_inputs(
-                [p.pixel_values for p in row_prompts],
-                [p.image_grid_thw for p in row_prompts],
+                [prompts[p].pixel_values for p in distinct] + [None] * pad,
+                [prompts[p].image_grid_thw for p in distinct] + [None] * pad,
                 config.vision,
                 num_patches=patches,
                 dtype=pixel_dtype,
             )
         )
+        batch["image_index"] = np.asarray([entry[c.prompt_index] for c in completions], np.int32)
     return batch
+
+
+def has_shared_images(batch: dict) -> bool:
+    """Whether `batch` stores its images once per prompt (`image_index` present) rather than per row."""
+    return "image_index" in batch
 
 
 def on_mesh(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
     """The global arrays of a learner batch whose process-local rows are `batch`, sharded as the jitted
     steps take them (`step.batch_sharding`); with several processes, process p's rows are its block
-    [p·L, (p+1)·L) of the global batch."""
+    [p·L, (p+1)·L) of the global batch, and its images the block [p·I, (p+1)·I) of the images (each
+    process's `image_index` is moved to it)."""
+    if has_shared_images(batch):
+        batch = _images_on_mesh(batch, mesh)
     shapes = {
         k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + v.shape[1:], v.dtype)
         for k, v in batch.items()
     }
     shardings = step_lib.batch_sharding(mesh, shapes)
     return {k: distributed.global_array_from_local(v, shardings[k]) for k, v in batch.items()}
+
+
+def _images_on_mesh(batch: dict, mesh: jax.sharding.Mesh) -> dict:
+    """Pad the process's image entries to a multiple of its batch devices (so they shard like rows:
+    each device holds about its own rows' images) and offset `image_index` to the global entries.
+    Every process has the same entry count (`batch_extents`), so the padded counts agree too."""
+    devices = int(np.prod([mesh.shape.get(a, 1) for a in step_lib.BATCH_AXES]))
+    local_devices = max(devices // jax.process_count(), 1)
+    count = batch["pixel_values"].shape[0]
+    padded = -(-count // local_devices) * local_devices
+    out = dict(batch)
+    if padded != count:
+        for key in IMAGE_KEYS:
+            value = batch[key]
+            # Padding entries are empty images: zero pixels, segment ids -1 (never attended).
+            fill = -1 if key in ("frame_ids", "window_ids") else 0
+            out[key] = np.concatenate(
+                [value, np.full((padded - count,) + value.shape[1:], fill, value.dtype)], axis=0
+            )
+    out["image_index"] = (batch["image_index"] + jax.process_index() * padded).astype(np.int32)
+    return out

@@ -207,11 +207,15 @@ def _mini_batches(batch: dict, k: int, mesh) -> list[dict]:
     if k == 1:
         return [batch]
     size = batch["input_ids"].shape[0] // k
+    # Images stored once per prompt go whole to every mini-batch (its rows index them).
+    shared = step_lib.shared_images(batch)
+    rows = {key: v for key, v in batch.items() if key not in shared}
     shardings = step_lib.batch_sharding(
-        mesh, {key: jax.ShapeDtypeStruct((size,) + v.shape[1:], v.dtype) for key, v in batch.items()}
+        mesh, {key: jax.ShapeDtypeStruct((size,) + v.shape[1:], v.dtype) for key, v in rows.items()}
     )
     return [
-        {key: jax.device_put(v[i * size : (i + 1) * size], shardings[key]) for key, v in batch.items()}
+        {key: jax.device_put(v[i * size : (i + 1) * size], shardings[key]) for key, v in rows.items()}
+        | shared
         for i in range(k)
     ]
 

@@ -8,8 +8,11 @@ Batch layout (every array has the sequence axis first, so one rule shards and sp
   old_logprobs [B, T]             behaviour-policy logprobs at the same positions
   advantages [B]                  one per response (GRPO)
   optional: ref_logprobs [B, T], rollout_logprobs [B, T] (for truncated importance sampling), and
-  per-row images from `vision.batched_vision_inputs`: pixel_values [B, P, D], hw_position_ids
-  [B, P, 2], frame_ids [B, P], window_ids [B, P], feature_index [B, P / 4].
+  images from `vision.batched_vision_inputs`: pixel_values [I, P, D], hw_position_ids [I, P, 2],
+  frame_ids [I, P], window_ids [I, P], feature_index [I, P / 4], either per row (I = B) or once per
+  prompt with image_index [B] (row b uses image entry image_index[b]; `pr1.train.batch`). Shared
+  images are not split into micro-batches: every micro-batch gathers its own rows' images on the
+  device (`vision.rows_of_images`), so the device holds the same pixels per micro-batch either way.
 B is sharded over the ('data', 'fsdp') mesh axes. Micro-batch j takes rows j, j+k, j+2k, ... so every
 device keeps working on its own rows, and the token-mean loss is normalized by the whole batch's
 token count, which makes k micro-batches exactly one big batch.
@@ -25,7 +28,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pr1.models.attention import in_mesh
-from pr1.models.vision import LAYOUT_KEYS
+from pr1.models.vision import IMAGE_KEYS, LAYOUT_KEYS, rows_of_images
 from pr1.rl import grpo
 from pr1.train.state import ModelDef, TrainState
 
@@ -78,7 +81,13 @@ def batch_sharding(mesh: Mesh, batch: dict) -> dict:
     axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
     size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
     out = {}
+    shared = shared_images(batch)
     for key, value in batch.items():
+        if key in shared and value.shape[0] % size:
+            # Images stored once per prompt need not divide the devices (`batch.on_mesh` pads them so
+            # they do); a count that does not is replicated, and each micro-batch gathers its rows.
+            out[key] = NamedSharding(mesh, PartitionSpec())
+            continue
         if value.shape[0] % size:
             raise ValueError(
                 f"batch['{key}'] has {value.shape[0]} rows, which does not divide the {size} "
@@ -86,6 +95,19 @@ def batch_sharding(mesh: Mesh, batch: dict) -> dict:
             )
         out[key] = NamedSharding(mesh, PartitionSpec(axes if axes else None))
     return out
+
+
+def shared_images(batch: dict) -> dict:
+    """The batch's image arrays stored once per prompt (rows index them by `image_index`), which are
+    passed whole to every micro-batch instead of being split by row; {} for per-row images."""
+    if "image_index" not in batch:
+        return {}
+    return {k: batch[k] for k in IMAGE_KEYS if k in batch}
+
+
+def _row_arrays(batch: dict) -> dict:
+    shared = shared_images(batch)
+    return {k: v for k, v in batch.items() if k not in shared}
 
 
 def _split(x: jax.Array, k: int) -> jax.Array:
@@ -110,6 +132,8 @@ def _forward_logprobs(
     # The master params (fp32) are cast to the compute dtype here, inside the program: activations
     # and matmuls run in it, the gradient of the cast returns to the masters in fp32.
     model = model_def.bind(model_def.compute_params(params))
+    if "image_index" in mb:  # images stored once per prompt: this micro-batch's rows' images
+        mb = dict(mb, **rows_of_images(mb, mb["image_index"]))
     pixel_values = mb.get("pixel_values")
     layout = {k: mb[k] for k in _VISION_KEYS} if pixel_values is not None else None
     # Image features go to the prompt's image-pad tokens only: one the policy sampled in its response
@@ -168,15 +192,16 @@ def make_logprob_step(
     model_def: ModelDef, cfg: ml_collections.ConfigDict, param_shardings, mesh: Mesh, example_batch: dict
 ):
     """jit(params, batch) -> logprobs [B, T] (old or reference policy), in micro-batches."""
-    rows = next(iter(example_batch.values())).shape[0]
+    rows = example_batch["input_ids"].shape[0]
     k = micro_batch_count(cfg, rows, mesh)
     _check_micro_batches(rows, k)
 
     def step(params, batch):
-        micro = jax.tree.map(lambda x: _split(x, k), batch)
+        shared = shared_images(batch)
+        micro = jax.tree.map(lambda x: _split(x, k), _row_arrays(batch))
         lps = jax.lax.map(
             lambda mb: _forward_logprobs(
-                model_def, params, mb, cfg.temperature, False, chunk=cfg.logprob_chunk
+                model_def, params, dict(mb, **shared), cfg.temperature, False, chunk=cfg.logprob_chunk
             )[0],
             micro,
         )
@@ -217,7 +242,7 @@ def make_update_step(
     A non-finite loss or gradient norm leaves the state unchanged (metrics say so; `check_finite`
     turns that into an error on the host). The input state's buffers are donated.
     """
-    rows = next(iter(example_batch.values())).shape[0]
+    rows = example_batch["input_ids"].shape[0]
     k = micro_batch_count(cfg, rows, mesh)
     _check_micro_batches(rows, k)
     if cfg.loss_agg == "seq-mean-token-sum-norm" and cfg.horizon is None:
@@ -263,10 +288,11 @@ def make_update_step(
             batch = dict(
                 batch, loss_weights=grpo.chunk_token_weights(batch["loss_mask"], cfg.loss_chunk_responses)
             )
-        micro = jax.tree.map(lambda x: _split(x, k), batch)
+        shared = shared_images(batch)
+        micro = jax.tree.map(lambda x: _split(x, k), _row_arrays(batch))
 
         def body(acc, mb):
-            (_, metrics), grads = grad_fn(state.params, mb, num_tokens, num_sequences)
+            (_, metrics), grads = grad_fn(state.params, dict(mb, **shared), num_tokens, num_sequences)
             acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
             metrics["_tokens"] = (mb["loss_mask"] != 0).sum().astype(jnp.float32)
             return acc, metrics
