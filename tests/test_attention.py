@@ -37,11 +37,14 @@ def test_blockwise_equals_xla_with_segments(causal, heads):
     h, kvh = heads
     q, k, v = _inputs(0, 2, 300, 300, h, kvh, 16)
     seg = _segments(2, 300)
+
     # Block sizes that do not divide T, and query blocks larger than key blocks, so the padding and the
     # causal block skipping are both exercised.
-    run = lambda impl: attn.attention(
-        q, k, v, causal=causal, segment_ids=seg, implementation=impl, block_q=64, block_k=48
-    )
+    def run(impl):
+        return attn.attention(
+            q, k, v, causal=causal, segment_ids=seg, implementation=impl, block_q=64, block_k=48
+        )
+
     want, got = run("xla"), run("blockwise")
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
     # Padding queries give zeros in both.
@@ -76,18 +79,21 @@ def test_blockwise_cached_queries_with_offset(offset):
     q, k, v = _inputs(3, 2, 90, 320, 4, 2, 16)
     kv_seg = _segments(2, 320)
     q_seg = jnp.zeros((2, 90), jnp.int32)
-    run = lambda impl, off: attn.attention(
-        q,
-        k,
-        v,
-        causal=True,
-        q_segment_ids=q_seg,
-        kv_segment_ids=kv_seg,
-        q_offset=off,
-        implementation=impl,
-        block_q=32,
-        block_k=64,
-    )
+
+    def run(impl, off):
+        return attn.attention(
+            q,
+            k,
+            v,
+            causal=True,
+            q_segment_ids=q_seg,
+            kv_segment_ids=kv_seg,
+            q_offset=off,
+            implementation=impl,
+            block_q=32,
+            block_k=64,
+        )
+
     want = run("xla", offset)
     got = jax.jit(lambda off: run("blockwise", off))(jnp.int32(offset))  # a traced offset (cache index)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
@@ -120,7 +126,9 @@ def test_blockwise_memory_grows_linearly_in_t(grad):
         return jax.grad(lambda q, k, v: fwd(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
 
     def temps(impl, t):
-        s = lambda heads: jax.ShapeDtypeStruct((1, t, heads, 64), jnp.bfloat16)
+        def s(heads):
+            return jax.ShapeDtypeStruct((1, t, heads, 64), jnp.bfloat16)
+
         return _temporaries(program(impl), s(8), s(2), s(2))
 
     block = temps("blockwise", 4096), temps("blockwise", 8192)
@@ -152,7 +160,10 @@ def test_impossible_choice_names_the_config_key(name, backend):
 def test_cudnn_equals_xla_on_gpu():
     q, k, v = _inputs(5, 2, 512, 512, 8, 2, 64, jnp.bfloat16)
     seg = _segments(2, 512)
-    run = lambda impl: attn.attention(q, k, v, causal=True, segment_ids=seg, implementation=impl)
+
+    def run(impl):
+        return attn.attention(q, k, v, causal=True, segment_ids=seg, implementation=impl)
+
     np.testing.assert_allclose(
         np.asarray(run("cudnn"), np.float32), np.asarray(run("xla"), np.float32), rtol=0, atol=2e-2
     )
@@ -204,3 +215,49 @@ def test_splash_compiles_for_a_tpu_topology():
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "causal compiled True" in out.stdout and "full compiled True" in out.stdout, out.stdout
+
+
+def _decode_inputs(seed, p=2, n=3, tp=11, m=20, h=6, kvh=2, d=8):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.normal(size=(p * n, 1, h, d)), jnp.float32)
+    pk, pv = (jnp.asarray(rng.normal(size=(p, tp, kvh, d)), jnp.float32) for _ in range(2))
+    seg = np.zeros((p, tp), np.int32)
+    seg[1, :4] = -1  # prompt 1 is left-padded
+    rk, rv = (jnp.asarray(rng.normal(size=(p * n, m, kvh, d)), jnp.float32) for _ in range(2))
+    return q, pk, pv, jnp.asarray(seg), rk, rv
+
+
+def _dense_decode_reference(q, pk, pv, seg, rk, rv, length, n):
+    """Each sample's query against its prompt's keys repeated for it and its filled response slots."""
+    keys = jnp.concatenate([jnp.repeat(pk, n, axis=0), rk[:, :length]], axis=1)
+    values = jnp.concatenate([jnp.repeat(pv, n, axis=0), rv[:, :length]], axis=1)
+    kv_seg = jnp.concatenate([jnp.repeat(seg, n, axis=0), jnp.zeros((rk.shape[0], length), jnp.int32)], 1)
+    q_seg = jnp.zeros((q.shape[0], 1), jnp.int32)
+    return attn.attention(
+        q, keys, values, causal=False, q_segment_ids=q_seg, kv_segment_ids=kv_seg, implementation="xla"
+    )
+
+
+@pytest.mark.parametrize("length", [1, 6, 7, 13, 20])
+@pytest.mark.parametrize("block", [None, 6, 7])  # 20 slots: blocks that do not divide the cache
+def test_shared_prefix_decode_attention_equals_dense(length, block):
+    q, pk, pv, seg, rk, rv = _decode_inputs(0)
+    want = _dense_decode_reference(q, pk, pv, seg, rk, rv, length, n=3)
+    fn = jax.jit(lambda *a: attn.shared_prefix_attention(*a, n=3, block=block))
+    got = fn(q, pk, pv, seg, rk, rv, jnp.int32(length))  # a traced length: one program for every step
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("length", [1, 6, 9])
+def test_blockwise_decode_reads_only_the_filled_blocks(length):
+    """Slots in blocks past the filled length are never read: NaN there leaves the output finite and
+    equal to the reference (the dense path multiplies them by zero weights, so NaN would show)."""
+    q, pk, pv, seg, rk, rv = _decode_inputs(1)
+    block = 6
+    first_unread = -(-length // block) * block
+    poison = lambda x: x.at[:, first_unread:].set(jnp.nan)  # noqa: E731
+    got = attn.shared_prefix_attention(q, pk, pv, seg, poison(rk), poison(rv), length, n=3, block=block)
+    want = _dense_decode_reference(q, pk, pv, seg, rk, rv, length, n=3)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    dense = attn.shared_prefix_attention(q, pk, pv, seg, poison(rk), poison(rv), length, n=3)
+    assert np.isnan(np.asarray(dense)).any()  # the poison is real: a full read sees it

@@ -10,6 +10,7 @@ from scipy import stats
 
 from pr1 import sharding
 from pr1.data.processor import Processor
+from pr1.models import attention as attention_lib
 from pr1.models.config import Qwen25VLConfig
 from pr1.models.generation import Prompt, SamplingParams, default_stop_token_ids
 from pr1.models.model_def import ModelDef
@@ -111,10 +112,13 @@ def test_greedy_equals_transformers_generate(setup, which):
     assert len({tuple(c.token_ids) for c in got}) == len(chosen) or len(chosen) == 1
 
 
-def test_greedy_equals_transformers_generate_with_prefill_chunks(setup):
-    """Prefill one prompt at a time (chunks smaller than the batch), blockwise attention: still generate's tokens."""
+def test_greedy_equals_transformers_generate_with_prefill_chunks(setup, monkeypatch):
+    """Prefill one prompt at a time (chunks smaller than the batch), blockwise attention, decode steps
+    reading the response cache in blocks of 3 of its 8 slots (only the filled ones): still generate's
+    tokens."""
     import dataclasses
 
+    monkeypatch.setattr(attention_lib, "DECODE_BLOCK", 3)
     ref, path, config, processor, prompts = setup
     want = hf_greedy(ref, processor, prompts, MAX_NEW)
     engine = engine_for(
@@ -188,7 +192,9 @@ def learner_logprobs(path, config, prompts, completions, n, temperature):
     return [lp[i, length - len(c.token_ids) :] for i, (_, c) in enumerate(rows)]
 
 
-def test_sampled_logprobs_equal_learner_logprobs(setup):
+@pytest.mark.parametrize("decode_block", [256, 3], ids=["one_block", "blocks_of_3"])
+def test_sampled_logprobs_equal_learner_logprobs(setup, monkeypatch, decode_block):
+    monkeypatch.setattr(attention_lib, "DECODE_BLOCK", decode_block)  # auto = blockwise on CPU
     _, path, config, processor, prompts = setup
     engine = engine_for(path, config, processor, one_device())
     sampling = SamplingParams(temperature=0.7, top_p=0.9, top_k=50, max_new_tokens=MAX_NEW, seed=3)

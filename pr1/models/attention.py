@@ -45,6 +45,9 @@ _DENSE_BELOW = 128
 # models run through several blocks).
 BLOCK_Q = 512
 BLOCK_K = 512
+# Response-cache slots per key block of a blockwise decode step (`shared_prefix_attention`): a step
+# reads only the blocks that hold filled slots.
+DECODE_BLOCK = 256
 
 
 class AttentionConfigError(ValueError):
@@ -155,8 +158,7 @@ def blockwise_attention(
 ):
     """Flash attention without a [Tq, Tk] array (see the module docstring); arguments as `attention`'s,
     segment ids required, q_offset an int32 scalar (may be traced)."""
-    b, tq, h, d = q.shape
-    tk, kvh = k.shape[1], k.shape[2]
+    tq, tk = q.shape[1], k.shape[1]
     nq, nk = -(-tq // block_q), -(-tk // block_k)
     pad_q, pad_k = nq * block_q - tq, nk * block_k - tk
     # Padding queries/keys get segment -1: never attend, never attended; sliced off at the end.
@@ -243,10 +245,10 @@ def _flash_fwd(q, k, v, q_seg, kv_seg, q_offset, causal, block_q, block_k):
             jnp.zeros((b, kvh, g, block_q, d), jnp.float32),
         )
         hi = _key_block_range(i, causal, q_offset, block_q, block_k, nk)
-        m, l, acc = jax.lax.fori_loop(0, hi, step, init)
-        out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+        m, total, acc = jax.lax.fori_loop(0, hi, step, init)
+        out = acc / jnp.where(total > 0, total, 1.0)[..., None]
         # Rows that attend nothing: output 0, lse +inf (their probabilities are exp(s - inf) = 0).
-        lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)
+        lse = jnp.where(total > 0, m + jnp.log(jnp.where(total > 0, total, 1.0)), jnp.inf)
         return out, lse
 
     out, lse = jax.lax.map(per_query_block, (jnp.arange(nq), qb, qsb))
@@ -358,7 +360,8 @@ def _splash(q, k, v, q_seg, kv_seg, causal, q_offset):
         )
     if q.shape[1] % 128 or k.shape[1] % 128:
         raise ValueError(
-            f"model.attention='splash' needs lengths that are multiples of 128, got {q.shape[1]} x {k.shape[1]}"
+            "model.attention='splash' needs lengths that are multiples of 128, got "
+            f"{q.shape[1]} x {k.shape[1]}"
         )
     local = functools.partial(_splash_local, causal=causal, q_offset=int(q_offset))
     mesh = jax.sharding.get_abstract_mesh()
@@ -412,48 +415,97 @@ def in_mesh(fn, mesh):
 
 
 def shared_prefix_attention(
-    q, prompt_k, prompt_v, prompt_segment_ids, response_k, response_v, response_valid, *, n: int
+    q,
+    prompt_k,
+    prompt_v,
+    prompt_segment_ids,
+    response_k,
+    response_v,
+    response_length,
+    *,
+    n: int,
+    block: int | None = None,
 ):
     """One decode query per sample against its prompt's keys (shared by the prompt's n samples, never
     repeated) and its own response keys, under a single fp32 softmax.
 
     q [P·n, 1, H, D] (rows p·n .. p·n+n-1 are prompt p's samples); prompt_k/v [P, Tp, KVH, D] with
-    prompt_segment_ids [P, Tp] (-1 padding); response_k/v [P·n, M, KVH, D] with response_valid
-    [P·n, M] bool. Dense: a decode step's scores are [P·n, H, Tp + M], linear in the cache length.
+    prompt_segment_ids [P, Tp] (-1 padding); response_k/v [P·n, M, KVH, D], of which the first
+    `response_length` slots (an int32 scalar, may be traced) are filled.
+
+    `block` None: dense, scores [P·n, H, Tp + M] over every response slot. `block` b: the response
+    cache is read in key blocks of b slots with an online softmax, and only the ceil(length / b)
+    blocks that hold filled slots are read (a loop of traced length over a static cache shape), so
+    a step early in a long response costs the prompt plus one block, not the whole cache.
     """
     rows, _, h, d = q.shape
-    p, tp, kvh = prompt_k.shape[0], prompt_k.shape[1], prompt_k.shape[2]
+    p, kvh = prompt_k.shape[0], prompt_k.shape[2]
+    m_slots = response_k.shape[1]
     g = h // kvh
     scale = d**-0.5
     qg = q.reshape(p, n, kvh, g, d)
+    length = jnp.asarray(response_length, jnp.int32)
     s_p = (
         jnp.einsum("pnhgd,pkhd->pnhgk", qg, prompt_k.astype(q.dtype), preferred_element_type=jnp.float32)
         * scale
     )
-    s_r = (
-        jnp.einsum(
-            "pnhgd,pnkhd->pnhgk",
-            qg,
-            response_k.astype(q.dtype).reshape(p, n, -1, kvh, d),
+    s_p = jnp.where((prompt_segment_ids >= 0)[:, None, None, None, :], s_p, -jnp.inf)
+    response_k = response_k.reshape(p, n, m_slots, kvh, d)
+    response_v = response_v.reshape(p, n, m_slots, kvh, d)
+
+    def response_scores(k_blk):
+        return (
+            jnp.einsum("pnhgd,pnkhd->pnhgk", qg, k_blk.astype(q.dtype), preferred_element_type=jnp.float32)
+            * scale
+        )
+
+    def weighted(e, v_blk):
+        return jnp.einsum(
+            "pnhgk,pnkhd->pnhgd", e.astype(q.dtype), v_blk.astype(q.dtype), preferred_element_type=jnp.float32
+        )
+
+    if block is None or block >= m_slots:
+        s_r = jnp.where(jnp.arange(m_slots) < length, response_scores(response_k), -jnp.inf)
+        m = jnp.maximum(s_p.max(-1), s_r.max(-1))
+        m = jnp.where(jnp.isfinite(m), m, 0.0)[..., None]
+        e_p, e_r = jnp.exp(s_p - m), jnp.exp(s_r - m)
+        denom = e_p.sum(-1) + e_r.sum(-1)
+        out = jnp.einsum(
+            "pnhgk,pkhd->pnhgd",
+            e_p.astype(q.dtype),
+            prompt_v.astype(q.dtype),
+            preferred_element_type=jnp.float32,
+        ) + weighted(e_r, response_v)
+    else:
+        # Online softmax: the prompt's scores start it, then each filled response block joins.
+        m = s_p.max(-1)
+        shift = jnp.where(jnp.isfinite(m), m, 0.0)
+        e_p = jnp.exp(s_p - shift[..., None])
+        denom = e_p.sum(-1)
+        acc = jnp.einsum(
+            "pnhgk,pkhd->pnhgd",
+            e_p.astype(q.dtype),
+            prompt_v.astype(q.dtype),
             preferred_element_type=jnp.float32,
         )
-        * scale
-    )
-    mask_p = (prompt_segment_ids >= 0)[:, None, None, None, :]
-    mask_r = jnp.broadcast_to(response_valid, (rows, response_k.shape[1])).reshape(p, n, 1, 1, -1)
-    s_p = jnp.where(mask_p, s_p, -jnp.inf)
-    s_r = jnp.where(mask_r, s_r, -jnp.inf)
-    m = jnp.maximum(s_p.max(-1), s_r.max(-1))
-    m = jnp.where(jnp.isfinite(m), m, 0.0)[..., None]
-    e_p, e_r = jnp.exp(s_p - m), jnp.exp(s_r - m)
-    denom = e_p.sum(-1) + e_r.sum(-1)
-    out = jnp.einsum(
-        "pnhgk,pkhd->pnhgd", e_p.astype(q.dtype), prompt_v.astype(q.dtype), preferred_element_type=jnp.float32
-    ) + jnp.einsum(
-        "pnhgk,pnkhd->pnhgd",
-        e_r.astype(q.dtype),
-        response_v.astype(q.dtype).reshape(p, n, -1, kvh, d),
-        preferred_element_type=jnp.float32,
-    )
+
+        def step(j, carry):
+            m_prev, denom, acc = carry
+            # The last block may overhang the cache: its start is pulled back to fit (dynamic_slice
+            # would clamp it anyway) and the slots an earlier block already covered are masked.
+            start = jnp.minimum(j * block, m_slots - block)
+            slots = start + jnp.arange(block)
+            keep = (slots >= j * block) & (slots < length)
+            k_blk = jax.lax.dynamic_slice_in_dim(response_k, start, block, axis=2)
+            v_blk = jax.lax.dynamic_slice_in_dim(response_v, start, block, axis=2)
+            s = jnp.where(keep, response_scores(k_blk), -jnp.inf)
+            m_new = jnp.maximum(m_prev, s.max(-1))
+            shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            corr = jnp.exp(jnp.where(jnp.isfinite(m_prev), m_prev, 0.0) - shift)
+            e = jnp.exp(s - shift[..., None])
+            return m_new, denom * corr + e.sum(-1), acc * corr[..., None] + weighted(e, v_blk)
+
+        filled_blocks = jnp.clip((length + block - 1) // block, 0, -(-m_slots // block))
+        _, denom, out = jax.lax.fori_loop(0, filled_blocks, step, (m, denom, acc))
     out = out / jnp.where(denom > 0, denom, 1.0)[..., None]
     return out.reshape(rows, 1, h, d).astype(q.dtype)

@@ -8,15 +8,17 @@ The sampler keeps two caches per layer:
                  decode step's slot (dynamic_update_slice into the loop-carried buffer).
 A decode query of sample s of prompt p attends to prompt p's keys (read through a [P, n, ...] view of
 the queries, never repeated) and to its own response keys, under one softmax
-(`attention.shared_prefix_attention`). Rows p·n .. p·n+n-1 are prompt p's samples.
+(`attention.shared_prefix_attention`). Rows p·n .. p·n+n-1 are prompt p's samples. With blockwise
+attention a step reads only the response-cache blocks that hold filled slots (`attention.DECODE_BLOCK`
+slots each), so early steps of a long response do not read the whole cache.
 """
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
-from pr1.models.attention import shared_prefix_attention
+from pr1.models import attention as attention_lib
+from pr1.models.attention import resolve, shared_prefix_attention
 from pr1.models.rope import mrope_cos_sin
 
 
@@ -33,8 +35,9 @@ def decode_step(
     t = model.config.text
     x = model.embed_tokens(tokens[:, None])
     cos, sin = mrope_cos_sin(position_ids, t.head_dim, t.rope_theta, t.mrope_section)
-    slots = response_cache["k"].shape[2]
-    response_valid = jnp.arange(slots)[None, :] <= step  # this step's slot included
+    # The blockwise path reads only the response blocks with filled slots; the dense one (xla, and the
+    # kernels' short-length fallback) reads them all, masked.
+    block = attention_lib.DECODE_BLOCK if resolve(model.config.attention) == "blockwise" else None
     k_all, v_all = response_cache["k"], response_cache["v"]
     for i, layer in enumerate(model.layers):
         attn = layer.self_attn
@@ -49,8 +52,9 @@ def decode_step(
             prompt_segment_ids,
             k_all[i],
             v_all[i],
-            response_valid,
+            step + 1,  # this step's slot included
             n=n,
+            block=block,
         )
         x = x + attn.o_proj(out.reshape(out.shape[0], 1, -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
