@@ -261,3 +261,54 @@ def test_blockwise_decode_reads_only_the_filled_blocks(length):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
     dense = attn.shared_prefix_attention(q, pk, pv, seg, poison(rk), poison(rv), length, n=3)
     assert np.isnan(np.asarray(dense)).any()  # the poison is real: a full read sees it
+
+
+def _runs(b, t):
+    """One real run per row: right padding, left padding, both, none, and a row of padding only."""
+    seg = np.full((b, t), -1, np.int32)
+    for row, (start, end) in enumerate([(0, t - 5), (7, t), (3, t - 9), (0, t), (0, 0)][:b]):
+        seg[row, start:end] = 0
+    return jnp.asarray(seg)
+
+
+def test_cudnn_arguments_pass_lengths_for_contiguous_rows_and_a_mask_otherwise():
+    """The dispatch of the cudnn path, checked on CPU by calling the argument builder directly (the
+    cuDNN kernel itself needs an NVIDIA GPU and is not run here)."""
+    q, k, v = _inputs(7, 5, 40, 40, 4, 2, 8)
+    seg = _runs(5, 40)
+    q2, k2, v2, kwargs, restore = attn.cudnn_arguments(q, k, v, seg, seg, True, 0, True)
+    assert set(kwargs) == {"is_causal", "query_seq_lengths", "key_value_seq_lengths"} and kwargs["is_causal"]
+    np.testing.assert_array_equal(kwargs["query_seq_lengths"], [35, 33, 28, 40, 0])
+    np.testing.assert_array_equal(kwargs["key_value_seq_lengths"], kwargs["query_seq_lengths"])
+    # Each row's real run now starts at slot 0 (row 1 had 7 slots of left padding), and restore undoes it.
+    np.testing.assert_array_equal(k2[1, :33], k[1, 7:])
+    np.testing.assert_array_equal(q2[2, :28], q[2, 3:31])
+    np.testing.assert_array_equal(restore(q2), q)
+    # Segments, a cached step (offset, or a traced one) or no promise of contiguity: a dense mask.
+    for args in [
+        (seg, seg, True, 0, False),  # not promised contiguous
+        (seg, seg, True, 5, True),  # cached: queries are not the keys' own positions
+    ]:
+        *_, kwargs, restore = attn.cudnn_arguments(q, k, v, *args)
+        assert set(kwargs) == {"mask"} and kwargs["mask"].shape == (5, 1, 40, 40)
+        assert restore(q) is q
+    kinds = []  # a traced offset (a cache index) cannot be known to be 0: a mask
+    jax.jit(lambda off: kinds.append(set(attn.cudnn_arguments(q, k, v, seg, seg, True, off, True)[3])))(0)
+    assert kinds == [{"mask"}]
+    q_short = q[:, :20]
+    *_, kwargs, _ = attn.cudnn_arguments(q_short, k, v, seg[:, :20], seg, False, 0, True)
+    assert set(kwargs) == {"mask"}  # Tq != Tk
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_cudnn_arguments_give_the_reference_attention_through_jax_xla(causal, contiguous):
+    """The same arguments through jax.nn.dot_product_attention's XLA implementation (which takes the
+    lengths too) equal our dense reference: rotation, lengths and masks mean what they should."""
+    q, k, v = _inputs(8, 5, 40, 40, 6, 2, 8)
+    seg = _runs(5, 40)
+    want = attn.attention(q, k, v, causal=causal, segment_ids=seg, implementation="xla")
+    got = attn._cudnn(q, k, v, seg, seg, causal, 0, contiguous, implementation="xla")
+    real = np.asarray(seg >= 0)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got)[~real], 0)

@@ -17,8 +17,11 @@ Implementations (`model.attention` in the training config, `Qwen25VLConfig.atten
              a hand-written backward that recomputes the blocks, so neither pass holds more than one
              [B, H, block_q, block_k] score block per step and memory grows linearly in T. Causal
              masks skip the key blocks above the diagonal. Runs everywhere; the CPU path and fallback.
-  cudnn      jax.nn.dot_product_attention(implementation="cudnn") (NVIDIA GPUs). Segment ids become a
-             dense [B, 1, Tq, Tk] bool mask (cuDNN takes lengths, not left padding or segments).
+  cudnn      jax.nn.dot_product_attention(implementation="cudnn") (NVIDIA GPUs). cuDNN takes sequence
+             lengths (padding at the end), not segments: with `contiguous=True` (each row's real tokens
+             one run of one segment, padding only before and/or after it, as the learner's rows and
+             left-padded prompts are) the rows are rotated so the run starts at slot 0 and lengths are
+             passed; otherwise segment ids become a dense [B, 1, Tq, Tk] bool mask (`cudnn_arguments`).
   splash     the Pallas TPU splash-attention kernel with segment ids (TPU only); GQA through its MQA
              kernel vmapped over the KV heads. Needs Tq, Tk multiples of 128 and a static q_offset.
   auto       splash on TPU, cudnn on GPU, otherwise blockwise.
@@ -95,11 +98,14 @@ def attention(
     implementation: str = "xla",
     block_q: int | None = None,
     block_k: int | None = None,
+    contiguous: bool = False,
 ):
     """Softmax attention [B, Tq, H, D]; see the module docstring for the mask and the implementations.
 
     `segment_ids` sets both q_ and kv_segment_ids (self-attention). Softmax and accumulation run in
-    fp32 whatever the input dtype; the output has q's dtype.
+    fp32 whatever the input dtype; the output has q's dtype. `contiguous`: the caller promises that
+    every row's real tokens are one run of segment 0 (padding -1 only before and after it) with the
+    same layout for queries and keys; the cudnn path then passes sequence lengths instead of a mask.
     """
     if segment_ids is not None:
         q_segment_ids = kv_segment_ids = segment_ids
@@ -134,7 +140,7 @@ def attention(
             block_k=min(block_k or BLOCK_K, _round_up(tk, 8)),
         )
     if impl == "cudnn":
-        return _cudnn(q, k, v, q_segment_ids, kv_segment_ids, causal, q_offset)
+        return _cudnn(q, k, v, q_segment_ids, kv_segment_ids, causal, q_offset, contiguous)
     return _splash(q, k, v, q_segment_ids, kv_segment_ids, causal, q_offset)
 
 
@@ -341,10 +347,42 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # -- backend kernels -------------------------------------------------------------------------------
 
 
-def _cudnn(q, k, v, q_seg, kv_seg, causal, q_offset):
-    """cuDNN flash attention; the mask is dense because cuDNN has no segment ids or left padding."""
-    mask = _allowed(q_seg, kv_seg, causal, q_offset, q.shape[1], k.shape[1])[:, None]
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+def cudnn_arguments(q, k, v, q_seg, kv_seg, causal, q_offset, contiguous):
+    """(q, k, v, keyword arguments of jax.nn.dot_product_attention, restore) for the cudnn path.
+
+    Sequence lengths, no mask, when `contiguous` (see `attention`) and the queries are the keys'
+    own positions (q_offset 0 and Tq == Tk, i.e. not a cached step): each row is rotated left by
+    its leading padding, so its real run [start, start + length) moves to [0, length) and the
+    padding is all at the end; causal order within the run is unchanged (positions are already in
+    q and k through RoPE). `restore` rotates the output back. Otherwise a dense bool mask from the
+    segment ids (cuDNN has no segments and no left padding) and `restore` is the identity.
+    """
+    tq, tk = q.shape[1], k.shape[1]
+    static_zero = not isinstance(q_offset, jax.core.Tracer) and int(q_offset) == 0
+    if contiguous and static_zero and tq == tk:
+        real = kv_seg >= 0
+        length = real.sum(axis=1).astype(jnp.int32)
+        start = jnp.where(length > 0, jnp.argmax(real, axis=1), 0).astype(jnp.int32)
+        slots = (jnp.arange(tk)[None, :] + start[:, None]) % tk  # [B, T]: new slot i holds old slot i+start
+
+        def rotate(x):
+            return jnp.take_along_axis(x, slots[:, :, None, None], axis=1)
+
+        def restore(out):
+            back = (jnp.arange(tk)[None, :] - start[:, None]) % tk
+            return jnp.take_along_axis(out, back[:, :, None, None], axis=1)
+
+        kwargs = dict(is_causal=causal, query_seq_lengths=length, key_value_seq_lengths=length)
+        return rotate(q), rotate(k), rotate(v), kwargs, restore
+    mask = _allowed(q_seg, kv_seg, causal, q_offset, tq, tk)[:, None]
+    return q, k, v, dict(mask=mask), lambda out: out
+
+
+def _cudnn(q, k, v, q_seg, kv_seg, causal, q_offset, contiguous=False, implementation="cudnn"):
+    """cuDNN flash attention with the arguments `cudnn_arguments` picks; padding queries give zeros.
+    (`implementation` is a parameter so the same code runs through jax's xla path in CPU tests.)"""
+    q2, k2, v2, kwargs, restore = cudnn_arguments(q, k, v, q_seg, kv_seg, causal, q_offset, contiguous)
+    out = restore(jax.nn.dot_product_attention(q2, k2, v2, implementation=implementation, **kwargs))
     return jnp.where((q_seg >= 0)[:, :, None, None], out, 0).astype(q.dtype)
 
 

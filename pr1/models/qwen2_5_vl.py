@@ -84,6 +84,8 @@ class Attention(nnx.Module):
             kv_segment_ids=kv_seg,
             q_offset=offset,
             implementation=self.attention,
+            # Without a cache a row is left-padded prompt + right-padded response: one real run.
+            contiguous=layer_cache is None,
         )
         return self.o_proj(out.reshape(b, t, -1)), new_cache
 
@@ -246,7 +248,8 @@ class Qwen25VL(nnx.Module):
         """Logits [B, T, vocab]; with `cache`, returns (logits, new_cache).
 
         input_ids [B, T]; position_ids [3, B, T] (or [B, T] for text-only); attention_mask [B, T]
-        (1 = real token) without a cache, [B, S] over cache slots with one. `remat_policy` (a
+        (1 = real token, one contiguous run per row: padding only before and after it, which the
+        cudnn attention turns into sequence lengths) without a cache, [B, S] over cache slots with one. `remat_policy` (a
         jax.checkpoint policy, or `remat_everything`) rematerializes each decoder layer and vision
         block in the backward pass, so training keeps one residual per layer instead of all of a
         layer's activations. `image_mask` [B, T] (default: every image-pad token) says which positions
