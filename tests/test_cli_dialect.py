@@ -32,6 +32,7 @@ CLIS = {
     "pr1.data.synthetic": "pr1.data.synthetic",
     "pr1.models.tiny": "pr1.models.tiny",
     "pr1.bench.all": "pr1.bench.all",
+    "pr1.bench.decode_step": "pr1.bench.decode_step",
     "pr1.bench.export": "pr1.bench.export",
     "pr1.bench.judge": "pr1.bench.judge",
     "pr1.bench.memory": "pr1.bench.memory",

@@ -12,7 +12,6 @@ is filled, so its ratio stays near 1. Prints steps/s of both and the median earl
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import time
@@ -20,27 +19,32 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
-from pr1 import sharding
+from pr1 import cli, sharding
 from pr1.bench import ratio as ratio_lib
 from pr1.bench.train_step import bench_config
 from pr1.models.decode import decode_step
 from pr1.train import state as state_lib
 
 
-def run(argv=None) -> dict:
-    parser = argparse.ArgumentParser(
-        prog="python -m pr1.bench.decode_step", description=__doc__.split("\n\n")[0]
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_integer("slots", 2048, "response cache slots (max_new_tokens)", flag_values=fv)
+    flags.DEFINE_integer("early", 16, "filled slots of the early step", flag_values=fv)
+    flags.DEFINE_integer("prompts", 4, "prompts in the batch", flag_values=fv)
+    flags.DEFINE_integer("n", 2, "samples per prompt", flag_values=fv)
+    flags.DEFINE_integer("prompt", 64, "prompt cache slots", flag_values=fv)
+    flags.DEFINE_enum(
+        "attention", "blockwise", ["blockwise", "xla"], "pr1.models.attention implementation", flag_values=fv
     )
-    parser.add_argument("--slots", type=int, default=2048, help="response cache slots (max_new_tokens)")
-    parser.add_argument("--early", type=int, default=16, help="filled slots of the early step")
-    parser.add_argument("--prompts", type=int, default=4)
-    parser.add_argument("--n", type=int, default=2, help="samples per prompt")
-    parser.add_argument("--prompt", type=int, default=64, help="prompt cache slots")
-    parser.add_argument("--attention", default="blockwise", choices=["blockwise", "xla"])
-    parser.add_argument("--steps", type=int, default=20, help="decode steps per measurement")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved early/full pairs")
-    args = parser.parse_args(argv)
+    flags.DEFINE_integer("steps", 20, "decode steps per measurement", flag_values=fv)
+    flags.DEFINE_integer("repeats", 5, "interleaved early/full pairs", flag_values=fv)
+
+
+def run(argv=None) -> dict:
+    """Parses the CLI flags in `argv`, runs both measurements (printing each pair) and returns
+    early_steps_per_s, full_steps_per_s and their ratio."""
+    args = cli.parse("pr1.bench.decode_step", argv, define_flags, doc=__doc__)
 
     config = dataclasses.replace(bench_config(), attention=args.attention)
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
