@@ -25,6 +25,7 @@ from pr1 import cli, sharding
 from pr1.bench import ratio as ratio_lib
 from pr1.bench.train_step import bench_config
 from pr1.models.decode import decode_step
+from pr1.models.model_def import ModelDef
 from pr1.train import state as state_lib
 
 
@@ -48,7 +49,7 @@ def run(argv=None) -> dict:
 
     config = dataclasses.replace(bench_config(), attention=args.attention)
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    model_def = state_lib.ModelDef.create(config, dtype=jnp.float32)
+    model_def = ModelDef.create(config, dtype=jnp.float32)
     params = state_lib.init_params(model_def, mesh, seed=0)
     t = config.text
     rows = args.prompts * args.n
