@@ -252,8 +252,8 @@ class Qwen25VL(nnx.Module):
         cudnn attention turns into sequence lengths) without a cache, [B, S] over cache slots with
         one. `remat_policy` (a jax.checkpoint policy, or `remat_everything`) rematerializes each
         decoder layer and vision block in the backward pass, so training keeps one residual per
-        layer instead of all of a
-        layer's activations. `image_mask` [B, T] (default: every image-pad token) says which positions
+        layer instead of all of a layer's activations. `image_mask` [B, T] (default: every image-pad
+        token) says which positions
         take image features: the learner limits it to the prompt, since a response may sample the
         image-pad token and the sampler embedded that as a plain token.
         """
