@@ -18,7 +18,8 @@ quadrant, i.e. per visual token); the question asks how many; the answer is that
 visual annotation is "there are N dots", which the lexical judge checks by the number N appearing in
 the response. Responses are 4 tokens and the accuracy reward is math-verify's reading of the whole
 response (there is no <answer> block; of two numbers it usually takes the last), so from random init
-about 1% of responses already score (a digit among 512 tokens, at one of 4 places). Within the 120 steps GRPO makes the digits 1-3 likely:
+about 1% of responses already score (a digit among 512 tokens, at one of 4 places). Within the 120
+steps GRPO makes the digits 1-3 likely:
 the accuracy reward rises from ~0.01 to about 1/3, which is what answering without looking earns,
 and greedy validation accuracy stays at that chance level; the model does not learn to read the
 count from the image in this budget (nor in 170 steps of plain supervised training on the right

@@ -305,7 +305,8 @@ def check_process_rows(mesh: jax.sharding.Mesh, axes: Sequence[str]) -> None:
     expected = [(p * size, (p + 1) * size) for p in range(len(blocks))]
     if size <= 0 or blocks != expected:
         raise ValueError(
-            f"mesh {dict(mesh.shape)}: the batch axes {tuple(axes)} give the {len(blocks)} processes rows {blocks} "
+            f"mesh {dict(mesh.shape)}: the batch axes {tuple(axes)} give the {len(blocks)} processes "
+            f"rows {blocks} "
             f"(of one row per device); every process must hold its own equal block, in process order. Keep "
             f"config mesh.tensor within one host's devices, and build the mesh from jax.devices() in order"
         )

@@ -28,8 +28,39 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+# The mesh axes a batch's rows (the sampler's prompts, the learner's responses) are split over; the
+# 'tensor' axis holds a replica of every row.
+BATCH_AXES = ("data", "fsdp")
+
+
 class ShardingError(ValueError):
     pass
+
+
+def batch_sharding(mesh: Mesh, rows: int | None = None, *, what: str = "batch") -> NamedSharding:
+    """The one sharding of every learner-batch array: its leading (row) axis over BATCH_AXES.
+
+    Every key of a batch gets this same sharding, so it serves as a pytree prefix for a whole batch
+    dict in `jax.jit`. With `rows`, a count that does not divide the batch devices is an error naming
+    `what` (silently replicating rows would hide a memory blow-up).
+    """
+    axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
+    if rows is not None:
+        size = batch_devices(mesh)
+        if rows % size:
+            raise ValueError(
+                f"{what} has {rows} rows, which does not divide the {size} devices of mesh axes {axes}; "
+                f"use a batch size that is a multiple of {size}"
+            )
+    return NamedSharding(mesh, PartitionSpec(axes if axes else None))
+
+
+def batch_devices(mesh: Mesh) -> int:
+    """How many ways a batch's rows are split: the product of the BATCH_AXES sizes."""
+    size = 1
+    for a in BATCH_AXES:
+        size *= mesh.shape.get(a, 1)
+    return size
 
 
 def logical_to_spec(

@@ -224,7 +224,10 @@ class BadConfig:
             return self.cli_bug
         if not self.bug:
             return ""
-        return f"{self.bug}; pr1/train/__main__.py catches only ConfigError, so the user gets its traceback and exit 1"
+        return (
+            f"{self.bug}; pr1/train/__main__.py catches only ConfigError, so the user gets its "
+            "traceback and exit 1"
+        )
 
     def cli_args(self) -> list[str]:
         return [f"--config.{k}={v}" for k, v in self.overrides.items()]

@@ -51,14 +51,21 @@ def test_baseline_measures_perception_without_training_on_it():
             cfg.weights.perception = 0.0
             cfg.judge.measure_unweighted = measure
             with RewardStage(cfg, judge=LexicalJudge(), scorer=scorer) as stage:
-                outs[measure] = stage.submit(responses, answers, annotations, group_size=2).result(
+                outs[measure, "batch"] = stage.submit(responses, answers, annotations, group_size=2).result(
                     timeout=120
                 )
-    np.testing.assert_array_equal(outs[False].components["perception"], [0, 0, 0, 0])
-    np.testing.assert_allclose(outs[True].components["perception"], [1, 1, 0, 1], atol=1e-5)
-    assert outs[True].metrics["rewards/perception/mean"] == pytest.approx(0.75, abs=1e-5)
-    np.testing.assert_array_equal(outs[True].totals, outs[False].totals)
-    np.testing.assert_allclose(outs[True].totals, [0.9, 0.0, 0.0, 0.9], atol=1e-6)
+                # The trainer's path: responses scored one by one as they finish.
+                stream = stage.stream(answers, annotations, group_size=2)
+                for i in reversed(range(len(responses))):
+                    stream.add(i, responses[i])
+                outs[measure, "stream"] = stream.finish().result(timeout=120)
+    for path in ("batch", "stream"):
+        off, on = outs[False, path], outs[True, path]
+        np.testing.assert_array_equal(off.components["perception"], [0, 0, 0, 0], err_msg=path)
+        np.testing.assert_allclose(on.components["perception"], [1, 1, 0, 1], atol=1e-5, err_msg=path)
+        assert on.metrics["rewards/perception/mean"] == pytest.approx(0.75, abs=1e-5), path
+        np.testing.assert_array_equal(on.totals, off.totals, err_msg=path)
+        np.testing.assert_allclose(on.totals, [0.9, 0.0, 0.0, 0.9], atol=1e-6, err_msg=path)
     assert debug_config.get_config("baseline").rewards.judge.measure_unweighted
 
 

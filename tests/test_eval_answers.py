@@ -124,7 +124,8 @@ def test_degrees(answer, expected):
 @pytest.mark.parametrize(
     "answer, expected",
     [
-        # MathVista rounds the extracted float to `precision` decimals: 1.235 -> 1.24 (half up), 1.2449 -> 1.24
+        # MathVista rounds the extracted float to `precision` decimals:
+        # 1.235 -> 1.24 (half up), 1.2449 -> 1.24
         ("1.235", True),
         ("1.24", True),
         ("1.2449", True),

@@ -198,7 +198,8 @@ def mathverse_records():
             answer="B",
             question_type="multi-choice",
             metadata=meta,
-            query_wo="Please directly answer the question and provide the correct option letter, e.g., A, B, C, D.\n"
+            query_wo="Please directly answer the question and provide the correct option letter, "
+            "e.g., A, B, C, D.\n"
             "Question: ...",
             query_cot="...",
             question_for_eval="...",
@@ -293,8 +294,10 @@ def test_mathverse_hf_parquet(tmp_path):
 # a JSON "\f" ate the backslash of "\frac" in one answer.
 MATHVISION_LINES = [
     r'{"id": "1", "question": "Which number should be written in place of the question mark?\n<image1>", '
-    r'"options": [], "answer": "60", "solution": null, "level": 2, "subject": "arithmetic", "image": "images/1.jpg"}',
-    r'{"id": "15", "question": "Emily celebrated her birthday on Thursday. <image1> Which weekday was that?", '
+    r'"options": [], "answer": "60", "solution": null, "level": 2, "subject": "arithmetic", '
+    r'"image": "images/1.jpg"}',
+    r'{"id": "15", "question": "Emily celebrated her birthday on Thursday. <image1> '
+    r'Which weekday was that?", '
     r'"options": ["Wednesday", "Thursday", "Friday"], "answer": "A", "solution": null, "level": 2, '
     r'"subject": "arithmetic", "image": "images/15.jpg"}',
     r'{"id": "21", "question": "Which figure cannot be cut out?\n<image1>\n<image2>", '

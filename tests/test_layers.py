@@ -46,16 +46,8 @@ LAYERS: tuple[tuple[str, frozenset[str], bool], ...] = (
     ),
 )
 
-# Private names that other helpers' branches still import (issue 15, part 2: the abstract train state
-# becomes a public function and the remat policies move beside their config section). DELETE this
-# allow-list when that work is merged; `test_allow_list_is_not_stale` says when.
-ALLOWED_PRIVATE_IMPORTS = frozenset(
-    {
-        ("pr1.bench.memory", "pr1.train.loop", "_abstract_state"),
-        ("pr1.bench.memory", "pr1.train.loop", "_pure"),
-        ("pr1.train.config", "pr1.train.step", "_REMAT_POLICIES"),
-    }
-)
+# Private names some module may still import from another (none: keep it that way).
+ALLOWED_PRIVATE_IMPORTS = frozenset()
 
 
 @dataclasses.dataclass
@@ -228,12 +220,6 @@ def graph() -> ImportGraph:
 def test_pr1_layers_point_down(graph):
     problems = check(graph, ALLOWED_PRIVATE_IMPORTS)
     assert not problems, "\n".join(problems)
-
-
-def test_allow_list_is_not_stale(graph):
-    used = {(i, m, a) for i, m, a, _ in graph.private}
-    stale = sorted(ALLOWED_PRIVATE_IMPORTS - used)
-    assert not stale, f"delete these from ALLOWED_PRIVATE_IMPORTS, nothing imports them any more: {stale}"
 
 
 def test_graph_sees_the_imports_it_must(graph):

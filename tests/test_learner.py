@@ -87,14 +87,14 @@ def run_update(
     cfg = step_lib.learner_config()
     cfg.micro_batches = micro_batches
     cfg.update(learner)
-    logprob_step = step_lib.make_logprob_step(model_def, cfg, model_def.param_shardings(mesh), mesh, batch)
+    logprob_step = step_lib.make_logprob_step(model_def, cfg, model_def.param_shardings(mesh), mesh)
     old = np.asarray(logprob_step(params, batch))
     # Perturb the behaviour logprobs so ratios leave 1 and every clip branch is exercised.
     noise = np.random.default_rng(old_noise_seed).normal(0, 1.2, old.shape).astype(np.float32)
     full = dict(batch, old_logprobs=old + noise * batch["loss_mask"])
     tx = tx or state_lib.make_optimizer(optim or optim_cfg(), total_steps=10, params=params)
     state, shardings = state_lib.create_train_state(params, tx, model_def, mesh)
-    update = step_lib.make_update_step(model_def, tx, cfg, shardings, mesh, full)
+    update = step_lib.make_update_step(model_def, tx, cfg, shardings, mesh)
     new, metrics = update(state, full)
     return jax.device_get(new.params), jax.device_get(metrics), old
 
@@ -166,7 +166,7 @@ def test_remat_really_recomputes(tiny, reference):
     for remat in ("none", "dots", "full"):
         cfg = step_lib.learner_config()
         cfg.remat = remat
-        update = step_lib.make_update_step(model_def, SGD, cfg, shardings, mesh, full)
+        update = step_lib.make_update_step(model_def, SGD, cfg, shardings, mesh)
         matmuls[remat] = str(jax.make_jaxpr(update)(state, full)).count("dot_general[")
     # "full" recomputes every forward matmul of every layer in the backward pass; "dots" keeps the
     # weight matmuls and recomputes only attention's (batched) ones.
@@ -200,7 +200,7 @@ def test_nan_loss_keeps_state_and_raises(tiny, reference):
     tx = state_lib.make_optimizer(optim_cfg(), total_steps=10)
     state, shardings = state_lib.create_train_state(params, tx, model_def, mesh)
     before = jax.device_get(state.params)
-    update = step_lib.make_update_step(model_def, tx, step_lib.learner_config(), shardings, mesh, bad)
+    update = step_lib.make_update_step(model_def, tx, step_lib.learner_config(), shardings, mesh)
     new, metrics = update(state, bad)
     assert not bool(metrics["finite"])
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(new.params), before)
@@ -216,7 +216,7 @@ def test_indivisible_batch_is_an_error(tiny, reference):
     with pytest.raises(
         ValueError, match=r"batch\['input_ids'\] has 6 rows, which does not divide the 4 devices"
     ):
-        step_lib.batch_sharding(mesh, odd)
+        step_lib.check_batch_rows({k: v.shape[0] for k, v in odd.items()}, mesh)
 
 
 def test_optimizer_state_is_born_sharded_like_params(tiny):
@@ -253,7 +253,7 @@ def test_resume_after_step_3_equals_uninterrupted_run(tiny, reference, tmp_path)
         params = state_lib.load_params(path, model_def, mesh)
         tx = state_lib.make_optimizer(optim_cfg(warmup_ratio=0.2), total_steps=6, params=params)
         state, shardings = state_lib.create_train_state(params, tx, model_def, mesh)
-        return state, shardings, step_lib.make_update_step(model_def, tx, cfg, shardings, mesh, full)
+        return state, shardings, step_lib.make_update_step(model_def, tx, cfg, shardings, mesh)
 
     state, _, update = fresh()
     for _ in range(6):

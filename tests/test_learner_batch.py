@@ -174,7 +174,7 @@ def test_images_stored_once_per_prompt_give_the_per_row_logprobs(groups, mesh_sh
 
     def logprobs(batch):
         placed = batch_lib.on_mesh(batch, mesh)
-        return np.asarray(step_lib.make_logprob_step(model_def, cfg, shardings, mesh, placed)(params, placed))
+        return np.asarray(step_lib.make_logprob_step(model_def, cfg, shardings, mesh)(params, placed))
 
     got, want = logprobs(shared), logprobs(per_row)
     real = shared["loss_mask"] == 1
@@ -201,7 +201,7 @@ def test_update_with_shared_images_equals_per_row(groups):
     cfg.micro_batches = 2
     tx = optax.sgd(1.0)
     rng = np.random.default_rng(0)
-    current = step_lib.make_logprob_step(model_def, cfg, model_def.param_shardings(mesh), mesh, per_row)
+    current = step_lib.make_logprob_step(model_def, cfg, model_def.param_shardings(mesh), mesh)
     old = np.asarray(current(params, per_row))
     extra = {  # ratios around 1, so the clipped and unclipped branches both carry gradient
         "old_logprobs": (old + rng.normal(0, 0.2, old.shape) * per_row["loss_mask"]).astype(np.float32),
@@ -216,7 +216,7 @@ def test_update_with_shared_images_equals_per_row(groups):
         metrics = []
         for mini in minis:  # each from the same state (the step donates its input state)
             state, shardings = state_lib.create_train_state(params, tx, model_def, mesh)
-            step = step_lib.make_update_step(model_def, tx, cfg, shardings, mesh, mini)
+            step = step_lib.make_update_step(model_def, tx, cfg, shardings, mesh)
             metrics.append(jax.device_get(step(state, mini)[1]))
         results.append(metrics)
     for got, want in zip(*results):

@@ -62,6 +62,11 @@ TINY_WHOLE = (
 COUNTS = 2 * 4
 
 
+def _train_state(c, model_def, mesh):
+    """The run's abstract train state and its shardings, as the planner and the trainer build it."""
+    return state_lib.abstract_train_state(model_def, state_lib.run_optimizer(c, model_def), mesh)
+
+
 def test_hand_count_of_known_checkpoints():
     assert TINY_PARAMS == 244_640
     assert qwen2_5_vl_parameters(qwen2_5_vl_7b_hf_config()) == 8_292_166_656  # Qwen2.5-VL-7B's 8.29B
@@ -70,7 +75,7 @@ def test_hand_count_of_known_checkpoints():
 def test_replicated_state_bytes_are_the_hand_count(tmp_path):
     """data=8: every leaf whole on every device; fp32 params, AdamW mu + nu."""
     c, model_config, mesh = small_config(tmp_path, mesh="data=8")
-    state, _, _ = memory.abstract_train_state(c, state_lib.ModelDef.create(model_config, jnp.float32), mesh)
+    state, _ = _train_state(c, state_lib.ModelDef.create(model_config, jnp.float32), mesh)
     assert memory.bytes_per_device(state.params) == 4 * TINY_PARAMS
     assert memory.bytes_per_device(state.opt_state) == 2 * 4 * TINY_PARAMS + COUNTS
 
@@ -78,7 +83,7 @@ def test_replicated_state_bytes_are_the_hand_count(tmp_path):
 def test_fsdp_state_bytes_are_the_hand_count(tmp_path):
     """fsdp=8: sharded leaves hold 1/8 on each device, the whole ones all of it."""
     c, model_config, mesh = small_config(tmp_path, mesh="fsdp=8")
-    state, _, _ = memory.abstract_train_state(c, state_lib.ModelDef.create(model_config, jnp.float32), mesh)
+    state, _ = _train_state(c, state_lib.ModelDef.create(model_config, jnp.float32), mesh)
     hand = 4 * ((TINY_PARAMS - TINY_WHOLE) // 8 + TINY_WHOLE)
     assert memory.bytes_per_device(state.params) == hand
     assert memory.bytes_per_device(state.opt_state) == 2 * hand + COUNTS
@@ -89,7 +94,8 @@ def test_optimizer_state_is_fp32_and_keeps_its_dtypes_with_bf16_params(tmp_path)
     update hands back the state it was given: one program, planned once."""
     c, model_config, mesh = small_config(tmp_path, **{"model.param_dtype": "bfloat16"})
     model_def = state_lib.ModelDef.create(model_config, jnp.bfloat16)
-    state, shardings, tx = memory.abstract_train_state(c, model_def, mesh)
+    tx = state_lib.run_optimizer(c, model_def)
+    state, shardings = state_lib.abstract_train_state(model_def, tx, mesh)
     elements = (TINY_PARAMS - TINY_WHOLE) // 8 + TINY_WHOLE
     assert memory.bytes_per_device(state.params) == 2 * elements
     assert memory.bytes_per_device(state.opt_state) == 8 * elements + COUNTS
@@ -103,7 +109,7 @@ def test_fsdp_holds_fewer_param_bytes_than_data_parallel(tmp_path):
     sizes = {}
     for mesh in ("fsdp=8", "data=8", "fsdp=4,tensor=2"):
         c, model_config, m = small_config(tmp_path / mesh, mesh=mesh)
-        state, _, _ = memory.abstract_train_state(c, state_lib.ModelDef.create(model_config, jnp.float32), m)
+        state, _ = _train_state(c, state_lib.ModelDef.create(model_config, jnp.float32), m)
         sizes[mesh] = memory.bytes_per_device(state.params)
     assert sizes["fsdp=8"] < sizes["fsdp=4,tensor=2"] < sizes["data=8"]
 

@@ -89,15 +89,18 @@ def test_window_attention_is_exercised(models):
     windows = np.unique(layout["window_ids"])
     assert len(windows[windows >= 0]) == 12  # 3×4 windows, border ones partial
     pos, _ = rope_index(ours.config, ids, grid, mask)
-    run = lambda m: np.asarray(
-        m(
-            jnp.asarray(ids),
-            position_ids=jnp.asarray(pos),
-            attention_mask=jnp.asarray(mask),
-            pixel_values=jnp.asarray(pixels),
-            vision_layout_arrays=layout,
+
+    def run(m):
+        return np.asarray(
+            m(
+                jnp.asarray(ids),
+                position_ids=jnp.asarray(pos),
+                attention_mask=jnp.asarray(mask),
+                pixel_values=jnp.asarray(pixels),
+                vision_layout_arrays=layout,
+            )
         )
-    )
+
     vision = dataclasses.replace(
         ours.config.vision, fullatt_block_indexes=tuple(range(ours.config.vision.depth))
     )

@@ -84,7 +84,7 @@ class _Processes:
 
     def log(self, name: str) -> str:
         text = (self.tmp_path / f"{name}.log").read_text(errors="replace")
-        lines = [l for l in text.splitlines() if not l.startswith(("I0", "W0", "[Gloo]"))]
+        lines = [ln for ln in text.splitlines() if not ln.startswith(("I0", "W0", "[Gloo]"))]
         return "\n".join(lines[-40:])
 
     def wait_all(self, timeout: float) -> None:
@@ -278,7 +278,8 @@ _HELPERS = textwrap.dedent("""
     assert d.allgather_object({"p": p}) == [{"p": 0}, {"p": 1}]
     mesh = Mesh(np.asarray(jax.devices()).reshape(1, 4, 1), ("data", "fsdp", "tensor"))
     d.check_process_rows(mesh, ("data", "fsdp"))
-    x = d.global_array_from_local(np.arange(8).reshape(4, 2) + 100 * p, NamedSharding(mesh, P(("data", "fsdp"))))
+    rows = NamedSharding(mesh, P(("data", "fsdp")))
+    x = d.global_array_from_local(np.arange(8).reshape(4, 2) + 100 * p, rows)
     assert x.shape == (8, 2) and not x.is_fully_addressable
     np.testing.assert_array_equal(d.local_rows(x, 4 * p, 4 * p + 4), np.arange(8).reshape(4, 2) + 100 * p)
     y = jax.jit(lambda v: v * 2, out_shardings=NamedSharding(mesh, P()))(x)               # replicated

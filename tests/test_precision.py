@@ -56,13 +56,11 @@ def setup(tiny, batch, mesh, param_dtype=jnp.float32, compute_dtype=jnp.bfloat16
     params = state_lib.load_params(path, model_def, mesh)
     cfg = step_lib.learner_config()
     cfg.update(learner or {})
-    old = step_lib.make_logprob_step(model_def, cfg, model_def.param_shardings(mesh), mesh, batch)(
-        params, batch
-    )
+    old = step_lib.make_logprob_step(model_def, cfg, model_def.param_shardings(mesh), mesh)(params, batch)
     full = dict(batch, old_logprobs=np.asarray(old))
     tx = state_lib.make_optimizer(recipe_optim(), total_steps=275, params=params)
     state, shardings = state_lib.create_train_state(params, tx, model_def, mesh)
-    update = step_lib.make_update_step(model_def, tx, cfg, shardings, mesh, full)
+    update = step_lib.make_update_step(model_def, tx, cfg, shardings, mesh)
     return model_def, params, full, state, update
 
 

@@ -14,7 +14,6 @@ from pr1.models.config import Qwen25VLConfig, qwen2_5_vl_7b_hf_config
 from pr1.train import state as state_lib
 from pr1.train import step as step_lib
 from pr1.train.config import validate_config
-from pr1.train.loop import _abstract_state, _pure
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,12 +39,8 @@ def test_perception_r1_7b_update_step_lowers_on_8_devices(tmp_path):
     model_def = state_lib.ModelDef.create(
         config, dtype=jnp.dtype(c.model.param_dtype), compute_dtype=jnp.dtype(c.model.compute_dtype)
     )
-    tx = state_lib.make_optimizer(c.optim, c.train.steps, _pure(model_def.abstract_state))
-    params = jax.tree.map(
-        lambda v: jax.ShapeDtypeStruct(v.shape, model_def.dtype), _pure(model_def.abstract_state)
-    )
-    shardings = state_lib.state_shardings(tx, params, model_def.param_shardings(mesh), mesh)
-    state = _abstract_state(params, tx, shardings)
+    tx = state_lib.run_optimizer(c, model_def)
+    state, shardings = state_lib.abstract_train_state(model_def, tx, mesh)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     assert 8.2e9 < n_params < 8.4e9  # Qwen2.5-VL-7B: 8.29B
 
@@ -64,10 +59,9 @@ def test_perception_r1_7b_update_step_lowers_on_8_devices(tmp_path):
     }
     shapes.update(vision.layout_shapes(rows, patches, config.vision))
     shapes["pixel_values"] = ((rows, patches, 1176), jnp.bfloat16)
-    example = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
-    batch_sh = step_lib.batch_sharding(mesh, example)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k]) for k, v in example.items()}
-    update = step_lib.make_update_step(model_def, tx, c.learner, shardings, mesh, example)
+    batch_sh = sharding.batch_sharding(mesh, rows)
+    batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sh) for k, (s, d) in shapes.items()}
+    update = step_lib.make_update_step(model_def, tx, c.learner, shardings, mesh)
     lowered = update.lower(state, batch)
     out_state = lowered.out_info[0]
     # Every parameter and moment keeps its fsdp sharding through the step.

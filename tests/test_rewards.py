@@ -193,8 +193,10 @@ def test_one_item_worker_has_the_pools_timeouts():
 
 PUBLIC_SNIPPET = r"""
 from pr1.rewards import accuracy_reward, format_reward, parse_judgement, repetition_penalty
-print(accuracy_reward("<answer>\\boxed{2}</answer>", "2"), accuracy_reward("<answer>\\boxed{3}</answer>", "2"),
-      format_reward("<think>\nx\n</think>\n<answer>\n\\boxed{2}\n</answer>"), repetition_penalty("a b " * 50, n=2),
+print(accuracy_reward("<answer>\\boxed{2}</answer>", "2"),
+      accuracy_reward("<answer>\\boxed{3}</answer>", "2"),
+      format_reward("<think>\nx\n</think>\n<answer>\n\\boxed{2}\n</answer>"),
+      repetition_penalty("a b " * 50, n=2),
       parse_judgement("<info1>1</info1><info2>0</info2>"))
 """
 
@@ -472,6 +474,14 @@ def test_fail_policy_and_max_failure_rate_raise():
         combine(*args, config=_policy("ignore"))
 
 
+def test_combine_counts_the_judged_responses():
+    """`judged` is judge/failure_rate's denominator, which the trainer sums over processes."""
+    args = ([0] * 4, [0] * 4, [0] * 4, [0] * 4)
+    assert combine(*args).judged == 4  # by default every response had a judge call
+    out = combine(*args, failed=[1, 0, 0, 0], judged=[1, 1, 0, 0], config=_policy("zero"))
+    assert out.judged == 2 and out.metrics["judge/failure_rate"] == 0.5
+
+
 # ----------------------------------------------------------------------------------------------
 # The reward stage end to end (lexical judge, real math-verify pool)
 
@@ -492,6 +502,7 @@ def test_reward_stage_end_to_end(scorer):
     np.testing.assert_allclose(out.components["repetition"], [0, -1.0, 0, 0], atol=1e-6)
     expected = [0.9 + 0.1 + 0.7, 0.9 + 0.7 * 0.5 - 1.0, 0.1, 0.0]
     np.testing.assert_allclose(out.totals, expected, atol=1e-5)
+    assert out.judged == 3  # the responses with annotations; the empty list asks no judge
     assert {
         "rewards/accuracy/mean",
         "rewards/perception/mean",

@@ -22,6 +22,7 @@ from pr1.bench import memory
 from pr1.models.config import Qwen25VLConfig, tiny_hf_config
 from pr1.models.model_def import ModelDef
 from pr1.rollout.sampler import EmbeddedEngine
+from pr1.train import state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "configs"))
@@ -129,7 +130,7 @@ def test_decode_loop_body_gathers_no_parameter(tmp_path, weights_layout):
     model_def = ModelDef.create(
         model_config, dtype=jnp.dtype(c.model.param_dtype), compute_dtype=jnp.dtype(c.model.compute_dtype)
     )
-    state, _, _ = memory.abstract_train_state(c, model_def, mesh)
+    state, _ = state_lib.abstract_train_state(model_def, state_lib.run_optimizer(c, model_def), mesh)
     lowered, _, weights = memory.lower_rollout(c, model_def, mesh, state.params, model_config)
     inside, outside, loop_matmuls = all_gathers(lowered.compile().as_text())
     sharded = {
@@ -206,7 +207,7 @@ for layout in ("learner", "gathered"):
         mesh = memory.plan_mesh(c, memory.tpu_topology_devices("v5p:2x2x1"))
         mc = dataclasses.replace(mc, attention=attention_lib.resolve("auto", "tpu"))
         md = state_lib.ModelDef.create(mc, dtype=jnp.float32, compute_dtype=jnp.bfloat16)
-        state, _, _ = memory.abstract_train_state(c, md, mesh)
+        state, _ = state_lib.abstract_train_state(md, state_lib.run_optimizer(c, md), mesh)
         hlo = memory.lower_rollout(c, md, mesh, state.params, mc)[0].compile().as_text()
         comps = computations(hlo)
         bodies = {m.group(1) for lines in comps.values() for line in lines for m in _WHILE.finditer(line)}

@@ -185,9 +185,7 @@ def learner_logprobs(path, config, prompts, completions, n, temperature):
     cfg = step_lib.learner_config()
     cfg.temperature = temperature
     lp = np.asarray(
-        step_lib.make_logprob_step(model_def, cfg, model_def.param_shardings(mesh), mesh, batch)(
-            params, batch
-        )
+        step_lib.make_logprob_step(model_def, cfg, model_def.param_shardings(mesh), mesh)(params, batch)
     )
     return [lp[i, length - len(c.token_ids) :] for i, (_, c) in enumerate(rows)]
 

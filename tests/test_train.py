@@ -95,7 +95,7 @@ def test_debug_steps_through_every_stage(assets, tmp_path):
     steps = checkpoint_lib.Checkpointer(checkpoint_lib.checkpoint_directory(workdir)).all_steps()
     assert steps == [2, 3]
     assert json.load(open(os.path.join(workdir, "config.json")))["rollout"]["n"] == 4
-    samples = [json.loads(l) for l in open(os.path.join(workdir, "samples.jsonl"))]
+    samples = [json.loads(line) for line in open(os.path.join(workdir, "samples.jsonl"))]
     assert {s["step"] for s in samples} == {1, 2, 3} and "response" in samples[0]
     pngs = plot_lib.plot(workdir)
     assert any(p.endswith("rewards.png") for p in pngs) and all(os.path.getsize(p) > 1000 for p in pngs)
@@ -147,7 +147,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(assets, tmp_path):
         if (
             os.path.isdir(committed)
             and os.path.exists(metrics)
-            and any(json.loads(l)["step"] == 5 for l in open(metrics) if l.strip())
+            and any(json.loads(line)["step"] == 5 for line in open(metrics) if line.strip())
         ):
             break
         time.sleep(0.05)

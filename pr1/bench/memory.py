@@ -5,7 +5,8 @@
         [--config.learner.micro_batches=32 ...] [--phase update] [--tpu_topology v5p:2x4x4]
 
 Where it sits: beside `pr1.train`, before a run is launched. It builds what `pr1.train.loop.train`
-builds — the ModelDef, the optimizer, the train-state shardings, the learner batch of
+builds — the ModelDef, the optimizer and train state (`pr1.train.state.run_optimizer`,
+`abstract_train_state`), the learner batch of
 `pr1.train.batch.learner_batch`, the embedded engine's prompt batch — as `jax.ShapeDtypeStruct`s
 with shardings (no weights are read, nothing is allocated), then lowers and compiles the three
 programs of one training step on a fake CPU mesh of data x fsdp x tensor devices:
@@ -59,11 +60,11 @@ from pr1.models import attention as attention_lib
 from pr1.models import config as model_config_lib
 from pr1.models import vision as vision_lib
 from pr1.models.config import Qwen25VLConfig
-from pr1.rollout.sampler import BATCH_AXES, EmbeddedEngine, bucket
+from pr1.rollout.sampler import EmbeddedEngine, bucket
+from pr1.sharding import BATCH_AXES
 from pr1.train import state as state_lib
 from pr1.train import step as step_lib
 from pr1.train.config import ConfigError, validate_config
-from pr1.train.loop import _abstract_state, _pure
 
 MESH_AXES = ("data", "fsdp", "tensor")
 PHASES = ("rollout", "logprobs", "update")
@@ -220,15 +221,6 @@ def bytes_per_device(tree) -> int:
     return total
 
 
-def abstract_train_state(c: ml_collections.ConfigDict, model_def, mesh: Mesh):
-    """(state, shardings, tx): the TrainState of `pr1.train.loop.train` as sharded ShapeDtypeStructs."""
-    params_tree = _pure(model_def.abstract_state)
-    tx = state_lib.make_optimizer(c.optim, c.train.steps * c.train.mini_batches, params_tree)
-    params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, model_def.dtype), params_tree)
-    shardings = state_lib.state_shardings(tx, params, model_def.param_shardings(mesh), mesh)
-    return _abstract_state(params, tx, shardings), shardings, tx
-
-
 def image_patches(c: ml_collections.ConfigDict, model_config) -> int:
     """Patch slots per prompt at the static bucket the engine and learner pad to: one square image of
     at most data.max_pixels pixels (smart_resize keeps h*w <= max_pixels, sides multiples of
@@ -272,8 +264,11 @@ def learner_batch_shapes(c: ml_collections.ConfigDict, model_config, rows: int, 
     return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in shapes.items()}
 
 
-def placed(shapes: dict, shardings: dict) -> dict:
-    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in shapes.items()}
+def placed(shapes: dict, mesh: Mesh) -> dict:
+    """`shapes` laid out as the learner steps take a batch (`pr1.sharding.batch_sharding`)."""
+    step_lib.check_batch_rows({k: v.shape[0] for k, v in shapes.items()}, mesh)
+    sh = sharding.batch_sharding(mesh)
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh) for k, v in shapes.items()}
 
 
 def rollout_batch_shapes(c: ml_collections.ConfigDict, model_config, mesh: Mesh) -> dict:
@@ -285,7 +280,7 @@ def rollout_batch_shapes(c: ml_collections.ConfigDict, model_config, mesh: Mesh)
     if 0 < chunk < rows:
         rows = -(-rows // chunk) * chunk
     length, patches = prompt_bucket(c), image_patches(c, model_config)
-    f32, i32 = jnp.float32, jnp.int32
+    i32 = jnp.int32
     shapes = {
         "input_ids": ((rows, length), i32),
         "attention_mask": ((rows, length), i32),
@@ -326,8 +321,8 @@ def lower_update_step(c, model_def, tx, shardings, mesh: Mesh, state, model_conf
     """(lowered, batch): the learner update of one mini-batch, lowered for abstract `state`."""
     rows = c.data.prompts_per_step * c.rollout.n // c.train.mini_batches
     example = learner_batch_shapes(c, model_config, rows, update=True)
-    batch = placed(example, step_lib.batch_sharding(mesh, example))
-    update = step_lib.make_update_step(model_def, tx, c.learner, shardings, mesh, example)
+    batch = placed(example, mesh)
+    update = step_lib.make_update_step(model_def, tx, c.learner, shardings, mesh)
     return update.lower(state, batch), batch
 
 
@@ -353,8 +348,8 @@ def lower_logprob_step(c, model_def, shardings, mesh: Mesh, params, model_config
     """(lowered, batch): the old-policy logprob pass over the whole rollout batch."""
     rows = c.data.prompts_per_step * c.rollout.n
     example = learner_batch_shapes(c, model_config, rows, update=False)
-    batch = placed(example, step_lib.batch_sharding(mesh, example))
-    step = step_lib.make_logprob_step(model_def, c.learner, shardings.params, mesh, example)
+    batch = placed(example, mesh)
+    step = step_lib.make_logprob_step(model_def, c.learner, shardings.params, mesh)
     return step.lower(params, batch), batch
 
 
@@ -585,7 +580,8 @@ def plan_memory(
     notes = []
     if "rollout" in phases and r.engine != "embedded":
         notes.append(
-            f"rollout.engine={r.engine}: rollouts run on the {r.engine} servers, not on this mesh; not planned"
+            f"rollout.engine={r.engine}: rollouts run on the {r.engine} servers, not on this mesh; "
+            "not planned"
         )
         phases = [p for p in phases if p != "rollout"]
     if mesh.devices.flat[0].platform == "cpu" and not memory_scheduler_on():
@@ -602,7 +598,9 @@ def plan_memory(
     model_def = state_lib.ModelDef.create(
         model_config, dtype=jnp.dtype(c.model.param_dtype), compute_dtype=jnp.dtype(c.model.compute_dtype)
     )
-    state, shardings, tx = abstract_train_state(c, model_def, mesh)
+    # The run's train state, built as pr1.train.loop.init_run builds it (shapes only).
+    tx = state_lib.run_optimizer(c, model_def)
+    state, shardings = state_lib.abstract_train_state(model_def, tx, mesh)
     length = prompt_bucket(c) + r.max_new_tokens
     mini_rows = c.data.prompts_per_step * r.n // c.train.mini_batches
 
@@ -634,21 +632,24 @@ def plan_memory(
             (lowered, batch), shapes, outside = update, update_shapes, 0
         elif name == "logprobs":
             rows = c.data.prompts_per_step * r.n
-            shapes = f"{rows} responses of {length} tokens in {step_lib.micro_batch_count(lc, rows, mesh)} micro-batches"
+            micro = step_lib.micro_batch_count(lc, rows, mesh)
+            shapes = f"{rows} responses of {length} tokens in {micro} micro-batches"
             log(f"lowering logprobs ({shapes})")
             lowered, batch = lower_logprob_step(c, model_def, shardings, mesh, state.params, model_config)
             outside = resident
         else:
             log(
-                f"lowering rollout ({c.data.prompts_per_step} prompts x n={r.n}, prompt bucket {prompt_bucket(c)}, "
+                f"lowering rollout ({c.data.prompts_per_step} prompts x n={r.n}, "
+                f"prompt bucket {prompt_bucket(c)}, "
                 f"{r.max_new_tokens} new tokens, {image_patches(c, model_config)} image patches per prompt)"
             )
             lowered, batch, weights = lower_rollout(c, model_def, mesh, state.params, model_config)
             prompts = batch["input_ids"].shape[0]
             kv = bytes_per_device(kv_cache_shapes(c, model_config, mesh, prompts))
             shapes = (
-                f"{prompts} prompts x n={r.n} = {prompts * r.n} sequences, {prompt_bucket(c)} prompt KV slots "
-                f"(once per prompt) + {r.max_new_tokens} response slots, prefill chunk {r.prefill_chunk or prompts}"
+                f"{prompts} prompts x n={r.n} = {prompts * r.n} sequences, "
+                f"{prompt_bucket(c)} prompt KV slots (once per prompt) + {r.max_new_tokens} response slots, "
+                f"prefill chunk {r.prefill_chunk or prompts}"
             )
             outside = resident
         log(f"compiling {name} ...")
@@ -688,7 +689,10 @@ def format_plan(plan: MemoryPlan, accelerator_names: Sequence[str], title: str =
     fb = accelerators.format_bytes
     cols = plan.phases
     width = 14
-    head = lambda label: f"  {label:<36}"
+
+    def head(label):
+        return f"  {label:<36}"
+
     lines = [
         f"{title}mesh {' x '.join(f'{k}={v}' for k, v in plan.mesh.items())} ({plan.devices} devices), "
         f"{plan.param_count:,} parameters; bytes per device",

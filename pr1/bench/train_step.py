@@ -144,9 +144,9 @@ def run(argv=None) -> dict:
     cfg = step_lib.learner_config()
     cfg.micro_batches, cfg.remat, cfg.logprob_chunk = args.micro_batches, args.remat, args.logprob_chunk
     batch = make_batch(config, args.batch, args.seq)
-    logprob_step = step_lib.make_logprob_step(model_def, cfg, shardings.params, mesh, batch)
+    logprob_step = step_lib.make_logprob_step(model_def, cfg, shardings.params, mesh)
     batch["old_logprobs"] = np.asarray(logprob_step(state.params, batch))
-    update = step_lib.make_update_step(model_def, tx, cfg, shardings, mesh, batch)
+    update = step_lib.make_update_step(model_def, tx, cfg, shardings, mesh)
     print(
         f"model: {n_params / 1e6:.1f}M params ({dtype.name}); batch {args.batch} x {args.seq} tokens, one "
         f"{IMAGE_GRID[1] * 14}x{IMAGE_GRID[2] * 14} image each; mesh {dict(mesh.shape)} on "

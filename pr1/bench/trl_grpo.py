@@ -161,13 +161,9 @@ def pr1_steps(
         min_patch_bucket=16,
     )
     learner = step_lib.learner_config()
-    jitted: dict = {}  # (kind, batch signature) -> jitted step; shapes repeat, so one compile each
-
-    def cached(kind, batch, make):
-        key = (kind, tuple(sorted((k, v.shape) for k, v in batch.items())))
-        if key not in jitted:
-            jitted[key] = make()
-        return jitted[key]
+    # jit compiles once per batch shape; the shapes repeat from step to step.
+    logprobs = step_lib.make_logprob_step(model_def, learner, shardings.params, mesh)
+    update = step_lib.make_update_step(model_def, tx, learner, shardings, mesh)
 
     for step in range(1, steps + 1):
         start = time.perf_counter()
@@ -186,16 +182,8 @@ def pr1_steps(
             min_prompt_bucket=64,
             min_patch_bucket=16,
         )
-        logprobs = cached(
-            "logprobs",
-            batch,
-            lambda: step_lib.make_logprob_step(model_def, learner, shardings.params, mesh, batch),
-        )
         batch["old_logprobs"] = np.asarray(logprobs(state.params, batch))
         batch["advantages"] = np.asarray(grpo.group_advantages(rewards, group), np.float32)
-        update = cached(
-            "update", batch, lambda: step_lib.make_update_step(model_def, tx, learner, shardings, mesh, batch)
-        )
         state, metrics = update(state, batch)
         step_lib.check_finite(jax.device_get(metrics), step)
         engine.sync_weights(state.params, step)

@@ -31,7 +31,8 @@ NAME = "mathvista"
 PATTERNS = ["data/testmini-*.parquet", "testmini-*.parquet", "data/testmini.json", "testmini.json"]
 EXPECTED = """\
   data/testmini-*.parquet or testmini-*.parquet  (Hugging Face AI4Math/MathVista, images embedded), or
-  testmini.json with images/<pid>.jpg beside it (GitHub lupantech/MathVista data/, images.zip from Hugging Face)"""
+  testmini.json with images/<pid>.jpg beside it (GitHub lupantech/MathVista data/, images.zip from
+  Hugging Face)"""
 META_SUBSETS = ("task", "category", "grade", "context", "source", "language")
 
 

@@ -89,7 +89,8 @@ def markdown(summary: dict, *, subsets: bool = True) -> str:
     lines = [
         f"# Evaluation of {summary['model']}",
         "",
-        "| benchmark | accuracy % | correct / checked | unchecked | rule-undecided | LLM-checked | no answer | truncated |",
+        "| benchmark | accuracy % | correct / checked | unchecked | rule-undecided | LLM-checked "
+        "| no answer | truncated |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, b in summary["benchmarks"].items():

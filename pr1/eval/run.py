@@ -33,8 +33,9 @@ from pr1.data.prompts import FORMAT_INSTRUCTION, with_instruction
 from pr1.eval import answers as answers_lib
 from pr1.eval.llm_check import LLMChecker
 from pr1.models.config import Qwen25VLConfig
-from pr1.models.generation import Prompt, SamplingParams, default_stop_token_ids
-from pr1.rollout.config import ENGINES
+from pr1.models.generation import Prompt, SamplingParams
+from pr1.rollout.config import ENGINES, rollout_config
+from pr1.rollout.engines import make_engine
 
 
 @dataclasses.dataclass
@@ -95,52 +96,37 @@ def load_policy(
         config = Qwen25VLConfig.from_hf_dict(record["hf_config"], source=f"{params_source} host_state")
     else:
         config = processor.config
-    stop = default_stop_token_ids(processor.tokenizer, config)
-
-    if engine == "sglang":
-        from pr1.rollout.sglang import SGLangEngine
-
-        if not sglang_urls:
-            raise ValueError("--engine sglang needs --sglang_url (a server from launch/serve_rollout.sh)")
-        return Policy(
-            SGLangEngine(list(sglang_urls), tokenizer=processor.tokenizer, stop_token_ids=stop),
-            processor,
-            label,
-        )
-    if engine == "vllm":
-        from pr1.rollout.vllm import VLLMEngine
-
-        if not vllm_urls:
-            raise ValueError("--engine vllm needs --vllm_url (a server from launch/serve_vllm.sh rollout)")
-        return Policy(
-            VLLMEngine(list(vllm_urls), tokenizer=processor.tokenizer, stop_token_ids=stop), processor, label
-        )
-    if engine != "embedded":
+    if engine not in ENGINES:
         raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-
-    from pr1.rollout.sampler import EmbeddedEngine
-
-    mesh_ = sharding_lib.make_mesh(*mesh)
-    model_def = state_lib.ModelDef.create(config, dtype=jnp.dtype(dtype))
-    if workdir is not None:
-        params, _, _ = checkpoint_lib.read_params(
-            params_source, step, sharding=model_def.param_shardings(mesh_)
-        )
-        params = _cast(params, model_def.dtype)
-    else:
-        params = state_lib.load_params(model, model_def, mesh_)
-    return Policy(
-        EmbeddedEngine(
-            model_def,
-            params,
-            mesh_,
-            processor.tokenizer,
-            stop_token_ids=stop,
-            pad_token_id=processor.pad_token_id,
-        ),
-        processor,
-        label,
+    if engine == "sglang" and not sglang_urls:
+        raise ValueError("--engine sglang needs --sglang_url (a server from launch/serve_rollout.sh)")
+    if engine == "vllm" and not vllm_urls:
+        raise ValueError("--engine vllm needs --vllm_url (a server from launch/serve_vllm.sh rollout)")
+    # The training config's rollout section with its defaults: the engines evaluate as they train.
+    rollout = rollout_config()
+    rollout.engine = engine
+    rollout.sglang.urls, rollout.vllm.urls = tuple(sglang_urls), tuple(vllm_urls)
+    model_def = params = mesh_ = None
+    if engine == "embedded":  # a server engine already serves the weights
+        mesh_ = sharding_lib.make_mesh(*mesh)
+        model_def = state_lib.ModelDef.create(config, dtype=jnp.dtype(dtype))
+        if workdir is not None:
+            params, _, _ = checkpoint_lib.read_params(
+                params_source, step, sharding=model_def.param_shardings(mesh_)
+            )
+            params = _cast(params, model_def.dtype)
+        else:
+            params = state_lib.load_params(model, model_def, mesh_)
+    policy_engine = make_engine(
+        rollout,
+        model_config=config,
+        tokenizer=processor.tokenizer,
+        pad_token_id=processor.pad_token_id,
+        model_def=model_def,
+        params=params,
+        mesh=mesh_,
     )
+    return Policy(policy_engine, processor, label)
 
 
 def _model_record(directory: str, step: int | None) -> tuple[dict, int]:

@@ -83,11 +83,13 @@ class Qwen25VLConfig:
         t, v = self.text, self.vision
         if t.hidden_size % t.num_attention_heads:
             raise ConfigError(
-                f"text hidden_size {t.hidden_size} is not divisible by num_attention_heads {t.num_attention_heads}"
+                f"text hidden_size {t.hidden_size} is not divisible by "
+                f"num_attention_heads {t.num_attention_heads}"
             )
         if t.num_attention_heads % t.num_key_value_heads:
             raise ConfigError(
-                f"num_attention_heads {t.num_attention_heads} is not a multiple of num_key_value_heads {t.num_key_value_heads}"
+                f"num_attention_heads {t.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {t.num_key_value_heads}"
             )
         if sum(t.mrope_section) * 2 != t.head_dim:
             raise ConfigError(
@@ -136,7 +138,8 @@ class Qwen25VLConfig:
         rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
         if "mrope_section" not in rope:
             raise ConfigError(
-                f"{source}: missing 'rope_scaling.mrope_section' (or 'text_config.rope_parameters.mrope_section')"
+                f"{source}: missing 'rope_scaling.mrope_section' "
+                "(or 'text_config.rope_parameters.mrope_section')"
             )
         rope_theta = rope.get("rope_theta", text.get("rope_theta"))
         if rope_theta is None:

@@ -286,7 +286,10 @@ def save(
     path = os.fspath(path).rstrip("/")
     config = model.config
     flat = [(p, v) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
-    store_dtype = lambda v: np.dtype(dtype) if dtype is not None else np.dtype(v.dtype)
+
+    def store_dtype(v):
+        return np.dtype(dtype) if dtype is not None else np.dtype(v.dtype)
+
     # Plan the shards from shapes alone so each tensor is fetched from the devices exactly once.
     shards: list[list] = [[]]
     size = 0

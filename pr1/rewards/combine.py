@@ -147,14 +147,46 @@ def make_judge(judge_cfg, processes: int = 1) -> Judge:
     return OpenAIJudge.from_config(mine)
 
 
+# Metrics that count events: over several processes they add up (the rest are per-response means).
+COUNT_METRICS = (
+    "judge/failures",
+    "judge/malformed",
+    "judge/dropped_groups",
+    "judge/neutralized",
+    "accuracy/timeouts",
+    "accuracy/errors",
+)
+
+
 @dataclasses.dataclass
 class RewardOutput:
     """totals [N] float32; components: name -> [N] float32 (raw, unweighted; "perception" is the
-    value that entered the total, "perception_used" 1/0); metrics: name -> float."""
+    value that entered the total, "perception_used" 1/0); metrics: name -> float; judged: how many
+    responses a judge call was made for (judge/failure_rate's denominator)."""
 
     totals: np.ndarray
     components: dict[str, np.ndarray]
     metrics: dict[str, float]
+    judged: int = 0
+
+
+def mean_metrics(components: dict[str, np.ndarray], totals: np.ndarray) -> dict[str, float]:
+    """The per-response means of `RewardOutput.metrics`, from its components and totals (of one
+    process, or gathered from all): perception over the responses whose judgement was used."""
+    n = totals.shape[0]
+    out = {
+        f"rewards/{name}/mean": float(components[name].mean()) if n else 0.0
+        for name in ("accuracy", "format", "repetition")
+    }
+    used = components["perception_used"] > 0
+    out["rewards/perception/mean"] = float(components["perception"][used].mean()) if used.any() else 0.0
+    out["rewards/total/mean"] = float(totals.mean()) if n else 0.0
+    return out
+
+
+def failure_rate(failures: float, judged: float) -> float:
+    """judge/failure_rate: failed judgements over the responses a judge was asked about."""
+    return failures / judged if judged else 0.0
 
 
 def combine(
@@ -193,7 +225,7 @@ def combine(
 
     policy = cfg.judge.failure_policy
     n_failed, n_judged = int(failed.sum()), int(judged.sum())
-    rate = n_failed / n_judged if n_judged else 0.0
+    rate = failure_rate(n_failed, n_judged)
     hint = f" First error: {first_error}" if first_error else ""
     if n_failed and policy == "fail":
         raise JudgeFailureError(
@@ -228,12 +260,7 @@ def combine(
     ).astype(np.float32)
 
     components = dict(arrays, perception=perception, perception_used=used.astype(np.float32))
-    metrics = {
-        f"rewards/{name}/mean": float(arrays[name].mean()) if n else 0.0
-        for name in ("accuracy", "format", "repetition")
-    }
-    metrics["rewards/perception/mean"] = float(perception[used].mean()) if used.any() else 0.0
-    metrics["rewards/total/mean"] = float(totals.mean()) if n else 0.0
+    metrics = mean_metrics(components, totals)
     metrics.update(
         {
             "judge/failures": float(n_failed),
@@ -242,7 +269,7 @@ def combine(
             "judge/dropped_groups": float(dropped_groups),
         }
     )
-    return RewardOutput(totals, components, metrics)
+    return RewardOutput(totals, components, metrics, judged=n_judged)
 
 
 class RewardStage:
@@ -307,16 +334,20 @@ class RewardStage:
                 f"{len(responses)} responses, {len(answers)} answers, "
                 f"{len(annotations)} annotation lists: they must match"
             )
-        # With gamma = 0 (the accuracy-only baseline) no judge is asked, its verdicts would not count,
-        # unless judge.measure_unweighted asks for them as a measurement.
-        judged = bool(self.cfg.weights.perception) or bool(self.cfg.judge.get("measure_unweighted", False))
-        anns = [as_annotations(a) if judged else [] for a in annotations]
+        anns = self.judged_annotations(annotations)
         acc_task = asyncio.create_task(asyncio.to_thread(self.scorer.score_batch, responses, answers))
         try:
             judgements: list[Judgement] = await self.judge.judge_many(zip(responses, anns))
         finally:
             acc = await acc_task  # never leave the pool busy behind our back
         return self._output(responses, acc.scores, acc.timeouts, acc.errors, judgements, anns, group_size)
+
+    def judged_annotations(self, annotations: Sequence) -> list[list[str]]:
+        """The annotation lists the judge is asked about: none with gamma = 0 (the accuracy-only
+        baseline; verdicts would not count) unless judge.measure_unweighted asks for them as a
+        measurement. The batch and the streamed paths both ask here."""
+        judged = bool(self.cfg.weights.perception) or bool(self.cfg.judge.get("measure_unweighted", False))
+        return [as_annotations(a) if judged else [] for a in annotations]
 
     def _output(self, responses, accuracy, timeouts, errors, judgements, anns, group_size) -> RewardOutput:
         rep = self.cfg.repetition
@@ -396,7 +427,7 @@ class RewardStream:
             )
         self.stage, self.group_size = stage, group_size
         self.answers = [str(a) for a in answers]
-        self.anns = [as_annotations(a) if stage.cfg.weights.perception else [] for a in annotations]
+        self.anns = stage.judged_annotations(annotations)
         self.responses: list[str | None] = [None] * len(answers)
         self._loop = stage._ensure_loop()
         self._judged: dict[int, asyncio.Task] = {}

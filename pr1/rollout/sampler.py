@@ -54,8 +54,8 @@ from pr1.models.model_def import ModelDef
 from pr1.models.rope import rope_index
 from pr1.models.vision import LAYOUT_KEYS, batched_vision_inputs, patch_bucket, patch_slots
 from pr1.rollout.config import WEIGHTS_LAYOUTS
+from pr1.sharding import BATCH_AXES
 
-BATCH_AXES = ("data", "fsdp")
 _VISION_KEYS = ("pixel_values",) + LAYOUT_KEYS
 
 
@@ -185,7 +185,10 @@ class EmbeddedEngine:
         """The jitted rollout lowered for (possibly abstract) `params` and a placed prefill `batch` (as
         `_prefill_inputs` builds it), for memory planning and tests; scalars are abstract."""
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=replicated)
+
+        def scalar(dtype):
+            return jax.ShapeDtypeStruct((), dtype, sharding=replicated)
+
         key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
         self._weights_sharding = self.rollout_weights_sharding(params)
         return self._rollout.lower(
@@ -416,7 +419,10 @@ class EmbeddedEngine:
             logits, prompt_cache = prefill(inputs)
         else:
             # Chunk j = rows j, j+k, ...: every device keeps prefilling its own rows.
-            split = lambda x: jnp.moveaxis(x.reshape((rows // chunks, chunks) + x.shape[1:]), 1, 0)
+
+            def split(x):
+                return jnp.moveaxis(x.reshape((rows // chunks, chunks) + x.shape[1:]), 1, 0)
+
             logits, prompt_cache = jax.lax.map(prefill, jax.tree.map(split, inputs))
             logits = jnp.moveaxis(logits, 0, 1).reshape(rows, -1)
             prompt_cache = jax.tree.map(
@@ -426,7 +432,10 @@ class EmbeddedEngine:
         prompt_segments = jnp.where(mask.astype(bool), 0, -1)
 
         # n samples per prompt: rows p*n .. p*n+n-1 share prompt p's cache (held once).
-        rep = lambda x: jnp.repeat(x, n, axis=0)
+
+        def rep(x):
+            return jnp.repeat(x, n, axis=0)
+
         total = rows * n
         response_cache = self._constrain_cache(
             model.init_cache(total, max_new_tokens, dtype=self.model_def.compute_dtype)

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from pr1 import distributed
+from pr1 import sharding as sharding_lib
 from pr1.models.config import Qwen25VLConfig
 from pr1.models.generation import Completion, Prompt
 from pr1.models.rope import decode_position_ids, rope_index
@@ -138,24 +139,21 @@ def has_shared_images(batch: dict) -> bool:
 
 def on_mesh(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
     """The global arrays of a learner batch whose process-local rows are `batch`, sharded as the jitted
-    steps take them (`step.batch_sharding`); with several processes, process p's rows are its block
+    steps take them (`pr1.sharding.batch_sharding`); with several processes, process p's rows are its block
     [p·L, (p+1)·L) of the global batch, and its images the block [p·I, (p+1)·I) of the images (each
     process's `image_index` is moved to it)."""
     if has_shared_images(batch):
         batch = _images_on_mesh(batch, mesh)
-    shapes = {
-        k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + v.shape[1:], v.dtype)
-        for k, v in batch.items()
-    }
-    shardings = step_lib.batch_sharding(mesh, shapes)
-    return {k: distributed.global_array_from_local(v, shardings[k]) for k, v in batch.items()}
+    step_lib.check_batch_rows({k: v.shape[0] * jax.process_count() for k, v in batch.items()}, mesh)
+    sharding = sharding_lib.batch_sharding(mesh)
+    return {k: distributed.global_array_from_local(v, sharding) for k, v in batch.items()}
 
 
 def _images_on_mesh(batch: dict, mesh: jax.sharding.Mesh) -> dict:
     """Pad the process's image entries to a multiple of its batch devices (so they shard like rows:
     each device holds about its own rows' images) and offset `image_index` to the global entries.
     Every process has the same entry count (`batch_extents`), so the padded counts agree too."""
-    devices = int(np.prod([mesh.shape.get(a, 1) for a in step_lib.BATCH_AXES]))
+    devices = int(np.prod([mesh.shape.get(a, 1) for a in sharding_lib.BATCH_AXES]))
     local_devices = max(devices // jax.process_count(), 1)
     count = batch["pixel_values"].shape[0]
     padded = -(-count // local_devices) * local_devices

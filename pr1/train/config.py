@@ -28,14 +28,11 @@ from pr1.http_policy import check_url
 from pr1.models import attention as attention_lib
 from pr1.rewards.combine import check_config as check_rewards_config
 from pr1.rewards.combine import judge_share, rewards_config
-from pr1.rl.grpo import LOSS_AGG_MODES
 from pr1.rollout.config import ENGINES, SERVER_ENGINES, WEIGHTS_LAYOUTS, rollout_config
-from pr1.train.state import optimizer_config
-from pr1.train.step import _REMAT_POLICIES, learner_config
+from pr1.train.state import check_optimizer_config, optimizer_config
+from pr1.train.step import check_learner_config, learner_config
 
 DTYPES = ("float32", "bfloat16")
-LOSS_AGGS = LOSS_AGG_MODES
-KL_KINDS = ("k1", "k2", "k3")
 
 
 class ConfigError(ValueError):
@@ -111,12 +108,76 @@ def validate_config(
 ) -> None:
     """Checks every value the run depends on; raises ConfigError('<key>: <why>').
 
+    Each section is checked on its own (here for the sections this module defines, beside their
+    defaults for the others), then what spans sections: sampling and learner temperatures, and how a
+    step's responses split into mini-batches, micro-batches and over the mesh.
     check_files=False skips the checks that local data files exist (for planning a run elsewhere);
     `backend` (jax's platform name), when given, is where model.attention must be able to run.
     """
     for section in ("model", "mesh", "data", "rollout", "rewards", "learner", "optim", "train"):
         _need(section in c, section, "section missing from the config")
-    m = c.model
+    _check_model(c.model, backend)
+    axes = _check_mesh(c.mesh, num_devices)
+    _check_data(c.data, check_files)
+    _check_rollout(c.rollout)
+    for key, check in (
+        ("rewards", lambda: _check_rewards(c.rewards, num_processes)),
+        ("learner", lambda: check_learner_config(c.learner)),
+        ("optim", lambda: check_optimizer_config(c.optim)),
+    ):
+        try:
+            check()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    _check_train(c.train)
+
+    d, r, t, lc = c.data, c.rollout, c.train, c.learner
+    _need(
+        abs(lc.temperature - r.temperature) < 1e-9,
+        "learner.temperature",
+        f"must equal rollout.temperature ({r.temperature}) so logprobs are of the sampling distribution, "
+        f"got {lc.temperature}",
+    )
+    rows = d.prompts_per_step * r.n
+    _need(
+        rows % t.mini_batches == 0,
+        "train.mini_batches",
+        f"{t.mini_batches} does not divide the {rows} responses per step (data.prompts_per_step x rollout.n)",
+    )
+    # A mini-batch must hold whole groups and split into micro-batches.
+    per_mini = rows // t.mini_batches
+    _need(
+        per_mini % r.n == 0,
+        "train.mini_batches",
+        f"mini-batches of {per_mini} responses would split GRPO groups of {r.n}",
+    )
+    _need(
+        lc.micro_batches == 0 or per_mini % lc.micro_batches == 0,
+        "learner.micro_batches",
+        f"{lc.micro_batches} does not divide the {per_mini} responses of a mini-batch",
+    )
+    if num_devices is not None:
+        sizes = dict(axes)
+        free = [k for k, v in sizes.items() if v == -1]
+        if free:  # the -1 axis takes the devices the fixed axes leave
+            sizes[free[0]] = num_devices // math.prod(v for v in sizes.values() if v != -1)
+        batch_rows = sizes["data"] * sizes["fsdp"]
+        _need(
+            per_mini % batch_rows == 0,
+            "data.prompts_per_step",
+            f"the {per_mini} responses of a mini-batch do not divide over the {batch_rows} devices of mesh "
+            f"axes data x fsdp ({sizes})",
+        )
+        per_micro = per_mini // lc.micro_batches if lc.micro_batches else batch_rows
+        _need(
+            per_micro % batch_rows == 0,
+            "learner.micro_batches",
+            f"micro-batches of {per_micro} responses do not divide over the {batch_rows} devices of mesh "
+            f"axes data x fsdp ({sizes})",
+        )
+
+
+def _check_model(m: ml_collections.ConfigDict, backend: str | None) -> None:
     _need(bool(m.path), "model.path", "empty; set it to a local Hugging Face checkpoint dir")
     _need(
         m.make_tiny_if_missing or os.path.isdir(m.path),
@@ -132,7 +193,10 @@ def validate_config(
     except attention_lib.AttentionConfigError as e:
         raise ConfigError(str(e)) from None
 
-    axes = {name: c.mesh[name] for name in ("data", "fsdp", "tensor")}
+
+def _check_mesh(mesh: ml_collections.ConfigDict, num_devices: int | None) -> dict:
+    """The mesh section's checks; returns its axis sizes (one may be -1)."""
+    axes = {name: mesh[name] for name in ("data", "fsdp", "tensor")}
     for name, value in axes.items():
         _need(
             isinstance(value, int) and (value >= 1 or value == -1),
@@ -149,8 +213,10 @@ def validate_config(
             "mesh",
             f"{axes} does not fit the {num_devices} devices",
         )
+    return axes
 
-    d = c.data
+
+def _check_data(d: ml_collections.ConfigDict, check_files: bool) -> None:
     from pr1.data.config import check_data_config
 
     try:
@@ -165,7 +231,8 @@ def validate_config(
                 _need("://" in f or os.path.isfile(f), f"data.{key}", f"{f}: parquet file not found")
     _need(d.max_prompt_length >= 8, "data.max_prompt_length", f"must be >= 8, got {d.max_prompt_length}")
 
-    r = c.rollout
+
+def _check_rollout(r: ml_collections.ConfigDict) -> None:
     _need(r.engine in ENGINES, "rollout.engine", f"must be one of {ENGINES}, got {r.engine!r}")
     _need(r.n >= 2, "rollout.n", f"GRPO needs at least 2 responses per prompt, got {r.n}")
     _need(
@@ -194,7 +261,8 @@ def validate_config(
     _need(
         r.off_policy_steps == 0 or r.engine in SERVER_ENGINES,
         "rollout.off_policy_steps",
-        f"1 needs a server engine (sglang, vllm) to generate beside the learner; rollout.engine is {r.engine!r}",
+        "1 needs a server engine (sglang, vllm) to generate beside the learner; "
+        f"rollout.engine is {r.engine!r}",
     )
     if r.engine == "sglang":
         _need(
@@ -214,67 +282,14 @@ def validate_config(
         _need(r.top_p == 1, "rollout.top_p", f"must be 1.0 with rollout.engine=vllm, got {r.top_p}")
         _need(r.top_k <= 0, "rollout.top_k", f"must be -1 (off) with rollout.engine=vllm, got {r.top_k}")
 
-    try:
-        check_rewards_config(c.rewards)
-        if c.rewards.judge.url:
-            judge_share(c.rewards.judge, num_processes)  # the service totals must cover every process
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
 
-    lc = c.learner
-    _need(lc.loss_agg in LOSS_AGGS, "learner.loss_agg", f"must be one of {LOSS_AGGS}, got {lc.loss_agg!r}")
-    _need(lc.kl_kind in KL_KINDS, "learner.kl_kind", f"must be one of {KL_KINDS}, got {lc.kl_kind!r}")
-    _need(
-        lc.kl_coef == 0,
-        "learner.kl_coef",
-        "a KL term needs a reference model, which pr1 does not build yet; use 0",
-    )
-    _need(lc.clip_low >= 0 and lc.clip_high >= 0, "learner.clip_low/clip_high", "must be >= 0")
-    _need(
-        lc.dual_clip is None or lc.dual_clip > 1,
-        "learner.dual_clip",
-        f"must be > 1 (or None), got {lc.dual_clip}",
-    )
-    _need(
-        lc.remat in _REMAT_POLICIES,
-        "learner.remat",
-        f"must be one of {sorted(_REMAT_POLICIES)}, got {lc.remat!r}",
-    )
-    _need(
-        lc.micro_batches >= 0,
-        "learner.micro_batches",
-        f"must be >= 1, or 0 (one response per batch device per micro-batch), got {lc.micro_batches}",
-    )
-    _need(
-        abs(lc.temperature - r.temperature) < 1e-9,
-        "learner.temperature",
-        f"must equal rollout.temperature ({r.temperature}) so logprobs are of the sampling distribution, "
-        f"got {lc.temperature}",
-    )
-    if lc.loss_agg == "chunk-token-mean":
-        _need(
-            isinstance(lc.loss_chunk_responses, int) and lc.loss_chunk_responses >= 1,
-            "learner.loss_chunk_responses",
-            f"must be an int >= 1 for loss_agg='chunk-token-mean', got {lc.loss_chunk_responses!r}",
-        )
-    if lc.loss_agg == "seq-mean-token-sum-norm":
-        _need(
-            lc.horizon is not None,
-            "learner.horizon",
-            "required by seq-mean-token-sum-norm (e.g. rollout.max_new_tokens)",
-        )
+def _check_rewards(rewards: ml_collections.ConfigDict, num_processes: int) -> None:
+    check_rewards_config(rewards)
+    if rewards.judge.url:
+        judge_share(rewards.judge, num_processes)  # the service totals must cover every process
 
-    o = c.optim
-    _need(o.learning_rate > 0, "optim.learning_rate", f"must be > 0, got {o.learning_rate}")
-    _need(
-        o.schedule in ("constant", "cosine"),
-        "optim.schedule",
-        f"must be 'constant' or 'cosine', got {o.schedule!r}",
-    )
-    _need(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", f"must be in [0, 1), got {o.warmup_ratio}")
-    _need(o.max_grad_norm > 0, "optim.max_grad_norm", f"must be > 0, got {o.max_grad_norm}")
 
-    t = c.train
+def _check_train(t: ml_collections.ConfigDict) -> None:
     _need(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
     _need(t.mini_batches >= 1, "train.mini_batches", f"must be >= 1, got {t.mini_batches}")
     _need(t.checkpoint_every >= 1, "train.checkpoint_every", f"must be >= 1, got {t.checkpoint_every}")
@@ -284,40 +299,3 @@ def validate_config(
         f"must be >= 1 (or None to keep all), got {t.keep_checkpoints}",
     )
     _need(t.val_every >= 0, "train.val_every", f"must be >= 0, got {t.val_every}")
-    rows = d.prompts_per_step * r.n
-    _need(
-        rows % t.mini_batches == 0,
-        "train.mini_batches",
-        f"{t.mini_batches} does not divide the {rows} responses per step (data.prompts_per_step x rollout.n)",
-    )
-    # A mini-batch must hold whole groups and split into micro-batches.
-    per_mini = rows // t.mini_batches
-    _need(
-        per_mini % r.n == 0,
-        "train.mini_batches",
-        f"mini-batches of {per_mini} responses would split GRPO groups of {r.n}",
-    )
-    _need(
-        lc.micro_batches == 0 or per_mini % lc.micro_batches == 0,
-        "learner.micro_batches",
-        f"{lc.micro_batches} does not divide the {per_mini} responses of a mini-batch",
-    )
-    if num_devices is not None:
-        sizes = dict(axes)
-        free = [k for k, v in sizes.items() if v == -1]
-        if free:  # the -1 axis takes the devices the fixed axes leave
-            sizes[free[0]] = num_devices // math.prod(v for v in sizes.values() if v != -1)
-        batch_rows = sizes["data"] * sizes["fsdp"]
-        _need(
-            per_mini % batch_rows == 0,
-            "data.prompts_per_step",
-            f"the {per_mini} responses of a mini-batch do not divide over the {batch_rows} devices of mesh axes "
-            f"data x fsdp ({sizes})",
-        )
-        per_micro = per_mini // lc.micro_batches if lc.micro_batches else batch_rows
-        _need(
-            per_micro % batch_rows == 0,
-            "learner.micro_batches",
-            f"micro-batches of {per_micro} responses do not divide over the {batch_rows} devices of mesh axes "
-            f"data x fsdp ({sizes})",
-        )

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from pr1 import distributed
+from pr1.rewards.combine import COUNT_METRICS, RewardOutput, failure_rate, mean_metrics
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
@@ -137,17 +138,6 @@ class MetricsWriter:
             self._wandb.finish()
 
 
-# Reward metrics that are counts of events; they add up over processes.
-_REWARD_COUNTS = (
-    "judge/failures",
-    "judge/malformed",
-    "judge/dropped_groups",
-    "judge/neutralized",
-    "accuracy/timeouts",
-    "accuracy/errors",
-)
-
-
 def rollout_metrics(completions, tokens: int) -> dict[str, float]:
     """Response lengths and finish reasons over every process's completions; `tokens` is this
     process's count of real tokens in its learner rows."""
@@ -167,11 +157,10 @@ def rollout_metrics(completions, tokens: int) -> dict[str, float]:
     }
 
 
-def reward_metrics(rewards, judged: int) -> dict[str, float]:
-    """`rewards.metrics` (a `pr1.rewards.combine.RewardOutput`) over every process's responses.
-
-    `judged` is this process's number of responses with a judge call (non-empty annotations), the
-    denominator of judge/failure_rate. One process: `rewards.metrics` as they are.
+def reward_metrics(rewards: RewardOutput) -> dict[str, float]:
+    """`rewards.metrics` over every process's responses: `pr1.rewards.combine.mean_metrics` of the
+    gathered components, counts summed, judge/failure_rate from the summed failures and `judged`.
+    One process: `rewards.metrics` as they are.
     """
     if not distributed.is_multiprocess():
         return dict(rewards.metrics)
@@ -179,23 +168,14 @@ def reward_metrics(rewards, judged: int) -> dict[str, float]:
         name: distributed.allgather_host(rewards.components[name])
         for name in ("accuracy", "format", "repetition", "perception", "perception_used")
     }
-    totals = distributed.allgather_host(rewards.totals)
-    # The same formulas as `combine`, on the global arrays.
-    out = {
-        f"rewards/{name}/mean": float(gathered[name].mean()) if totals.size else 0.0
-        for name in ("accuracy", "format", "repetition")
-    }
-    used = gathered["perception_used"] > 0
-    out["rewards/perception/mean"] = float(gathered["perception"][used].mean()) if used.any() else 0.0
-    out["rewards/total/mean"] = float(totals.mean()) if totals.size else 0.0
+    out = mean_metrics(gathered, distributed.allgather_host(rewards.totals))
     rest = sorted(k for k in rewards.metrics if k not in out and k != "judge/failure_rate")
-    counts = [k for k in rest if k in _REWARD_COUNTS]
-    summed = distributed.sum_over_processes([rewards.metrics[k] for k in counts] + [judged])
+    counts = [k for k in rest if k in COUNT_METRICS]
+    summed = distributed.sum_over_processes([rewards.metrics[k] for k in counts] + [rewards.judged])
     out.update(zip(counts, summed[:-1]))
-    failures, judged_all = out.get("judge/failures", 0.0), summed[-1]
-    out["judge/failure_rate"] = failures / judged_all if judged_all else 0.0
+    out["judge/failure_rate"] = failure_rate(out.get("judge/failures", 0.0), summed[-1])
     # Anything else is taken as a per-response mean: weighted by each process's responses.
-    others = [k for k in rest if k not in _REWARD_COUNTS]
+    others = [k for k in rest if k not in COUNT_METRICS]
     rows = float(len(rewards.totals))
     weighted = distributed.sum_over_processes([rewards.metrics[k] * rows for k in others] + [rows])
     out.update({k: v / max(weighted[-1], 1.0) for k, v in zip(others, weighted[:-1])})
@@ -244,8 +224,9 @@ class Progress:
         width = 20
         filled = int(width * step / max(self.total, 1))
         bar = "#" * filled + "." * (width - filled)
+        reward = metrics.get("rewards/total/mean", float("nan"))
         print(
-            f"[{bar}] step {step}/{self.total}  reward {metrics.get('rewards/total/mean', float('nan')):.3f}  "
+            f"[{bar}] step {step}/{self.total}  reward {reward:.3f}  "
             f"acc {metrics.get('rewards/accuracy/mean', float('nan')):.3f}  "
             f"{metrics.get('perf/tokens_per_s', 0.0):.0f} tok/s  {per_step:.1f} s/step  ETA {_hms(eta)}",
             file=sys.stderr,

@@ -40,6 +40,9 @@ class TrainState:
     opt_state: Any
 
 
+SCHEDULES = ("constant", "cosine")  # optim.schedule: after the warmup
+
+
 def optimizer_config() -> ml_collections.ConfigDict:
     """The paper's optimizer: AdamW lr 1e-6, betas (0.9, 0.999), wd 1e-3, 5% warmup then constant,
     clip 1.0."""
@@ -51,12 +54,24 @@ def optimizer_config() -> ml_collections.ConfigDict:
             "eps": 1e-8,
             "weight_decay": 1e-3,
             "warmup_ratio": 0.05,
-            "schedule": "constant",  # or "cosine"
+            "schedule": "constant",  # one of SCHEDULES
             "min_lr_ratio": 0.0,  # cosine floor as a fraction of learning_rate
             "max_grad_norm": 1.0,
             "freeze_vision_tower": False,
         }
     )
+
+
+def check_optimizer_config(cfg: ml_collections.ConfigDict) -> None:
+    """The optim section's checks; raises ValueError('optim.<key>: <why>')."""
+    for ok, key, message in (
+        (cfg.learning_rate > 0, "learning_rate", f"must be > 0, got {cfg.learning_rate}"),
+        (cfg.schedule in SCHEDULES, "schedule", f"must be 'constant' or 'cosine', got {cfg.schedule!r}"),
+        (0 <= cfg.warmup_ratio < 1, "warmup_ratio", f"must be in [0, 1), got {cfg.warmup_ratio}"),
+        (cfg.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {cfg.max_grad_norm}"),
+    ):
+        if not ok:
+            raise ValueError(f"optim.{key}: {message}")
 
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -157,6 +172,36 @@ def state_shardings(
     opt_abstract = jax.eval_shape(tx.init, params_abstract)
     opt_shardings = jax.tree_util.tree_map_with_path(pick, opt_abstract)
     return TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
+
+
+def abstract_params(model_def: ModelDef) -> dict:
+    """The master params' shapes in `model_def.dtype`, as a pure dict of ShapeDtypeStruct (no memory)."""
+    pure = model_def.abstract_state.to_pure_dict()
+    return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, model_def.dtype), pure)
+
+
+def run_optimizer(config: ml_collections.ConfigDict, model_def: ModelDef) -> optax.GradientTransformation:
+    """The optimizer of a training run (`config.optim`): one optimizer step per mini-batch, so its
+    schedule spans train.steps x train.mini_batches steps."""
+    steps = config.train.steps * config.train.mini_batches
+    return make_optimizer(config.optim, steps, abstract_params(model_def))
+
+
+def abstract_train_state(
+    model_def: ModelDef, tx: optax.GradientTransformation, mesh: Mesh, rules=sharding_lib.DEFAULT_RULES
+) -> tuple[TrainState, TrainState]:
+    """(state, shardings): the TrainState of a run as ShapeDtypeStructs carrying its shardings, and
+    those shardings. Nothing is allocated: it is the checkpoint's restore target, and what the
+    memory planner and the recipe tests lower the steps for."""
+    params = abstract_params(model_def)
+    shardings = state_shardings(tx, params, model_def.param_shardings(mesh, rules), mesh)
+    abstract = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=jax.eval_shape(tx.init, params)
+    )
+    placed = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    return placed, shardings
 
 
 def create_train_state(

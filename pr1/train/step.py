@@ -23,18 +23,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
+from pr1 import sharding as sharding_lib
 from pr1.models.attention import in_mesh
+from pr1.models.model_def import ModelDef
 from pr1.models.vision import IMAGE_KEYS, LAYOUT_KEYS, rows_of_images
 from pr1.rl import grpo
-from pr1.train.state import ModelDef, TrainState
+from pr1.train.state import TrainState
 
-BATCH_AXES = ("data", "fsdp")
 _VISION_KEYS = LAYOUT_KEYS
-_REMAT_POLICIES = {
+# learner.remat: what the backward pass keeps of each layer (the rest is recomputed).
+REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -76,25 +77,54 @@ def learner_config() -> ml_collections.ConfigDict:
     )
 
 
-def batch_sharding(mesh: Mesh, batch: dict) -> dict:
-    """Shard every array's sequence axis over ('data', 'fsdp'); an indivisible batch is an error."""
-    axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
-    size = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-    out = {}
-    shared = shared_images(batch)
-    for key, value in batch.items():
-        if key in shared and value.shape[0] % size:
-            # Images stored once per prompt need not divide the devices (`batch.on_mesh` pads them so
-            # they do); a count that does not is replicated, and each micro-batch gathers its rows.
-            out[key] = NamedSharding(mesh, PartitionSpec())
-            continue
-        if value.shape[0] % size:
-            raise ValueError(
-                f"batch['{key}'] has {value.shape[0]} rows, which does not divide the {size} "
-                f"devices of mesh axes {axes}; use a batch size that is a multiple of {size}"
-            )
-        out[key] = NamedSharding(mesh, PartitionSpec(axes if axes else None))
-    return out
+def check_learner_config(cfg: ml_collections.ConfigDict) -> None:
+    """The learner section's own checks (`validate_config` adds those that span sections); raises
+    ValueError('learner.<key>: <why>')."""
+
+    def need(cond: bool, key: str, message: str) -> None:
+        if not cond:
+            raise ValueError(f"learner.{key}: {message}")
+
+    modes, kinds = grpo.LOSS_AGG_MODES, grpo.KL_KINDS
+    need(cfg.loss_agg in modes, "loss_agg", f"must be one of {modes}, got {cfg.loss_agg!r}")
+    need(cfg.kl_kind in kinds, "kl_kind", f"must be one of {kinds}, got {cfg.kl_kind!r}")
+    need(
+        cfg.kl_coef == 0, "kl_coef", "a KL term needs a reference model, which pr1 does not build yet; use 0"
+    )
+    need(cfg.clip_low >= 0 and cfg.clip_high >= 0, "clip_low/clip_high", "must be >= 0")
+    need(
+        cfg.dual_clip is None or cfg.dual_clip > 1, "dual_clip", f"must be > 1 (or None), got {cfg.dual_clip}"
+    )
+    need(
+        cfg.remat in REMAT_POLICIES,
+        "remat",
+        f"must be one of {sorted(REMAT_POLICIES)}, got {cfg.remat!r}",
+    )
+    need(
+        cfg.micro_batches >= 0,
+        "micro_batches",
+        f"must be >= 1, or 0 (one response per batch device per micro-batch), got {cfg.micro_batches}",
+    )
+    if cfg.loss_agg == "chunk-token-mean":
+        need(
+            isinstance(cfg.loss_chunk_responses, int) and cfg.loss_chunk_responses >= 1,
+            "loss_chunk_responses",
+            f"must be an int >= 1 for loss_agg='chunk-token-mean', got {cfg.loss_chunk_responses!r}",
+        )
+    if cfg.loss_agg == "seq-mean-token-sum-norm":
+        # Batches are prompt+response padded to a bucket; the Dr.GRPO constant must be the response
+        # budget, not that bucket length, or the loss scale would change with the prompt bucket.
+        need(
+            cfg.horizon is not None,
+            "horizon",
+            "required by seq-mean-token-sum-norm (e.g. rollout.max_new_tokens)",
+        )
+
+
+def check_batch_rows(rows: dict[str, int], mesh: Mesh) -> None:
+    """Every batch array's rows (key -> count) must divide over the batch devices of `mesh`."""
+    for key, count in rows.items():
+        sharding_lib.batch_sharding(mesh, count, what=f"batch['{key}']")
 
 
 def shared_images(batch: dict) -> dict:
@@ -171,7 +201,10 @@ def _forward_logprobs(
         # Checkpointed so the backward keeps one chunk's logits at a time, not all of them.
         lp, ent = jax.lax.map(lambda xs: jax.checkpoint(logprobs_of)(*xs), (hc, tc))
         lp, ent = (x.swapaxes(0, 1).reshape(b, n * chunk)[:, :t] for x in (lp, ent))
-    pad0 = lambda x: jnp.pad(x, ((0, 0), (1, 0)))
+
+    def pad0(x):
+        return jnp.pad(x, ((0, 0), (1, 0)))
+
     return pad0(lp), (pad0(ent) if entropy else None)
 
 
@@ -179,8 +212,7 @@ def micro_batch_count(cfg: ml_collections.ConfigDict, rows: int, mesh: Mesh) -> 
     """learner.micro_batches, or (0) one response per batch device per micro-batch on `mesh`."""
     if cfg.micro_batches > 0:
         return cfg.micro_batches
-    devices = int(np.prod([mesh.shape.get(a, 1) for a in BATCH_AXES]))
-    return max(rows // devices, 1)
+    return max(rows // sharding_lib.batch_devices(mesh), 1)
 
 
 def _check_micro_batches(batch_rows: int, k: int):
@@ -188,15 +220,19 @@ def _check_micro_batches(batch_rows: int, k: int):
         raise ValueError(f"learner.micro_batches={k} must divide the batch of {batch_rows} sequences")
 
 
-def make_logprob_step(
-    model_def: ModelDef, cfg: ml_collections.ConfigDict, param_shardings, mesh: Mesh, example_batch: dict
-):
-    """jit(params, batch) -> logprobs [B, T] (old or reference policy), in micro-batches."""
-    rows = example_batch["input_ids"].shape[0]
-    k = micro_batch_count(cfg, rows, mesh)
-    _check_micro_batches(rows, k)
+def make_logprob_step(model_def: ModelDef, cfg: ml_collections.ConfigDict, param_shardings, mesh: Mesh):
+    """jit(params, batch) -> logprobs [B, T] (old or reference policy), in micro-batches.
+
+    One jitted function for every batch shape: jit compiles once per (prompt, patch, response)
+    bucket, and the micro-batch count follows the batch's rows at trace time.
+    """
+    check_learner_config(cfg)
 
     def step(params, batch):
+        check_batch_rows({key: x.shape[0] for key, x in batch.items()}, mesh)
+        rows = batch["input_ids"].shape[0]
+        k = micro_batch_count(cfg, rows, mesh)
+        _check_micro_batches(rows, k)
         shared = shared_images(batch)
         micro = jax.tree.map(lambda x: _split(x, k), _row_arrays(batch))
         lps = jax.lax.map(
@@ -207,8 +243,9 @@ def make_logprob_step(
         )
         return _unsplit(lps)
 
-    bsh = batch_sharding(mesh, example_batch)
-    return jax.jit(in_mesh(step, mesh), in_shardings=(param_shardings, bsh), out_shardings=bsh["input_ids"])
+    # One sharding for every batch key: a pytree prefix of the whole batch dict.
+    bsh = sharding_lib.batch_sharding(mesh)
+    return jax.jit(in_mesh(step, mesh), in_shardings=(param_shardings, bsh), out_shardings=bsh)
 
 
 def _reduce_metrics(metrics: dict, tokens: jax.Array) -> dict:
@@ -235,26 +272,15 @@ def make_update_step(
     cfg: ml_collections.ConfigDict,
     shardings: TrainState,
     mesh: Mesh,
-    example_batch: dict,
 ):
     """jit(state, batch) -> (state, metrics): k micro-batches of gradient accumulation, one optimizer step.
 
     A non-finite loss or gradient norm leaves the state unchanged (metrics say so; `check_finite`
-    turns that into an error on the host). The input state's buffers are donated.
+    turns that into an error on the host). The input state's buffers are donated. One jitted
+    function for every batch shape, as in `make_logprob_step`.
     """
-    rows = example_batch["input_ids"].shape[0]
-    k = micro_batch_count(cfg, rows, mesh)
-    _check_micro_batches(rows, k)
-    if cfg.loss_agg == "seq-mean-token-sum-norm" and cfg.horizon is None:
-        # Batches are prompt+response padded to a bucket; the Dr.GRPO constant must be the response
-        # budget, not that bucket length, or the loss scale would change with the prompt bucket.
-        raise ValueError(
-            "learner.horizon must be set (e.g. to the max response length) for loss_agg="
-            "'seq-mean-token-sum-norm'"
-        )
-    if cfg.remat not in _REMAT_POLICIES:
-        raise ValueError(f"learner.remat must be one of {sorted(_REMAT_POLICIES)}, got {cfg.remat!r}")
-    policy = _REMAT_POLICIES[cfg.remat]
+    check_learner_config(cfg)
+    policy = REMAT_POLICIES[cfg.remat]
 
     def micro_loss(params, mb, num_tokens, num_sequences):
         # chunk-token-mean's per-row weights were computed on the whole mini-batch and split with the rows.
@@ -283,6 +309,10 @@ def make_update_step(
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def step(state: TrainState, batch: dict):
+        check_batch_rows({key: x.shape[0] for key, x in batch.items()}, mesh)
+        rows = batch["input_ids"].shape[0]
+        k = micro_batch_count(cfg, rows, mesh)
+        _check_micro_batches(rows, k)
         num_tokens, num_sequences = grpo.loss_normalizers(batch["loss_mask"])
         if cfg.loss_agg == "chunk-token-mean":
             batch = dict(
@@ -310,7 +340,7 @@ def make_update_step(
         metrics.update(grad_norm=grad_norm, finite=finite, tokens=tokens.sum())
         return new, metrics
 
-    bsh = batch_sharding(mesh, example_batch)
+    bsh = sharding_lib.batch_sharding(mesh)
     return jax.jit(
         in_mesh(step, mesh), in_shardings=(shardings, bsh), out_shardings=(shardings, None), donate_argnums=0
     )
@@ -320,7 +350,8 @@ def check_finite(metrics: dict, step: int) -> None:
     """Raise NonFiniteError if the update step reported a NaN/inf loss or gradient norm."""
     if not bool(metrics["finite"]):
         raise NonFiniteError(
-            f"step {step}: loss={float(metrics['loss'])} grad_norm={float(metrics['grad_norm'])} is not finite; "
+            f"step {step}: loss={float(metrics['loss'])} grad_norm={float(metrics['grad_norm'])} is not "
+            "finite; "
             "the update was not applied and no checkpoint was written for it. Check the batch (rewards, "
             "logprobs) and the learning rate; resume from the last good checkpoint."
         )
