@@ -280,8 +280,8 @@ BAD_CONFIGS = [
     BadConfig("judge_url_without_scheme", {"rewards.judge.url": "judge-host:8000/v1"}, "rewards.judge.url"),
     BadConfig(
         "judge_timeout_zero",
-        {"rewards.judge.url": "http://127.0.0.1:9/v1", "rewards.judge.timeout": 0.0},
-        "rewards.judge.timeout",
+        {"rewards.judge.url": "http://127.0.0.1:9/v1", "rewards.judge.timeout_s": 0.0},
+        "rewards.judge.timeout_s",
     ),
     BadConfig("keep_checkpoints_zero", {"train.keep_checkpoints": 0}, "train.keep_checkpoints"),
     BadConfig(

@@ -73,6 +73,11 @@ def test_train_config_errors(configs, tmp_path):
         ),
         (("--config", str(configs / "broken.py")), ["broken.py:5: NameError", "undefined_name"]),
         (("--config", str(configs / "no_arg.py"), "--config.b=2"), ["--config.b", "no key 'b'"]),
+        # A renamed key names its new spelling (seconds carry the service flags' _s suffix).
+        (
+            ("--config", "configs/debug.py", "--config.rewards.judge.timeout=3"),
+            ["--config.rewards.judge.timeout", "renamed to rewards.judge.timeout_s"],
+        ),
     ]
     for args, words in cases:
         rc, err = run_module("pr1.train", *args, "--workdir", work)

@@ -247,7 +247,7 @@ def judge_fault_run(assets, env, tmp_path_factory):
                 base / "run",
                 f"--config.rewards.judge.url={stub.url}",
                 "--config.rewards.judge.retries=0",
-                "--config.rewards.judge.timeout=3",
+                "--config.rewards.judge.timeout_s=3",
                 "--config.rewards.judge.max_failure_rate=1.0",
             ),
             env,

@@ -244,7 +244,7 @@ def test_injected_verdicts_score_no_higher():
 def test_reward_stage_stops_when_the_judge_is_down():
     cfg = rewards_config()
     cfg.judge.retries = 1
-    cfg.judge.backoff = 0.01
+    cfg.judge.backoff_s = 0.01
     cfg.accuracy.workers = 1
     with StubJudgeServer(p_500=1.0) as stub:
         cfg.judge.url = stub.url

@@ -60,7 +60,7 @@ def test_debug_steps_through_every_stage(assets, tmp_path):
             assets,
             **{
                 "rewards.judge.url": judge.url,
-                "rewards.judge.backoff": 0.01,
+                "rewards.judge.backoff_s": 0.01,
                 "rewards.judge.max_failure_rate": 1.0,
             },
         )

@@ -67,11 +67,12 @@ def rewards_config() -> ml_collections.ConfigDict:
             max_tokens=512,
             max_concurrency=256,
             requests_per_minute=0.0,
-            timeout=120.0,
-            connect_timeout=10.0,
+            # Seconds, with the suffixes of the CLIs' service flags (--judge_timeout_s, ...).
+            timeout_s=120.0,
+            connect_timeout_s=10.0,
             retries=4,
-            backoff=1.0,
-            backoff_max=30.0,
+            backoff_s=1.0,
+            backoff_max_s=30.0,
             cache_size=200_000,
             failure_policy="zero",
             max_failure_rate=0.1,
@@ -105,7 +106,7 @@ def check_config(cfg) -> None:
     j = cfg.judge
     if j.url:
         check_url(j.url, "rewards.judge.url", "http://host:port/v1", " (empty: the offline lexical judge)")
-    for key in ("timeout", "connect_timeout"):
+    for key in ("timeout_s", "connect_timeout_s"):
         if j[key] <= 0:
             raise ValueError(f"rewards.judge.{key} must be > 0, got {j[key]}")
     if j.retries < 0 or j.requests_per_minute < 0:

@@ -24,7 +24,12 @@ from pr1 import cli
 # Keys that were renamed: the old spelling gets the new name instead of a did-you-mean guess.
 _RENAMED = {
     "--config.model.dtype": "model.dtype was replaced by model.param_dtype (the fp32 master weights) "
-    "and model.compute_dtype (e.g. bfloat16)"
+    "and model.compute_dtype (e.g. bfloat16)",
+    # Seconds carry the _s suffix of the service flags of the other CLIs (--judge_timeout_s, ...).
+    "--config.rewards.judge.timeout": "renamed to rewards.judge.timeout_s",
+    "--config.rewards.judge.connect_timeout": "renamed to rewards.judge.connect_timeout_s",
+    "--config.rewards.judge.backoff": "renamed to rewards.judge.backoff_s",
+    "--config.rewards.judge.backoff_max": "renamed to rewards.judge.backoff_max_s",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "path to a configs/*.py file", lock_config=True)
